@@ -1,0 +1,37 @@
+"""The library's one family of exceptions.
+
+Every error carries the thing at fault (a file, a key, a shape or a value) in its message, so the
+CLI can print it without a traceback and exit non-zero.
+"""
+from __future__ import annotations
+
+
+class ReparamError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class FusionError(ReparamError, ValueError):
+    """Branches that cannot be fused into one convolution (alignment, shapes, BN variance)."""
+
+
+class ShapeMismatchError(ReparamError, ValueError):
+    """A tensor whose shape differs from what the architecture needs."""
+
+
+class UnknownModelError(ReparamError, KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(ReparamError, ValueError):
+    """A checkpoint that cannot be read or does not match the architecture."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file that asks to run code or import objects when it is loaded."""
+
+
+class BackendUnavailableError(ReparamError, RuntimeError):
+    """A framework (or its environment) that is not installed here."""

@@ -1,0 +1,94 @@
+"""The neutral state: a flat dict of float32 numpy arrays in canonical naming and OIHW layout.
+
+Here: checking a state against a spec (keys, shapes, finiteness, BN variance) with errors that
+name what is wrong, and making random states with non-trivial BN statistics for tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from .errors import CheckpointError, ShapeMismatchError
+from .schema import FORMS, Form, TensorInfo, detect_form, state_schema
+from .specs import ModelSpec
+
+State = dict[str, np.ndarray]
+
+
+def strip_ignored(state: Mapping[str, np.ndarray]) -> State:
+    """Drop `num_batches_tracked` entries (present in torch checkpoints, meaningless here)."""
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_state(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form | None = None,
+                source: str = "state") -> Form:
+    """Validate a neutral state for `spec`; returns its form. Raises CheckpointError (or
+    ShapeMismatchError) naming the source, the form and the first offending keys."""
+    state = strip_ignored(state)
+    found = detect_form(spec, state)
+    if form is None:
+        form = found
+    elif form != found and set(state) == set(state_schema(spec, found)):
+        raise CheckpointError(f"{source}: this is a {found}-form checkpoint of {spec.name}, "
+                              f"but a {form}-form one was expected (its keys are all {found}-form keys)")
+    schema = state_schema(spec, form)
+    missing = [k for k in schema if k not in state]
+    unexpected = [k for k in state if k not in schema]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_first(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+        raise CheckpointError(f"{source} does not match {spec.name} ({form} form): " + "; ".join(parts))
+    wrong = [f"{k} {tuple(np.shape(state[k]))} != {info.shape}" for k, info in schema.items()
+             if tuple(np.shape(state[k])) != info.shape]
+    if wrong:
+        raise ShapeMismatchError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for "
+                                 f"{spec.name} ({form} form): {_first(wrong, 3)}")
+    for k, info in schema.items():
+        a = np.asarray(state[k])
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CheckpointError(f"{source}: {k} has dtype {a.dtype}, expected a float tensor")
+        if not np.all(np.isfinite(a)):
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"{source}: {k} holds {bad} NaN or Inf value(s)")
+        if info.kind == "bn.running_var" and np.any(a < 0):
+            i = int(np.flatnonzero(a < 0)[0])
+            raise CheckpointError(f"{source}: {k} is negative at channel {i} ({float(a[i])!r}); "
+                                  "a variance cannot be negative")
+    return form
+
+
+def random_state(spec: ModelSpec, form: Form = "train", seed: int = 0,
+                 dtype: type = np.float32) -> State:
+    """Random weights with non-trivial BN statistics (gamma, beta, mean, var all far from their
+    defaults), scaled so that activations stay O(1) through deep models."""
+    if form not in FORMS:
+        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    rng = np.random.default_rng(seed)
+    out: State = {}
+    for key, info in state_schema(spec, form).items():
+        out[key] = _random_tensor(rng, info).astype(dtype)
+    return out
+
+
+def _random_tensor(rng: np.random.Generator, info: TensorInfo) -> np.ndarray:
+    shape = info.shape
+    if info.kind in ("conv.weight", "linear.weight"):
+        fan_in = math.prod(shape[1:])
+        return rng.normal(0.0, math.sqrt(1.0 / fan_in), shape)
+    if info.kind == "bn.weight":
+        return rng.uniform(0.4, 1.2, shape)
+    if info.kind == "bn.running_var":
+        return rng.uniform(0.5, 2.0, shape)
+    if info.kind == "bn.running_mean":
+        return rng.normal(0.0, 0.2, shape)
+    return rng.normal(0.0, 0.1, shape)  # biases
