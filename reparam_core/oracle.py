@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .schema import Form, repblock_names
+from .schema import Form, join_key, repblock_names
 from .specs import (ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec)
 
@@ -42,7 +42,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: in
 
 def batch_norm(x: np.ndarray, p: Params, prefix: str, eps: float) -> np.ndarray:
     """Inference BN: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
-    r = lambda f: np.asarray(p[f"{prefix}.{f}"], np.float64).reshape(1, -1, 1, 1)  # noqa: E731
+    r = lambda f: np.asarray(p[join_key(prefix, f)], np.float64).reshape(1, -1, 1, 1)  # noqa: E731
     return (x - r("running_mean")) / np.sqrt(r("running_var") + eps) * r("weight") + r("bias")
 
 
@@ -66,7 +66,8 @@ ACTIVATIONS = {"relu": relu, "silu": silu, "identity": lambda x: x}
 
 
 def linear(x: np.ndarray, p: Params, prefix: str) -> np.ndarray:
-    return x @ np.asarray(p[f"{prefix}.weight"], np.float64).T + np.asarray(p[f"{prefix}.bias"], np.float64)
+    w = np.asarray(p[join_key(prefix, "weight")], np.float64)
+    return x @ w.T + np.asarray(p[join_key(prefix, "bias")], np.float64)
 
 
 def global_pool(x: np.ndarray) -> np.ndarray:
@@ -74,67 +75,68 @@ def global_pool(x: np.ndarray) -> np.ndarray:
 
 
 def _conv(x: np.ndarray, p: Params, prefix: str, **kw) -> np.ndarray:
-    return conv2d(x, p[f"{prefix}.weight"], p.get(f"{prefix}.bias"), **kw)
+    return conv2d(x, p[join_key(prefix, "weight")], p.get(join_key(prefix, "bias")), **kw)
 
 
 def squeeze_excite(x: np.ndarray, p: Params, prefix: str, down: str = "down", up: str = "up",
                    gate=sigmoid) -> np.ndarray:
     """x * gate(up(relu(down(mean_hw(x)))))."""
-    s = relu(_conv(global_pool(x), p, f"{prefix}.{down}"))
-    return x * gate(_conv(s, p, f"{prefix}.{up}"))
+    s = relu(_conv(global_pool(x), p, join_key(prefix, down)))
+    return x * gate(_conv(s, p, join_key(prefix, up)))
 
 
 def repblock(x: np.ndarray, b: RepBlockSpec, p: Params, prefix: str, form: Form) -> np.ndarray:
     n = repblock_names(b)
     geo = dict(stride=b.stride, dilation=b.dilation, groups=b.groups)
     if form == "deploy":
-        y = _conv(x, p, f"{prefix}.{n.reparam}", padding=b.padding, **geo)
+        y = _conv(x, p, join_key(prefix, n.reparam), padding=b.padding, **geo)
     else:
-        y = batch_norm(_conv(x, p, f"{prefix}.{n.dense_conv}", padding=b.padding, **geo),
-                       p, f"{prefix}.{n.dense_bn}", b.eps)
-        y = y + batch_norm(_conv(x, p, f"{prefix}.{n.one_conv}", padding=b.padding_1x1, **geo),
-                           p, f"{prefix}.{n.one_bn}", b.eps)
+        y = batch_norm(_conv(x, p, join_key(prefix, n.dense_conv), padding=b.padding, **geo),
+                       p, join_key(prefix, n.dense_bn), b.eps)
+        y = y + batch_norm(_conv(x, p, join_key(prefix, n.one_conv), padding=b.padding_1x1, **geo),
+                           p, join_key(prefix, n.one_bn), b.eps)
         if b.has_identity:
-            y = y + batch_norm(x, p, f"{prefix}.{n.identity}", b.eps)
+            y = y + batch_norm(x, p, join_key(prefix, n.identity), b.eps)
     act = ACTIVATIONS[b.act]
     if b.se == "pre":
-        return act(squeeze_excite(y, p, f"{prefix}.se"))
+        return act(squeeze_excite(y, p, join_key(prefix, "se")))
     if b.se == "post":
-        return squeeze_excite(act(y), p, f"{prefix}.post_se")
+        return squeeze_excite(act(y), p, join_key(prefix, "post_se"))
     return act(y)
 
 
 def ghost_module(x: np.ndarray, m: RepGhostModuleSpec, p: Params, prefix: str, form: Form) -> np.ndarray:
-    x1 = batch_norm(_conv(x, p, f"{prefix}.primary_conv.0", stride=m.stride,
-                          padding=m.kernel_size // 2), p, f"{prefix}.primary_conv.1", m.eps)
+    x1 = batch_norm(_conv(x, p, join_key(prefix, "primary_conv.0"), stride=m.stride,
+                          padding=m.kernel_size // 2), p, join_key(prefix, "primary_conv.1"), m.eps)
     if m.relu:
         x1 = relu(x1)
     geo = dict(padding=m.dw_size // 2, groups=m.out_channels)
     if form == "deploy":
-        x2 = _conv(x1, p, f"{prefix}.cheap_operation", **geo)
+        x2 = _conv(x1, p, join_key(prefix, "cheap_operation"), **geo)
     else:
-        x2 = batch_norm(_conv(x1, p, f"{prefix}.cheap_operation.0", **geo), p,
-                        f"{prefix}.cheap_operation.1", m.eps)
+        x2 = batch_norm(_conv(x1, p, join_key(prefix, "cheap_operation.0"), **geo), p,
+                        join_key(prefix, "cheap_operation.1"), m.eps)
         if m.reparam_bn:
-            x2 = x2 + batch_norm(x1, p, f"{prefix}.fusion_bn.0", m.eps)
+            x2 = x2 + batch_norm(x1, p, join_key(prefix, "fusion_bn.0"), m.eps)
     return relu(x2) if m.relu else x2
 
 
 def ghost_bottleneck(x: np.ndarray, b: RepGhostBottleneckSpec, p: Params, prefix: str,
                      form: Form) -> np.ndarray:
     pad = (b.dw_kernel_size - 1) // 2
-    y = ghost_module(x, b.ghost1, p, f"{prefix}.ghost1", form)
+    y = ghost_module(x, b.ghost1, p, join_key(prefix, "ghost1"), form)
     if b.stride > 1:
-        y = batch_norm(_conv(y, p, f"{prefix}.conv_dw", stride=b.stride, padding=pad,
-                             groups=b.mid_channels), p, f"{prefix}.bn_dw", b.eps)
+        y = batch_norm(_conv(y, p, join_key(prefix, "conv_dw"), stride=b.stride, padding=pad,
+                             groups=b.mid_channels), p, join_key(prefix, "bn_dw"), b.eps)
     if b.se_channels:
-        y = squeeze_excite(y, p, f"{prefix}.se", "conv_reduce", "conv_expand", hard_sigmoid)
-    y = ghost_module(y, b.ghost2, p, f"{prefix}.ghost2", form)
+        y = squeeze_excite(y, p, join_key(prefix, "se"), "conv_reduce", "conv_expand", hard_sigmoid)
+    y = ghost_module(y, b.ghost2, p, join_key(prefix, "ghost2"), form)
     if not b.has_conv_shortcut:
         return y + x
-    s = batch_norm(_conv(x, p, f"{prefix}.shortcut.0", stride=b.stride, padding=pad,
-                         groups=b.in_channels), p, f"{prefix}.shortcut.1", b.eps)
-    s = batch_norm(_conv(s, p, f"{prefix}.shortcut.2"), p, f"{prefix}.shortcut.3", b.eps)
+    s = batch_norm(_conv(x, p, join_key(prefix, "shortcut.0"), stride=b.stride, padding=pad,
+                         groups=b.in_channels), p, join_key(prefix, "shortcut.1"), b.eps)
+    s = batch_norm(_conv(s, p, join_key(prefix, "shortcut.2")), p, join_key(prefix, "shortcut.3"),
+                   b.eps)
     return y + s
 
 

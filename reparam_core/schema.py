@@ -53,35 +53,36 @@ def repblock_names(spec: RepBlockSpec) -> RepBlockNames:
     return RepBlockNames("rbr_dense.conv", "rbr_dense.bn", "rbr_1x1.conv", "rbr_1x1.bn")
 
 
-def _join(prefix: str, name: str) -> str:
+def join_key(prefix: str, name: str) -> str:
+    """`prefix.name`, or just `name` for an empty prefix (block-relative keys)."""
     return f"{prefix}.{name}" if prefix else name
 
 
 def conv_entries(prefix: str, cin: int, cout: int, k: int, groups: int = 1,
                  bias: bool = False) -> Schema:
-    out = {_join(prefix, "weight"): TensorInfo((cout, cin // groups, k, k), "conv.weight", groups)}
+    out = {join_key(prefix, "weight"): TensorInfo((cout, cin // groups, k, k), "conv.weight", groups)}
     if bias:
-        out[_join(prefix, "bias")] = TensorInfo((cout,), "conv.bias", groups)
+        out[join_key(prefix, "bias")] = TensorInfo((cout,), "conv.bias", groups)
     return out
 
 
 def bn_entries(prefix: str, channels: int) -> Schema:
-    return {_join(prefix, f): TensorInfo((channels,), f"bn.{f}") for f in BN_FIELDS}
+    return {join_key(prefix, f): TensorInfo((channels,), f"bn.{f}") for f in BN_FIELDS}
 
 
 def linear_entries(prefix: str, cin: int, cout: int) -> Schema:
-    return {_join(prefix, "weight"): TensorInfo((cout, cin), "linear.weight"),
-            _join(prefix, "bias"): TensorInfo((cout,), "linear.bias")}
+    return {join_key(prefix, "weight"): TensorInfo((cout, cin), "linear.weight"),
+            join_key(prefix, "bias"): TensorInfo((cout,), "linear.bias")}
 
 
 def se_entries(prefix: str, channels: int, hidden: int, down: str = "down", up: str = "up") -> Schema:
-    return {**conv_entries(_join(prefix, down), channels, hidden, 1, bias=True),
-            **conv_entries(_join(prefix, up), hidden, channels, 1, bias=True)}
+    return {**conv_entries(join_key(prefix, down), channels, hidden, 1, bias=True),
+            **conv_entries(join_key(prefix, up), hidden, channels, 1, bias=True)}
 
 
 def repblock_schema(b: RepBlockSpec, prefix: str, form: Form) -> Schema:
     n = repblock_names(b)
-    p = lambda name: _join(prefix, name)  # noqa: E731
+    p = lambda name: join_key(prefix, name)  # noqa: E731
     out: Schema = {}
     if form == "deploy":
         out.update(conv_entries(p(n.reparam), b.in_channels, b.out_channels, b.kernel_size,
@@ -101,7 +102,7 @@ def repblock_schema(b: RepBlockSpec, prefix: str, form: Form) -> Schema:
 
 
 def ghost_module_schema(m: RepGhostModuleSpec, prefix: str, form: Form) -> Schema:
-    p = lambda name: _join(prefix, name)  # noqa: E731
+    p = lambda name: join_key(prefix, name)  # noqa: E731
     out = {**conv_entries(p("primary_conv.0"), m.in_channels, m.out_channels, m.kernel_size),
            **bn_entries(p("primary_conv.1"), m.out_channels)}
     c = m.out_channels
@@ -116,7 +117,7 @@ def ghost_module_schema(m: RepGhostModuleSpec, prefix: str, form: Form) -> Schem
 
 
 def bottleneck_schema(b: RepGhostBottleneckSpec, prefix: str, form: Form) -> Schema:
-    p = lambda name: _join(prefix, name)  # noqa: E731
+    p = lambda name: join_key(prefix, name)  # noqa: E731
     out = ghost_module_schema(b.ghost1, p("ghost1"), form)
     if b.stride > 1:
         out.update(conv_entries(p("conv_dw"), b.mid_channels, b.mid_channels, b.dw_kernel_size,
