@@ -8,7 +8,8 @@ from .counting import count_macs, count_params, count_params_folded
 from .equivalent import ghost_cheap_kernel_bias, repblock_kernel_bias, reparameterize_state
 from .errors import (BackendUnavailableError, CheckpointError, FusionError, ReparamError,
                      ShapeMismatchError, UnknownModelError, UnsafeFileError)
-from .schema import FORMS, Form, TensorInfo, detect_form, repblock_names, state_schema
+from .schema import (FORMS, Form, TensorInfo, block_schema, detect_form, repblock_names,
+                     state_schema)
 from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec, block_spec_from_dict, block_spec_to_dict,
                     get_spec, list_models)
@@ -20,7 +21,7 @@ __all__ = [
     "count_macs", "count_params", "count_params_folded", "ghost_cheap_kernel_bias",
     "repblock_kernel_bias", "reparameterize_state", "BackendUnavailableError", "CheckpointError",
     "FusionError", "ReparamError", "ShapeMismatchError", "UnknownModelError", "UnsafeFileError",
-    "FORMS", "Form", "TensorInfo", "detect_form", "repblock_names", "state_schema", "ModelSpec",
+    "FORMS", "Form", "TensorInfo", "block_schema", "detect_form", "repblock_names", "state_schema", "ModelSpec",
     "RepBlockSpec", "RepGhostBottleneckSpec", "RepGhostModuleSpec", "RepGhostNetSpec",
     "RepVGGSpec", "get_spec", "list_models", "BlockSpec", "block_spec_from_dict",
     "block_spec_to_dict", "check_state", "random_state", "strip_ignored",

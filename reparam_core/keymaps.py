@@ -2,7 +2,9 @@
 
 Each scheme is an ordered list of `(regex, replacement)` rules applied one after another with
 `re.sub` to every key; a key is mapped when the result is a key of the model's schema (either
-form). `to_canonical` tries every scheme and keeps the one that maps the most keys.
+form). `to_canonical` tries every scheme and keeps the one that maps the most keys (ties go to
+the earlier scheme: a basecls checkpoint without SE is also mapped fully by the mmpretrain and
+timm rules, which only add prefixes basecls does not use).
 
 Names were checked against the sources (facts only):
 - timm `byobnet.py` (`repvgg_a0` ... `repvgg_d2se`, `stem_type='rep'`): the stem is a RepVggBlock
@@ -51,14 +53,10 @@ _TIMM_BLOCK: Rules = [
 SCHEMES: dict[str, Rules] = {
     # Already canonical: the official RepVGG / RepVGGplus / RepGhostNet / YOLOv7 names.
     "canonical": [],
-    "timm": [
-        (r"^stem\.", "stage0."),
-        (r"^stages\.0\.(\d+)\.", r"stage1.\1."),
-        (r"^stages\.1\.(\d+)\.", r"stage2.\1."),
-        (r"^stages\.2\.(\d+)\.", r"stage3.\1."),
-        (r"^stages\.3\.(\d+)\.", r"stage4.\1."),
+    "basecls": [
         (r"^head\.fc\.", "linear."),
-        *_TIMM_BLOCK,
+        (r"\.se\.f_ex\.0\.", ".se.down."),
+        (r"\.se\.f_ex\.2\.", ".se.up."),
     ],
     "mmpretrain": [
         (r"^backbone\.stem\.", "stage0."),
@@ -73,10 +71,14 @@ SCHEMES: dict[str, Rules] = {
         (r"\.se_layer\.conv1\.conv\.", ".se.down."),
         (r"\.se_layer\.conv2\.conv\.", ".se.up."),
     ],
-    "basecls": [
+    "timm": [
+        (r"^stem\.", "stage0."),
+        (r"^stages\.0\.(\d+)\.", r"stage1.\1."),
+        (r"^stages\.1\.(\d+)\.", r"stage2.\1."),
+        (r"^stages\.2\.(\d+)\.", r"stage3.\1."),
+        (r"^stages\.3\.(\d+)\.", r"stage4.\1."),
         (r"^head\.fc\.", "linear."),
-        (r"\.se\.f_ex\.0\.", ".se.down."),
-        (r"\.se\.f_ex\.2\.", ".se.up."),
+        *_TIMM_BLOCK,
     ],
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .schema import Form, join_key, repblock_names
-from .specs import (ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
+from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec)
 
 Params = Mapping[str, np.ndarray]
@@ -156,3 +156,13 @@ def forward(spec: ModelSpec, state: Params, x: np.ndarray, form: Form) -> np.nda
                         f"{spec.last_prefix}.bn1", spec.eps))
     x = relu(_conv(global_pool(x), state, "conv_head"))
     return linear(x[:, :, 0, 0], state, "classifier")
+
+
+def block_forward(spec: BlockSpec, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
+    """One block on NCHW x, from block-relative keys, in float64."""
+    x = np.asarray(x, np.float64)
+    if isinstance(spec, RepBlockSpec):
+        return repblock(x, spec, params, "", form)
+    if isinstance(spec, RepGhostModuleSpec):
+        return ghost_module(x, spec, params, "", form)
+    return ghost_bottleneck(x, spec, params, "", form)

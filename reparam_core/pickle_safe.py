@@ -73,6 +73,28 @@ def rebuild_parameter(data: Any, requires_grad: bool = False, backward_hooks: An
     return data
 
 
+def _codecs_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes (latin-1 only, strings only)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise CheckpointError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode(encoding, errors="strict")
+
+
+def _bytes(*args: Any) -> bytes:
+    """`builtins.bytes` for protocol-2 pickles of bytes; never `bytes(n)` (a huge allocation)."""
+    if args and isinstance(args[0], int):
+        raise CheckpointError("refusing builtins.bytes with an integer size")
+    return bytes(*args)
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
+    """numpy's `_frombuffer` (protocol-5 pickles of arrays), for plain dtypes only."""
+    dt = np.dtype(dtype)
+    if dt.hasobject or order not in ("C", "F"):
+        raise CheckpointError(f"refusing an array of dtype {dt} / order {order!r}")
+    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order=order)
+
+
 def _numpy_attr(path: str) -> Callable:
     """A numpy internal by dotted path, trying numpy 2 (`numpy._core`) and 1.x (`numpy.core`)."""
     mod: Any = np
@@ -104,9 +126,13 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("numpy.core.multiarray", "scalar"): scalar,
         ("numpy._core.multiarray", "scalar"): scalar,
         ("numpy", "ndarray"): np.ndarray,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
         ("numpy", "dtype"): np.dtype,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
+        ("_codecs", "encode"): _codecs_encode,
+        ("builtins", "bytes"): _bytes,
         ("builtins", "frozenset"): frozenset,
         ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
@@ -138,6 +164,8 @@ class SafeUnpickler(pickle.Unpickler):
         self._persistent = persistent
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2 name in protocol <= 2 pickles
+            module = "builtins"
         obj = _ALLOWED.get((module, name))
         if obj is None:
             raise UnsafeFileError(

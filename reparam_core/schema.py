@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable, Literal
 
 from .errors import CheckpointError
-from .specs import (ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
+from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec)
 
 Form = Literal["train", "deploy"]
@@ -140,6 +140,15 @@ def aux_head_schema(prefix: str, channels: int, num_classes: int) -> Schema:
     return {**conv_entries(f"{prefix}.0.conv", channels, channels, 3),
             **bn_entries(f"{prefix}.0.bn", channels),
             **linear_entries(f"{prefix}.3", channels, num_classes)}
+
+
+def block_schema(spec: BlockSpec, form: Form, prefix: str = "") -> Schema:
+    """The keys of one block (relative to it when prefix is empty)."""
+    if isinstance(spec, RepBlockSpec):
+        return repblock_schema(spec, prefix, form)
+    if isinstance(spec, RepGhostModuleSpec):
+        return ghost_module_schema(spec, prefix, form)
+    return bottleneck_schema(spec, prefix, form)
 
 
 def state_schema(spec: ModelSpec, form: Form) -> Schema:

@@ -11,8 +11,8 @@ from typing import Mapping
 import numpy as np
 
 from .errors import CheckpointError, ShapeMismatchError
-from .schema import FORMS, Form, TensorInfo, detect_form, state_schema
-from .specs import ModelSpec
+from .schema import FORMS, Form, TensorInfo, block_schema, detect_form, state_schema
+from .specs import BlockSpec, ModelSpec, RepGhostNetSpec, RepVGGSpec
 
 State = dict[str, np.ndarray]
 
@@ -67,15 +67,17 @@ def check_state(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form | N
     return form
 
 
-def random_state(spec: ModelSpec, form: Form = "train", seed: int = 0,
+def random_state(spec: ModelSpec | BlockSpec, form: Form = "train", seed: int = 0,
                  dtype: type = np.float32) -> State:
     """Random weights with non-trivial BN statistics (gamma, beta, mean, var all far from their
-    defaults), scaled so that activations stay O(1) through deep models."""
+    defaults), scaled so that activations stay O(1) through deep models. A block spec gives the
+    block's relative keys."""
     if form not in FORMS:
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     rng = np.random.default_rng(seed)
     out: State = {}
-    for key, info in state_schema(spec, form).items():
+    is_model = isinstance(spec, (RepVGGSpec, RepGhostNetSpec))
+    for key, info in (state_schema(spec, form) if is_model else block_schema(spec, form)).items():
         out[key] = _random_tensor(rng, info).astype(dtype)
     return out
 

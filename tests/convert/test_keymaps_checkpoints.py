@@ -1,0 +1,143 @@
+"""Key schemes (timm / mmpretrain / basecls -> canonical) and the framework-free readers/writers."""
+from __future__ import annotations
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+from reparam_core import checkpoints as ck
+from reparam_core import get_spec, random_state, safetensors_io, state_schema
+from reparam_core.errors import CheckpointError
+from reparam_core.keymaps import to_canonical
+
+
+# Foreign names written out by hand from the upstream sources (independent of keymaps.SCHEMES).
+def timm_name(key: str) -> str:
+    key = re.sub(r"^stage0\.", "stem.", key)
+    key = re.sub(r"^stage(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key)
+    key = key.replace("rbr_dense.", "conv_kxk.").replace("rbr_1x1.", "conv_1x1.")
+    key = key.replace("rbr_identity.", "identity.").replace("rbr_reparam.", "reparam_conv.")
+    key = key.replace("se.down.", "attn.fc1.").replace("se.up.", "attn.fc2.")
+    return re.sub(r"^linear\.", "head.fc.", key)
+
+
+def mmpretrain_name(key: str) -> str:
+    key = re.sub(r"^stage0\.", "backbone.stem.", key)
+    key = re.sub(r"^stage(\d)\.", r"backbone.stage_\1.", key)
+    key = key.replace("rbr_dense.conv.", "branch_3x3.conv.").replace("rbr_dense.bn.", "branch_3x3.norm.")
+    key = key.replace("rbr_1x1.conv.", "branch_1x1.conv.").replace("rbr_1x1.bn.", "branch_1x1.norm.")
+    key = key.replace("rbr_identity.", "branch_norm.").replace("rbr_reparam.", "branch_reparam.")
+    key = key.replace("se.down.", "se_layer.conv1.conv.").replace("se.up.", "se_layer.conv2.conv.")
+    return re.sub(r"^linear\.", "head.fc.", key)
+
+
+def basecls_name(key: str) -> str:
+    key = key.replace("se.down.", "se.f_ex.0.").replace("se.up.", "se.f_ex.2.")
+    return re.sub(r"^linear\.", "head.fc.", key)
+
+
+@pytest.mark.parametrize("scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name),
+                                           ("basecls", basecls_name)])
+@pytest.mark.parametrize("model", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"])
+@pytest.mark.parametrize("form", ["train", "deploy"])
+def test_foreign_schemes_map_to_canonical(scheme, rename, model, form):
+    spec = get_spec(model)
+    keys = list(state_schema(spec, form))
+    foreign = {rename(k): np.empty(0) for k in keys}
+    if scheme != "mmpretrain":
+        foreign.update({rename(k).replace("running_var", "num_batches_tracked"): np.empty(0)
+                        for k in keys if k.endswith("running_var")})
+    assert set(foreign) != set(keys)
+    mapped, name = to_canonical(foreign, spec)
+    assert name == scheme
+    assert {k for k in mapped if not k.endswith("num_batches_tracked")} == set(keys)
+
+
+def test_canonical_scheme_preferred(mini_spec, mini_train):
+    mapped, name = to_canonical(mini_train, mini_spec)
+    assert name == "canonical" and mapped.keys() == mini_train.keys()
+
+
+def test_nothing_maps(mini_spec):
+    with pytest.raises(CheckpointError, match=r"no key maps onto RepVGG-mini.*first unmapped keys: "
+                                              r"encoder\.layer0\.weight"):
+        to_canonical({"encoder.layer0.weight": np.zeros(3), "decoder.w": np.zeros(1)}, mini_spec)
+
+
+def test_timm_checkpoint_to_neutral(tmp_path, mini_spec, mini_train):
+    path = tmp_path / "timm.safetensors"
+    safetensors_io.save_file({timm_name(k): v for k, v in mini_train.items()}, path)
+    raw, fmt = ck.read_raw(path)
+    state, form, scheme = ck.to_neutral(raw, mini_spec, fmt)
+    assert (form, scheme) == ("train", "timm")
+    assert all(np.array_equal(state[k], mini_train[k]) for k in mini_train)
+
+
+@pytest.mark.parametrize("model", ["RepVGG-B1g4", "repghostnet_0_5x"])
+@pytest.mark.parametrize("form", ["train", "deploy"])
+def test_megengine_pickle_shapes_and_round_trip(tmp_path, model, form):
+    spec = get_spec(model, num_classes=10)
+    state = random_state(spec, form, seed=3)
+    path = tmp_path / "m.pkl"
+    path.write_bytes(ck.megengine_bytes(spec, state, form))
+    raw = pickle.loads(path.read_bytes())  # a plain dict of numpy arrays, MegEngine shapes
+    assert list(raw) == list(state_schema(spec, form))
+    for k, info in state_schema(spec, form).items():
+        if info.kind == "conv.weight" and info.groups > 1:
+            assert raw[k].ndim == 5 and raw[k].shape[0] == info.groups, k
+        if info.kind == "conv.bias":
+            assert raw[k].shape == (1, info.shape[0], 1, 1), k
+    assert ck.detect_format(path) == "megengine"
+    got, fmt = ck.read_raw(path)
+    back, found, _ = ck.to_neutral(got, spec, fmt)
+    assert found == form
+    assert all(np.array_equal(back[k], state[k]) for k in state)
+
+
+def test_megengine_pickle_deterministic(mini_spec, mini_train):
+    assert ck.megengine_bytes(mini_spec, mini_train, "train") == ck.megengine_bytes(
+        mini_spec, dict(reversed(list(mini_train.items()))), "train")
+
+
+def test_torch_zip_without_torch_and_wrappers(tmp_path, mini_spec, mini_train):
+    path = tmp_path / "m.pth"
+    path.write_bytes(ck.torch_zip_bytes({"module." + k: v for k, v in mini_train.items()}))
+    assert ck.detect_format(path) == "torch"
+    raw, fmt = ck.read_raw(path)
+    assert set(raw) == set(mini_train)  # DDP prefix stripped
+    wrapped = tmp_path / "w.pkl"
+    wrapped.write_bytes(pickle.dumps({"epoch": 3, "optimizer": {"lr": 0.1},
+                                      "state_dict": {"module." + k: v for k, v in mini_train.items()}}))
+    raw2, _ = ck.read_raw(wrapped)
+    assert set(raw2) == set(mini_train)
+
+
+def test_legacy_torch_refused(tmp_path):
+    path = tmp_path / "old.pth"
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001))
+    assert ck.detect_format(path) == "torch-legacy"
+    with pytest.raises(CheckpointError, match="legacy"):
+        ck.read_raw(path)
+    with pytest.raises(CheckpointError, match="legacy"):
+        ck.read_raw(path, "torch")
+
+
+@pytest.mark.parametrize("fmt", ["torch", "megengine", "safetensors"])
+def test_truncated_files(tmp_path, mini_spec, mini_train, fmt):
+    data = {"torch": ck.torch_zip_bytes(mini_train),
+            "megengine": ck.megengine_bytes(mini_spec, mini_train, "train"),
+            "safetensors": ck.safetensors_bytes(mini_train)}[fmt]
+    path = tmp_path / "cut.bin"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt|truncated|not a valid|does not fit|missing"):
+        raw, f = ck.read_raw(path, fmt)
+        ck.to_neutral(raw, mini_spec, f)
+
+
+def test_detect_unknown(tmp_path):
+    path = tmp_path / "weights.xyz"
+    path.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot tell the format"):
+        ck.detect_format(path)
