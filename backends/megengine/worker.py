@@ -1,0 +1,130 @@
+"""JSON-lines worker: lets a process in another environment (e.g. the torch venv) run MegEngine.
+
+Run as `python -m backends.megengine.worker` inside .venv-mge. One JSON object per line on stdin,
+one JSON line reply on the ORIGINAL stdout: at start fd 1 is duplicated for the protocol and then
+pointed at fd 2, so anything MegEngine (or Python code) prints goes to stderr and cannot corrupt the
+channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all paths absolute.
+
+  {"op": "ping"} -> {"ok": true, "megengine": version, "python": version}
+  {"op": "predict", "model": NAME|null, "block": block_spec_dict|null, "num_classes": int,
+   "form": "train"|"deploy", "state": path, "input": path (key "x"), "output": path,
+   "reparameterize": bool, "export_state": path|null}
+     -> {"ok": true, "form": final_form, "seconds": float}; writes {"y": ...} to output
+  {"op": "export_traced", "model"/"block"/"num_classes"/"form", "state", "input",
+   "artifact": path of the .mge, "output": path}
+     -> {"ok": true, "form": "deploy", "seconds": float}; the artifact's output on input -> output
+  {"op": "shutdown"} -> {"ok": true}, then exit.
+Errors: {"ok": false, "type": exception class name, "error": message}; the worker keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _open_protocol():
+    """Keep the original stdout for replies; send fd 1 (and sys.stdout) to stderr."""
+    sys.stdout.flush()
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
+
+
+def _build(req: dict):
+    from backends.megengine import build_block, model_from_spec
+    from reparam_core import block_spec_from_dict, get_spec
+
+    form = req.get("form", "train")
+    if form not in ("train", "deploy"):
+        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    deploy = form == "deploy"
+    if req.get("model"):
+        return model_from_spec(get_spec(req["model"], int(req.get("num_classes", 1000))),
+                               deploy=deploy)
+    if req.get("block"):
+        return build_block(block_spec_from_dict(req["block"]), deploy=deploy)
+    raise ValueError("request needs a 'model' name or a 'block' spec")
+
+
+def _loaded(req: dict):
+    from backends.megengine import load_state
+    from reparam_core.safetensors_io import load_file
+
+    module = _build(req)
+    state, _ = load_file(req["state"])
+    load_state(module, state)
+    x = load_file(req["input"])[0]["x"]
+    return module, x
+
+
+def _predict(req: dict) -> dict:
+    from backends.megengine import export_state, predict, reparameterize
+    from reparam_core.safetensors_io import save_file
+
+    module, x = _loaded(req)
+    if req.get("reparameterize"):
+        module = reparameterize(module)
+    y = predict(module, x)
+    save_file({"y": y}, req["output"])
+    if req.get("export_state"):
+        save_file(export_state(module), req["export_state"])
+    return {"form": "deploy" if module.deploy else "train"}
+
+
+def _export_traced(req: dict) -> dict:
+    from backends.megengine import export_traced, run_traced
+    from reparam_core.safetensors_io import save_file
+
+    module, x = _loaded(req)
+    export_traced(module, req["artifact"], tuple(x.shape))
+    save_file({"y": run_traced(req["artifact"], x)}, req["output"])
+    return {"form": "deploy"}
+
+
+def handle(req: dict) -> dict:
+    op = req.get("op")
+    if op == "ping":
+        import megengine
+        return {"megengine": megengine.__version__, "python": platform.python_version()}
+    if op == "predict":
+        return _predict(req)
+    if op == "export_traced":
+        return _export_traced(req)
+    if op == "shutdown":
+        return {}
+    raise ValueError(f"unknown op {op!r}; expected ping, predict, export_traced or shutdown")
+
+
+def main() -> int:
+    proto = _open_protocol()
+    from backends.megengine.quiet import import_megengine
+    import_megengine()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        t0 = time.perf_counter()
+        op = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a request must be a JSON object")
+            op = req.get("op")
+            reply = {"ok": True, **handle(req)}
+            if op in ("predict", "export_traced"):
+                reply["seconds"] = round(time.perf_counter() - t0, 6)
+        except Exception as e:  # noqa: BLE001 - every error is reported, the worker keeps serving
+            reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
+        proto.write(json.dumps(reply) + "\n")
+        proto.flush()
+        if op == "shutdown":
+            break
+    proto.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

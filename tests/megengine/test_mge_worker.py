@@ -1,0 +1,95 @@
+"""The JSON-lines worker, driven as a subprocess with the .venv-mge python."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, random_block_params, rel_err
+from reparam_core import (RepBlockSpec, block_spec_to_dict, get_spec, oracle, random_state,
+                          reparameterize_state)
+from reparam_core.safetensors_io import load_file, save_file
+from reparam_core.schema import repblock_schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def worker():
+    proc = subprocess.Popen([sys.executable, "-m", "backends.megengine.worker"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1)
+
+    def call(req: dict) -> dict:
+        proc.stdin.write(json.dumps(req) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, "worker closed its protocol channel"
+        return json.loads(line)  # every protocol line is pure JSON
+
+    yield call
+    proc.stdin.close()  # EOF also ends the worker's loop (after a shutdown it has exited)
+    assert proc.wait(timeout=60) == 0
+    stderr = proc.stderr.read()
+    assert "cuda" not in stderr.lower(), stderr
+
+
+def test_worker_protocol(worker, tmp_path):
+    pong = worker({"op": "ping"})
+    assert pong["ok"] is True and pong["megengine"] == "1.13.0" and pong["python"].startswith("3.10")
+
+    # model: train form, reparameterized in the worker, deploy state exported
+    spec = get_spec("RepVGG-mini", 10)
+    state = random_state(spec, "train", 6)
+    x = rand_input((2, 3, 32, 32))
+    save_file(state, tmp_path / "state.safetensors")
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    req = {"op": "predict", "model": "RepVGG-mini", "block": None, "num_classes": 10,
+           "form": "train", "state": str(tmp_path / "state.safetensors"),
+           "input": str(tmp_path / "x.safetensors"), "output": str(tmp_path / "y.safetensors"),
+           "reparameterize": True, "export_state": str(tmp_path / "deploy.safetensors")}
+    r = worker(req)
+    assert r["ok"] is True and r["form"] == "deploy" and r["seconds"] >= 0, r
+    ref = oracle.forward(spec, state, x, "train")
+    assert rel_err(load_file(tmp_path / "y.safetensors")[0]["y"], ref) <= MODEL_RTOL
+    dstate = load_file(tmp_path / "deploy.safetensors")[0]
+    expected = reparameterize_state(spec, state)
+    assert set(dstate) == set(expected)
+    assert all(np.allclose(dstate[k], expected[k], rtol=1e-6, atol=1e-7) for k in expected)
+
+    # block spec, train form, no conversion
+    bspec = RepBlockSpec(8, 8, groups=2, se="post", se_channels=2)
+    params = random_block_params(repblock_schema(bspec, "", "train"), 3)
+    xb = rand_input((1, 8, 7, 9))
+    save_file(params, tmp_path / "b.safetensors")
+    save_file({"x": xb}, tmp_path / "xb.safetensors")
+    r = worker({"op": "predict", "model": None, "block": block_spec_to_dict(bspec),
+                "num_classes": 10, "form": "train", "state": str(tmp_path / "b.safetensors"),
+                "input": str(tmp_path / "xb.safetensors"), "output": str(tmp_path / "yb.safetensors"),
+                "reparameterize": False, "export_state": None})
+    assert r["ok"] is True and r["form"] == "train", r
+    yb = load_file(tmp_path / "yb.safetensors")[0]["y"]
+    assert rel_err(yb, oracle.repblock(xb, bspec, params, "", "train")) <= BLOCK_RTOL
+
+    # traced artifact
+    art = tmp_path / "mini.mge"
+    r = worker({"op": "export_traced", "model": "RepVGG-mini", "block": None, "num_classes": 10,
+                "form": "train", "state": str(tmp_path / "state.safetensors"),
+                "input": str(tmp_path / "x.safetensors"), "artifact": str(art),
+                "output": str(tmp_path / "ya.safetensors")})
+    assert r["ok"] is True and art.exists(), r
+    assert rel_err(load_file(tmp_path / "ya.safetensors")[0]["y"], ref) <= MODEL_RTOL
+
+    # errors are replies, and the worker keeps serving
+    bad = worker({**req, "state": str(tmp_path / "deploy.safetensors"), "export_state": None,
+                  "reparameterize": False})
+    assert bad["ok"] is False and bad["type"] == "CheckpointError" and "deploy" in bad["error"]
+    unknown = worker({**req, "model": "RepVGG-Z9"})
+    assert unknown["ok"] is False and unknown["type"] == "UnknownModelError"
+    assert worker({"op": "nope"})["ok"] is False
+    assert worker({"op": "ping"})["ok"] is True
+    assert worker({"op": "shutdown"}) == {"ok": True}
