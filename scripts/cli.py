@@ -16,6 +16,8 @@ COMMANDS = {
     "info": ("info", "print a model's spec, parameters and MACs in train and deploy form"),
     "convert": ("convert", "convert a checkpoint between frameworks / to deploy form"),
     "verify": ("verify", "run the parity matrix and print a table of relative errors"),
+    "bench": ("bench", "benchmark train form vs deploy form vs a plain conv stack per backend"),
+    "demo": ("demo", "train on sklearn digits, re-parameterize and port to every framework"),
 }
 
 

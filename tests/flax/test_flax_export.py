@@ -1,0 +1,88 @@
+"""Deployment artifacts: jax.export (StableHLO) round trip, nnx.jit of the deploy model,
+safetensors of native_state and an orbax checkpoint of the NNX state."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import backends.flax as bf
+from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, rel_err
+from reparam_core import RepGhostBottleneckSpec, safetensors_io, state_schema, get_spec
+from reparam_core.layouts import flax_key
+
+NAME = "RepVGG-mini"
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    model = loaded_model(NAME, model_state(NAME, seed=3))
+    return model, bf.reparameterize(model)
+
+
+def test_stablehlo_export_round_trip(tmp_path, trained_pair) -> None:
+    model, deploy = trained_pair
+    x = model_input(NAME, batch=2, seed=4)
+    path = bf.export_stablehlo(model, tmp_path / "mini.stablehlo", (2, 3, 32, 32))
+    assert not model.deploy  # the train-form input is untouched
+    fn = bf.load_stablehlo(path)
+    y = fn(x)
+    assert y.shape == (2, 1000)
+    assert rel_err(y, bf.predict(deploy, x)) <= 1e-5
+    # the artifact holds one conv per block: no batch-norm arithmetic on the branches
+    text = fn.exported.mlir_module()
+    assert text.count("stablehlo.convolution") == len(get_spec(NAME).blocks())
+
+
+def test_stablehlo_export_of_a_block(tmp_path) -> None:
+    spec = RepGhostBottleneckSpec(8, 24, 16, 3, 2, se_channels=8)
+    from backends.flax.state import module_schema
+    from flax_testutil import random_params
+    block = bf.empty_block(spec)
+    bf.load_state(block, random_params(module_schema(block), 5))
+    x = np.random.default_rng(0).standard_normal((1, 8, 15, 15)).astype(np.float32)
+    fn = bf.load_stablehlo(bf.export_stablehlo(block, tmp_path / "b.bin", x.shape))
+    y = fn(x)
+    assert y.shape == (1, 16, 8, 8)
+    assert rel_err(y, bf.predict(block, x)) <= BLOCK_RTOL
+
+
+def test_deploy_model_runs_under_nnx_jit(trained_pair) -> None:
+    _, deploy = trained_pair
+    x = model_input(NAME, batch=2, seed=6)
+    view = bf.inference_view(deploy)
+    y = nnx.jit(lambda m, v: m(v))(view, x.transpose(0, 2, 3, 1))
+    assert rel_err(np.asarray(y), bf.predict(deploy, x)) <= 1e-6
+
+
+def test_safetensors_round_trip_of_native_state(tmp_path, trained_pair) -> None:
+    _, deploy = trained_pair
+    native = bf.native_state(deploy)
+    schema = state_schema(get_spec(NAME), "deploy")
+    assert list(native) == [flax_key(k, info) for k, info in schema.items()]
+    path = tmp_path / "mini_deploy.safetensors"
+    safetensors_io.save_file(native, path, metadata={"model": NAME, "layout": "flax"})
+    loaded, meta = safetensors_io.load_file(path)
+    assert meta["layout"] == "flax"
+    restored = bf.load_native_state(bf.empty_model(NAME, deploy=True), loaded)
+    for k, v in bf.export_state(deploy).items():
+        np.testing.assert_array_equal(bf.export_state(restored)[k], v, err_msg=k)
+    x = model_input(NAME, seed=8)
+    np.testing.assert_array_equal(bf.predict(restored, x), bf.predict(deploy, x))
+
+
+def test_orbax_round_trip(tmp_path, trained_pair) -> None:
+    import orbax.checkpoint as ocp  # works offline: a local directory checkpoint
+    _, deploy = trained_pair
+    state = nnx.state(deploy)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", state)
+        ckptr.wait_until_finished()
+        target = bf.empty_model(NAME, deploy=True)
+        abstract = nnx.state(target)
+        restored_state = ckptr.restore(tmp_path / "ckpt", abstract)
+    nnx.update(target, restored_state)
+    for k, v in bf.export_state(deploy).items():
+        np.testing.assert_array_equal(bf.export_state(target)[k], v, err_msg=k)
+    x = model_input(NAME, seed=9)
+    np.testing.assert_array_equal(bf.predict(target, x), bf.predict(deploy, x))
