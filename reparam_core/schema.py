@@ -177,13 +177,24 @@ def state_schema(spec: ModelSpec, form: Form) -> Schema:
     return out
 
 
-def detect_form(spec: ModelSpec, keys: Iterable[str]) -> Form:
+def schema_for(spec: ModelSpec | BlockSpec, form: Form) -> Schema:
+    """state_schema for a model spec, block_schema (relative keys) for a block spec."""
+    if isinstance(spec, (RepVGGSpec, RepGhostNetSpec)):
+        return state_schema(spec, form)
+    return block_schema(spec, form)
+
+
+def spec_name(spec: ModelSpec | BlockSpec) -> str:
+    return getattr(spec, "name", type(spec).__name__)
+
+
+def detect_form(spec: ModelSpec | BlockSpec, keys: Iterable[str]) -> Form:
     """Which form a set of canonical keys is in; CheckpointError when neither fits well."""
     keys = {k for k in keys if not k.endswith("num_batches_tracked")}
-    scores = {f: len(keys & set(state_schema(spec, f))) for f in FORMS}
-    sizes = {f: len(state_schema(spec, f)) for f in FORMS}
+    scores = {f: len(keys & set(schema_for(spec, f))) for f in FORMS}
+    sizes = {f: len(schema_for(spec, f)) for f in FORMS}
     best = max(FORMS, key=lambda f: (scores[f] / sizes[f], scores[f]))
     if scores[best] == 0:
         sample = ", ".join(sorted(keys)[:3])
-        raise CheckpointError(f"no key matches {spec.name} in either form (first keys: {sample})")
+        raise CheckpointError(f"no key matches {spec_name(spec)} in either form (first keys: {sample})")
     return best

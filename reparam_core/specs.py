@@ -318,6 +318,27 @@ def get_spec(name: str, num_classes: int = 1000) -> ModelSpec:
 
 
 BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec]
+
+
+def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 groups: int = 1, act: Act = "silu", eps: float = 1e-3) -> RepBlockSpec:
+    """A RepConv block spec with YOLOv7's defaults (SiLU; BN eps 1e-3 as YOLOv7 sets it)."""
+    return RepBlockSpec(in_channels, out_channels, kernel_size, stride, groups=groups, act=act,
+                        eps=eps, naming="repconv")
+
+
+def block_kind(spec: BlockSpec) -> str:
+    """The block class a spec describes, by the official class names: RepVGGBlock, RepConv
+    (YOLOv7 naming), RepVGGplusBlock (post-SE), RepGhostModule, RepGhostBottleneck."""
+    if isinstance(spec, RepBlockSpec):
+        if spec.naming == "repconv":
+            return "RepConv"
+        return "RepVGGplusBlock" if spec.se == "post" else "RepVGGBlock"
+    if isinstance(spec, RepGhostModuleSpec):
+        return "RepGhostModule"
+    if isinstance(spec, RepGhostBottleneckSpec):
+        return "RepGhostBottleneck"
+    raise TypeError(f"not a block spec: {type(spec).__name__}")
 _BLOCK_KINDS: dict[str, type] = {"repblock": RepBlockSpec, "ghost_module": RepGhostModuleSpec,
                                  "ghost_bottleneck": RepGhostBottleneckSpec}
 
@@ -339,4 +360,4 @@ def block_spec_from_dict(data: dict) -> BlockSpec:
 __all__ = ["RepBlockSpec", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "StageSpec", "RepVGGSpec",
            "RepGhostNetSpec", "ModelSpec", "list_models", "get_spec", "repvgg_spec",
            "repghostnet_spec", "make_divisible", "BlockSpec",
-           "block_spec_to_dict", "block_spec_from_dict"]
+           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind"]

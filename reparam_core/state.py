@@ -11,8 +11,8 @@ from typing import Mapping
 import numpy as np
 
 from .errors import CheckpointError, ShapeMismatchError
-from .schema import FORMS, Form, TensorInfo, block_schema, detect_form, state_schema
-from .specs import BlockSpec, ModelSpec, RepGhostNetSpec, RepVGGSpec
+from .schema import FORMS, Form, TensorInfo, detect_form, schema_for, spec_name
+from .specs import BlockSpec, ModelSpec
 
 State = dict[str, np.ndarray]
 
@@ -27,18 +27,20 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_state(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form | None = None,
-                source: str = "state") -> Form:
-    """Validate a neutral state for `spec`; returns its form. Raises CheckpointError (or
-    ShapeMismatchError) naming the source, the form and the first offending keys."""
+def check_state(spec: ModelSpec | BlockSpec, state: Mapping[str, np.ndarray],
+                form: Form | None = None, source: str = "state") -> Form:
+    """Validate a neutral state for a model (or, with a block spec, block-relative keys);
+    returns its form. Raises CheckpointError (or ShapeMismatchError) naming the source, the
+    form and the first offending keys."""
     state = strip_ignored(state)
+    name = spec_name(spec)
     found = detect_form(spec, state)
     if form is None:
         form = found
-    elif form != found and set(state) == set(state_schema(spec, found)):
-        raise CheckpointError(f"{source}: this is a {found}-form checkpoint of {spec.name}, "
+    elif form != found and set(state) == set(schema_for(spec, found)):
+        raise CheckpointError(f"{source}: this is a {found}-form checkpoint of {name}, "
                               f"but a {form}-form one was expected (its keys are all {found}-form keys)")
-    schema = state_schema(spec, form)
+    schema = schema_for(spec, form)
     missing = [k for k in schema if k not in state]
     unexpected = [k for k in state if k not in schema]
     if missing or unexpected:
@@ -47,12 +49,12 @@ def check_state(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form | N
             parts.append(f"{len(missing)} missing key(s): {_first(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
-        raise CheckpointError(f"{source} does not match {spec.name} ({form} form): " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not match {name} ({form} form): " + "; ".join(parts))
     wrong = [f"{k} {tuple(np.shape(state[k]))} != {info.shape}" for k, info in schema.items()
              if tuple(np.shape(state[k])) != info.shape]
     if wrong:
         raise ShapeMismatchError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for "
-                                 f"{spec.name} ({form} form): {_first(wrong, 3)}")
+                                 f"{name} ({form} form): {_first(wrong, 3)}")
     for k, info in schema.items():
         a = np.asarray(state[k])
         if not np.issubdtype(a.dtype, np.floating):
@@ -76,8 +78,7 @@ def random_state(spec: ModelSpec | BlockSpec, form: Form = "train", seed: int = 
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
     rng = np.random.default_rng(seed)
     out: State = {}
-    is_model = isinstance(spec, (RepVGGSpec, RepGhostNetSpec))
-    for key, info in (state_schema(spec, form) if is_model else block_schema(spec, form)).items():
+    for key, info in schema_for(spec, form).items():
         out[key] = _random_tensor(rng, info).astype(dtype)
     return out
 

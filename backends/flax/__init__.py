@@ -5,10 +5,12 @@ is reparam_core.layouts.flax_key(canonical key). Every layout conversion goes th
 reparam_core.layouts and every fusion through reparam_core.equivalent (float64).
 Activations are NHWC inside; `predict` and the exported artifact take NCHW.
 """
+from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
+
 from .api import (export_state, inference_view, load_native_state, load_state, native_state,
                   predict, reparameterize)
 from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock,
-                     RepVGGplusBlock, build_block, empty_block, repconv_spec)
+                     RepVGGplusBlock, build_block, empty_block)
 from .export import export_stablehlo, load_stablehlo
 from .layers import BatchNorm, SqueezeExcite
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model, empty_model

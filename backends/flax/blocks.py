@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
-                          RepGhostNetSpec, ReparamError, RepVGGSpec, ghost_cheap_kernel_bias,
-                          repblock_kernel_bias, repblock_names, reparameterize_state)
+from reparam_core import (block_kind, ghost_cheap_kernel_bias, ReparamError, reparameterize_state,
+                          repblock_kernel_bias, repblock_names, RepBlockSpec,
+                          RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec, RepVGGSpec)
 from reparam_core.fusion import identity_kernel
 from reparam_core.layouts import to_flax
 from reparam_core.schema import TensorInfo
@@ -218,11 +218,7 @@ class RepVGGplusBlock(RepVGGBlock):
                                "se='post'")
 
 
-def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: str = "silu", eps: float = 1e-3) -> RepBlockSpec:
-    """A RepConv block spec with YOLOv7's defaults (SiLU; BN eps 1e-3 as YOLOv7 sets it)."""
-    return RepBlockSpec(in_channels, out_channels, kernel_size, stride, groups=groups, act=act,
-                        eps=eps, naming="repconv")
+
 
 
 class RepGhostModule(RepModule):
@@ -314,15 +310,8 @@ class RepGhostBottleneck(RepModule):
 def block_class(spec: object) -> type[RepModule]:
     """The module class for a block spec (RepVGGBlock / RepConv / RepVGGplusBlock by naming and
     SE mode; RepGhostModule; RepGhostBottleneck)."""
-    if isinstance(spec, RepBlockSpec):
-        if spec.naming == "repconv":
-            return RepConv
-        return RepVGGplusBlock if spec.se == "post" else RepVGGBlock
-    if isinstance(spec, RepGhostModuleSpec):
-        return RepGhostModule
-    if isinstance(spec, RepGhostBottleneckSpec):
-        return RepGhostBottleneck
-    raise ReparamError(f"not a block spec: {type(spec).__name__}")
+    return {"RepVGGBlock": RepVGGBlock, "RepConv": RepConv, "RepVGGplusBlock": RepVGGplusBlock,
+            "RepGhostModule": RepGhostModule, "RepGhostBottleneck": RepGhostBottleneck}[block_kind(spec)]
 
 
 def empty_block(spec: RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec, *,
@@ -341,5 +330,5 @@ def build_block(spec: RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec
 
 
 __all__ = ["RepModule", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
-           "RepGhostBottleneck", "block_class", "build_block", "empty_block", "repconv_spec",
+           "RepGhostBottleneck", "block_class", "build_block", "empty_block",
            "fused_neutral_state", "variables"]

@@ -3,12 +3,14 @@ specs. Importing it imports MegEngine with its CUDA-probing noise kept off stder
 
 BN momentum is 0.9 in MegEngine's convention, which equals torch's momentum 0.1.
 """
+from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
+
 from .quiet import import_megengine, quiet_fd2
 
 import_megengine()
 
 from .blocks import (BN_MOMENTUM, RepConv, RepGhostBottleneck, RepGhostModule,  # noqa: E402
-                     RepVGGBlock, RepVGGplusBlock, repconv_spec)
+                     RepVGGBlock, RepVGGplusBlock)
 from .models import RepGhostNet, RepVGG, RepVGGplus  # noqa: E402
 from .api import (build_block, create_model, export_state, load_state, model_from_spec,  # noqa: E402
                   predict, reparameterize)

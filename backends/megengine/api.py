@@ -9,9 +9,8 @@ import numpy as np
 from .blocks import (Reparameterizable, RepConv, RepGhostBottleneck, RepGhostModule,
                      RepVGGBlock, RepVGGplusBlock, M, mge, native_to_neutral)
 from .models import RepGhostNet, RepVGG, RepVGGplus
-from reparam_core import (BlockSpec, CheckpointError, RepBlockSpec, RepGhostBottleneckSpec,
-                          RepGhostModuleSpec, RepGhostNetSpec, RepVGGSpec, ShapeMismatchError,
-                          get_spec, strip_ignored)
+from reparam_core import (block_kind, BlockSpec, check_state, get_spec, RepGhostNetSpec, RepVGGSpec,
+                          strip_ignored)
 from reparam_core.checkpoints import to_neutral
 from reparam_core.layouts import to_megengine
 
@@ -21,15 +20,9 @@ Model = Union[RepVGG, RepVGGplus, RepGhostNet]
 def build_block(spec: BlockSpec, *, deploy: bool = False) -> Reparameterizable:
     """A block module from a block spec: RepVGGBlock / RepConv / RepVGGplusBlock (by naming and
     SE mode), RepGhostModule or RepGhostBottleneck."""
-    if isinstance(spec, RepBlockSpec):
-        if spec.naming == "repconv":
-            return RepConv(spec, deploy)
-        return (RepVGGplusBlock if spec.se == "post" else RepVGGBlock)(spec, deploy)
-    if isinstance(spec, RepGhostModuleSpec):
-        return RepGhostModule(spec, deploy)
-    if isinstance(spec, RepGhostBottleneckSpec):
-        return RepGhostBottleneck(spec, deploy)
-    raise TypeError(f"build_block: not a block spec: {type(spec).__name__}")
+    cls = {"RepVGGBlock": RepVGGBlock, "RepConv": RepConv, "RepVGGplusBlock": RepVGGplusBlock,
+           "RepGhostModule": RepGhostModule, "RepGhostBottleneck": RepGhostBottleneck}[block_kind(spec)]
+    return cls(spec, deploy)
 
 
 def model_from_spec(spec, *, deploy: bool = False) -> Model:
@@ -59,19 +52,6 @@ def _is_model(module) -> bool:
     return isinstance(module, (RepVGG, RepGhostNet))
 
 
-def _check_block_state(module, schema, state: Mapping) -> None:
-    name = type(module).__name__
-    missing = [k for k in schema if k not in state]
-    unexpected = [k for k in state if k not in schema]
-    if missing or unexpected:
-        raise CheckpointError(f"state does not match {name} ({'deploy' if module.deploy else 'train'}"
-                              f" form): missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, info in schema.items():
-        if tuple(np.shape(state[k])) != info.shape:
-            raise ShapeMismatchError(f"state: {k} has shape {tuple(np.shape(state[k]))}, "
-                                     f"{name} needs {info.shape}")
-
-
 def load_state(module: Reparameterizable, state: Mapping[str, np.ndarray]) -> Reparameterizable:
     """Load a neutral state (or a basecls-named MegEngine checkpoint) into the module, in place.
 
@@ -83,7 +63,7 @@ def load_state(module: Reparameterizable, state: Mapping[str, np.ndarray]) -> Re
         state, _, _ = to_neutral(state, module.spec, "megengine",
                                  form="deploy" if module.deploy else "train", source="state")
     else:
-        _check_block_state(module, schema, state)
+        check_state(module.spec, state, "deploy" if module.deploy else "train")
     native = {k: np.ascontiguousarray(to_megengine(np.asarray(state[k], np.float32), info),
                                       dtype=np.float32)
               for k, info in schema.items()}

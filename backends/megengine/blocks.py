@@ -277,13 +277,6 @@ class RepVGGplusBlock(_RepBlock):
                                f"naming={spec.naming!r}, se={spec.se!r}")
 
 
-def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: str = "silu", eps: float = 1e-3) -> RepBlockSpec:
-    """A RepConv block spec with YOLOv7's defaults (SiLU; BN eps 1e-3 as YOLOv7 sets it)."""
-    return RepBlockSpec(in_channels, out_channels, kernel_size, stride, groups=groups, act=act,
-                        eps=eps, naming="repconv")
-
-
 # --------------------------------------------------------------------------- RepGhost
 
 class RepGhostModule(Reparameterizable):
@@ -388,5 +381,5 @@ def block_form(module: Reparameterizable) -> Form:
 
 
 __all__ = ["RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule", "RepGhostBottleneck",
-           "SqueezeExcite", "Reparameterizable", "repconv_spec", "conv_bn", "batch_norm",
+           "SqueezeExcite", "Reparameterizable", "conv_bn", "batch_norm",
            "BN_MOMENTUM", "native_to_neutral", "write_tensor", "copy_matching", "named_tensors"]

@@ -3,9 +3,11 @@
 Module paths (and so `state_dict()` keys) are the canonical, official names; every fusion goes
 through reparam_core.equivalent (float64).
 """
+from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
+
 from .api import export_state, load_state, predict, reparameterize
 from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock,
-                     RepVGGplusBlock, SqueezeExcite, build_block, repconv_spec)
+                     RepVGGplusBlock, SqueezeExcite, build_block)
 from .export import export_onnx
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model
 

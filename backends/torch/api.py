@@ -1,17 +1,13 @@
 """The backend surface shared by every framework: reparameterize, neutral state in/out, predict."""
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from reparam_core import (CheckpointError, RepBlockSpec, RepGhostBottleneckSpec,
-                          RepGhostModuleSpec, RepGhostNetSpec, ReparamError, RepVGGSpec,
-                          ShapeMismatchError, check_state)
-from reparam_core.schema import Schema, bottleneck_schema, ghost_module_schema, repblock_schema
+from reparam_core import (ReparamError, check_state)
 
 from .blocks import RepModule, numpy_state
 
@@ -25,40 +21,11 @@ def _rep_module(module: nn.Module) -> RepModule:
 def reparameterize(module: RepModule, *, inplace: bool = False) -> RepModule:
     """The deploy form of a block or model (the same module if already deploy form).
 
-    The input is never modified: `inplace=False` (the default) works on a deep copy, which
-    guarantees that even later edits to the result cannot reach the input's tensors;
-    `inplace=True` skips that copy. The result is always a new module (module forms are fixed at
-    construction), so with `inplace=True` drop the reference to the train-form input to free it.
-    """
-    module = _rep_module(module)
-    if not inplace and not module.deploy:
-        module = copy.deepcopy(module)
-    return module.reparameterize()
-
-
-def _block_schema(spec: object, form: str) -> Schema:
-    if isinstance(spec, RepBlockSpec):
-        return repblock_schema(spec, "", form)
-    if isinstance(spec, RepGhostModuleSpec):
-        return ghost_module_schema(spec, "", form)
-    if isinstance(spec, RepGhostBottleneckSpec):
-        return bottleneck_schema(spec, "", form)
-    raise ReparamError(f"no schema for {type(spec).__name__}")
-
-
-def _check_block_state(module: RepModule, state: Mapping[str, np.ndarray]) -> None:
-    form = "deploy" if module.deploy else "train"
-    schema = _block_schema(module.spec, form)
-    name = type(module).__name__
-    missing = [k for k in schema if k not in state]
-    unexpected = [k for k in state if k not in schema]
-    if missing or unexpected:
-        raise CheckpointError(f"state does not match this {name} ({form} form): missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for k, info in schema.items():
-        if tuple(np.shape(state[k])) != info.shape:
-            raise ShapeMismatchError(f"{k}: shape {tuple(np.shape(state[k]))} != {info.shape} "
-                                     f"expected by this {name} ({form} form)")
+    Conversion always builds a NEW module (a module's form is fixed at construction) whose
+    tensors are copies, and never modifies the input, so `inplace=True` behaves exactly like
+    `inplace=False`; it is accepted for the common backend surface (drop the train-form
+    reference yourself to free its memory)."""
+    return _rep_module(module).reparameterize()
 
 
 def load_state(module: RepModule, state: Mapping[str, np.ndarray]) -> RepModule:
@@ -69,10 +36,7 @@ def load_state(module: RepModule, state: Mapping[str, np.ndarray]) -> RepModule:
     name the offending key."""
     module = _rep_module(module)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    if isinstance(module.spec, (RepVGGSpec, RepGhostNetSpec)):
-        check_state(module.spec, state, "deploy" if module.deploy else "train")
-    else:
-        _check_block_state(module, state)
+    check_state(module.spec, state, "deploy" if module.deploy else "train")
     target = module.state_dict()
     with torch.no_grad():
         for k, v in state.items():

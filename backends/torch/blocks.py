@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, ReparamError,
-                          ghost_cheap_kernel_bias, repblock_kernel_bias, repblock_names)
+from reparam_core import (block_kind, ghost_cheap_kernel_bias, ReparamError, repblock_kernel_bias,
+                          repblock_names, RepBlockSpec, RepGhostBottleneckSpec,
+                          RepGhostModuleSpec)
 from reparam_core.fusion import identity_kernel
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU,
@@ -192,13 +193,6 @@ class RepVGGplusBlock(RepVGGBlock):
                                f"naming={spec.naming!r}, se={spec.se!r}")
 
 
-def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: str = "silu", eps: float = 1e-3) -> RepBlockSpec:
-    """A RepConv block spec with YOLOv7's defaults (SiLU; BN eps 1e-3 as YOLOv7 sets it)."""
-    return RepBlockSpec(in_channels, out_channels, kernel_size, stride, groups=groups, act=act,
-                        eps=eps, naming="repconv")
-
-
 class RepGhostModule(RepModule):
     """RepGhost module: `primary_conv` (1x1 conv, BN, ReLU?), then the depthwise
     `cheap_operation` (conv+BN) plus the BN shortcut `fusion_bn`; ReLU if `spec.relu`.
@@ -293,15 +287,8 @@ def fused_state_dict(old: nn.Module, new: nn.Module) -> dict[str, torch.Tensor]:
 def block_class(spec: RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec) -> type[RepModule]:
     """The module class for a block spec (RepVGGBlock / RepConv / RepVGGplusBlock by naming and
     SE mode; RepGhostModule; RepGhostBottleneck)."""
-    if isinstance(spec, RepBlockSpec):
-        if spec.naming == "repconv":
-            return RepConv
-        return RepVGGplusBlock if spec.se == "post" else RepVGGBlock
-    if isinstance(spec, RepGhostModuleSpec):
-        return RepGhostModule
-    if isinstance(spec, RepGhostBottleneckSpec):
-        return RepGhostBottleneck
-    raise ReparamError(f"not a block spec: {type(spec).__name__}")
+    return {"RepVGGBlock": RepVGGBlock, "RepConv": RepConv, "RepVGGplusBlock": RepVGGplusBlock,
+            "RepGhostModule": RepGhostModule, "RepGhostBottleneck": RepGhostBottleneck}[block_kind(spec)]
 
 
 def build_block(spec: RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec, *,

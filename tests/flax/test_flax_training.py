@@ -4,7 +4,6 @@ nnx.Optimizer, and the trained model still converts exactly. RepVGGplus aux head
 against the torch backend."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -16,7 +15,7 @@ import backends.flax as bf
 import backends.torch as bt
 from backends.flax.layers import BatchNorm
 from backends.flax.state import variables
-from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, model_tolerance, rel_err
+from flax_testutil import loaded_model, model_input, model_state, model_tolerance, rel_err
 from reparam_core import RepBlockSpec, ReparamError, get_spec, oracle, random_state
 from reparam_core.specs import repvgg_spec
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from backends.megengine import (create_model, export_traced, load_state, predict, reparameterize,
