@@ -6,7 +6,7 @@ a whole neutral state, so conversion needs no framework at all.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -81,3 +81,23 @@ def reparameterize_state(spec: ModelSpec, state: Params) -> dict[str, np.ndarray
         else:
             out[key] = state[key]
     return out
+
+
+def custom_l2_penalty(k3: Any, centre: Any, k1: Any, t3: Any, t1: Any,
+                      identity: Any = None, tid: Any = None) -> Any:
+    """RepVGGplus' custom L2 of one block, on the equivalent kernel, identity branch included
+    (the official code leaves it out):
+
+        L2 = (sum K3^2 - sum K3c^2) + sum (K3c t3 + K1 t1 + I tid)^2 / (t3^2 + t1^2 + I tid^2)
+
+    K3c is the dense kernel's centre tap, I the identity kernel (1 on the identity taps) and each
+    t = gamma / sqrt(var + eps), detached. Written with arithmetic and `.sum()` only, so every
+    backend calls it on its own (differentiable) arrays, in its own layout, with the t's
+    reshaped to broadcast over the output axis."""
+    circle = (k3 ** 2).sum() - (centre ** 2).sum()
+    eq = centre * t3 + k1 * t1
+    den = t3 ** 2 + t1 ** 2
+    if identity is not None:
+        eq = eq + identity * tid
+        den = den + identity * tid ** 2
+    return circle + (eq ** 2 / den).sum()

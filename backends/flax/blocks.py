@@ -22,6 +22,7 @@ from flax import nnx
 from reparam_core import (block_kind, ghost_cheap_kernel_bias, ReparamError, reparameterize_state,
                           repblock_kernel_bias, repblock_names, RepBlockSpec,
                           RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec, RepVGGSpec)
+from reparam_core.equivalent import custom_l2_penalty
 from reparam_core.fusion import identity_kernel
 from reparam_core.layouts import to_flax
 from reparam_core.schema import TensorInfo
@@ -184,18 +185,13 @@ class RepVGGBlock(RepModule):
         k3, k1 = c3.kernel[...], c1.kernel[...]
         centre = k3[c:c + 1, c:c + 1]
         t3, t1 = scale(b3), scale(b1)
-        circle = jnp.sum(k3 ** 2) - jnp.sum(centre ** 2)
-        eq = centre * t3 + k1 * t1
-        denom = t3 ** 2 + t1 ** 2
-        if self.rbr_identity is not None:
-            s = self.spec
-            ident_oihw = identity_kernel(s.out_channels, s.groups, 1, dtype=np.float32)
-            info = TensorInfo(ident_oihw.shape, "conv.weight", s.groups)
-            ident = jnp.asarray(to_flax(ident_oihw, info), dtype=k3.dtype)
-            tid = scale(self.rbr_identity)
-            eq = eq + ident * tid
-            denom = denom + ident * tid ** 2
-        return circle + jnp.sum(eq ** 2 / denom)
+        if self.rbr_identity is None:
+            return custom_l2_penalty(k3, centre, k1, t3, t1)
+        s = self.spec
+        ident_oihw = identity_kernel(s.out_channels, s.groups, 1, dtype=np.float32)
+        info = TensorInfo(ident_oihw.shape, "conv.weight", s.groups)
+        ident = jnp.asarray(to_flax(ident_oihw, info), dtype=k3.dtype)
+        return custom_l2_penalty(k3, centre, k1, t3, t1, ident, scale(self.rbr_identity))
 
 
 class RepConv(RepVGGBlock):

@@ -30,6 +30,7 @@ import megengine.module as M  # noqa: E402
 from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,  # noqa: E402
                           ReparamError, ShapeMismatchError, TensorInfo, ghost_cheap_kernel_bias,
                           repblock_kernel_bias, repblock_names)
+from reparam_core.equivalent import custom_l2_penalty  # noqa: E402
 from reparam_core.fusion import identity_kernel  # noqa: E402
 from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine  # noqa: E402
 from reparam_core.schema import (Form, ghost_module_schema, repblock_schema,  # noqa: E402
@@ -232,16 +233,11 @@ class _RepBlock(Reparameterizable):
         t3 = scale(getattr(self.rbr_dense, dbn))
         t1 = scale(getattr(self.rbr_1x1, dbn))
         centre = k3[..., c:c + 1, c:c + 1]
-        circle = (k3 ** 2).sum() - (centre ** 2).sum()
-        eq = centre * t3 + k1 * t1
-        den = t3 ** 2 + t1 ** 2
-        if self.spec.has_identity:
-            eye = identity_kernel(self.spec.out_channels, self.spec.groups, 1, np.float32)
-            eye = mge.tensor(oihw_to_megengine(eye, self.spec.groups))
-            tid = scale(self.rbr_identity)
-            eq = eq + eye * tid
-            den = den + eye * tid ** 2
-        return circle + (eq ** 2 / den).sum()
+        if not self.spec.has_identity:
+            return custom_l2_penalty(k3, centre, k1, t3, t1)
+        eye = identity_kernel(self.spec.out_channels, self.spec.groups, 1, np.float32)
+        eye = mge.tensor(oihw_to_megengine(eye, self.spec.groups))
+        return custom_l2_penalty(k3, centre, k1, t3, t1, eye, scale(self.rbr_identity))
 
 
 class RepVGGBlock(_RepBlock):

@@ -19,6 +19,7 @@ from torch import nn
 from reparam_core import (block_kind, ghost_cheap_kernel_bias, ReparamError, repblock_kernel_bias,
                           repblock_names, RepBlockSpec, RepGhostBottleneckSpec,
                           RepGhostModuleSpec)
+from reparam_core.equivalent import custom_l2_penalty
 from reparam_core.fusion import identity_kernel
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU,
@@ -161,16 +162,11 @@ class RepVGGBlock(RepModule):
         k3, k1 = dense_conv.weight, one_conv.weight
         centre = k3[:, :, c:c + 1, c:c + 1]
         t3, t1 = scale(dense_bn), scale(one_bn)
-        circle = (k3 ** 2).sum() - (centre ** 2).sum()
-        eq = centre * t3 + k1 * t1
-        denom = t3 ** 2 + t1 ** 2
-        if self.rbr_identity is not None:
-            ident = torch.from_numpy(identity_kernel(self.spec.out_channels, self.spec.groups, 1))
-            ident = ident.to(device=k3.device, dtype=k3.dtype)
-            tid = scale(self.rbr_identity)
-            eq = eq + ident * tid
-            denom = denom + ident * tid ** 2
-        return circle + (eq ** 2 / denom).sum()
+        if self.rbr_identity is None:
+            return custom_l2_penalty(k3, centre, k1, t3, t1)
+        ident = torch.from_numpy(identity_kernel(self.spec.out_channels, self.spec.groups, 1))
+        ident = ident.to(device=k3.device, dtype=k3.dtype)
+        return custom_l2_penalty(k3, centre, k1, t3, t1, ident, scale(self.rbr_identity))
 
 
 class RepConv(RepVGGBlock):
