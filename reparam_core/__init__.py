@@ -13,7 +13,7 @@ from .schema import (FORMS, Form, TensorInfo, block_schema, detect_form, repbloc
 from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec, block_kind, block_spec_from_dict,
                     block_spec_to_dict, get_spec, list_models, repconv_spec, repvgg_spec)
-from .state import check_state, random_state, strip_ignored
+from .state import check_state, random_state, random_tensors, strip_ignored
 
 __version__ = "0.1.0"
 
@@ -24,5 +24,5 @@ __all__ = [
     "FORMS", "Form", "TensorInfo", "block_schema", "detect_form", "repblock_names", "state_schema", "ModelSpec",
     "RepBlockSpec", "RepGhostBottleneckSpec", "RepGhostModuleSpec", "RepGhostNetSpec",
     "RepVGGSpec", "get_spec", "list_models", "BlockSpec", "block_spec_from_dict",
-    "block_spec_to_dict", "block_kind", "repconv_spec", "repvgg_spec", "schema_for", "check_state", "random_state", "strip_ignored",
+    "block_spec_to_dict", "block_kind", "repconv_spec", "repvgg_spec", "schema_for", "check_state", "random_state", "random_tensors", "strip_ignored",
 ]

@@ -18,11 +18,13 @@ Formats:
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from zlib import error as zlib_error
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import numpy as np
 
@@ -96,23 +98,32 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
         raise CheckpointError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from None
 
 
-def flatten_arrays(obj: Any, source: str, prefix: str = "") -> State:
+_MAX_DEPTH = 32
+
+
+def flatten_arrays(obj: Any, source: str, prefix: str = "", _depth: int = 0) -> State:
     """A nested dict of arrays -> flat dotted keys; CheckpointError on any non-array leaf
-    (other than the metadata that training scripts store next to weights, which is dropped)."""
+    (other than the metadata that training scripts store next to weights, which is dropped),
+    on arrays of non-numeric dtypes (object, structured) and on nesting deeper than 32."""
+    if _depth > _MAX_DEPTH:
+        raise CheckpointError(f"{source}: dicts nested more than {_MAX_DEPTH} deep at {prefix[:80]}")
     out: State = {}
     if isinstance(obj, Mapping):
         for k, v in obj.items():
             key = f"{prefix}.{k}" if prefix else str(k)
             if isinstance(v, (Mapping, np.ndarray)):
-                out.update(flatten_arrays(v, source, key))
+                out.update(flatten_arrays(v, source, key, _depth + 1))
             elif isinstance(v, (np.generic, float, int)) and key.endswith("num_batches_tracked"):
                 continue
             elif v is None:
                 continue
             else:
-                raise CheckpointError(f"{source}: {key} is a {type(v).__name__}, not a tensor")
+                raise CheckpointError(f"{source}: {key[:200]} is a {type(v).__name__}, not a tensor")
         return out
     if isinstance(obj, np.ndarray):
+        dt = obj.dtype
+        if dt.hasobject or dt.fields is not None or dt.kind not in "biufc":
+            raise CheckpointError(f"{source}: {prefix[:200]} has dtype {dt}, not a numeric tensor")
         return {prefix: obj}
     raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
 
@@ -139,13 +150,102 @@ def strip_module_prefix(state: State) -> State:
     return state
 
 
+class _MappedFile:
+    """A read-only, seekable file over an mmap for `zipfile`: a read never allocates more than
+    the file holds (a plain file object pre-allocates whatever size a corrupt header asks for)."""
+
+    def __init__(self, mm: "mmap.mmap | bytes") -> None:
+        self._mm = mm
+        self._pos = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        size = len(self._mm)
+        end = size if n is None or n < 0 else min(size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        data = self._mm[self._pos:end]
+        self._pos = end
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._mm)}.get(whence)
+        if base is None or base + pos < 0:
+            raise OSError(22, f"invalid seek to {pos} (whence {whence})")
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+    RuntimeError, KeyError, IndexError, OverflowError, UnicodeDecodeError, struct.error)
+
+
 def read_torch(path: str | os.PathLike) -> State:
-    """A PyTorch zip checkpoint -> flat state of numpy arrays, without torch."""
+    """A PyTorch zip checkpoint -> flat state of numpy arrays, without torch.
+
+    The archive is memory-mapped; each entry's declared size is checked against what the archive
+    can hold (at most 4x its size in total, allowing mild compression) before it is read, entries
+    are read in bounded chunks and their CRC is verified."""
     src = os.fspath(path)
     try:
-        zf = zipfile.ZipFile(src)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{src}: corrupt or truncated torch zip file ({e})") from None
+        with open(src, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                raise CheckpointError(f"{src}: corrupt or truncated torch zip file (empty file)")
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {src}: {e.strerror or e}") from None
+    try:
+        return _read_torch_archive(_MappedFile(mm), size, src)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{src}: corrupt torch zip (objects nested too deeply)") from None
+    except _ZIP_ERRORS + (zlib_error,) as e:
+        raise CheckpointError(f"{src}: corrupt or truncated torch zip file "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # pragma: no cover - an exported view still alive
+            pass
+
+
+def _read_torch_archive(fp: _MappedFile, size: int, src: str) -> State:
+    zf = zipfile.ZipFile(fp)  # type: ignore[arg-type]
+    budget = [4 * size + (1 << 20)]
+
+    def read_entry(name: str) -> bytearray:
+        info = zf.getinfo(name)
+        if info.file_size > budget[0] or (info.compress_type == zipfile.ZIP_STORED
+                                          and info.file_size > size):
+            raise CheckpointError(f"{src}: archive entry {name} declares {info.file_size} bytes, "
+                                  f"more than a {size}-byte archive can hold")
+        budget[0] -= info.file_size
+        buf = bytearray(info.file_size)
+        view = memoryview(buf)
+        pos = 0
+        with zf.open(info) as f:
+            while pos < len(buf):
+                chunk = f.read(min(1 << 20, len(buf) - pos))
+                if not chunk:
+                    break
+                view[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+            if pos != len(buf) or f.read(1):
+                raise CheckpointError(f"{src}: archive entry {name} is truncated or longer than "
+                                      "declared")
+        return buf
+
     with zf:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -154,9 +254,9 @@ def read_torch(path: str | os.PathLike) -> State:
         root = pkl[0][: -len("data.pkl")]
         order = "little"
         if f"{root}byteorder" in names:
-            order = zf.read(f"{root}byteorder").decode("ascii", "replace").strip()
+            order = bytes(read_entry(f"{root}byteorder")[:16]).decode("ascii", "replace").strip()
         if order not in ("little", "big"):
-            raise CheckpointError(f"{src}: unknown byteorder {order!r}")
+            raise CheckpointError(f"{src}: unknown byteorder {order[:16]!r}")
         storages: dict[str, np.ndarray] = {}
 
         def persistent(pid: Any) -> np.ndarray:
@@ -164,35 +264,27 @@ def read_torch(path: str | os.PathLike) -> State:
                 raise UnsafeFileError(f"{src}: unexpected persistent id {str(pid)[:80]!r}")
             _, stype, key, _location, numel = pid
             if not isinstance(stype, TorchStorageType):
-                raise CheckpointError(f"{src}: storage of unsupported type {stype!r}")
+                raise CheckpointError(f"{src}: storage of unsupported type {str(stype)[:60]!r}")
+            if not isinstance(key, (str, int)) or not isinstance(numel, int):
+                raise CheckpointError(f"{src}: malformed storage record {str(pid)[:80]!r}")
             key = str(key)
             if key not in storages:
                 entry = f"{root}data/{key}"
                 if entry not in names:
-                    raise CheckpointError(f"{src}: storage {key} is missing from the archive")
-                try:
-                    raw = zf.read(entry)
-                except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
-                    raise CheckpointError(f"{src}: storage {key} is corrupt ({e})") from None
+                    raise CheckpointError(f"{src}: storage {key[:40]} is missing from the archive")
+                raw = read_entry(entry)
                 dt = stype.dtype.newbyteorder("<" if order == "little" else ">")
-                if len(raw) % dt.itemsize or (isinstance(numel, int) and numel * dt.itemsize > len(raw)):
+                if len(raw) % dt.itemsize or numel < 0 or numel * dt.itemsize > len(raw):
                     raise CheckpointError(f"{src}: storage {key} holds {len(raw)} bytes, not "
                                           f"{numel} x {dt.itemsize}")
-                storages[key] = np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="))
+                arr = np.frombuffer(raw, dtype=dt)
+                storages[key] = arr if order == "little" or dt.itemsize == 1 else arr.astype(
+                    dt.newbyteorder("="))
             return storages[key]
 
-        try:
-            data = zf.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:
-            raise CheckpointError(f"{src}: corrupt torch zip ({e})") from None
-        obj = safe_loads(data, src, persistent)
+        data = bytes(read_entry(pkl[0]))
+        obj = safe_loads(data, src, persistent, budget=2 * size + (64 << 20))
     return strip_module_prefix(flatten_arrays(unwrap(obj, src), src))
-
-
-try:
-    from zlib import error as zlib_error
-except ImportError:  # pragma: no cover
-    zlib_error = OSError  # type: ignore[misc,assignment]
 
 
 def read_pickle(path: str | os.PathLike) -> State:
@@ -257,16 +349,19 @@ def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: F
     state, scheme = to_canonical(state, spec, source=source)
     infos = _all_infos(spec)
     out: State = {}
-    for k, v in state.items():
-        a = np.asarray(v)
+    for k in list(state):
+        a = np.asarray(state.pop(k))  # drop references as we go: the caller may free the raw state
         info = infos.get(k)
         if info is not None and fmt in ("megengine", "flax"):
             conv = from_megengine if fmt == "megengine" else from_flax
             try:
                 a = conv(a, info)
-            except ValueError:
+            except (ValueError, IndexError, TypeError):
                 pass  # a wrong-sized tensor: check_state reports it with its shape
-        if np.issubdtype(a.dtype, np.floating) and a.dtype != np.float32:
+        # cast only tensors the schema wants at exactly this shape: a hostile file cannot make
+        # us copy tensors that check_state is about to refuse anyway
+        if (info is not None and a.shape == info.shape and np.issubdtype(a.dtype, np.floating)
+                and a.dtype != np.float32):
             a = a.astype(np.float32)
         out[k] = a
     found = check_state(spec, out, form, source=source)
@@ -284,7 +379,11 @@ def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form
     """A MegEngine-loadable pickle (dict of float32 numpy arrays in MegEngine shapes, schema
     order, protocol 4), written without MegEngine."""
     schema = state_schema(spec, form)
-    out = {k: np.ascontiguousarray(to_megengine(np.asarray(state[k], np.float32), info))
+
+    def as_float(a: Any) -> np.ndarray:  # float16 (a --dtype float16 conversion) stays float16
+        a = np.asarray(a)
+        return a if a.dtype == np.float16 else a.astype(np.float32, copy=False)
+    out = {k: np.ascontiguousarray(to_megengine(as_float(state[k]), info))
            for k, info in schema.items()}
     return pickle.dumps(out, protocol=4)
 
@@ -317,42 +416,72 @@ def _p_global(module: str, name: str) -> bytes:
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
-def torch_zip_bytes(state: Mapping[str, np.ndarray], root: str = "archive") -> bytes:
-    """A PyTorch zip checkpoint of an OrderedDict of tensors, without torch (keys in the order
-    given, one storage per tensor, little endian)."""
+def _torch_pickle(entries: list[tuple[str, np.dtype, tuple[int, ...]]]) -> bytes:
     ordered_dict = _p_global("collections", "OrderedDict") + b")R"
     body = [b"\x80\x02", ordered_dict, b"("]
-    blobs: list[tuple[str, bytes]] = []
-    for i, (key, arr) in enumerate(state.items()):
-        a = np.ascontiguousarray(arr)
-        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    for i, (key, dt, shape) in enumerate(entries):
         if dt not in TORCH_DTYPE_STORAGES:
-            raise CheckpointError(f"cannot write {key}: dtype {a.dtype} has no torch storage")
+            raise CheckpointError(f"cannot write {key}: dtype {dt} has no torch storage")
         stride, acc = [], 1
-        for n in reversed(a.shape):
+        for n in reversed(shape):
             stride.insert(0, acc)
             acc *= n
         pid = _p_tuple([_p_str("storage"), _p_global("torch", TORCH_DTYPE_STORAGES[dt]),
-                        _p_str(str(i)), _p_str("cpu"), _p_int(int(a.size))]) + b"Q"
-        args = _p_tuple([pid, _p_int(0), _p_tuple([_p_int(n) for n in a.shape]),
+                        _p_str(str(i)), _p_str("cpu"), _p_int(int(acc))]) + b"Q"
+        args = _p_tuple([pid, _p_int(0), _p_tuple([_p_int(n) for n in shape]),
                          _p_tuple([_p_int(s) for s in stride]), b"\x89", ordered_dict])
         body += [_p_str(key), _p_global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
-        blobs.append((str(i), a.astype(dt.newbyteorder("<"), copy=False).tobytes()))
     body += [b"u", b"."]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        def put(name: str, data: bytes) -> None:
-            info = zipfile.ZipInfo(f"{root}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-            zf.writestr(info, data)
-        put("data.pkl", b"".join(body))
+    return b"".join(body)
+
+
+def _le(dt: np.dtype) -> np.dtype:
+    dt = np.dtype(dt)
+    return dt.newbyteorder("<") if dt.byteorder == ">" else dt
+
+
+def write_torch_zip(f: BinaryIO, entries: list[tuple[str, Any, tuple[int, ...]]],
+                    arrays: Iterable[np.ndarray], root: str = "archive") -> None:
+    """Stream a PyTorch zip checkpoint to a seekable binary file: `entries` are (key, dtype,
+    shape) in order, `arrays` yields the matching arrays one at a time (so a caller can produce
+    and drop them block by block). Deterministic: fixed timestamps, fixed entry order."""
+    entries = [(k, _le(dt), tuple(int(n) for n in shape)) for k, dt, shape in entries]
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        def info(name: str, size: int) -> zipfile.ZipInfo:
+            zi = zipfile.ZipInfo(f"{root}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+            zi.external_attr = 0o600 << 16
+            zi.file_size = size
+            return zi
+
+        def put(name: str, data: bytes | memoryview) -> None:
+            with zf.open(info(name, len(data)), "w") as out:
+                out.write(data)
+
+        put("data.pkl", _torch_pickle(entries))
         put("byteorder", b"little")
-        for key, raw in blobs:
-            put(f"data/{key}", raw)
+        n = 0
+        for (key, dt, shape), arr in zip(entries, arrays):
+            a = np.ascontiguousarray(arr)
+            if a.shape != shape or _le(a.dtype) != dt:
+                raise CheckpointError(f"cannot write {key}: got {a.dtype} {a.shape}, planned "
+                                      f"{dt} {shape}")
+            put(f"data/{n}", memoryview(a.astype(dt, copy=False).reshape(-1)).cast("B"))
+            n += 1
+        if n != len(entries):
+            raise CheckpointError(f"torch zip writer got {n} tensors for {len(entries)} entries")
         put("version", b"3\n")
+
+
+def torch_zip_bytes(state: Mapping[str, np.ndarray], root: str = "archive") -> bytes:
+    """A PyTorch zip checkpoint of an OrderedDict of tensors, without torch (keys in the order
+    given, one storage per tensor, little endian)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    buf = io.BytesIO()
+    write_torch_zip(buf, [(k, a.dtype, a.shape) for k, a in arrays.items()], arrays.values(), root)
     return buf.getvalue()
 
 
 __all__ = ["FORMATS", "EXTENSIONS", "detect_format", "format_from_extension", "read_raw",
            "read_torch", "read_pickle", "flatten_arrays", "unwrap", "strip_module_prefix",
            "flax_to_canonical_keys", "to_neutral", "safetensors_bytes", "megengine_bytes",
-           "megengine_native", "torch_zip_bytes", "TORCH_STORAGE_DTYPES"]
+           "megengine_native", "torch_zip_bytes", "write_torch_zip", "TORCH_STORAGE_DTYPES"]

@@ -76,11 +76,14 @@ def random_state(spec: ModelSpec | BlockSpec, form: Form = "train", seed: int = 
     block's relative keys."""
     if form not in FORMS:
         raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+    return random_tensors(schema_for(spec, form), seed, dtype)
+
+
+def random_tensors(schema: Mapping[str, TensorInfo], seed: int = 0,
+                   dtype: type = np.float32) -> State:
+    """Random tensors for any schema (see random_state), in schema order."""
     rng = np.random.default_rng(seed)
-    out: State = {}
-    for key, info in schema_for(spec, form).items():
-        out[key] = _random_tensor(rng, info).astype(dtype)
-    return out
+    return {key: _random_tensor(rng, info).astype(dtype) for key, info in schema.items()}
 
 
 def _random_tensor(rng: np.random.Generator, info: TensorInfo) -> np.ndarray:

@@ -5,8 +5,22 @@
 Every conversion goes through the neutral state (canonical keys, OIHW, float32): read SRC (format
 from its bytes, or --from-format), map foreign key names (timm, mmpretrain, basecls), convert
 layouts, validate against the architecture (keys, shapes, NaN/Inf, BN variance, form), optionally
-fuse to the deploy form (float64 algebra), then write DST atomically (temp file in the same
-directory, fsync, rename; an existing DST is kept unless --overwrite; on failure nothing is left).
+fuse to the deploy form (float64 algebra), then write DST atomically (temp file `.DST.<pid>-<random>.tmp` in the same directory,
+fsync, rename; an existing DST is kept unless --overwrite; on failure nothing is left; the temp
+file of a process that was killed is removed by the next convert to the same DST).
+
+Memory: without --verify the conversion streams: deploy weights are fused block by block, each
+written as soon as it is ready (safetensors and torch output; MegEngine/Flax output are encoded
+at the end) and each source tensor is dropped once used, so the peak stays near the size of the
+source checkpoint. --verify keeps the source state for the comparison.
+
+--dtype float16|bfloat16 fuses in float64 and rounds once to the half type (bfloat16: safetensors
+output only, numpy has no bfloat16); the report gives the largest relative rounding error and a
+PrecisionWarning names tensors that overflow the type.
+
+Output is deterministic: the same input gives byte-identical files in every format (the torch
+.pth is written by reparam_core's own zip writer, not torch.save, whose archives carry a random
+serialization id).
 
 --verify re-reads the written temp file and runs source and destination in their own frameworks
 (torch: backends.torch, flax: backends.flax, megengine: the worker in scripts.mge_client,
@@ -19,26 +33,33 @@ An orbax checkpoint directory that restores to a plain pytree of arrays is accep
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import math
 import os
+import re
 import sys
 import tempfile
+import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from reparam_core import checkpoints as ckpt
-from reparam_core import oracle
-from reparam_core.equivalent import reparameterize_state
+from reparam_core import oracle, safetensors_io
+from reparam_core.equivalent import (ghost_cheap_kernel_bias, repblock_kernel_bias,
+                                     reparameterize_state)
 from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError
 from reparam_core.layouts import flax_key, to_flax
-from reparam_core.schema import FORMS, Form, state_schema
-from reparam_core.specs import ModelSpec, get_spec
+from reparam_core.precision import PrecisionWarning, cast_state
+from reparam_core.schema import FORMS, Form, repblock_names, state_schema
+from reparam_core.specs import ModelSpec, RepVGGSpec, get_spec
 
 FORMATS = ("torch", "megengine", "flax", "safetensors")
 VERIFY_RTOL = 1e-4  # max |a - b| / max |a| between source and destination outputs
+# half-precision output: float16 keeps ~11 bits, bfloat16 ~8 bits; errors compound over depth
+VERIFY_RTOL_HALF = {"float16": 1e-2, "bfloat16": 5e-2}
+DTYPES = ("float32", "float16", "bfloat16")
 
 State = dict[str, np.ndarray]
 
@@ -62,7 +83,9 @@ def flax_msgpack_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: F
     msgpack = _msgpack()
     tree: dict = {}
     for key, info in state_schema(spec, form).items():
-        arr = np.ascontiguousarray(to_flax(np.asarray(state[key], np.float32), info))
+        a = np.asarray(state[key])
+        arr = np.ascontiguousarray(to_flax(a if a.dtype == np.float16 else a.astype(np.float32,
+                                                                                     copy=False), info))
         node = tree
         *parents, leaf = flax_key(key, info).split(".")
         for p in parents:
@@ -89,12 +112,19 @@ def read_flax_msgpack(path: str) -> State:
     def ext_hook(code: int, payload: bytes) -> Any:
         if code != _MSGPACK_NDARRAY:
             raise CheckpointError(f"{path}: unsupported msgpack extension type {code}")
-        shape, dtype, raw = msgpack.unpackb(payload, raw=False)
+        rec = msgpack.unpackb(payload, raw=False)
+        if not (isinstance(rec, (list, tuple)) and len(rec) == 3 and isinstance(rec[0], (list, tuple))
+                and isinstance(rec[1], str) and isinstance(rec[2], bytes)):
+            raise CheckpointError(f"{path}: malformed array record")
+        shape, dtype, raw = rec
         if dtype not in _FLAX_DTYPES:
-            raise CheckpointError(f"{path}: unsupported array dtype {dtype!r}")
+            raise CheckpointError(f"{path}: unsupported array dtype {dtype[:20]!r}")
+        if len(shape) > 32 or not all(type(n) is int and 0 <= n < 2**40 for n in shape):
+            raise CheckpointError(f"{path}: malformed array shape {str(shape)[:80]}")
         dt = np.dtype(dtype)
-        if len(raw) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-            raise CheckpointError(f"{path}: array of shape {shape} ({dtype}) has {len(raw)} bytes")
+        if len(raw) != math.prod(shape) * dt.itemsize:
+            raise CheckpointError(f"{path}: array of shape {list(shape)} ({dtype}) has "
+                                  f"{len(raw)} bytes")
         return np.frombuffer(raw, dt).reshape(shape).copy()
 
     try:
@@ -102,6 +132,8 @@ def read_flax_msgpack(path: str) -> State:
     except CheckpointError:
         raise
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        if isinstance(e, MemoryError):
+            raise CheckpointError(f"{path}: msgpack file declares more data than memory allows") from None
         raise CheckpointError(f"{path}: corrupt or truncated msgpack file "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
     return _strip_value_leaves(ckpt.flatten_arrays(ckpt.unwrap(tree, path), path))
@@ -161,26 +193,123 @@ def load_neutral(path: str, spec: ModelSpec, fmt: str | None = None,
     return state, form, fmt, scheme
 
 
+def _half(dtype: str | None) -> str | None:
+    if dtype in (None, "float32"):
+        return None
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return dtype
+
+
 def encode(spec: ModelSpec, state: State, form: Form, fmt: str) -> bytes:
-    """A neutral state as the bytes of a `fmt` checkpoint."""
+    """A neutral state as the bytes of a `fmt` checkpoint (float16 tensors stay float16;
+    safetensors_io.BFloat16 values are written as BF16 to safetensors)."""
+    import io
+
     schema = state_schema(spec, form)
-    ordered = OrderedDict((k, np.ascontiguousarray(state[k], np.float32)) for k in schema)
+    buf = io.BytesIO()
+    write_stream(buf, spec, form, fmt, _entries(schema, state),
+                 ((k, state[k]) for k in schema))
+    return buf.getvalue()
+
+
+def _out_dtype(a: Any) -> str:
+    if isinstance(a, safetensors_io.BFloat16):
+        return "bfloat16"
+    return "float16" if np.asarray(a).dtype == np.float16 else "float32"
+
+
+def _entries(schema: Mapping[str, Any], state: Mapping[str, Any]) -> list[tuple[str, str, tuple]]:
+    return [(k, _out_dtype(state[k]), tuple(info.shape)) for k, info in schema.items()]
+
+
+def _as_array(a: Any, dtype: str) -> np.ndarray:
+    if isinstance(a, safetensors_io.BFloat16):
+        raise CheckpointError("bfloat16 output is only supported for safetensors (numpy has no "
+                              "bfloat16 type); use --dtype float16 or a .safetensors DST")
+    return np.ascontiguousarray(a, np.float16 if dtype == "float16" else np.float32)
+
+
+def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
+                 entries: list[tuple[str, str, tuple]], tensors: Iterable[tuple[str, Any]]) -> None:
+    """Write a checkpoint of `fmt` to the seekable file `f` from `tensors`, an iterable of
+    (key, array) in schema order, consumed one at a time. `entries` are (key, dtype name, shape)
+    planned in advance. safetensors and torch are written incrementally (each tensor can be
+    dropped as soon as it is written); megengine and flax are encoded from the collected state."""
+    meta = {"model": spec.name, "form": form, "format": "pt", "producer": "reparam"}
     if fmt == "safetensors":
-        return ckpt.safetensors_bytes(ordered, {"model": spec.name, "form": form,
-                                                "format": "pt", "producer": "reparam"})
-    if fmt == "megengine":
-        return ckpt.megengine_bytes(spec, ordered, form)
-    if fmt == "flax":
-        return flax_msgpack_bytes(spec, ordered, form)
+        names = {"float32": "F32", "float16": "F16", "bfloat16": safetensors_io.BF16}
+        head, pos = safetensors_io.plan([(k, names[d], s) for k, d, s in entries], meta)
+        f.write(head)
+        planned = {k: d for k, d, _ in entries}
+        for key, a in tensors:
+            if planned[key] == "bfloat16":
+                a = a if isinstance(a, safetensors_io.BFloat16) else safetensors_io.BFloat16(a)
+            else:
+                a = _as_array(a, planned[key])
+            safetensors_io.write_tensor_at(f, pos[key][0], key, a)
+        f.truncate(max((e for _, e in pos.values()), default=len(head)))
+        return
+    if any(d == "bfloat16" for _, d, _ in entries):
+        _as_array(safetensors_io.BFloat16(np.zeros(0, np.float32)), "bfloat16")
     if fmt == "torch":
-        try:
-            import torch
-        except ImportError:
-            return ckpt.torch_zip_bytes(ordered)
-        buf = io.BytesIO()
-        torch.save(OrderedDict((k, torch.from_numpy(v.copy())) for k, v in ordered.items()), buf)
-        return buf.getvalue()
+        dts = {"float32": np.float32, "float16": np.float16}
+        ckpt.write_torch_zip(f, [(k, np.dtype(dts[d]), s) for k, d, s in entries],
+                             (_as_array(a, d) for (_, a), (_, d, _) in zip(tensors, entries)))
+        return
+    if fmt in ("megengine", "flax"):
+        planned = {k: d for k, d, _ in entries}
+        state = OrderedDict((k, _as_array(a, planned[k])) for k, a in tensors)
+        data = (ckpt.megengine_bytes(spec, state, form) if fmt == "megengine"
+                else flax_msgpack_bytes(spec, state, form))
+        f.write(data)
+        return
     raise CheckpointError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+_TMP_RE = r"\.{base}\.(\d+)-[A-Za-z0-9_]+\.tmp$"
+
+
+def temp_name_pattern(dst: str) -> "re.Pattern[str]":
+    """The names of `dst`'s temp files: `.DST.<pid>-<random>.tmp` in DST's directory."""
+    return re.compile(_TMP_RE.replace("{base}", re.escape(os.path.basename(dst))))
+
+
+def clean_stale_temps(dst: str) -> list[str]:
+    """Remove temp files of `dst` left by convert processes that no longer run (SIGKILL, power
+    loss); returns the removed paths. Temps of live processes are left alone."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    pattern = temp_name_pattern(dst)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def atomic_write(dst: str, data: bytes, *, overwrite: bool = False,
@@ -188,6 +317,13 @@ def atomic_write(dst: str, data: bytes, *, overwrite: bool = False,
     """Write `data` to `dst` via a temp file in the same directory (fsync, then rename). `check`
     runs on the temp file before it becomes `dst`. Without `overwrite` an existing `dst` is never
     touched; on any failure the temp file is removed and `dst` is as it was."""
+    atomic_write_stream(dst, lambda f: f.write(data), overwrite=overwrite, check=check)
+
+
+def atomic_write_stream(dst: str, write: Callable[[BinaryIO], Any], *, overwrite: bool = False,
+                        check: Callable[[str], None] | None = None) -> int:
+    """`atomic_write` with a writer callback `write(f)` (f: a seekable binary file); returns the
+    number of bytes of `dst`."""
     directory = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot write {dst}: directory {directory} does not exist")
@@ -195,12 +331,15 @@ def atomic_write(dst: str, data: bytes, *, overwrite: bool = False,
         raise CheckpointError(f"cannot write {dst}: it is a directory")
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    clean_stale_temps(dst)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.{os.getpid()}-",
+                               suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+            size = f.seek(0, os.SEEK_END)
         if check is not None:
             check(tmp)
         if overwrite:
@@ -215,6 +354,7 @@ def atomic_write(dst: str, data: bytes, *, overwrite: bool = False,
                     raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it") from None
                 os.replace(tmp, dst)
         _fsync_dir(directory)
+        return size
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -277,12 +417,81 @@ def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- API
 
+def _fused_stream(spec: ModelSpec, state: State, compute64: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """The deploy-form tensors of a train-form neutral `state`, in schema order, fused block by
+    block with reparam_core.equivalent (bit-identical to reparameterize_state). Every source
+    tensor is removed from `state` once it is no longer needed, so the caller can stream the
+    output and keep the peak memory near one copy of the model."""
+    deploy = state_schema(spec, "deploy")
+    train_only = [k for k in state_schema(spec, "train") if k not in deploy]
+    fusers: dict[str, tuple[str, Callable[[Mapping[str, np.ndarray]], tuple]]] = {}
+    if isinstance(spec, RepVGGSpec):
+        for prefix, b in spec.blocks():
+            fusers[f"{prefix}.{repblock_names(b).reparam}"] = (
+                prefix, lambda p, b=b: repblock_kernel_bias(b, p))
+    else:
+        for i, stage in enumerate(spec.stages):
+            for j, blk in enumerate(stage):
+                for name, m in (("ghost1", blk.ghost1), ("ghost2", blk.ghost2)):
+                    prefix = f"blocks.{i}.{j}.{name}"
+                    fusers[f"{prefix}.cheap_operation"] = (
+                        prefix, lambda p, m=m: ghost_cheap_kernel_bias(m, p))
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for key in deploy:
+        module, field = key.rsplit(".", 1)
+        if module not in fusers:
+            yield key, state.pop(key)
+            continue
+        if module not in pending:
+            prefix, fuse = fusers[module]
+            mine = [k for k in train_only if k.startswith(prefix + ".")]
+            params = {k[len(prefix) + 1:]: (state[k].astype(np.float64) if compute64 else state[k])
+                      for k in mine}
+            kernel, bias = fuse(params)
+            del params
+            for k in mine:
+                state.pop(k, None)
+            pending[module] = {"weight": kernel, "bias": bias}
+        yield key, pending[module].pop(field)
+        if not pending[module]:
+            del pending[module]
+
+
+class _Caster:
+    """Casts tensors to a half dtype one at a time (precision.cast_state), accumulating the
+    largest relative rounding error and the keys that overflow."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.max_rel_err = 0.0
+        self.overflowed: list[str] = []
+
+    def __call__(self, key: str, a: np.ndarray) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrecisionWarning)
+            out, rep = cast_state({key: a}, self.dtype)  # type: ignore[arg-type]
+        self.max_rel_err = max(self.max_rel_err, rep.max_rel_error)
+        self.overflowed += rep.overflowed
+        v = out[key]
+        return safetensors_io.BFloat16(v) if self.dtype == "bfloat16" else v
+
+    def finish(self) -> dict:
+        if self.overflowed:
+            warnings.warn(f"{len(self.overflowed)} tensor(s) overflow {self.dtype} after fusion "
+                          f"(stored as inf): {', '.join(self.overflowed[:5])}", PrecisionWarning,
+                          stacklevel=3)
+        return {"dtype": self.dtype, "max_rel_err": self.max_rel_err,
+                "overflowed": list(self.overflowed)}
+
+
 def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
             from_format: str | None = None, to_format: str | None = None,
             from_form: Form | None = None, num_classes: int | None = None,
-            verify: bool = False, overwrite: bool = False, progress: Any = None) -> dict:
+            verify: bool = False, overwrite: bool = False, progress: Any = None,
+            dtype: str | None = None) -> dict:
     """Convert checkpoint `src` of `model` to `dst`; returns a report dict. Raises ReparamError
-    subclasses (nothing is written then)."""
+    subclasses (nothing is written then). `dtype`: None/"float32", "float16" or "bfloat16"
+    (fused in float64, rounded once; see the module docstring)."""
     src, dst = os.fspath(src), os.fspath(dst)
     stage = progress.stage if progress is not None else (lambda name: None)
     spec = get_spec(model, num_classes or 1000)  # unknown names fail first, with suggestions
@@ -291,6 +500,10 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
     to_format = to_format or ckpt.format_from_extension(dst)
     if to_format not in FORMATS:
         raise CheckpointError(f"unknown output format {to_format!r}; choose from {', '.join(FORMATS)}")
+    half = _half(dtype)
+    if half == "bfloat16" and to_format != "safetensors":
+        raise CheckpointError("--dtype bfloat16 is only supported for safetensors output (numpy "
+                              "has no bfloat16 type); use --dtype float16 or a .safetensors DST")
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
 
@@ -300,33 +513,62 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
         spec = get_spec(model, _infer_num_classes(raw, fmt, spec))
     stage("check")
     state, form, scheme = ckpt.to_neutral(raw, spec, fmt, from_form, source=src)
-    src_state, src_form = state, form
-    if to_deploy and form == "train":
-        stage("fuse")
-        state, form = reparameterize_state(spec, state), "deploy"
-    stage("encode")
-    data = encode(spec, state, form, to_format)
+    del raw  # to_neutral shares the arrays: only `state` holds them now
+    src_form = form
+    fuse = to_deploy and form == "train"
+    out_form: Form = "deploy" if fuse else form
+    schema = state_schema(spec, out_form)
+    caster = _Caster(half) if half else None
     report: dict = {"src": src, "dst": dst, "model": spec.name, "num_classes": spec.num_classes,
                     "from_format": fmt, "to_format": to_format, "from_form": src_form,
-                    "to_form": form, "scheme": scheme, "tensors": len(state), "bytes": len(data),
-                    "verify": None}
+                    "to_form": out_form, "scheme": scheme, "tensors": len(schema), "bytes": None,
+                    "dtype": half or "float32", "precision": None, "verify": None}
+
+    if verify:
+        # keep the source state for the comparison: fuse the whole state at once
+        src_state = state
+        out = state
+        if fuse:
+            stage("fuse")
+            out = reparameterize_state(spec, {k: v.astype(np.float64) for k, v in state.items()}
+                                       if half else state)
+        stage("encode")
+        tensors: Iterable[tuple[str, Any]] = ((k, out[k]) for k in schema)
+    else:
+        src_state = None
+        if fuse:
+            stage("fuse")
+            tensors = _fused_stream(spec, state, compute64=bool(half))
+        else:
+            tensors = ((k, state.pop(k)) for k in schema)
+        stage("encode")
+    if caster is not None:
+        tensors = ((k, caster(k, a)) for k, a in tensors)
+    entries = [(k, half or "float32", tuple(info.shape)) for k, info in schema.items()]
 
     def check(tmp: str) -> None:
         stage("verify")
-        written, wform, _, _ = load_neutral(tmp, spec, to_format, form)
+        written, wform, _, _ = load_neutral(tmp, spec, to_format, out_form)
         x = verify_input(spec)
         ref = predict_in(fmt, spec, src_state, src_form, x)
-        out = predict_in(to_format, spec, written, wform, x)
-        err = relative_error(ref, out)
-        report["verify"] = {"max_rel_err": err, "tolerance": VERIFY_RTOL, "input": list(x.shape),
+        got = predict_in(to_format, spec, written, wform, x)
+        err = relative_error(ref, got)
+        tol = VERIFY_RTOL_HALF[half] if half else VERIFY_RTOL
+        report["verify"] = {"max_rel_err": err, "tolerance": tol, "input": list(x.shape),
                             "source": f"{fmt}/{src_form}", "destination": f"{to_format}/{wform}"}
-        if not err <= VERIFY_RTOL:
+        if not err <= tol:
             raise ReparamError(f"verification failed: {fmt} ({src_form}) and {to_format} ({wform}) "
-                               f"outputs differ by {err:.3g} relative (> {VERIFY_RTOL:g}); "
+                               f"outputs differ by {err:.3g} relative (> {tol:g}); "
                                f"{dst} was not written")
 
-    stage("write")
-    atomic_write(dst, data, overwrite=overwrite, check=check if verify else None)
+    def write(f: BinaryIO) -> None:
+        stage("write")
+        write_stream(f, spec, out_form, to_format, entries, tensors)
+        if caster is not None:
+            report["precision"] = caster.finish()
+
+    report["bytes"] = atomic_write_stream(dst, write, overwrite=overwrite,
+                                          check=check if verify else None)
     return report
 
 
@@ -365,6 +607,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help=f"run source and destination on one input; fail above {VERIFY_RTOL:g}")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="output precision: fuse in float64, round once (bfloat16: "
+                             "safetensors only); reports the rounding error, warns on overflow")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
@@ -379,7 +624,8 @@ def run(args: argparse.Namespace) -> int:
             report = convert(args.src, args.dst, args.model, to_deploy=args.to_deploy,
                              from_format=args.from_format, to_format=args.to_format,
                              from_form=args.from_form, num_classes=args.num_classes,
-                             verify=args.verify, overwrite=args.overwrite, progress=progress)
+                             verify=args.verify, overwrite=args.overwrite, progress=progress,
+                             dtype=getattr(args, "dtype", None))
     except ReparamError as e:
         print(f"reparam convert: error: {e}", file=sys.stderr)
         return 1
@@ -392,6 +638,9 @@ def run(args: argparse.Namespace) -> int:
         line = (f"wrote {report['dst']} ({report['to_format']}, {report['to_form']} form, "
                 f"{report['tensors']} tensors, {report['bytes']} bytes) from {report['src']} "
                 f"({report['from_format']}, {report['from_form']} form, {report['scheme']} names)")
+        if report.get("precision"):
+            line += (f"; {report['precision']['dtype']}: max relative rounding error "
+                     f"{report['precision']['max_rel_err']:.3g}")
         if report["verify"]:
             line += f"; verified: max relative error {report['verify']['max_rel_err']:.3g}"
         print(line)

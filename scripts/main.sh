@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_envs.sh
-exec .venv/bin/reparam info RepVGG-A0 "$@"
+exec .venv/bin/reparam demo "$@"

@@ -1,51 +1,17 @@
 """Helpers shared by the flax backend tests: tolerances, random block states, fast model builds."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 import backends.flax as bf
 from reparam_core import get_spec, random_state
-from reparam_core.schema import Schema
 
-try:  # the documented bound of the parity issue, when present
-    from parity_tests.tolerance import BLOCK_REL, model_tolerance
-except ImportError:  # pragma: no cover - fallback constants (same policy as tests/torch)
-    BLOCK_REL = 1e-5
-
-    def model_tolerance(spec) -> float:
-        return 1e-4
-
-# Blocks: max|diff| <= 1e-5 * max|oracle| (float32 conv against the float64 oracle).
-BLOCK_RTOL = BLOCK_REL
-# Deploy-form export_state against reparam_core.reparameterize_state.
-FUSE_RTOL = 1e-6
-
-
-def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max|actual - expected| / max|expected|."""
-    expected = np.asarray(expected, np.float64)
-    return float(np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max())
-
-
-def random_params(schema: Schema, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 tensors for a block schema with non-trivial BN statistics."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, info in schema.items():
-        if info.kind.endswith(".weight") and info.kind != "bn.weight":
-            a = rng.normal(0.0, math.sqrt(1.0 / math.prod(info.shape[1:])), info.shape)
-        elif info.kind == "bn.weight":
-            a = rng.uniform(0.4, 1.2, info.shape)
-        elif info.kind == "bn.running_var":
-            a = rng.uniform(0.5, 2.0, info.shape)
-        elif info.kind == "bn.running_mean":
-            a = rng.normal(0.0, 0.2, info.shape)
-        else:
-            a = rng.normal(0.0, 0.1, info.shape)
-        out[key] = a.astype(np.float32)
-    return out
+# The tolerance policy lives in parity_tests/tolerance.py.
+from parity_tests.tolerance import BLOCK_REL as BLOCK_RTOL  # noqa: F401
+from parity_tests.tolerance import FUSED_STATE_REL as FUSE_RTOL  # noqa: F401
+from parity_tests.tolerance import model_tolerance, rel_err  # noqa: F401
+from reparam_core import random_tensors as random_params  # noqa: F401
 
 
 def loaded_model(name: str, state: dict[str, np.ndarray], deploy: bool = False,
