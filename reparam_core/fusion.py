@@ -59,18 +59,19 @@ def fuse_conv_bn(kernel: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: 
 
 
 def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
-                    dtype: np.dtype | type = np.float64) -> np.ndarray:
+                    dtype: np.dtype | type = np.float64, rows: slice | None = None) -> np.ndarray:
     """The kernel of the identity map for a conv with `groups` groups: shape (C, C/g, k, k), with
-    K[i, i mod (C/g), k//2, k//2] = 1 and 0 elsewhere (correct for any groups, depthwise too)."""
+    K[i, i mod (C/g), k//2, k//2] = 1 and 0 elsewhere (correct for any groups, depthwise too).
+    `rows` selects output channels (K[rows]) without building the rest."""
     if channels <= 0 or groups <= 0 or channels % groups:
         raise FusionError(f"identity kernel needs channels divisible by groups: "
                           f"channels={channels}, groups={groups}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise FusionError(f"identity kernel needs an odd kernel size, got {kernel_size}")
     per_group = channels // groups
-    k = np.zeros((channels, per_group, kernel_size, kernel_size), dtype=dtype)
-    idx = np.arange(channels)
-    k[idx, idx % per_group, kernel_size // 2, kernel_size // 2] = 1
+    idx = np.arange(channels)[rows if rows is not None else slice(None)]
+    k = np.zeros((len(idx), per_group, kernel_size, kernel_size), dtype=dtype)
+    k[np.arange(len(idx)), idx % per_group, kernel_size // 2, kernel_size // 2] = 1
     return k
 
 
@@ -141,8 +142,11 @@ def sum_branches(branches: Iterable[KernelBias]) -> KernelBias:
         if k.shape[:2] != shape0:
             raise FusionError(f"branch {i} kernel {tuple(k.shape)} does not match branch 0 "
                               f"{tuple(items[0][0].shape)} in (out, in/groups)")
-        total_k += pad_kernel(_f64(k), size)
-        total_b += _f64(b)
+        if k.shape[-2] != k.shape[-1] or (size - k.shape[-1]) % 2:
+            pad_kernel(k, size)  # raises the FusionError that says why
+        p = (size - k.shape[-1]) // 2  # centred, as pad_kernel(k, size), without its copy
+        total_k[:, :, p:size - p, p:size - p] += k
+        total_b += b
     dt = _out_dtype(items[0][0])
     return total_k.astype(dt), total_b.astype(dt)
 

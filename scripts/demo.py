@@ -24,19 +24,20 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from reparam_core import ReparamError, count_params, get_spec, list_models
 from reparam_core.errors import BackendUnavailableError, CheckpointError
 from reparam_core.safetensors_io import load_file, save_file
+
+from .timing import interleaved_throughput, paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET_DIR = ROOT / "assets" / "demo"
@@ -214,33 +215,6 @@ def compare(ref: np.ndarray, out: np.ndarray, labels: np.ndarray) -> dict:
             "max_abs_logit_diff": float(np.abs(ref.astype(np.float64) - out).max())}
 
 
-def interleaved_throughput(fns: Mapping[str, Callable[[], Any]], batch: int,
-                           repeats: int = TIMING_REPEATS) -> dict[str, dict]:
-    """Images/s of each callable: one warm-up each, then `repeats` rounds calling them in turn
-    (so background load hits every form alike); the median time per round is reported."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return _throughput(times, batch)
-
-
-def _throughput(times: Mapping[str, list[float]], batch: int) -> dict[str, dict]:
-    """Images/s from the median time of each form, and the deploy/train speed-up as the median of
-    the per-round ratios: a round times both forms back to back, so a burst of load from other
-    processes (this machine is shared) cancels out of the ratio instead of skewing it."""
-    out = {k: {"median_s": statistics.median(v), "images_per_s": batch / statistics.median(v),
-               "runs_s": list(v)} for k, v in times.items()}
-    if "train" in times and "deploy" in times:
-        out["deploy_over_train"] = statistics.median(
-            t / d for t, d in zip(times["train"], times["deploy"]))
-    return out
-
-
 def max_state_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     if set(a) != set(b):
         raise CheckpointError(f"state keys differ: {sorted(set(a) ^ set(b))[:5]}")
@@ -250,7 +224,7 @@ def max_state_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
 # MegEngine throughput and the traced artifact on the whole test set: MegEngine only runs in
 # .venv-mge; the worker protocol has no timing op, so a short script runs there once.
 _MGE_SCRIPT = r"""
-import json, statistics, sys, time
+import json, sys
 import numpy as np
 from backends.megengine import create_model, load_state, predict, reparameterize, run_traced
 from reparam_core.safetensors_io import load_file, save_file
@@ -259,13 +233,9 @@ x = load_file(req["input"])[0]["x"]
 train = load_state(create_model(req["model"], num_classes=req["num_classes"]),
                    load_file(req["state"])[0])
 deploy = reparameterize(train)
-fns = {"train": lambda: predict(train, x), "deploy": lambda: predict(deploy, x)}
-for f in fns.values():
-    f()
-times = {k: [] for k in fns}
-for _ in range(req["repeats"]):
-    for k, f in fns.items():
-        t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+from scripts.timing import interleaved_times
+times = interleaved_times({"train": lambda: predict(train, x), "deploy": lambda: predict(deploy, x)},
+                          req["repeats"])
 save_file({"y": run_traced(req["artifact"], x)}, req["artifact_output"])
 with open(req["result"], "w") as f:
     json.dump(times, f)
@@ -293,7 +263,9 @@ def megengine_timing(model: str, state: State, x: np.ndarray, artifact: Path,
         with open(req["result"]) as f:
             times = json.load(f)
         y = load_file(req["artifact_output"])[0]["y"]
-    return _throughput(times, len(x)), y
+    out: dict[str, Any] = summarize(times, len(x))
+    out["deploy_over_train"] = paired_ratio(times["train"], times["deploy"])
+    return out, y
 
 
 # --------------------------------------------------------------------------- files
@@ -427,7 +399,8 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
     with torch.inference_mode():
         xt = torch.from_numpy(x_test)
         throughput = {"torch": interleaved_throughput(
-            {"train": lambda: torch_train(xt), "deploy": lambda: torch_deploy(xt)}, len(x_test))}
+            {"train": lambda: torch_train(xt), "deploy": lambda: torch_deploy(xt)}, len(x_test),
+            TIMING_REPEATS)}
     t = mark("reparameterize (torch)", t)
 
     # 3a. MegEngine through the worker: load the torch train state, predict; re-parameterize
@@ -460,7 +433,7 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
         bf.load_state(bf.empty_model(model, num_classes=NUM_CLASSES, deploy=True), state_deploy), x_test)
     throughput["flax"] = interleaved_throughput(
         {"train": lambda: bf.predict(flax_train, x_test), "deploy": lambda: bf.predict(flax_deploy, x_test)},
-        len(x_test))
+        len(x_test), TIMING_REPEATS)
     t = mark("port: flax", t)
 
     # 4. files: checkpoints and deploy artifacts

@@ -32,6 +32,17 @@ def numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
             for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+def numpy_view(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's CPU state as read-only numpy views (no copy), for the fusion algebra."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            a = v.detach().cpu().numpy()
+            a.flags.writeable = False
+            out[k] = a
+    return out
+
+
 def conv_bn(cin: int, cout: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
             dilation: int = 1, groups: int = 1, bias: bool = False, eps: float = 1e-5,
             names: tuple[str, str] = ("conv", "bn")) -> nn.Sequential:
@@ -72,16 +83,17 @@ class RepModule(nn.Module):
         itself when already in deploy form). Device, dtype and train/eval mode are kept."""
         if self.deploy:
             return self
-        with torch.device("meta"):  # no initialisation: every tensor is loaded below
+        with torch.device("meta"):  # no initialisation: every tensor is assigned below
             new = type(self)(self.spec, deploy=True)
-        state = self._deploy_state_dict(new)
         ref = next(self.parameters())
-        new = new.to_empty(device=ref.device).to(dtype=ref.dtype)
-        new.load_state_dict(state, strict=True)
+        state = {k: v.to(device=ref.device, dtype=ref.dtype if v.is_floating_point() else None)
+                 for k, v in self._deploy_state_dict(new).items()}
+        new.load_state_dict(state, strict=True, assign=True)
         return new.train(self.training)
 
     def _deploy_state_dict(self, new: "RepModule") -> dict[str, torch.Tensor]:
-        """The state_dict of `new` (the deploy form) computing this module's function."""
+        """The state_dict of `new` (the deploy form) computing this module's function, in
+        tensors of its own (nothing shared with this module: they are assigned to `new`)."""
         raise NotImplementedError
 
 
@@ -89,7 +101,7 @@ def _with_fused(new: nn.Module, old_state: Mapping[str, torch.Tensor], module: s
                 kernel: np.ndarray, bias: np.ndarray) -> dict[str, torch.Tensor]:
     """`new`'s state_dict with the tensors it shares with `old_state` copied and the conv
     `module` set to the fused (kernel, bias) from reparam_core."""
-    out = {k: old_state[k] if k in old_state else v for k, v in new.state_dict().items()}
+    out = {k: old_state[k].clone() if k in old_state else v for k, v in new.state_dict().items()}
     out[f"{module}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel, np.float32))
     out[f"{module}.bias"] = torch.from_numpy(np.ascontiguousarray(bias, np.float32))
     return out
@@ -142,7 +154,7 @@ class RepVGGBlock(RepModule):
         return self.act(y)
 
     def _deploy_state_dict(self, new: RepModule) -> dict[str, torch.Tensor]:
-        kernel, bias = repblock_kernel_bias(self.spec, numpy_state(self))
+        kernel, bias = repblock_kernel_bias(self.spec, numpy_view(self))
         return _with_fused(new, self.state_dict(), repblock_names(self.spec).reparam, kernel, bias)
 
     def custom_l2(self) -> torch.Tensor:
@@ -222,7 +234,7 @@ class RepGhostModule(RepModule):
         return self.relu(x2)
 
     def _deploy_state_dict(self, new: RepModule) -> dict[str, torch.Tensor]:
-        kernel, bias = ghost_cheap_kernel_bias(self.spec, numpy_state(self))
+        kernel, bias = ghost_cheap_kernel_bias(self.spec, numpy_view(self))
         return _with_fused(new, self.state_dict(), "cheap_operation", kernel, bias)
 
 
@@ -277,7 +289,7 @@ def fused_state_dict(old: nn.Module, new: nn.Module) -> dict[str, torch.Tensor]:
         inside.append(name + ".")
         fused.update({f"{name}.{k}": v for k, v in m.reparameterize().state_dict().items()})
     old_state = old.state_dict()
-    return {k: fused[k] if k in fused else old_state[k] for k in new.state_dict()}
+    return {k: fused[k] if k in fused else old_state[k].clone() for k in new.state_dict()}
 
 
 def block_class(spec: RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec) -> type[RepModule]:

@@ -1,0 +1,223 @@
+"""`reparam bench`: train form vs deploy form vs a plain conv stack, per backend, side by side.
+
+Each backend runs in a process of its own (`python -m scripts.bench_<backend>`; MegEngine with
+.venv-mge's interpreter) through the plan in scripts/bench_runner.py: every form of a model is
+timed in interleaved rounds after warm-up, so the ratios, the headline figures, hold on a noisy
+machine; absolute times are printed beside them. `--json` keeps every figure, `--plot` draws
+throughput per backend and form.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from reparam_core import ReparamError, get_spec
+from reparam_core.errors import BackendUnavailableError
+
+from .bench_runner import BenchConfig
+from .progress import Progress
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("torch", "flax", "megengine")
+DEFAULT_MODELS = ("RepVGG-A0", "RepVGG-B0", "repghostnet_1_0x")
+
+
+def backend_python(backend: str) -> Path:
+    """The interpreter that runs a backend: .venv-mge's for MegEngine, this one otherwise."""
+    if backend == "megengine":
+        from .mge_client import mge_python
+        exe = mge_python()
+        if not exe.exists():
+            raise BackendUnavailableError(f"MegEngine environment not found ({exe}); create it "
+                                          "with `bash scripts/setup_envs.sh`")
+        return exe
+    return Path(sys.executable)
+
+
+def run_backend(backend: str, config: BenchConfig, bar: Progress) -> dict:
+    """Run one backend's plan in its own process; its stage events advance the bar."""
+    cmd = [str(backend_python(backend)), "-m", f"scripts.bench_{backend}", json.dumps(asdict(config))]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        result = None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "stage":
+                bar.stage(f"{backend}: {event['name']}")
+            else:
+                result = event["result"]
+        proc.wait()
+        if proc.returncode != 0 or result is None:
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-15:]
+            raise BackendUnavailableError(f"{backend} benchmark failed (exit {proc.returncode}):\n"
+                                          + "\n".join(tail))
+    return result
+
+
+def stages_per_backend(config: BenchConfig) -> int:
+    return 1 + len(config.models) * (1 if config.conversion_only else 3 + config.memory)
+
+
+# --------------------------------------------------------------------------- report
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"x{v:.2f}"
+
+
+def headline_table(report: dict) -> str:
+    """One row per backend and model: the ratios first, absolute figures after."""
+    rows = [["backend", "model", "deploy/train", "deploy/plain", "best fast path", "x eager",
+             "GFLOP/s", "of matmul", "convert/copy", "convert s", "params M", "peak MiB t/d/p"]]
+    for b, res in report["backends"].items():
+        for m, r in res["models"].items():
+            conv = r["conversion"]
+            params = f"{r['params']['train'] / 1e6:.2f}->{r['params']['deploy'] / 1e6:.2f}"
+            if "ratios" not in r:  # conversion only
+                rows.append([b, m] + ["-"] * 6 + [_x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}",
+                                                  params, "-"])
+                continue
+            ra = r["ratios"]
+            best = ra.get("best_fast_path")
+            g = r["gflops"].get(best or "deploy")
+            frac = r["fraction_of_matmul"].get(best or "deploy")
+            mem = r.get("memory", {})
+            peak = "/".join(f"{mem[f]['delta_mib']:.0f}" if "delta_mib" in mem.get(f, {}) else "-"
+                            for f in ("train", "deploy", "plain"))
+            rows.append([b, m, _x(ra["deploy_over_train"]), _x(ra.get("deploy_over_plain")),
+                         best or "-", _x(ra.get("best_fast_over_deploy")), f"{g:.1f}",
+                         f"{frac:.2f}", _x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}",
+                         params, peak])
+    return _table(rows)
+
+
+def forms_table(report: dict) -> str:
+    """Every timed form: images/s, ms per batch, GFLOP/s and its fraction of matmul peak."""
+    rows = [["backend", "model", "form", "img/s", "ms/batch", "GFLOP/s", "of matmul", "compile s"]]
+    for b, res in report["backends"].items():
+        for m, r in res["models"].items():
+            for form, f in r.get("forms", {}).items():
+                comp = r["compile_s"].get(form)
+                rows.append([b, m, form, f"{f['images_per_s']:.1f}", f"{f['median_s'] * 1e3:.1f}",
+                             f"{r['gflops'][form]:.1f}", f"{r['fraction_of_matmul'][form]:.2f}",
+                             "-" if comp is None else f"{comp:.2f}"])
+    return _table(rows)
+
+
+def plot(report: dict, path: str | os.PathLike) -> None:
+    """Grouped bars: images/s per backend (groups) and form (bars), one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(m for res in report["backends"].values() for m in res["models"]))
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.5 * max(len(models), 1), 4.2),
+                             squeeze=False)
+    kinds = ("train", "deploy", "plain", "best fast path")
+    colors = dict(zip(kinds, ("#9e9e9e", "#1f77b4", "#2ca02c", "#ff7f0e")))
+    for ax, model in zip(axes[0], models):
+        backends = [b for b, res in report["backends"].items() if "forms" in res["models"].get(model, {})]
+        for j, kind in enumerate(kinds):
+            xs, ys = [], []
+            for i, b in enumerate(backends):
+                r = report["backends"][b]["models"][model]
+                form = r["ratios"].get("best_fast_path") if kind == "best fast path" else kind
+                if form in r["forms"]:
+                    xs.append(i + (j - 1.5) * 0.2)
+                    ys.append(r["forms"][form]["images_per_s"])
+            bars = ax.bar(xs, ys, 0.2, color=colors[kind], label=kind)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(backends)), backends)
+        ax.set_title(model)
+        ax.set_ylabel("images / s")
+    axes[0][0].legend(fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"reparam bench: batch {cfg['batch']}, {cfg['size']}x{cfg['size']}, float32, "
+                 f"{report['machine']['cpus']} CPUs, {report['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command
+
+def _positive(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS),
+                        help="comma-separated subset of torch,flax,megengine (default: all)")
+    parser.add_argument("--models", type=lambda s: s.split(","), default=list(DEFAULT_MODELS),
+                        help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--batch", type=_positive, default=8)
+    parser.add_argument("--size", type=_positive, default=224)
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="intra-op threads where the framework lets us set them")
+    parser.add_argument("--repeats", type=_positive, default=7,
+                        help="timed interleaved rounds per model (median; default 7)")
+    parser.add_argument("--convert-repeats", type=_positive, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile fast paths")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--conversion-only", action="store_true",
+                        help="only time reparameterize vs deep copy (e.g. for RepVGG-B3)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw throughput per backend and form")
+
+
+def run(args: argparse.Namespace) -> int:
+    bad = [b for b in args.backends if b not in BACKENDS]
+    if bad:
+        raise ReparamError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
+    for m in args.models:
+        get_spec(m)  # UnknownModelError with close names
+    config = BenchConfig(models=tuple(args.models), batch=args.batch, size=args.size,
+                         repeats=args.repeats, convert_repeats=args.convert_repeats,
+                         threads=args.threads, compile=not args.no_compile,
+                         conversion_only=args.conversion_only, memory=not args.no_memory)
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "config": asdict(config),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "processor": platform.machine()},
+        "backends": {}, "unavailable": {}}
+    stages = [f"{b}:{i}" for b in args.backends for i in range(stages_per_backend(config))]
+    with Progress(stages, desc="bench") as bar:
+        for b in args.backends:
+            try:
+                report["backends"][b] = run_backend(b, config, bar)
+            except BackendUnavailableError as e:
+                report["unavailable"][b] = str(e)
+                print(f"{b}: unavailable: {e}", file=sys.stderr)
+    if report["backends"]:
+        print(headline_table(report))
+        if not config.conversion_only:
+            print()
+            print(forms_table(report))
+        mm = ", ".join(f"{b} {r['matmul_gflops']:.0f}" for b, r in report["backends"].items())
+        print(f"\nfloat32 {2048}x{2048} matmul GFLOP/s (same run): {mm}. Ratios are medians of "
+              f"paired rounds; 'x eager' is the best fast path over the eager deploy form.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot and not config.conversion_only and report["backends"]:
+        plot(report, args.plot)
+    return 1 if report["unavailable"] else 0

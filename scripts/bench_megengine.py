@@ -1,0 +1,149 @@
+"""`reparam bench`, MegEngine side: `python -m scripts.bench_megengine CONFIG_JSON` (.venv-mge).
+
+Forms: train and deploy (our blocks, eager, eval mode) and the plain reference (`PlainNet`:
+`megengine.module.Conv2d` + activation, global average pool, `megengine.module.Linear`, built from
+reparam_core.plain and loaded with the deploy form's weights). Fast paths: each form as a
+`jit.trace(symbolic=True, capture_as_const=True)` graph; `compile_s` is its first (tracing) call.
+
+Threads: MegEngine's default CPU comp node ("xpux"/"cpux") computes on one worker thread; the
+`multithread<N>` device runs each operator on a pool of N threads. `setup` makes
+`multithread<threads>` (default: os.cpu_count()) the default device, so every tensor and
+parameter created afterwards lives there; it must therefore run before anything is built.
+Measured with MegEngine 1.13 on a 2-core x86 machine: convolutions use the pool (eager deploy
+RepVGG-A0 1.4-1.6x faster with multithread2 than cpux when both cores are free, no gain when
+another process holds one), but `F.matmul` stays on one thread on every device
+(MKL_NUM_THREADS/OMP_NUM_THREADS ignored), so the matmul peak is the faster of `F.matmul` and the
+same GEMM written as a 1x1 convolution, which uses the pool.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+
+from backends import megengine as bm  # imports MegEngine with its CUDA probing noise swallowed
+import megengine as mge
+import megengine.functional as F
+import megengine.module as M
+from megengine.jit import trace
+
+from reparam_core import get_spec
+from reparam_core.layouts import oihw_to_megengine
+from reparam_core.plain import plain_layers
+
+from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
+
+ACTS = {"relu": M.ReLU, "silu": M.SiLU, "identity": M.Identity}
+
+
+def _eval(module: M.Module) -> M.Module:
+    """module.eval(), returning the module (MegEngine's eval() returns None, unlike torch's)."""
+    module.eval()
+    return module
+
+
+def _assign(param: mge.Parameter, value: np.ndarray) -> None:
+    """param[...] = value, refusing a shape that would only broadcast (MegEngine has no .data)."""
+    value = np.ascontiguousarray(value, np.float32)
+    if value.shape != tuple(param.shape):
+        raise ValueError(f"shape {value.shape} does not fit a parameter of {tuple(param.shape)}")
+    param[...] = value
+
+
+class PlainNet(M.Module):
+    """linear(flatten(avg_pool(features(x)))) with `features` a Sequential of Conv2d/activation."""
+
+    def __init__(self, features: list[M.Module], pool: M.Module, linear: M.Linear) -> None:
+        super().__init__()
+        self.features = M.Sequential(*features)
+        self.pool = pool
+        self.linear = linear
+
+    def forward(self, x: mge.Tensor) -> mge.Tensor:
+        return self.linear(F.flatten(self.pool(self.features(x)), 1))
+
+
+def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
+    """The deploy network as MegEngine's own layers, weights from a deploy-form neutral state."""
+    spec = get_spec(model)
+    layers: list[M.Module] = []
+    for p in plain_layers(spec):
+        conv = M.Conv2d(p.in_channels, p.out_channels, p.kernel_size, stride=p.stride,
+                        padding=p.padding, dilation=p.dilation, groups=p.groups, bias=True)
+        _assign(conv.weight, oihw_to_megengine(np.asarray(state[f"{p.key}.weight"], np.float32),
+                                               p.groups))
+        _assign(conv.bias, np.asarray(state[f"{p.key}.bias"], np.float32).reshape(1, -1, 1, 1))
+        layers += [conv, ACTS[p.act]()]
+    head = M.Linear(spec.num_features, spec.num_classes)
+    _assign(head.weight, state["linear.weight"])
+    _assign(head.bias, state["linear.bias"])
+    return _eval(PlainNet(layers, M.AdaptiveAvgPool2d(1), head))
+
+
+def _timed_call(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    """fn()'s result and the seconds it took."""
+    t0 = time.perf_counter()
+    y = fn()
+    return y, time.perf_counter() - t0
+
+
+class MegEngineBench(BackendBench):
+    name = "megengine"
+    api = bm
+
+    def setup(self, threads: int | None) -> dict:
+        """Make `multithread<threads>` (default: all cores) the default device; versions."""
+        n = threads or os.cpu_count() or 1
+        mge.set_default_device(f"multithread{n}")
+        return {"megengine": mge.__version__, "python": sys.version.split()[0],
+                "numpy": np.__version__, "threads": n, "device": mge.get_default_device()}
+
+    def matmul_gflops(self, n: int, repeats: int) -> float:
+        """float32 n x n x n GEMM GFLOP/s: the faster of `F.matmul` (one thread on every device)
+        and the same GEMM as a 1x1 convolution (which uses the thread pool); one warm-up,
+        median of `repeats` synchronised calls each."""
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+        ta, tb = mge.tensor(a), mge.tensor(b)
+        x, w = mge.tensor(b.reshape(1, n, n, 1)), mge.tensor(a.reshape(n, n, 1, 1))
+        return max(gemm_gflops(lambda: F.matmul(ta, tb).numpy(), n, repeats),
+                   gemm_gflops(lambda: F.conv2d(x, w).numpy(), n, repeats))
+
+    def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> M.Module:
+        if form == "plain":
+            return plain_model(model, state)
+        return _eval(bm.load_state(bm.create_model(model, deploy=form == "deploy"), state))
+
+    def predict(self, module: M.Module, x: np.ndarray) -> np.ndarray:
+        return bm.predict(module, x)
+
+    def forward(self, module: M.Module, x: np.ndarray) -> Callable[[], np.ndarray]:
+        """Eager eval-mode forward; `.numpy()` of the output waits for the whole computation."""
+        _eval(module)
+        xt = mge.tensor(np.ascontiguousarray(x, np.float32))
+        return lambda: module(xt).numpy()
+
+    def _traced(self, module: M.Module, x: np.ndarray) -> FastPath:
+        _eval(module)
+
+        @trace(symbolic=True, capture_as_const=True)
+        def infer(data: mge.Tensor) -> mge.Tensor:
+            return module(data)
+
+        xt = mge.tensor(np.ascontiguousarray(x, np.float32))
+        fn = lambda: infer(xt).numpy()  # noqa: E731
+        y, compile_s = _timed_call(fn)  # the first call traces and compiles the graph
+        return FastPath(fn, y, compile_s)
+
+    def fast_paths(self, modules: Mapping[str, M.Module], x: np.ndarray,
+                   config: BenchConfig) -> dict[str, FastPath]:
+        """`<form>/traced` for every form; tracing takes seconds, so `config.compile` (meant for
+        the slow torch.compile) does not gate it."""
+        return {f"{form}/traced": self._traced(m, x) for form, m in modules.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main(MegEngineBench, "scripts.bench_megengine"))

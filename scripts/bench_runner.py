@@ -1,0 +1,270 @@
+"""The child side of `reparam bench`: one process per backend runs this measurement plan.
+
+A backend supplies a `Bench` (how to build, convert, copy and run its models, its fast paths and
+its matmul); the plan, the same for every backend, lives here once:
+
+  per model: conversion time of `reparameterize` vs `copy.deepcopy` (paired rounds); outputs of
+  train / deploy / plain reference / fast paths checked against each other; throughput of every
+  form timed in interleaved rounds after warm-up; GFLOP/s from reparam_core's MAC count as a
+  fraction of the framework's own float32 matmul GFLOP/s measured in the same process; peak
+  resident memory of each form, each in a fresh child process of its own.
+
+Protocol: `python -m scripts.bench_<backend> CONFIG_JSON` writes JSON lines on its original stdout
+(`{"event": "stage", ...}` while it runs, then `{"event": "result", "result": {...}}`); anything
+the frameworks print goes to stderr. `--memory PROBE_JSON` runs one memory probe instead.
+numpy and the standard library only (runs in .venv and in .venv-mge).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import Any, Callable, Mapping, Protocol, TextIO
+
+import numpy as np
+
+from reparam_core import count_macs, count_params, get_spec, random_state
+from reparam_core.plain import has_plain_reference
+
+from .timing import interleaved_times, paired_ratio, summarize
+
+Fn = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...] = ("RepVGG-A0",)
+    batch: int = 8
+    size: int = 224
+    repeats: int = 5
+    convert_repeats: int = 3
+    threads: int | None = None
+    seed: int = 0
+    compile: bool = True          # the slow-to-build fast paths (torch.compile)
+    conversion_only: bool = False
+    memory: bool = True
+
+
+@dataclass
+class FastPath:
+    """A faster way to run one form: its callable, its output on the bench input (checked against
+    the eager deploy form) and the one-off build/compile time, reported apart from throughput."""
+
+    fn: Fn
+    output: np.ndarray
+    compile_s: float = 0.0
+
+
+class Bench(Protocol):
+    name: str
+
+    def setup(self, threads: int | None) -> dict: ...          # versions, threads in use
+    def matmul_gflops(self, n: int, repeats: int) -> float: ...
+    def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> Any: ...
+    def reparameterize(self, module: Any) -> Any: ...
+    def deepcopy(self, module: Any) -> Any: ...
+    def export_state(self, module: Any) -> dict[str, np.ndarray]: ...
+    def predict(self, module: Any, x: np.ndarray) -> np.ndarray: ...
+    def forward(self, module: Any, x: np.ndarray) -> Fn: ...   # eager, synchronous
+    def fast_paths(self, modules: Mapping[str, Any], x: np.ndarray,
+                   config: BenchConfig) -> dict[str, FastPath]: ...
+
+
+class BackendBench:
+    """What every backend's Bench does the same way, through its backend module `api`
+    (`backends.torch`, ...): conversion, neutral state export and the deep copy conversion is
+    timed against (`copy.deepcopy` copies every array in every framework; Flax's `nnx.clone`
+    would share them)."""
+
+    api: ModuleType
+
+    def reparameterize(self, module: Any) -> Any:
+        return self.api.reparameterize(module)
+
+    def deepcopy(self, module: Any) -> Any:
+        return copy.deepcopy(module)
+
+    def export_state(self, module: Any) -> dict[str, np.ndarray]:
+        return self.api.export_state(module)
+
+
+def gemm_gflops(fn: Fn, n: int, repeats: int) -> float:
+    """GFLOP/s of `fn`, a synchronous float32 n x n x n matrix product: 2 n^3 / median time."""
+    return 2 * n ** 3 / float(np.median(interleaved_times({"gemm": fn}, repeats)["gemm"])) / 1e9
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    """max |y - ref| / max |ref| in float64."""
+    ref64 = np.asarray(ref, np.float64)
+    return float(np.abs(np.asarray(y, np.float64) - ref64).max() / max(np.abs(ref64).max(), 1e-30))
+
+
+def bench_input(config: BenchConfig) -> np.ndarray:
+    rng = np.random.default_rng(config.seed)
+    return rng.standard_normal((config.batch, 3, config.size, config.size)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- memory
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_probe(bench: Bench, model: str, form: str, config: BenchConfig) -> dict:
+    """Peak resident memory of building `form` of `model`, loading its weights and running one
+    batch, in MiB above the process's resident size before (framework imported, input made)."""
+    bench.setup(config.threads)
+    spec = get_spec(model)
+    x = bench_input(config)
+    state = random_state(spec, "deploy" if form == "plain" else form, config.seed)
+    reset_peak_rss()
+    base = _status_kib("VmRSS")
+    bench.predict(bench.build(model, form, state), x)
+    peak = _status_kib("VmHWM")
+    return {"baseline_mib": base / 1024, "peak_mib": peak / 1024, "delta_mib": (peak - base) / 1024}
+
+
+def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> dict:
+    """memory_probe in a fresh `python -m module` so that no other form's memory is counted."""
+    req = json.dumps({"model": model, "form": form, "config": asdict(config)})
+    proc = subprocess.run([sys.executable, "-m", module, "--memory", req], capture_output=True,
+                          text=True, cwd=os.getcwd())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- the plan
+
+def conversion(bench: Bench, train: Any, repeats: int) -> dict:
+    """`reparameterize` vs `copy.deepcopy` of the same train-form model, in paired rounds."""
+    times = interleaved_times({"reparameterize": lambda: bench.reparameterize(train),
+                               "deepcopy": lambda: bench.deepcopy(train)}, repeats)
+    return {"reparameterize_s": float(np.median(times["reparameterize"])),
+            "deepcopy_s": float(np.median(times["deepcopy"])),
+            "ratio": paired_ratio(times["reparameterize"], times["deepcopy"]), "runs_s": times}
+
+
+def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
+                matmul: float, stage: Callable[[str], None]) -> dict:
+    spec = get_spec(model)
+    out: dict[str, Any] = {"params": {f: count_params(spec, f) for f in ("train", "deploy")},
+                           "macs": {f: count_macs(spec, f, config.size) for f in ("train", "deploy")}}
+    stage(f"{model}: conversion")
+    train = bench.build(model, "train", random_state(spec, "train", config.seed))
+    out["conversion"] = conversion(bench, train, config.convert_repeats)
+    if config.conversion_only:
+        return out
+    deploy = bench.reparameterize(train)
+    modules = {"train": train, "deploy": deploy}
+    if has_plain_reference(spec):
+        modules["plain"] = bench.build(model, "plain", bench.export_state(deploy))
+    x = bench_input(config)
+    stage(f"{model}: outputs and fast paths")
+    outputs = {k: bench.predict(m, x) for k, m in modules.items()}
+    fns = {k: bench.forward(m, x) for k, m in modules.items()}
+    fast = bench.fast_paths(modules, x, config)
+    out["check_rel_err_vs_deploy"] = {k: rel_err(y, outputs["deploy"])
+                                      for k, y in {**outputs, **{k: f.output for k, f in fast.items()}}.items()
+                                      if not k.startswith("train")}
+    out["check_rel_err_vs_deploy"]["train"] = rel_err(outputs["train"], outputs["deploy"])
+    out["compile_s"] = {k: f.compile_s for k, f in fast.items()}
+    fns.update({k: f.fn for k, f in fast.items()})
+    stage(f"{model}: timing {len(fns)} forms x {config.repeats} rounds")
+    times = interleaved_times(fns, config.repeats)
+    out["forms"] = summarize(times, config.batch)
+    ratios = {"deploy_over_train": paired_ratio(times["train"], times["deploy"])}
+    if "plain" in times:
+        ratios["deploy_over_plain"] = paired_ratio(times["plain"], times["deploy"])
+    deploy_fast = {k: paired_ratio(times["deploy"], times[k]) for k in fast if k.startswith("deploy/")}
+    if deploy_fast:
+        best = max(deploy_fast, key=deploy_fast.__getitem__)
+        ratios.update(best_fast_path=best, best_fast_over_deploy=deploy_fast[best],
+                      fast_over_deploy=deploy_fast)
+    out["ratios"] = ratios
+    out["gflops"] = {k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"]
+                     * config.batch / v["median_s"] / 1e9 for k, v in out["forms"].items()}
+    out["fraction_of_matmul"] = {k: g / matmul for k, g in out["gflops"].items()}
+    if config.memory:
+        stage(f"{model}: memory")
+        out["memory"] = {f: memory_in_child(module, model, f, config) for f in modules}
+    return out
+
+
+def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dict], None]) -> dict:
+    """Every model of config through bench_model; returns the backend's whole result."""
+    t0 = time.perf_counter()
+    total = len(config.models) * (2 if config.conversion_only else 4) + 1
+    done = [0]
+
+    def stage(name: str) -> None:
+        emit({"event": "stage", "backend": bench.name, "name": name, "done": done[0], "total": total})
+        done[0] += 1
+
+    result: dict[str, Any] = {"backend": bench.name, "config": asdict(config),
+                              "environment": bench.setup(config.threads)}
+    stage("matmul peak")
+    result["matmul_gflops"] = bench.matmul_gflops(2048, max(config.repeats, 3))
+    result["models"] = {m: bench_model(bench, m, config, module, result["matmul_gflops"], stage)
+                        for m in config.models}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- process entry
+
+def _open_protocol() -> TextIO:
+    """Keep the original stdout for the protocol; send fd 1 (and sys.stdout) to stderr."""
+    sys.stdout.flush()
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
+
+
+def config_from_json(data: Mapping[str, Any]) -> BenchConfig:
+    data = dict(data)
+    data["models"] = tuple(data.get("models", BenchConfig.models))
+    return BenchConfig(**data)
+
+
+def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("config", nargs="?", default="{}", help="BenchConfig as JSON")
+    parser.add_argument("--memory", metavar="PROBE_JSON", help="run one memory probe")
+    args = parser.parse_args(argv)
+    proto = _open_protocol()
+
+    def emit(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    bench = make_bench()
+    if args.memory:
+        req = json.loads(args.memory)
+        emit(memory_probe(bench, req["model"], req["form"], config_from_json(req["config"])))
+    else:
+        emit({"event": "result", "result": run_plan(bench, config_from_json(json.loads(args.config)),
+                                                     module, emit)})
+    return 0
+
+
+__all__ = ["BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
+           "bench_input", "memory_probe", "memory_in_child", "run_plan", "main", "config_from_json"]

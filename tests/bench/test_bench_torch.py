@@ -1,0 +1,60 @@
+"""PyTorch side of `reparam bench`: the plain reference is a fair comparison (same outputs)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch import nn
+
+from reparam_core import get_spec, random_state
+from scripts.bench_runner import BenchConfig, bench_model, memory_in_child, rel_err
+from scripts.bench_torch import TorchBench, plain_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("name", ["RepVGG-A0", "RepVGG-B1g4"])
+def test_plain_reference_equals_deploy_form(name: str) -> None:
+    bench = TorchBench()
+    train = bench.build(name, "train", random_state(get_spec(name), "train", seed=3))
+    deploy = bench.reparameterize(train)
+    plain = plain_model(name, bench.export_state(deploy))
+    # written with torch's own layers only: no reparam block inside
+    assert {type(m) for m in plain.modules()} <= {nn.Sequential, nn.Conv2d, nn.ReLU,
+                                                  nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear}
+    assert sum(isinstance(m, nn.Conv2d) for m in plain.modules()) == len(get_spec(name).blocks())
+    x = np.random.default_rng(0).standard_normal((2, 3, 40, 40)).astype(np.float32)
+    y_deploy, y_plain = bench.predict(deploy, x), bench.predict(plain, x)
+    assert rel_err(y_plain, y_deploy) < 1e-6
+    assert rel_err(y_deploy, bench.predict(train, x)) < 1e-5
+
+
+def test_bench_model_records_every_figure() -> None:
+    config = BenchConfig(models=("RepVGG-A0",), batch=1, size=32, repeats=2, convert_repeats=1,
+                         compile=False, memory=False)
+    bench = TorchBench()
+    bench.setup(1)
+    stages: list[str] = []
+    r = bench_model(bench, "RepVGG-A0", config, "scripts.bench_torch", matmul=50.0,
+                    stage=stages.append)
+    assert len(stages) == 3
+    assert set(r["forms"]) == {"train", "deploy", "plain", "deploy/channels_last",
+                               "plain/channels_last"}
+    assert all(len(f["runs_s"]) == 2 and f["images_per_s"] > 0 for f in r["forms"].values())
+    assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5
+    assert r["params"] == {"train": 9108968, "deploy": 8309384}
+    assert r["ratios"]["best_fast_path"] == "deploy/channels_last"
+    assert r["conversion"]["ratio"] > 0 and r["conversion"]["deepcopy_s"] > 0
+    g = r["gflops"]["deploy"]
+    assert g == pytest.approx(2 * r["macs"]["deploy"] / r["forms"]["deploy"]["median_s"] / 1e9)
+    assert r["fraction_of_matmul"]["deploy"] == pytest.approx(g / 50.0)
+
+
+def test_memory_probe_sees_the_model() -> None:
+    """Each probe runs in a fresh process, so memory freed by earlier work is not reused."""
+    config = BenchConfig(batch=1, size=32)
+    small = memory_in_child("scripts.bench_torch", "RepVGG-A0", "deploy", config)
+    big = memory_in_child("scripts.bench_torch", "RepVGG-B1g4", "deploy", config)
+    # deploy weights alone: 8.3 M and 36.1 M float32 parameters
+    assert small["delta_mib"] >= 8.3e6 * 4 / 2**20 * 0.9
+    assert big["delta_mib"] >= 36.1e6 * 4 / 2**20 * 0.9
+    assert big["peak_mib"] >= big["baseline_mib"] + big["delta_mib"] - 1e-9
