@@ -7,7 +7,9 @@ a whole neutral state, so conversion needs no framework at all.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -33,7 +35,32 @@ def _bn(params: Params, bn: str, eps: float, groups: int, k: int) -> KernelBias:
     return fuse_bn(*_bn_params(params, bn), eps, groups, k)
 
 
-CHUNK_ELEMENTS = 1 << 16  # kernel elements fused per step: the float64 temporaries stay in cache
+CHUNK_ELEMENTS = 1 << 18  # kernel elements fused per step: the float64 temporaries stay in cache
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _map_rows(fn: Callable[[slice], None], n: int, step: int) -> None:
+    """fn(rows) for consecutive slices of range(n), `step` long, on a small thread pool when
+    there are several (numpy releases the GIL inside each slice's arithmetic)."""
+    slices = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    if len(slices) == 1:
+        fn(slices[0])
+        return
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                   thread_name_prefix="reparam-fuse")
+    for _ in _POOL.map(fn, slices):  # re-raises the first error of any slice
+        pass
 
 
 def _output_rows(params: Params, modules: set[str], out_channels: int
@@ -53,8 +80,9 @@ def repblock_kernel_bias(spec: RepBlockSpec, params: Params) -> KernelBias:
 
     The 1x1 branch sits on the centre tap (its padding is spec.padding_1x1, which accounts for
     dilation) and the identity kernel is correct for any groups. Computed in float64 one slice
-    of output channels at a time (each output channel depends on its own rows only) and rounded
-    once to the dense kernel's dtype, so large kernels fuse at about the speed of a copy."""
+    of output channels at a time (each output channel depends on its own rows only; slices run
+    on a few threads) and rounded once to the dense kernel's dtype, so large kernels fuse at
+    about the speed of a copy."""
     n = repblock_names(spec)
     dense = np.asarray(params[f"{n.dense_conv}.weight"])
     out_channels = dense.shape[0]
@@ -63,15 +91,17 @@ def repblock_kernel_bias(spec: RepBlockSpec, params: Params) -> KernelBias:
     dt = dense.dtype if np.issubdtype(dense.dtype, np.floating) else np.dtype(np.float64)
     kernel, bias = np.empty(dense.shape, dt), np.empty(out_channels, dt)
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(dense.shape[1:])))
-    for start in range(0, out_channels, step):
-        rows = slice(start, min(start + step, out_channels))
+
+    def fuse_rows(rows: slice) -> None:
         p = {k: np.asarray(v[rows], np.float64) for k, v in tensors.items()}
         branches = [_conv_bn(p, n.dense_conv, n.dense_bn, spec.eps),
                     _conv_bn(p, n.one_conv, n.one_bn, spec.eps)]
         if spec.has_identity:
-            ident = identity_kernel(out_channels, spec.groups, spec.kernel_size, rows=rows)
+            ident = identity_kernel(out_channels, spec.groups, 1, rows=rows)  # centred below
             branches.append(fuse_conv_bn(ident, *_bn_params(p, n.identity), spec.eps))
         kernel[rows], bias[rows] = sum_branches(branches)
+
+    _map_rows(fuse_rows, out_channels, step)
     return kernel, bias
 
 

@@ -55,7 +55,7 @@ def fuse_conv_bn(kernel: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: 
     k = _f64(kernel) * t.reshape(-1, 1, 1, 1)
     fused_bias = _f64(beta) + t * (b - _f64(mean))
     dt = _out_dtype(kernel)
-    return k.astype(dt), fused_bias.astype(dt)
+    return k.astype(dt, copy=False), fused_bias.astype(dt, copy=False)
 
 
 def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
@@ -145,10 +145,13 @@ def sum_branches(branches: Iterable[KernelBias]) -> KernelBias:
         if k.shape[-2] != k.shape[-1] or (size - k.shape[-1]) % 2:
             pad_kernel(k, size)  # raises the FusionError that says why
         p = (size - k.shape[-1]) // 2  # centred, as pad_kernel(k, size), without its copy
-        total_k[:, :, p:size - p, p:size - p] += k
+        if i == 0 and p == 0:
+            total_k[...] = k  # the first full-size branch is copied in, not added to zeros
+        else:
+            total_k[:, :, p:size - p, p:size - p] += k
         total_b += b
     dt = _out_dtype(items[0][0])
-    return total_k.astype(dt), total_b.astype(dt)
+    return total_k.astype(dt, copy=False), total_b.astype(dt, copy=False)
 
 
 def fuse_1x1_kxk(k1: np.ndarray, b1: np.ndarray, k2: np.ndarray, b2: np.ndarray,
