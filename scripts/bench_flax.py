@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from backends import flax as bf
-from reparam_core import get_spec
-from reparam_core.layouts import oihw_to_hwio
+from reparam_core import get_spec, state_schema
+from reparam_core.layouts import to_flax
 from reparam_core.plain import plain_layers
 
 from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
@@ -53,16 +53,20 @@ class PlainNet(nnx.Module):
 
 
 def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
-    """PlainNet built abstractly (no random init) and filled from a deploy-form neutral state."""
-    def f32(key: str) -> np.ndarray:
-        return np.asarray(state[key], np.float32)
+    """PlainNet built abstractly (no random init) and filled from a deploy-form neutral state
+    (Flax layouts from the core's to_flax)."""
+    spec = get_spec(model)
+    schema = state_schema(spec, "deploy")
+
+    def value(key: str) -> jax.Array:
+        return jnp.asarray(to_flax(np.asarray(state[key], np.float32), schema[key]))
 
     net = nnx.eval_shape(lambda: PlainNet(model, rngs=nnx.Rngs(0)))
-    for p, conv in zip(plain_layers(get_spec(model)), net.convs):
-        conv.kernel.set_value(jnp.asarray(oihw_to_hwio(f32(f"{p.key}.weight"))))
-        conv.bias.set_value(jnp.asarray(f32(f"{p.key}.bias")))
-    net.linear.kernel.set_value(jnp.asarray(np.ascontiguousarray(f32("linear.weight").T)))
-    net.linear.bias.set_value(jnp.asarray(f32("linear.bias")))
+    for p, conv in zip(plain_layers(spec), net.convs):
+        conv.kernel.set_value(value(f"{p.key}.weight"))
+        conv.bias.set_value(value(f"{p.key}.bias"))
+    net.linear.kernel.set_value(value("linear.weight"))
+    net.linear.bias.set_value(value("linear.bias"))
     return net
 
 

@@ -30,8 +30,8 @@ import megengine.functional as F
 import megengine.module as M
 from megengine.jit import trace
 
-from reparam_core import get_spec
-from reparam_core.layouts import oihw_to_megengine
+from backends.megengine.blocks import write_tensor
+from reparam_core import get_spec, state_schema
 from reparam_core.plain import plain_layers
 
 from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
@@ -43,14 +43,6 @@ def _eval(module: M.Module) -> M.Module:
     """module.eval(), returning the module (MegEngine's eval() returns None, unlike torch's)."""
     module.eval()
     return module
-
-
-def _assign(param: mge.Parameter, value: np.ndarray) -> None:
-    """param[...] = value, refusing a shape that would only broadcast (MegEngine has no .data)."""
-    value = np.ascontiguousarray(value, np.float32)
-    if value.shape != tuple(param.shape):
-        raise ValueError(f"shape {value.shape} does not fit a parameter of {tuple(param.shape)}")
-    param[...] = value
 
 
 class PlainNet(M.Module):
@@ -67,19 +59,24 @@ class PlainNet(M.Module):
 
 
 def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
-    """The deploy network as MegEngine's own layers, weights from a deploy-form neutral state."""
+    """The deploy network as MegEngine's own layers, weights from a deploy-form neutral state,
+    written with the backend's `write_tensor` (MegEngine layouts from the core, no `.data`)."""
     spec = get_spec(model)
+    schema = state_schema(spec, "deploy")
+
+    def write(tensor: mge.Tensor, key: str) -> None:
+        write_tensor(tensor, state[key], schema[key], key)
+
     layers: list[M.Module] = []
     for p in plain_layers(spec):
         conv = M.Conv2d(p.in_channels, p.out_channels, p.kernel_size, stride=p.stride,
                         padding=p.padding, dilation=p.dilation, groups=p.groups, bias=True)
-        _assign(conv.weight, oihw_to_megengine(np.asarray(state[f"{p.key}.weight"], np.float32),
-                                               p.groups))
-        _assign(conv.bias, np.asarray(state[f"{p.key}.bias"], np.float32).reshape(1, -1, 1, 1))
+        write(conv.weight, f"{p.key}.weight")
+        write(conv.bias, f"{p.key}.bias")
         layers += [conv, ACTS[p.act]()]
     head = M.Linear(spec.num_features, spec.num_classes)
-    _assign(head.weight, state["linear.weight"])
-    _assign(head.bias, state["linear.bias"])
+    write(head.weight, "linear.weight")
+    write(head.bias, "linear.bias")
     return _eval(PlainNet(layers, M.AdaptiveAvgPool2d(1), head))
 
 

@@ -26,14 +26,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.S
                                                    "identity": nn.Identity}
 
 
-def numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
-    """The module's state as float32 numpy arrays (canonical keys), `num_batches_tracked` dropped."""
-    return {k: v.detach().cpu().numpy().astype(np.float32)
-            for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
-
-
 def numpy_view(module: nn.Module) -> dict[str, np.ndarray]:
-    """The module's CPU state as read-only numpy views (no copy), for the fusion algebra."""
+    """The module's CPU state as read-only numpy views (no copy; canonical keys,
+    `num_batches_tracked` dropped), for the fusion algebra."""
     out = {}
     for k, v in module.state_dict().items():
         if not k.endswith("num_batches_tracked"):
@@ -41,6 +36,11 @@ def numpy_view(module: nn.Module) -> dict[str, np.ndarray]:
             a.flags.writeable = False
             out[k] = a
     return out
+
+
+def numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's state as float32 numpy copies (canonical keys), `num_batches_tracked` dropped."""
+    return {k: v.astype(np.float32) for k, v in numpy_view(module).items()}
 
 
 def conv_bn(cin: int, cout: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
