@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reparam_core.specs import ModelSpec, RepGhostNetSpec, RepVGGSpec
+from reparam_core.counting import conv_depth
+from reparam_core.specs import ModelSpec
 
 BLOCK_REL = 1e-5
 MODEL_BASE_REL = 1e-5
@@ -38,11 +39,7 @@ def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
 
 def depth(spec: ModelSpec) -> int:
     """Conv layers on the longest forward path (the stem counts, the head does not)."""
-    if isinstance(spec, RepVGGSpec):
-        return len(spec.blocks())
-    assert isinstance(spec, RepGhostNetSpec)
-    # stem + per bottleneck: ghost1 (2 convs), dw (stride 2), ghost2 (2 convs) + last 1x1
-    return 1 + sum(4 + (b.stride > 1) for stage in spec.stages for b in stage) + 1
+    return conv_depth(spec)
 
 
 def model_tolerance(spec: ModelSpec) -> float:

@@ -14,6 +14,10 @@ class FusionError(ReparamError, ValueError):
     """Branches that cannot be fused into one convolution (alignment, shapes, BN variance)."""
 
 
+class SpecError(ReparamError, ValueError):
+    """A block or model description (or spec) that is not valid."""
+
+
 class ShapeMismatchError(ReparamError, ValueError):
     """A tensor whose shape differs from what the architecture needs."""
 

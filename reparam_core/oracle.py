@@ -1,7 +1,8 @@
 """The float64 numpy reference forward: the oracle every backend is compared with.
 
-It runs any spec in train form (every branch computed separately, BN in inference mode) or in
-deploy form, from a neutral state. Slow but exact: conv2d is an im2col + matmul in float64.
+It evaluates any description (reparam_core.nodes) in the form it is in: in train form every
+branch is computed separately (BN in inference mode), in deploy form the fused convs. One rule
+per node type below. Slow but exact: conv2d is an im2col + matmul in float64.
 """
 from __future__ import annotations
 
@@ -10,28 +11,32 @@ from typing import Mapping
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .schema import Form, join_key, repblock_names
-from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
-                    RepGhostNetSpec, RepVGGSpec)
+from .errors import ShapeMismatchError
+from .nodes import (BN, SE, Act, Add, AvgPool, Block, Conv, Dropout, Flatten, GlobalPool,
+                    Linear, Model, Node, PadBN, Rep, Scale, in_form, join_key, pair)
+from .schema import Form
 
 Params = Mapping[str, np.ndarray]
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: int = 1,
-           padding: int = 0, dilation: int = 1, groups: int = 1) -> np.ndarray:
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+           stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+           dilation: int | tuple[int, int] = 1, groups: int = 1) -> np.ndarray:
     """NCHW x OIHW (I = C / groups) convolution with symmetric zero padding, in float64."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     if cg * groups != c or o % groups:
-        raise ValueError(f"conv2d: input {x.shape} does not fit kernel {w.shape} with groups={groups}")
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (wd + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+        raise ShapeMismatchError(f"conv2d: input {x.shape} does not fit kernel {w.shape} with "
+                                 f"groups={groups}")
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     s0, s1, s2, s3 = xp.strides
     cols = as_strided(xp, (n, groups, cg, kh, kw, ho, wo),
-                      (s0, s1 * cg, s1, s2 * dilation, s3 * dilation, s2 * stride, s3 * stride))
+                      (s0, s1 * cg, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
     wg = w.reshape(groups, o // groups, cg * kh * kw)
     cols = cols.reshape(n, groups, cg * kh * kw, ho * wo)
     out = np.matmul(wg[None], cols).reshape(n, o, ho, wo)
@@ -44,6 +49,12 @@ def batch_norm(x: np.ndarray, p: Params, prefix: str, eps: float) -> np.ndarray:
     """Inference BN: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
     r = lambda f: np.asarray(p[join_key(prefix, f)], np.float64).reshape(1, -1, 1, 1)  # noqa: E731
     return (x - r("running_mean")) / np.sqrt(r("running_var") + eps) * r("weight") + r("bias")
+
+
+def bn_of_zero(p: Params, prefix: str, eps: float) -> np.ndarray:
+    """BN(0) per channel: beta - mean gamma / sqrt(var + eps) (what PadBN pads with)."""
+    r = lambda f: np.asarray(p[join_key(prefix, f)], np.float64)  # noqa: E731
+    return r("bias") - r("running_mean") * r("weight") / np.sqrt(r("running_var") + eps)
 
 
 def relu(x: np.ndarray) -> np.ndarray:
@@ -62,107 +73,108 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-ACTIVATIONS = {"relu": relu, "silu": silu, "identity": lambda x: x}
+ACTIVATIONS = {"relu": relu, "silu": silu, "identity": lambda x: x, "sigmoid": sigmoid,
+               "hard_sigmoid": hard_sigmoid}
 
 
-def linear(x: np.ndarray, p: Params, prefix: str) -> np.ndarray:
-    w = np.asarray(p[join_key(prefix, "weight")], np.float64)
-    return x @ w.T + np.asarray(p[join_key(prefix, "bias")], np.float64)
+def avg_pool(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
+    """k x k average pooling with zero padding counted (count_include_pad)."""
+    c = x.shape[1]
+    w = np.full((c, 1, k, k), 1.0 / (k * k))
+    return conv2d(x, w, stride=stride, padding=padding, groups=c)
 
 
 def global_pool(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=(2, 3), keepdims=True)
 
 
-def _conv(x: np.ndarray, p: Params, prefix: str, **kw) -> np.ndarray:
-    return conv2d(x, p[join_key(prefix, "weight")], p.get(join_key(prefix, "bias")), **kw)
+def _tensor(p: Params, key: str) -> np.ndarray:
+    return np.asarray(p[key], np.float64)
 
 
-def squeeze_excite(x: np.ndarray, p: Params, prefix: str, down: str = "down", up: str = "up",
-                   gate=sigmoid) -> np.ndarray:
-    """x * gate(up(relu(down(mean_hw(x)))))."""
-    s = relu(_conv(global_pool(x), p, join_key(prefix, down)))
-    return x * gate(_conv(s, p, join_key(prefix, up)))
+def conv_node(x: np.ndarray, c: Conv, p: Params, prefix: str) -> np.ndarray:
+    key = join_key(prefix, c.name)
+    return conv2d(x, p[f"{key}.weight"], p[f"{key}.bias"] if c.bias else None, c.stride,
+                  c.padding, c.dilation, c.groups)
 
 
-def repblock(x: np.ndarray, b: RepBlockSpec, p: Params, prefix: str, form: Form) -> np.ndarray:
-    n = repblock_names(b)
-    geo = dict(stride=b.stride, dilation=b.dilation, groups=b.groups)
-    if form == "deploy":
-        y = _conv(x, p, join_key(prefix, n.reparam), padding=b.padding, **geo)
-    else:
-        y = batch_norm(_conv(x, p, join_key(prefix, n.dense_conv), padding=b.padding, **geo),
-                       p, join_key(prefix, n.dense_bn), b.eps)
-        y = y + batch_norm(_conv(x, p, join_key(prefix, n.one_conv), padding=b.padding_1x1, **geo),
-                           p, join_key(prefix, n.one_bn), b.eps)
-        if b.has_identity:
-            y = y + batch_norm(x, p, join_key(prefix, n.identity), b.eps)
-    act = ACTIVATIONS[b.act]
-    if b.se == "pre":
-        return act(squeeze_excite(y, p, join_key(prefix, "se")))
-    if b.se == "post":
-        return squeeze_excite(act(y), p, join_key(prefix, "post_se"))
-    return act(y)
+def squeeze_excite(x: np.ndarray, se: SE, p: Params, prefix: str) -> np.ndarray:
+    """x * gate(expand(relu(reduce(mean_hw(x)))))."""
+    key = join_key(prefix, se.name)
+    s = relu(conv_node(global_pool(x), Conv(se.reduce, se.channels, se.hidden, bias=True), p, key))
+    s = conv_node(s, Conv(se.expand, se.hidden, se.channels, bias=True), p, key)
+    return x * ACTIVATIONS[se.gate](s)
 
 
-def ghost_module(x: np.ndarray, m: RepGhostModuleSpec, p: Params, prefix: str, form: Form) -> np.ndarray:
-    x1 = batch_norm(_conv(x, p, join_key(prefix, "primary_conv.0"), stride=m.stride,
-                          padding=m.kernel_size // 2), p, join_key(prefix, "primary_conv.1"), m.eps)
-    if m.relu:
-        x1 = relu(x1)
-    geo = dict(padding=m.dw_size // 2, groups=m.out_channels)
-    if form == "deploy":
-        x2 = _conv(x1, p, join_key(prefix, "cheap_operation"), **geo)
-    else:
-        x2 = batch_norm(_conv(x1, p, join_key(prefix, "cheap_operation.0"), **geo), p,
-                        join_key(prefix, "cheap_operation.1"), m.eps)
-        if m.reparam_bn:
-            x2 = x2 + batch_norm(x1, p, join_key(prefix, "fusion_bn.0"), m.eps)
-    return relu(x2) if m.relu else x2
+def chain(x: np.ndarray, nodes: tuple[Node, ...], p: Params, prefix: str) -> np.ndarray:
+    for n in nodes:
+        x = node_forward(x, n, p, prefix)
+    return x
 
 
-def ghost_bottleneck(x: np.ndarray, b: RepGhostBottleneckSpec, p: Params, prefix: str,
-                     form: Form) -> np.ndarray:
-    pad = (b.dw_kernel_size - 1) // 2
-    y = ghost_module(x, b.ghost1, p, join_key(prefix, "ghost1"), form)
-    if b.stride > 1:
-        y = batch_norm(_conv(y, p, join_key(prefix, "conv_dw"), stride=b.stride, padding=pad,
-                             groups=b.mid_channels), p, join_key(prefix, "bn_dw"), b.eps)
-    if b.se_channels:
-        y = squeeze_excite(y, p, join_key(prefix, "se"), "conv_reduce", "conv_expand", hard_sigmoid)
-    y = ghost_module(y, b.ghost2, p, join_key(prefix, "ghost2"), form)
-    if not b.has_conv_shortcut:
-        return y + x
-    s = batch_norm(_conv(x, p, join_key(prefix, "shortcut.0"), stride=b.stride, padding=pad,
-                         groups=b.in_channels), p, join_key(prefix, "shortcut.1"), b.eps)
-    s = batch_norm(_conv(s, p, join_key(prefix, "shortcut.2")), p, join_key(prefix, "shortcut.3"),
-                   b.eps)
-    return y + s
+def node_forward(x: np.ndarray, node: Node, p: Params, prefix: str = "") -> np.ndarray:
+    """One node on NCHW x (float64), its tensors at `prefix.<name>.<field>` in p."""
+    if isinstance(node, Conv):
+        return conv_node(x, node, p, prefix)
+    if isinstance(node, BN):
+        return batch_norm(x, p, join_key(prefix, node.name), node.eps)
+    if isinstance(node, PadBN):
+        key = join_key(prefix, node.name)
+        y = batch_norm(x, p, key, node.eps)
+        q = node.pad
+        out = np.broadcast_to(bn_of_zero(p, key, node.eps).reshape(1, -1, 1, 1),
+                              (y.shape[0], y.shape[1], y.shape[2] + 2 * q, y.shape[3] + 2 * q)).copy()
+        out[:, :, q:q + y.shape[2], q:q + y.shape[3]] = y
+        return out
+    if isinstance(node, AvgPool):
+        return avg_pool(x, node.kernel, node.stride, node.padding)
+    if isinstance(node, Scale):
+        return x * _tensor(p, join_key(prefix, f"{node.name}.weight")).reshape(1, -1, 1, 1)
+    if isinstance(node, Act):
+        return ACTIVATIONS[node.fn](x)
+    if isinstance(node, SE):
+        return squeeze_excite(x, node, p, prefix)
+    if isinstance(node, Linear):
+        key = join_key(prefix, node.name)
+        return x @ _tensor(p, f"{key}.weight").T + _tensor(p, f"{key}.bias")
+    if isinstance(node, GlobalPool):
+        return global_pool(x)
+    if isinstance(node, Flatten):
+        return x.reshape(x.shape[0], -1)
+    if isinstance(node, Dropout):
+        return x
+    if isinstance(node, Rep):
+        outs = [chain(x, b, p, prefix) for b in node.branches]
+        y = np.concatenate(outs, axis=1) if node.combine == "concat" else sum(outs[1:], outs[0])
+        return y if node.bn is None else node_forward(y, node.bn, p, prefix)
+    if isinstance(node, Add):
+        outs = [chain(x, b, p, prefix) for b in node.branches]
+        return sum(outs[1:], outs[0])
+    if isinstance(node, Block):
+        return chain(x, node.body, p, join_key(prefix, node.name))
+    raise ShapeMismatchError(f"the oracle has no rule for {type(node).__name__}")
 
 
-def forward(spec: ModelSpec, state: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def forward(spec: object, state: Params, x: np.ndarray, form: Form) -> np.ndarray:
     """Logits of the model (main head only) for an NCHW input, in float64."""
-    x = np.asarray(x, np.float64)
-    if isinstance(spec, RepVGGSpec):
-        for prefix, b in spec.blocks():
-            x = repblock(x, b, state, prefix, form)
-        return linear(global_pool(x)[:, :, 0, 0], state, "linear")
-    assert isinstance(spec, RepGhostNetSpec)
-    x = relu(batch_norm(_conv(x, state, "conv_stem", stride=2, padding=1), state, "bn1", spec.eps))
-    for i, stage in enumerate(spec.stages):
-        for j, b in enumerate(stage):
-            x = ghost_bottleneck(x, b, state, f"blocks.{i}.{j}", form)
-    x = relu(batch_norm(_conv(x, state, f"{spec.last_prefix}.conv"), state,
-                        f"{spec.last_prefix}.bn1", spec.eps))
-    x = relu(_conv(global_pool(x), state, "conv_head"))
-    return linear(x[:, :, 0, 0], state, "classifier")
+    desc = in_form(spec, form)
+    return chain(np.asarray(x, np.float64), desc.body, state, "")
 
 
-def block_forward(spec: BlockSpec, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def forward_with_aux(spec: object, state: Params, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Train form: the main logits ("main") and every auxiliary head's, in float64."""
+    desc = in_form(spec, "train")
+    taps = {a.tap: a for a in desc.aux} if isinstance(desc, Model) else {}
+    out: dict[str, np.ndarray] = {}
+    y = np.asarray(x, np.float64)
+    for n in desc.body:
+        y = node_forward(y, n, state)
+        if isinstance(n, Block) and n.name in taps:
+            aux = taps[n.name]
+            out[aux.name] = chain(y, aux.body, state, "")
+    return {"main": y, **out}
+
+
+def block_forward(spec: object, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
     """One block on NCHW x, from block-relative keys, in float64."""
-    x = np.asarray(x, np.float64)
-    if isinstance(spec, RepBlockSpec):
-        return repblock(x, spec, params, "", form)
-    if isinstance(spec, RepGhostModuleSpec):
-        return ghost_module(x, spec, params, "", form)
-    return ghost_bottleneck(x, spec, params, "", form)
+    return forward(spec, params, x, form)

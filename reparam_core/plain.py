@@ -1,4 +1,5 @@
-"""The plain reference of a deploy-form RepVGG: the conv/activation stack as a list of layers.
+"""The plain reference of a deploy form made of conv + activation blocks (RepVGG): the conv
+stack as a list of layers, read from the deploy description.
 
 A benchmark compares the deploy form (our blocks after re-parameterization) with the same
 network written directly in a framework's own layers; this module describes that network as
@@ -10,9 +11,10 @@ are the deploy state's `<prefix>.rbr_reparam.{weight,bias}` and `linear.{weight,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import ReparamError
-from .specs import Act, ModelSpec, RepVGGSpec
+from .nodes import Act, Block, Conv, Model, in_form, join_key
 
 
 @dataclass(frozen=True)
@@ -27,26 +29,47 @@ class PlainConv:
     padding: int
     dilation: int
     groups: int
-    act: Act
+    act: Literal["relu", "silu", "identity"]
 
 
-def plain_layers(spec: ModelSpec) -> list[PlainConv]:
-    """The conv stack of a RepVGG deploy form, in forward order (the head is `linear`).
+def _plain_conv(path: str, block: Block) -> PlainConv:
+    """The block as one conv + activation, or ReparamError saying what else it holds."""
+    if len(block.body) != 2 or not isinstance(block.body[0], Conv) or not isinstance(block.body[1], Act):
+        raise ReparamError(f"block {path} ({block.kind}) is not a conv followed by an activation "
+                           "in deploy form: " + ", ".join(type(n).__name__ for n in block.body))
+    c, act = block.body
+    if c.kernel[0] != c.kernel[1] or c.stride[0] != c.stride[1] or c.padding[0] != c.padding[1] \
+            or c.dilation[0] != c.dilation[1] or act.fn not in ("relu", "silu", "identity"):
+        raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu only")
+    return PlainConv(join_key(path, c.name), c.in_channels, c.out_channels, c.kernel[0],
+                     c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)  # type: ignore[arg-type]
 
-    Only plain stacks have one: RepVGG without SE. Other specs raise ReparamError saying why."""
-    if not isinstance(spec, RepVGGSpec) or spec.family != "repvgg":
-        raise ReparamError(f"{getattr(spec, 'name', spec)!r} has no plain reference: only RepVGG "
-                           "(conv/activation stacks) does")
+
+def plain_layers(spec: object) -> list[PlainConv]:
+    """The conv stack of a deploy form, in forward order (the head is `linear`).
+
+    Only plain stacks have one: a deploy form made of conv + activation blocks, then a global
+    pool, a flatten and the linear `linear` (RepVGG without SE). Other specs raise ReparamError
+    saying why."""
+    desc = in_form(spec, "deploy")
+    name = getattr(desc, "name", type(spec).__name__)
+    head = tuple(type(n).__name__ for n in desc.body[-3:])
+    if not isinstance(desc, Model) or head != ("GlobalPool", "Flatten", "Linear") \
+            or getattr(desc.body[-1], "name", "") != "linear":
+        raise ReparamError(f"{name!r} has no plain reference: only conv/activation stacks with "
+                           "a pooled `linear` head (RepVGG) do")
     out = []
-    for prefix, b in spec.blocks():
-        if b.se != "none":
-            raise ReparamError(f"{spec.name!r} has no plain reference: block {prefix} has SE")
-        out.append(PlainConv(f"{prefix}.rbr_reparam", b.in_channels, b.out_channels,
-                             b.kernel_size, b.stride, b.padding, b.dilation, b.groups, b.act))
+    for node in desc.body[:-3]:
+        if not isinstance(node, Block):
+            raise ReparamError(f"{name!r} has no plain reference: {type(node).__name__} outside a block")
+        try:
+            out.append(_plain_conv(node.name, node))
+        except ReparamError as e:
+            raise ReparamError(f"{name!r} has no plain reference: {e}") from None
     return out
 
 
-def has_plain_reference(spec: ModelSpec) -> bool:
+def has_plain_reference(spec: object) -> bool:
     """Whether plain_layers(spec) exists."""
     try:
         plain_layers(spec)

@@ -10,9 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, ShapeMismatchError
+from .errors import CheckpointError, ShapeMismatchError, SpecError
 from .schema import FORMS, Form, TensorInfo, detect_form, schema_for, spec_name
-from .specs import BlockSpec, ModelSpec
 
 State = dict[str, np.ndarray]
 
@@ -27,7 +26,7 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_state(spec: ModelSpec | BlockSpec, state: Mapping[str, np.ndarray],
+def check_state(spec: object, state: Mapping[str, np.ndarray],
                 form: Form | None = None, source: str = "state") -> Form:
     """Validate a neutral state for a model (or, with a block spec, block-relative keys);
     returns its form. Raises CheckpointError (or ShapeMismatchError) naming the source, the
@@ -69,13 +68,13 @@ def check_state(spec: ModelSpec | BlockSpec, state: Mapping[str, np.ndarray],
     return form
 
 
-def random_state(spec: ModelSpec | BlockSpec, form: Form = "train", seed: int = 0,
+def random_state(spec: object, form: Form = "train", seed: int = 0,
                  dtype: type = np.float32) -> State:
     """Random weights with non-trivial BN statistics (gamma, beta, mean, var all far from their
     defaults), scaled so that activations stay O(1) through deep models. A block spec gives the
     block's relative keys."""
     if form not in FORMS:
-        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+        raise SpecError(f"form must be 'train' or 'deploy', got {form!r}")
     return random_tensors(schema_for(spec, form), seed, dtype)
 
 
@@ -91,7 +90,7 @@ def _random_tensor(rng: np.random.Generator, info: TensorInfo) -> np.ndarray:
     if info.kind in ("conv.weight", "linear.weight"):
         fan_in = math.prod(shape[1:])
         return rng.normal(0.0, math.sqrt(1.0 / fan_in), shape)
-    if info.kind == "bn.weight":
+    if info.kind in ("bn.weight", "scale.weight"):
         return rng.uniform(0.4, 1.2, shape)
     if info.kind == "bn.running_var":
         return rng.uniform(0.5, 2.0, shape)

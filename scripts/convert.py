@@ -47,13 +47,12 @@ import numpy as np
 
 from reparam_core import checkpoints as ckpt
 from reparam_core import oracle, safetensors_io
-from reparam_core.equivalent import (ghost_cheap_kernel_bias, repblock_kernel_bias,
-                                     reparameterize_state)
+from reparam_core.fuse import iter_deploy_state, reparameterize_state
 from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError
 from reparam_core.layouts import flax_key, to_flax
 from reparam_core.precision import PrecisionWarning, cast_state
-from reparam_core.schema import FORMS, Form, repblock_names, state_schema
-from reparam_core.specs import ModelSpec, RepVGGSpec, get_spec
+from reparam_core.schema import FORMS, Form, state_schema
+from reparam_core.specs import ModelSpec, get_spec
 
 FORMATS = ("torch", "megengine", "flax", "safetensors")
 VERIFY_RTOL = 1e-4  # max |a - b| / max |a| between source and destination outputs
@@ -418,43 +417,14 @@ def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
 # --------------------------------------------------------------------------- API
 
 def _fused_stream(spec: ModelSpec, state: State, compute64: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """The deploy-form tensors of a train-form neutral `state`, in schema order, fused block by
-    block with reparam_core.equivalent (bit-identical to reparameterize_state). Every source
-    tensor is removed from `state` once it is no longer needed, so the caller can stream the
-    output and keep the peak memory near one copy of the model."""
-    deploy = state_schema(spec, "deploy")
-    train_only = [k for k in state_schema(spec, "train") if k not in deploy]
-    fusers: dict[str, tuple[str, Callable[[Mapping[str, np.ndarray]], tuple]]] = {}
-    if isinstance(spec, RepVGGSpec):
-        for prefix, b in spec.blocks():
-            fusers[f"{prefix}.{repblock_names(b).reparam}"] = (
-                prefix, lambda p, b=b: repblock_kernel_bias(b, p))
-    else:
-        for i, stage in enumerate(spec.stages):
-            for j, blk in enumerate(stage):
-                for name, m in (("ghost1", blk.ghost1), ("ghost2", blk.ghost2)):
-                    prefix = f"blocks.{i}.{j}.{name}"
-                    fusers[f"{prefix}.cheap_operation"] = (
-                        prefix, lambda p, m=m: ghost_cheap_kernel_bias(m, p))
-    pending: dict[str, dict[str, np.ndarray]] = {}
-    for key in deploy:
-        module, field = key.rsplit(".", 1)
-        if module not in fusers:
-            yield key, state.pop(key)
-            continue
-        if module not in pending:
-            prefix, fuse = fusers[module]
-            mine = [k for k in train_only if k.startswith(prefix + ".")]
-            params = {k[len(prefix) + 1:]: (state[k].astype(np.float64) if compute64 else state[k])
-                      for k in mine}
-            kernel, bias = fuse(params)
-            del params
-            for k in mine:
-                state.pop(k, None)
-            pending[module] = {"weight": kernel, "bias": bias}
-        yield key, pending[module].pop(field)
-        if not pending[module]:
-            del pending[module]
+    """The deploy-form tensors of a train-form neutral `state`, in schema order, from the core's
+    streaming fusion (bit-identical to reparameterize_state). Every source tensor is removed
+    from `state` once it is no longer needed, so the caller can stream the output and keep the
+    peak memory near one copy of the model."""
+    def get(key: str) -> np.ndarray:
+        return state[key].astype(np.float64) if compute64 else state[key]
+
+    return iter_deploy_state(spec, get, lambda key: state.pop(key, None))
 
 
 class _Caster:

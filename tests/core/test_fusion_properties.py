@@ -6,10 +6,10 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reparam_core import RepBlockSpec, repblock_kernel_bias
+from reparam_core import RepBlockSpec, block_kernel_bias
 from reparam_core.fusion import avg_pool_kernel, concat_branches, fuse_1x1_kxk, identity_kernel
-from reparam_core.oracle import conv2d, repblock
-from reparam_core.schema import repblock_schema
+from reparam_core.oracle import block_forward, conv2d
+from reparam_core.schema import block_schema
 from reparam_core.state import _random_tensor
 
 REL = 1e-10
@@ -46,15 +46,15 @@ def block_configs(draw) -> tuple[RepBlockSpec, tuple[int, int], int]:
 def test_repblock_fused_equals_branches(cfg) -> None:
     spec, (h, w), seed = cfg
     rng = np.random.default_rng(seed)
-    params = {k: _random_tensor(rng, info) for k, info in repblock_schema(spec, "", "train").items()}
+    params = {k: _random_tensor(rng, info) for k, info in block_schema(spec, "train").items()}
     x = rng.normal(size=(2, spec.in_channels, h, w))
-    k, b = repblock_kernel_bias(spec, params)
+    k, b = block_kernel_bias(spec, params)
     assert k.dtype == np.float64 and k.shape == (spec.out_channels, spec.in_channels // spec.groups,
                                                    spec.kernel_size, spec.kernel_size)
     deploy = {key: v for key, v in params.items() if key.startswith(spec.se_module + ".")} if spec.se != "none" else {}
     deploy.update({"rbr_reparam.weight": k, "rbr_reparam.bias": b})
-    y_train = repblock(x, spec, params, "", "train")
-    y_deploy = repblock(x, spec, deploy, "", "deploy")
+    y_train = block_forward(spec, params, x, "train")
+    y_deploy = block_forward(spec, deploy, x, "deploy")
     assert y_train.shape == y_deploy.shape
     assert rel_err(y_deploy, y_train) <= REL
 

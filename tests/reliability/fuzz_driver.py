@@ -39,7 +39,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from reparam_core import checkpoints as ck  # noqa: E402
 from reparam_core import get_spec, random_state, state_schema  # noqa: E402
-from reparam_core.equivalent import reparameterize_state  # noqa: E402
+from reparam_core.fuse import reparameterize_state  # noqa: E402
 from reparam_core.errors import ReparamError  # noqa: E402
 from reparam_core.layouts import flax_key, to_flax, to_megengine  # noqa: E402
 from scripts import convert as cv  # noqa: E402

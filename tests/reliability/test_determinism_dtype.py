@@ -9,7 +9,7 @@ import pytest
 
 from reparam_core import get_spec, oracle, random_state, safetensors_io
 from reparam_core.errors import CheckpointError
-from reparam_core.equivalent import reparameterize_state
+from reparam_core.fuse import reparameterize_state
 from reparam_core.precision import PrecisionWarning
 from scripts import convert as cv
 
