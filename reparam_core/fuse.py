@@ -279,45 +279,175 @@ def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
     return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
 
 
-def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "") -> KernelBias:
+def _affine(nodes: tuple, params: Params, prefix: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel affine map y = s x + c of a chain of BN / PadBN / Scale."""
+    s, c = np.ones(n), np.zeros(n)
+    every = slice(None)
+    for node in nodes:
+        if isinstance(node, Scale):
+            w = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), every)
+            s, c = s * w, c * w
+        else:
+            gamma, beta, mean, var = _bn_rows(params, prefix, node.name, every)
+            t = bn_scale(gamma, var, node.eps)
+            s, c = s * t, beta + t * (c - mean)
+    return s, c
+
+
+@dataclass(frozen=True)
+class _Separable:
+    """A branch that is one conv (or pool, or nothing: the identity) followed by per-channel
+    affine nodes: K = W s[o] and b = s[o] c + shift[o]."""
+
+    head: Conv | AvgPool | None
+    scale: np.ndarray
+    bias: np.ndarray
+
+
+def _separable(branch: Branch, rep: Rep, params: Params, prefix: str) -> _Separable:
+    out_ch = rep.fused.out_channels
+    head = branch[0] if branch and isinstance(branch[0], (Conv, AvgPool)) else None
+    s, shift = _affine(branch[1:] if head is not None else branch, params, prefix, out_ch)
+    if isinstance(head, Conv) and head.bias:
+        shift = shift + s * _param(params, join_key(prefix, f"{head.name}.bias"), (out_ch,),
+                                   slice(None))
+    return _Separable(head, s, shift)
+
+
+def _rows_view(params: Params, key: str, shape: tuple[int, ...], part: tuple[slice, slice]
+               ) -> np.ndarray:
+    """params[key][part] without a copy, after checking the shape."""
+    if key not in params:
+        raise FusionError(f"missing tensor {key} for the fusion")
+    return _check_shape(np.asarray(params[key]), key, shape)[part]
+
+
+def _add_separable(k_tot: np.ndarray, sep: _Separable, rep: Rep, params: Params, prefix: str,
+                   part: tuple[slice, slice]) -> None:
+    """k_tot += K[part] of a separable branch, centred in k_tot (a centred window of the fused
+    kernel at least as large as the branch's). `part` selects (output rows, input columns)."""
+    f = rep.fused
+    rows, cols = part
+    s = sep.scale[rows]
+    if sep.head is None:  # the identity taps K[o, o mod (C/g), centre] carry s[o]
+        taps = np.arange(f.out_channels)[rows] % (f.in_channels // f.groups)
+        first, stop, _ = cols.indices(f.in_channels // f.groups)
+        hit = (taps >= first) & (taps < stop)
+        k_tot[np.flatnonzero(hit), taps[hit] - first, k_tot.shape[2] // 2,
+              k_tot.shape[3] // 2] += s[hit]
+        return
+    if isinstance(sep.head, Conv):
+        w = _head_weight(sep, params, prefix, part)
+    else:
+        w = _avg_kernel(f.in_channels, sep.head.kernel, f.groups, rows)[:, cols]
+    ph, pw = (k_tot.shape[2] - w.shape[2]) // 2, (k_tot.shape[3] - w.shape[3]) // 2
+    k_tot[:, :, ph:ph + w.shape[2], pw:pw + w.shape[3]] += w * s.reshape(-1, 1, 1, 1)
+
+
+def _writes_whole(branch: Branch, rep: Rep) -> bool:
+    """Whether a separable branch starts with a conv of the fused conv's full kernel size."""
+    return bool(branch) and isinstance(branch[0], Conv) and branch[0].kernel == rep.fused.kernel
+
+
+Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice, slice]
+                 ) -> np.ndarray:
+    h = sep.head
+    if not isinstance(h, Conv):
+        raise FusionError("internal: only a conv branch is written whole")
+    return _rows_view(params, join_key(prefix, f"{h.name}.weight"),
+                      (h.out_channels, h.in_channels // h.groups, *h.kernel), part)
+
+
+def _box(rest: list[_Separable], whole: list[KernelBias], kernel: Pair) -> Pair:
+    """The centred window of the fused kernel that the branches in `rest` and `whole` reach
+    ((0, 0) when there are none)."""
+    sizes = [(1, 1) if sep.head is None else
+             (sep.head.kernel if isinstance(sep.head, Conv) else (sep.head.kernel,) * 2)
+             for sep in rest] + [tuple(k.shape[2:]) for k, _ in whole]
+    if not sizes:
+        return (0, 0)
+    return (min(kernel[0], max(h for h, _ in sizes)), min(kernel[1], max(w for _, w in sizes)))
+
+
+def _concat_kernel_bias(rep: Rep, params: Params, prefix: str, kernel: np.ndarray,
+                        bias: np.ndarray) -> KernelBias:
+    """Branches writing disjoint output channels: each centred in its own rows."""
+    start = 0
+    for branch in rep.branches:
+        k, b = branch_kernel_bias(branch, rep, params, prefix)
+        window = np.zeros((k.shape[0], *kernel.shape[1:]))
+        _add_centred(window, k)
+        kernel[start:start + k.shape[0]], bias[start:start + k.shape[0]] = window, b
+        start += k.shape[0]
+    return kernel, bias
+
+
+def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
+                    empty: Empty = np.empty) -> KernelBias:
     """The (kernel OIHW, bias) of the fused conv of `rep`, from the tensors in `params` (keys
-    `prefix.<name>.<field>`), in float64 one slice of output channels at a time on a few
-    threads (row-separable branches), rounded once to the dtype of its first conv weight."""
+    `prefix.<name>.<field>`), in float64, rounded once to the dtype of its first conv weight.
+
+    The kernel is computed one slice at a time (on a few threads) along whichever of its output
+    and input axes is outermost in memory: every tap of the fused kernel depends on the same
+    tap of the branch kernels only. `empty(shape, dtype)` allocates the kernel: it may return a
+    non-contiguous OIHW view of a buffer in another memory order (a backend's native layout,
+    e.g. HWIO); the float64 temporaries follow that order, so a backend whose inputs are views
+    in the same order pays for no transpose."""
     f = rep.fused
     out_ch = f.out_channels
     shape = (out_ch, f.in_channels // f.groups, *f.kernel)
     dt = _result_dtype(rep, params, prefix)
-    kernel, bias = np.empty(shape, dt), np.empty(out_ch, dt)
+    kernel, bias = empty(shape, dt), np.empty(out_ch, dt)
     if rep.combine == "concat":
-        start = 0
-        for branch in rep.branches:
-            k, b = branch_kernel_bias(branch, rep, params, prefix)
-            window = np.zeros((k.shape[0], *shape[1:]))
-            _add_centred(window, k)
-            kernel[start:start + k.shape[0]], bias[start:start + k.shape[0]] = window, b
-            start += k.shape[0]
-        return kernel, bias
-    whole = [branch_kernel_bias(br, rep, params, prefix) for br in rep.branches
-             if not _row_separable(br)]
-    separable = [br for br in rep.branches if _row_separable(br)]
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        return _concat_kernel_bias(rep, params, prefix, kernel, bias)
+    post = np.ones(out_ch)
+    if rep.bn is not None:  # the BN after the sum scales every branch: folded into each
+        gamma, beta, mean, var = _bn_rows(params, prefix, rep.bn.name, slice(None))
+        post = bn_scale(gamma, var, rep.bn.eps)
+    whole = [(k * post.reshape(-1, 1, 1, 1), b) for k, b in
+             (branch_kernel_bias(br, rep, params, prefix) for br in rep.branches
+              if not _row_separable(br))]
+    ordered = sorted((br for br in rep.branches if _row_separable(br)),
+                     key=lambda br: not _writes_whole(br, rep))  # a full-size one first
+    separable = [_separable(br, rep, params, prefix) for br in ordered]
+    b64 = sum((sep.bias for sep in separable), np.zeros(out_ch)) + sum(
+        (b for _, b in whole), np.zeros(out_ch))
+    if rep.bn is not None:
+        b64 = beta + post * (b64 - mean)
+    bias[...] = b64
+    separable = [_Separable(sep.head, sep.scale * post, sep.bias) for sep in separable]
+    first = separable[0] if ordered and _writes_whole(ordered[0], rep) else None
+    rest = separable[1:] if first is not None else separable
+    box = _box(rest, whole, f.kernel) if first is not None else f.kernel
+    ph, pw = (f.kernel[0] - box[0]) // 2, (f.kernel[1] - box[1]) // 2
+    centre = (slice(ph, ph + box[0]), slice(pw, pw + box[1]))
+    axis = 1 if kernel.strides[1] > kernel.strides[0] else 0
+    step = max(1, CHUNK_ELEMENTS * shape[axis] // max(1, math.prod(shape)))
 
-    def fuse_rows(rows: slice) -> None:
-        n = len(range(out_ch)[rows])
-        k_tot, b_tot = np.zeros((n, *shape[1:])), np.zeros(n)
-        for br in separable:
-            k, b = branch_kernel_bias(br, rep, params, prefix, rows)
-            _add_centred(k_tot, k)
-            b_tot += b
-        for k, b in whole:
-            _add_centred(k_tot, k[rows])
-            b_tot += b[rows]
-        if rep.bn is not None:
-            k_tot, b_tot = _fold_bn(k_tot, b_tot, _bn_rows(params, prefix, rep.bn.name, rows),
-                                    rep.bn.eps)
-        kernel[rows], bias[rows] = k_tot, b_tot
+    def fuse_part(sl: slice) -> None:
+        """Taps that only the full-size branch reaches are round(W s) in one pass; the centred
+        box that other branches reach is summed in float64 and rounded once."""
+        part = (sl, slice(None)) if axis == 0 else (slice(None), sl)
+        out = kernel[part]
+        if first is not None:
+            w = _head_weight(first, params, prefix, part)
+            s4 = first.scale[part[0]].reshape(-1, 1, 1, 1)
+            np.multiply(w, s4, out=out, casting="same_kind")
+            if box == (0, 0):
+                return
+            k_box = np.multiply(w[(slice(None), slice(None), *centre)], s4)
+        else:
+            k_box = np.zeros(out.shape)
+        for sep in rest:
+            _add_separable(k_box, sep, rep, params, prefix, part)
+        for k, _ in whole:
+            _add_centred(k_box, k[part])
+        out[(slice(None), slice(None), *centre)] = k_box
 
-    _map_rows(fuse_rows, out_ch, step)
+    _map_rows(fuse_part, shape[axis], step)
     return kernel, bias
 
 
@@ -329,12 +459,13 @@ def fused_modules(desc: Description, prefix: str = "") -> dict[str, tuple[str, R
 
 
 def iter_deploy_state(spec: object, get: Callable[[str], np.ndarray],
-                      release: Callable[[str], None] | None = None
+                      release: Callable[[str], None] | None = None, empty: Empty = np.empty
                       ) -> Iterator[tuple[str, np.ndarray]]:
     """The deploy-form tensors of a train-form state, in deploy-schema order: each fused conv
     computed from `get(key)` when first needed, every other tensor passed through as `get`
     returns it. `release(key)` is called for every train tensor once no longer needed (the
-    streaming converter frees memory with it)."""
+    streaming converter frees memory with it); `empty` allocates the fused kernels (see
+    rep_kernel_bias)."""
     desc = in_form(spec, "train")  # type: ignore[arg-type]
     fused = fused_modules(desc)
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -348,7 +479,7 @@ def iter_deploy_state(spec: object, get: Callable[[str], np.ndarray],
         if module not in pending:
             prefix, rep = fused[module]
             mine = [k for n in _rep_nodes(rep) for k in node_schema(n, prefix)]
-            kernel, bias = rep_kernel_bias(rep, {k: get(k) for k in mine}, prefix)
+            kernel, bias = rep_kernel_bias(rep, {k: get(k) for k in mine}, prefix, empty)
             if release is not None:
                 for k in mine:
                     release(k)

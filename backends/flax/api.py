@@ -6,6 +6,7 @@ import numpy as np
 from flax import nnx
 
 from reparam_core import ReparamError
+from reparam_core.nodes import Model
 
 from .blocks import RepModule
 from .state import export_state, load_native_state, load_state, native_state
@@ -35,8 +36,8 @@ def inference_view(module: RepModule) -> RepModule:
 
 
 def is_block(module: RepModule) -> bool:
-    from reparam_core import RepGhostNetSpec, RepVGGSpec
-    return not isinstance(module.spec, (RepVGGSpec, RepGhostNetSpec))
+    """Whether the module is a block (NCHW out of predict) rather than a model (logits)."""
+    return not isinstance(module.desc, Model)
 
 
 @nnx.jit(static_argnums=0)
@@ -45,23 +46,19 @@ def _apply(fn, mods, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def _forward_nhwc(module: RepModule, x: jnp.ndarray) -> jnp.ndarray:
-    """The module's forward with every segment (block, stem, head) jitted on its own: identical
-    blocks share a compilation, which keeps XLA compile time small for deep models."""
-    segments = module.segments() if hasattr(module, "segments") else [(_call, module)]
-    for fn, mods in segments:
+    """The module's forward with every segment (top-level block or run of plain layers) jitted
+    on its own: identical blocks share a compilation, which keeps XLA compile time small for
+    deep models."""
+    for fn, mods in module.segments():
         x = _apply(fn, mods, x)
     return x
-
-
-def _call(module: RepModule, x: jnp.ndarray) -> jnp.ndarray:
-    return module(x)
 
 
 def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     """Inference (BN running statistics, no dropout, no grad) on an NCHW float32 numpy input;
     returns numpy (NCHW for blocks, (N, classes) logits for models). NHWC inside; the forward
-    runs under nnx.jit one segment (block, stem, head) at a time: one compile per distinct block
-    structure and input shape, far faster on CPU than op-by-op eager dispatch (which compiles
+    runs under nnx.jit one segment (top-level block or run of plain layers) at a time: one
+    compile per distinct segment and input shape, far faster on CPU than op-by-op eager dispatch (which compiles
     every distinct primitive shape) or one whole-model compile."""
     module = _rep_module(module)
     x = np.asarray(x, np.float32)

@@ -1,9 +1,9 @@
-"""Small Flax NNX layers shared by the blocks and models: a torch-compatible BatchNorm, a conv
-with explicit symmetric padding, squeeze-excite, and parameter-free placeholders.
+"""The Flax NNX primitives: one native module per parameterised leaf of the block description
+(Conv, BN, PadBN, Scale, SE, Linear), the dropout stream, and the parameter-free functions.
 
 Layout: activations are NHWC inside; conv kernels HWIO with I = in / groups (nnx.Conv with
 `feature_group_count`); linear kernels (in, out). Canonical <-> native tensor conversion happens
-only in reparam_core.layouts (see api.py).
+only through reparam_core.layouts (see state.py).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from reparam_core import nodes
 
 # torch.nn.BatchNorm2d's default momentum is 0.1 (new = 0.9 * old + 0.1 * batch); in the Flax
 # convention (new = momentum * old + (1 - momentum) * batch) that is 0.9.
@@ -66,35 +68,42 @@ class BatchNorm(nnx.Module):
         return (x - mean) * t + self.bias[...]
 
 
-def conv(cin: int, cout: int, k: int, *, stride: int = 1, padding: int = 0, dilation: int = 1,
-         groups: int = 1, bias: bool = False, rngs: nnx.Rngs | None = None) -> nnx.Conv:
-    """nnx.Conv with EXPLICIT symmetric padding ((p, p), (p, p)) like torch (never 'SAME':
-    with stride 2 Flax's 'SAME' pads (0, 1) where torch pads (1, 1))."""
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride),
-                    padding=((padding, padding), (padding, padding)),
-                    kernel_dilation=(dilation, dilation), feature_group_count=groups,
-                    use_bias=bias, rngs=_rngs(rngs))
+class PadBatchNorm(BatchNorm):
+    """BatchNorm, then `pad` pixels on every side filled with BN(0) = beta - mean t (Diverse
+    Branch Block's BNAndPadLayer: like the official code, the pad value uses the running
+    statistics and a detached gamma/beta, read after this call's update in training mode)."""
 
-
-class ConvBN(nnx.Module):
-    """`conv` then `bn` (RepVGG naming: `rbr_dense.conv`, `rbr_dense.bn`)."""
-
-    def __init__(self, conv_: nnx.Conv, bn: BatchNorm) -> None:
-        self.conv = conv_
-        self.bn = bn
+    def __init__(self, num_features: int, pad: int, *, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.pad = pad
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.bn(self.conv(x))
+        y = super().__call__(x)
+        p = self.pad
+        scale, bias = (jax.lax.stop_gradient(v[...]) for v in (self.scale, self.bias))
+        fill = bias - self.mean[...] * scale * jax.lax.rsqrt(self.var[...] + self.eps)
+        n, h, w, c = y.shape
+        out = jnp.broadcast_to(fill.astype(y.dtype), (n, h + 2 * p, w + 2 * p, c))
+        return out.at[:, p:p + h, p:p + w, :].set(y)
 
 
-class Placeholder(nnx.Module):
-    """A parameter-free layer that keeps torch's numbering in lists (pool, flatten, ReLU)."""
+class Scale(nnx.Module):
+    """Per-channel scale y[..., c] = weight[c] x[..., c] (parameter `weight`, shape (C,))."""
 
-    def __init__(self, fn: Callable[[jax.Array], jax.Array]) -> None:
-        self.fn = fn
+    def __init__(self, channels: int) -> None:
+        self.weight = nnx.Param(jnp.ones((channels,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fn(x)
+        return x * self.weight[...]
+
+
+def conv(node: nodes.Conv, rngs: nnx.Rngs | None = None) -> nnx.Conv:
+    """nnx.Conv of a Conv node (kernel (kh, kw)) with EXPLICIT symmetric padding like torch
+    (never 'SAME': with stride 2 Flax's 'SAME' pads (0, 1) where torch pads (1, 1))."""
+    (ph, pw) = node.padding
+    return nnx.Conv(node.in_channels, node.out_channels, node.kernel, strides=node.stride,
+                    padding=((ph, ph), (pw, pw)), kernel_dilation=node.dilation,
+                    feature_group_count=node.groups, use_bias=node.bias, rngs=_rngs(rngs))
 
 
 def global_pool(x: jax.Array) -> jax.Array:
@@ -103,7 +112,8 @@ def global_pool(x: jax.Array) -> jax.Array:
 
 
 def flatten(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1)
+    """Flatten in torch's (NCHW) element order, whatever the spatial size."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
 def hard_sigmoid(x: jax.Array) -> jax.Array:
@@ -111,23 +121,77 @@ def hard_sigmoid(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x}
-GATES: dict[str, Callable[[jax.Array], jax.Array]] = {"sigmoid": jax.nn.sigmoid,
-                                                      "hard_sigmoid": hard_sigmoid}
+    "relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x,
+    "sigmoid": jax.nn.sigmoid, "hard_sigmoid": hard_sigmoid}
+
+
+def avg_pool(x: jax.Array, node: nodes.AvgPool) -> jax.Array:
+    """k x k average pooling of NHWC x with zero padding counted (count_include_pad)."""
+    k, s, p = node.kernel, node.stride, node.padding
+    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
+                                  (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+    return total / (k * k)
 
 
 class SqueezeExcite(nnx.Module):
-    """x * gate(up(relu(down(mean_hw(x))))) with 1x1 convs with bias under configurable names:
-    `down`/`up` + sigmoid (RepVGG), `conv_reduce`/`conv_expand` + hard sigmoid (RepGhostNet)."""
+    """x * gate(expand(relu(reduce(mean_hw(x))))) with 1x1 convs with bias under the SE node's
+    child names (`down`/`up` + sigmoid in RepVGG, `conv_reduce`/`conv_expand` + hard sigmoid in
+    RepGhostNet)."""
 
-    def __init__(self, channels: int, hidden: int, names: tuple[str, str] = ("down", "up"),
-                 gate: str = "sigmoid", *, rngs: nnx.Rngs | None = None) -> None:
-        self.names = tuple(names)
-        self.gate = gate
-        setattr(self, names[0], conv(channels, hidden, 1, bias=True, rngs=rngs))
-        setattr(self, names[1], conv(hidden, channels, 1, bias=True, rngs=rngs))
+    def __init__(self, node: nodes.SE, *, rngs: nnx.Rngs | None = None) -> None:
+        self.names = (node.reduce, node.expand)
+        self.gate = node.gate
+        setattr(self, node.reduce, conv(nodes.Conv(node.reduce, node.channels, node.hidden,
+                                                   bias=True), rngs))
+        setattr(self, node.expand, conv(nodes.Conv(node.expand, node.hidden, node.channels,
+                                                   bias=True), rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        down, up = (getattr(self, n) for n in self.names)
-        s = jax.nn.relu(down(global_pool(x)))
-        return x * GATES[self.gate](up(s))
+        reduce, expand = (getattr(self, n) for n in self.names)
+        s = jax.nn.relu(reduce(global_pool(x)))
+        return x * ACTIVATIONS[self.gate](expand(s))
+
+
+class DropoutStream(nnx.Module):
+    """The dropout RNG stream of one scope (every Dropout node in it draws from it, at its own
+    rate): inverted dropout in training mode, the identity when `deterministic`."""
+
+    def __init__(self, rngs: nnx.Rngs | None = None, *, deterministic: bool = False) -> None:
+        self.rngs = _rngs(rngs)["dropout"].fork()
+        self.deterministic = deterministic
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """Used by nnx.view (inference / training views)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(self, x: jax.Array, rate: float) -> jax.Array:
+        if self.deterministic or rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.rngs(), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+Leaf = nodes.Conv | nodes.BN | nodes.PadBN | nodes.Scale | nodes.SE | nodes.Linear
+
+
+def leaf_module(node: Leaf, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The native module of a parameterised leaf of the description."""
+    if isinstance(node, nodes.Conv):
+        return conv(node, rngs)
+    if isinstance(node, nodes.PadBN):
+        return PadBatchNorm(node.channels, node.pad, eps=node.eps)
+    if isinstance(node, nodes.BN):
+        return BatchNorm(node.channels, eps=node.eps)
+    if isinstance(node, nodes.Scale):
+        return Scale(node.channels)
+    if isinstance(node, nodes.SE):
+        return SqueezeExcite(node, rngs=rngs)
+    return nnx.Linear(node.in_features, node.out_features, rngs=_rngs(rngs))
+
+
+LEAF_TYPES = (nodes.Conv, nodes.BN, nodes.PadBN, nodes.Scale, nodes.SE, nodes.Linear)
+
+__all__ = ["TORCH_BN_MOMENTUM", "FLAX_BN_MOMENTUM", "BatchNorm", "PadBatchNorm", "Scale",
+           "SqueezeExcite", "DropoutStream", "conv", "leaf_module", "LEAF_TYPES", "ACTIVATIONS",
+           "avg_pool", "global_pool", "flatten", "hard_sigmoid"]

@@ -1,381 +1,346 @@
-"""Re-parameterizable blocks as native megengine.module layers, built from reparam_core specs.
+"""One generic MegEngine module built from a block description (reparam_core.nodes).
 
-Every block knows its form (`deploy`, fixed at construction). `reparameterize()` returns a NEW
-deploy-form module of the same class: the fused conv comes from reparam_core.equivalent (float64
-inside) and is written with `param[...] = value` (MegEngine has no `.data`; assigning one is a
-silent no-op), every unfused tensor is copied the same way. The source module is left untouched.
+`RepModule(spec, deploy)` holds the description of its form (`desc`), builds every
+parameterised leaf (layers.py) at its dotted module path (name scopes become `Scope` modules,
+numeric child names like `rbr_dense.0` allowed), so `state_dict()` keys are exactly the
+canonical keys; every nested `Block` becomes a child module of class `block_class(kind)`.
+`forward` interprets the description, one rule per node type (traceable by `jit.trace`).
 
-Module paths equal reparam_core.schema's canonical names, so `state_dict()` keys are exactly the
-canonical keys; tensors are in MegEngine's own shapes (grouped conv weights 5-D
-`[g, O/g, I/g, kh, kw]`, conv bias `(1, C, 1, 1)`, BN flat `(C,)` in `state_dict()`).
+`reparameterize()` computes `reparameterize_state` from this module's neutral state and builds
+the deploy-form module of the same class holding it: built `empty` (no random initial values,
+0-element conv placeholders), then every tensor set in one pass as a new MegEngine tensor made
+from the state (a copy: nothing is shared with the source, which is left untouched). MegEngine
+has no `.data`: assigning one is a silent no-op, so values are only ever written as new tensors
+(`load_state_dict`, `setattr`) or with `tensor[...] = value`.
 
-BatchNorm momentum: MegEngine's BN updates `running = momentum * running + (1 - momentum) * batch`,
-the opposite convention of torch, so every BN here is built with `momentum=0.9`, which equals
-torch's default `momentum=0.1`. MegEngine's running_var uses the UNBIASED batch variance (measured:
-n/(n-1) correction), exactly as torch does, so running statistics match torch's step for step.
+A nested block's module holds its `Block` description as its `spec` (a description is its own
+spec), so it converts, exports and loads like a standalone block.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Mapping
+import operator
+from functools import reduce
+from typing import Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from .quiet import import_megengine
+from .layers import FUNCTIONAL, LEAF_MODULES, F, M, Tensor, leaf_module, mge
 
-mge = import_megengine()
-import megengine.functional as F  # noqa: E402
-import megengine.module as M  # noqa: E402
+from reparam_core import ReparamError, ShapeMismatchError, SpecError, TensorInfo
+from reparam_core.fuse import reparameterize_state
+from reparam_core.fusion import identity_kernel
+from reparam_core.l2 import custom_l2_penalty, l2_terms
+from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine
+from reparam_core.nodes import (Add, Aux, Block, Model, Node, Rep, children, in_form,
+                                rep_blocks)
+from reparam_core.schema import Form, schema_of
 
-from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,  # noqa: E402
-                          ReparamError, ShapeMismatchError, TensorInfo, ghost_cheap_kernel_bias,
-                          repblock_kernel_bias, repblock_names)
-from reparam_core.equivalent import custom_l2_penalty  # noqa: E402
-from reparam_core.fusion import identity_kernel  # noqa: E402
-from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine  # noqa: E402
-from reparam_core.schema import (Form, ghost_module_schema, repblock_schema,  # noqa: E402
-                                 bottleneck_schema)
-
-BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
+# --------------------------------------------------------------------------- module tree
 
 
-def batch_norm(channels: int, eps: float) -> M.BatchNorm2d:
-    """BatchNorm2d with torch-equivalent momentum (MegEngine 0.9 == torch 0.1)."""
-    return M.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+class Scope(M.Module):
+    """A name scope of a module path (`rbr_dense` holding `conv` and `bn`, `stage1` holding
+    `0`, `1`, ...): children by attribute name, numeric ones also by index (`scope[0]`)."""
+
+    def __getitem__(self, key: int | str) -> M.Module:
+        return getattr(self, str(key))
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise ReparamError(f"{self._name or 'a scope'} is a name scope of the description, "
+                           "not a layer: call the module that owns it")
 
 
-def conv_bn(cin: int, cout: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
-            dilation: int = 1, groups: int = 1, bias: bool = False, eps: float = 1e-5,
-            names: tuple[str, str] = ("conv", "bn")) -> M.Sequential:
-    """Sequential(conv, BN) with the given child names (`conv`/`bn`, or YOLOv7's `0`/`1`)."""
-    conv = M.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                    groups=groups, bias=bias)
-    return M.Sequential(OrderedDict([(names[0], conv), (names[1], batch_norm(cout, eps))]))
+def _check_free(parent: M.Module, name: str, path: str) -> None:
+    if not name or name in vars(parent) or hasattr(type(parent), name):
+        raise SpecError(f"module path {path!r}: {name!r} is empty or already taken in "
+                        f"{type(parent).__name__}")
 
 
-def global_pool(x):
-    return F.mean(x, axis=(2, 3), keepdims=True)
+def place(root: M.Module, path: str, module: M.Module) -> None:
+    """Attach `module` at the dotted `path` under `root`, creating the scopes on the way."""
+    *scopes, last = path.split(".")
+    parent = root
+    for part in scopes:
+        scope = vars(parent).get(part)
+        if scope is None:
+            _check_free(parent, part, path)
+            scope = Scope()
+            setattr(parent, part, scope)
+        elif not isinstance(scope, Scope):
+            raise SpecError(f"module path {path!r}: {part!r} is a {type(scope).__name__}, "
+                            "not a name scope")
+        parent = scope
+    _check_free(parent, last, path)
+    setattr(parent, last, module)
 
 
-def hard_sigmoid(x):
-    return F.relu6(x + 3.0) / 6.0
+def owned_nodes(node: Node | Model | Aux) -> Iterator[Node | Aux]:
+    """The nodes a module builds itself: everything under `node` except the insides of nested
+    blocks (those are child modules of their own)."""
+    for child in children(node):
+        yield child
+        if isinstance(child, (Rep, Add, Aux)):
+            yield from owned_nodes(child)
 
 
-_ACTIVATIONS = {"relu": M.ReLU, "silu": M.SiLU, "identity": M.Identity}
+# --------------------------------------------------------------------------- forward rules
 
 
-class SqueezeExcite(M.Module):
-    """x * gate(up(relu(down(mean_hw(x))))) with 1x1 convs (bias) under configurable names:
-    `down`/`up` + sigmoid (RepVGG) or `conv_reduce`/`conv_expand` + hard sigmoid (RepGhostNet)."""
-
-    def __init__(self, channels: int, hidden: int, names: tuple[str, str] = ("down", "up"),
-                 hard: bool = False) -> None:
-        super().__init__()
-        self._names = tuple(names)
-        self._hard = bool(hard)
-        setattr(self, names[0], M.Conv2d(channels, hidden, 1, bias=True))
-        setattr(self, names[1], M.Conv2d(hidden, channels, 1, bias=True))
-
-    def forward(self, x):
-        down, up = (getattr(self, n) for n in self._names)
-        s = up(F.relu(down(global_pool(x))))
-        return x * (hard_sigmoid(s) if self._hard else F.sigmoid(s))
+def run(module: "RepModule", nodes: tuple[Node, ...], x: Tensor) -> Tensor:
+    """A chain of nodes on x (the empty chain is the identity)."""
+    for node in nodes:
+        x = apply(module, node, x)
+    return x
 
 
-# --------------------------------------------------------------------------- state helpers
+def _call(module: "RepModule", node, x: Tensor) -> Tensor:
+    """A parameterised leaf or a nested block: the child module at its path."""
+    return module.module_at(node.name)(x)
 
-def named_tensors(module: M.Module) -> dict:
-    """Every parameter and buffer of the module by its state_dict name (the live tensors)."""
-    out = dict(module.named_parameters())
-    out.update(dict(module.named_buffers()))
+
+def _rep(module: "RepModule", node: Rep, x: Tensor) -> Tensor:
+    outs = [run(module, branch, x) for branch in node.branches]
+    y = F.concat(outs, axis=1) if node.combine == "concat" else reduce(operator.add, outs)
+    return y if node.bn is None else apply(module, node.bn, y)
+
+
+def _add(module: "RepModule", node: Add, x: Tensor) -> Tensor:
+    return reduce(operator.add, [run(module, branch, x) for branch in node.branches])
+
+
+RULES: dict[type, Callable[["RepModule", object, Tensor], Tensor]] = {
+    **{t: _call for t in LEAF_MODULES}, Block: _call, Rep: _rep, Add: _add}
+
+
+def apply(module: "RepModule", node: Node, x: Tensor) -> Tensor:
+    """One node on x: a parameter-free rule (layers.FUNCTIONAL) or a rule of RULES."""
+    functional = FUNCTIONAL.get(type(node))
+    if functional is not None:
+        return functional(node, x, module.training)
+    rule = RULES.get(type(node))
+    if rule is None:
+        raise SpecError(f"the MegEngine backend has no rule for {type(node).__name__}")
+    return rule(module, node, x)
+
+
+# --------------------------------------------------------------------------- states
+
+
+def neutral_state(module: "RepModule") -> dict[str, np.ndarray]:
+    """The module's tensors as a neutral state (canonical keys in schema order, OIHW, float32),
+    read from the leaf modules at their paths (MegEngine's `state_dict()` walk is slow)."""
+    out = {}
+    for key, info in module.schema().items():
+        path, field = key.rsplit(".", 1)
+        value = getattr(module.module_at(path), field).numpy()
+        out[key] = np.ascontiguousarray(from_megengine(np.asarray(value, np.float32), info),
+                                        dtype=np.float32)
     return out
 
 
-def native_to_neutral(module: M.Module, schema: Mapping[str, TensorInfo]) -> dict[str, np.ndarray]:
-    """The module's state_dict() as a neutral state (canonical keys, OIHW, float32)."""
-    sd = module.state_dict()
-    if set(sd) != set(schema):
-        missing = sorted(set(schema) - set(sd))[:3]
-        extra = sorted(set(sd) - set(schema))[:3]
-        raise ReparamError(f"{type(module).__name__}: native keys differ from the schema "
-                           f"(missing {missing}, unexpected {extra})")
-    return {k: np.ascontiguousarray(from_megengine(np.asarray(sd[k], np.float32), info),
-                                    dtype=np.float32)
-            for k, info in schema.items()}
+def native_array(value: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """A canonical tensor in MegEngine's `state_dict()` shape (layouts.to_megengine), float32."""
+    return np.ascontiguousarray(to_megengine(np.asarray(value, np.float32), info),
+                                dtype=np.float32)
 
 
-def write_tensor(tensor, value: np.ndarray, info: TensorInfo, key: str = "") -> None:
+def to_native(state: Mapping[str, np.ndarray],
+              schema: Mapping[str, TensorInfo]) -> dict[str, np.ndarray]:
+    """A neutral state (validated against `schema`) in MegEngine's `state_dict()` shapes."""
+    return {k: native_array(state[k], info) for k, info in schema.items()}
+
+
+def module_layout(value: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """A canonical tensor in the shape it has on its MegEngine module: `state_dict()`'s shape,
+    except BN tensors, which a BN module holds as (1, C, 1, 1)."""
+    v = native_array(value, info)
+    return v.reshape(1, -1, 1, 1) if info.kind.startswith("bn.") else v
+
+
+def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str = "") -> None:
     """Write a canonical (OIHW) value into a live MegEngine tensor in place (`t[...] = v`).
-
-    Conv weights/biases have the same shape in the module and in `state_dict()`, so the
-    layouts.to_megengine result fits the tensor directly."""
-    v = np.ascontiguousarray(to_megengine(np.asarray(value, np.float32), info), dtype=np.float32)
+    Conv weights/biases have the same shape in the module and in `state_dict()`."""
+    v = native_array(value, info)
     if tuple(v.shape) != tuple(tensor.shape):
-        raise ShapeMismatchError(f"{key or info.kind}: value of shape {tuple(v.shape)} does not fit "
-                                 f"the MegEngine tensor of shape {tuple(tensor.shape)}")
+        raise ShapeMismatchError(f"{key or info.kind}: value of shape {tuple(v.shape)} does not "
+                                 f"fit the MegEngine tensor of shape {tuple(tensor.shape)}")
     tensor[...] = v
 
 
-def copy_matching(src: M.Module, dst: M.Module) -> None:
-    """Copy every tensor of `src` into the tensor of `dst` with the same name and shape."""
-    s = named_tensors(src)
-    for name, t in named_tensors(dst).items():
-        if name in s and tuple(s[name].shape) == tuple(t.shape):
-            t[...] = s[name].numpy()
+# --------------------------------------------------------------------------- the module
+
+_CLASSES: dict[str, type["RepModule"]] = {}
 
 
-class Reparameterizable(M.Module):
-    """Base of every block and model: a spec, a fixed form, and `reparameterize()`."""
+class RepModule(M.Module):
+    """A block or model built from its description: `spec`, a fixed form (`deploy`) and `desc`
+    (the description in that form). Subclasses name the official class they stand for in
+    `kind` and refuse a spec of another kind."""
 
-    spec: object
-    deploy: bool
+    kind: ClassVar[str] = ""
 
-    def schema(self) -> dict[str, TensorInfo]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("kind"):
+            _CLASSES.setdefault(cls.kind, cls)
 
-    def _write_fused(self, dst: "Reparameterizable") -> None:
-        """Write this train-form block's fused conv(s) into the deploy-form `dst` (leaf blocks)."""
+    def __init__(self, spec: object, deploy: bool = False, *, empty: bool = False) -> None:
+        """`empty=True` draws no random initial values and gives convs 0-element weights: for
+        `_holding`, which sets every tensor right after."""
+        super().__init__()
+        desc = in_form(spec, "deploy" if deploy else "train")
+        if self.kind and desc.kind != self.kind:
+            raise ReparamError(f"{type(self).__name__} builds {self.kind!r} blocks; the spec "
+                               f"describes {desc.kind!r} (use build_block or block_class)")
+        self.spec = spec
+        self.deploy = bool(deploy)
+        self.desc = desc
+        for node in owned_nodes(desc):
+            child = (block_class(node.kind)(node, self.deploy, empty=empty)
+                     if isinstance(node, Block) else leaf_module(node, empty))
+            if child is not None:
+                place(self, node.name, child)
 
-    def reparameterize(self) -> "Reparameterizable":
+    @property
+    def form(self) -> Form:
+        return "deploy" if self.deploy else "train"
+
+    def schema(self, prefix: str = "") -> dict[str, TensorInfo]:
+        return schema_of(self.desc, prefix)
+
+    def module_at(self, path: str) -> M.Module:
+        """The child module at a dotted path ('' is the module itself)."""
+        module: M.Module = self
+        for part in path.split(".") if path else ():
+            module = getattr(module, part)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run(self, self.desc.body, x)
+
+    def _require_train(self, what: str) -> None:
+        if self.deploy:
+            raise ReparamError(f"{what}: defined on the train form only; this "
+                               f"{type(self).__name__} is in deploy form")
+
+    def forward_with_aux(self, x: Tensor) -> dict[str, Tensor]:
+        """The main output ("main") and every auxiliary head's (train form only)."""
+        self._require_train("forward_with_aux")
+        heads = self.desc.aux if isinstance(self.desc, Model) else ()
+        taps = {a.tap: a for a in heads}
+        out: dict[str, Tensor] = {}
+        for node in self.desc.body:
+            x = apply(self, node, x)
+            aux = taps.get(node.name) if isinstance(node, Block) else None
+            if aux is not None:
+                out[aux.name] = run(self, aux.body, x)
+        return {"main": x, **out}
+
+    def rep_blocks(self) -> list[tuple[str, "RepModule"]]:
+        """The re-parameterizable blocks (innermost blocks holding a Rep), with their module
+        paths; the module itself ('') when it holds a Rep directly."""
+        own = [("", self)] if any(isinstance(n, Rep) for n in self.desc.body) else []
+        return own + [(path, self.module_at(path)) for path, _ in rep_blocks(self.desc)]
+
+    def custom_l2(self) -> Tensor:
+        """RepVGGplus' custom L2 summed over every re-parameterizable block, identity branch
+        included (train form only)."""
+        self._require_train("custom_l2")
+        found = self.rep_blocks()
+        if not found:
+            raise ReparamError(f"custom_l2: {type(self).__name__} holds no re-parameterizable "
+                               "block")
+        return reduce(operator.add, [l2_term(block) for _, block in found])
+
+    def reparameterize(self) -> "RepModule":
         """A NEW deploy-form module computing the same function (itself when already deploy)."""
         if self.deploy:
             return self
-        dst = type(self)(self.spec, deploy=True)
-        copy_matching(self, dst)
-        dst_modules = dict(dst.named_modules())
-        for name, m in self.named_modules():
-            if isinstance(m, _FUSABLE):
-                m._write_fused(dst_modules[name])
+        dst = type(self)._holding(self.spec, reparameterize_state(self.spec, neutral_state(self)),
+                                  deploy=True)
         dst.train(self.training)
         return dst
 
-
-# --------------------------------------------------------------------------- RepVGG-style blocks
-
-class _RepBlock(Reparameterizable):
-    """act(SE_pre(dense + 1x1 + identity)) or SE_post(act(...)); one kxk conv in deploy form."""
-
-    def __init__(self, spec: RepBlockSpec, deploy: bool = False) -> None:
-        super().__init__()
-        self._check_spec(spec)
-        self.spec = spec
-        self.deploy = bool(deploy)
-        n = repblock_names(spec)
-        geo = dict(stride=spec.stride, dilation=spec.dilation, groups=spec.groups)
-        cin, cout = spec.in_channels, spec.out_channels
-        if self.deploy:
-            self.rbr_reparam = M.Conv2d(cin, cout, spec.kernel_size, padding=spec.padding,
-                                        bias=True, **geo)
-        else:
-            names = (n.dense_conv.split(".")[-1], n.dense_bn.split(".")[-1])
-            self.rbr_dense = conv_bn(cin, cout, spec.kernel_size, padding=spec.padding,
-                                     bias=spec.conv_bias, eps=spec.eps, names=names, **geo)
-            self.rbr_1x1 = conv_bn(cin, cout, 1, padding=spec.padding_1x1, bias=spec.conv_bias,
-                                   eps=spec.eps, names=names, **geo)
-            if spec.has_identity:
-                self.rbr_identity = batch_norm(cout, spec.eps)
-        if spec.se != "none":
-            setattr(self, spec.se_module, SqueezeExcite(cout, spec.se_channels))
-        self.nonlinearity = _ACTIVATIONS[spec.act]()
-
     @classmethod
-    def _check_spec(cls, spec: RepBlockSpec) -> None:
-        if not isinstance(spec, RepBlockSpec):
-            raise ReparamError(f"{cls.__name__} needs a RepBlockSpec, got {type(spec).__name__}")
-
-    def schema(self, prefix: str = "") -> dict[str, TensorInfo]:
-        return repblock_schema(self.spec, prefix, "deploy" if self.deploy else "train")
-
-    def forward(self, x):
-        if self.deploy:
-            y = self.rbr_reparam(x)
-        else:
-            y = self.rbr_dense(x) + self.rbr_1x1(x)
-            if self.spec.has_identity:
-                y = y + self.rbr_identity(x)
-        if self.spec.se == "pre":
-            return self.nonlinearity(self.se(y))
-        if self.spec.se == "post":
-            return self.post_se(self.nonlinearity(y))
-        return self.nonlinearity(y)
-
-    def fused_kernel_bias(self) -> tuple[np.ndarray, np.ndarray]:
-        """The equivalent (kernel OIHW, bias) of this block, via reparam_core.equivalent."""
-        params = native_to_neutral(self, self.schema())
-        if self.deploy:
-            r = repblock_names(self.spec).reparam
-            return params[f"{r}.weight"], params[f"{r}.bias"]
-        return repblock_kernel_bias(self.spec, params)
-
-    def _write_fused(self, dst: "_RepBlock") -> None:
-        kernel, bias = self.fused_kernel_bias()
-        schema = dst.schema()
-        r = repblock_names(self.spec).reparam
-        write_tensor(dst.rbr_reparam.weight, kernel, schema[f"{r}.weight"], f"{r}.weight")
-        write_tensor(dst.rbr_reparam.bias, bias, schema[f"{r}.bias"], f"{r}.bias")
-
-    def custom_l2_term(self):
-        """RepVGGplus custom L2 of this block, identity branch included (train form only)."""
-        if self.deploy:
-            raise ReparamError("custom_l2: the penalty is defined on the train form only; "
-                               "this block is in deploy form")
-        n = repblock_names(self.spec)
-        dconv, dbn = n.dense_conv.split(".")[-1], n.dense_bn.split(".")[-1]
-        k3 = getattr(self.rbr_dense, dconv).weight
-        k1 = getattr(self.rbr_1x1, dconv).weight
-        lead = tuple(k3.shape[:-3])  # (O,) or (g, O/g): MegEngine's kernel layout
-        c = self.spec.kernel_size // 2
-
-        def scale(bn):
-            t = bn.weight / F.sqrt(bn.running_var + bn.eps)
-            return F.reshape(t.detach(), lead + (1, 1, 1))
-
-        t3 = scale(getattr(self.rbr_dense, dbn))
-        t1 = scale(getattr(self.rbr_1x1, dbn))
-        centre = k3[..., c:c + 1, c:c + 1]
-        if not self.spec.has_identity:
-            return custom_l2_penalty(k3, centre, k1, t3, t1)
-        eye = identity_kernel(self.spec.out_channels, self.spec.groups, 1, np.float32)
-        eye = mge.tensor(oihw_to_megengine(eye, self.spec.groups))
-        return custom_l2_penalty(k3, centre, k1, t3, t1, eye, scale(self.rbr_identity))
+    def _holding(cls, spec: object, state: Mapping[str, np.ndarray],
+                 deploy: bool) -> "RepModule":
+        """A module of this class holding a complete neutral `state` of its form (trusted: the
+        core's fused state), built `empty`; every tensor is then a new MegEngine tensor made
+        from the state, in one pass (copied, never shared)."""
+        module = cls(spec, deploy, empty=True)
+        for key, info in module.schema().items():
+            path, field = key.rsplit(".", 1)
+            leaf = module.module_at(path)
+            setattr(leaf, field, type(getattr(leaf, field))(module_layout(state[key], info),
+                                                            no_cache=True))
+        return module
 
 
-class RepVGGBlock(_RepBlock):
-    """RepVGG block (`rbr_dense.conv/.bn`, `rbr_1x1`, `rbr_identity`; SE `se` before the act)."""
+def l2_term(block: RepModule) -> Tensor:
+    """One block's custom L2 on its own (differentiable) MegEngine tensors."""
+    t = l2_terms(block.desc)
+    k3 = block.module_at(t.dense_conv).weight
+    k1 = block.module_at(t.one_conv).weight
+    lead = tuple(k3.shape[:-3])  # (O,) or (g, O/g): MegEngine's kernel layout
+    ch, cw = t.centre
 
-    @classmethod
-    def _check_spec(cls, spec: RepBlockSpec) -> None:
-        super()._check_spec(spec)
-        if spec.naming != "repvgg" or spec.se == "post":
-            raise ReparamError(f"{cls.__name__} needs naming='repvgg' and se 'none'/'pre', got "
-                               f"naming={spec.naming!r}, se={spec.se!r} (use build_block)")
+    def scale(bn_path: str) -> Tensor:
+        bn = block.module_at(bn_path)
+        return F.reshape((bn.weight / F.sqrt(bn.running_var + bn.eps)).detach(), lead + (1, 1, 1))
+
+    centre = k3[..., ch:ch + 1, cw:cw + 1]
+    t3, t1 = scale(t.dense_bn), scale(t.one_bn)
+    if t.identity_bn is None:
+        return custom_l2_penalty(k3, centre, k1, t3, t1)
+    eye = identity_kernel(t.out_channels, t.groups, 1, np.float32)
+    eye = mge.tensor(oihw_to_megengine(eye, t.groups))
+    return custom_l2_penalty(k3, centre, k1, t3, t1, eye, scale(t.identity_bn))
 
 
-class RepConv(_RepBlock):
-    """YOLOv7's RepConv: the same block with conv/BN pairs named `0`/`1` (`rbr_dense.0`)."""
+def block_class(kind: str) -> type[RepModule]:
+    """The module class of an official kind; a subclass is made (and cached) on the fly for a
+    kind no class was written for."""
+    cls = _CLASSES.get(kind)
+    if cls is None:
+        cls = type(kind, (RepModule,), {"kind": kind, "__module__": __name__,
+                                        "__doc__": f"{kind}, built from its description."})
+    return cls
 
-    @classmethod
-    def _check_spec(cls, spec: RepBlockSpec) -> None:
-        super()._check_spec(spec)
-        if spec.naming != "repconv":
-            raise ReparamError(f"RepConv needs naming='repconv', got {spec.naming!r} "
-                               "(see repconv_spec)")
+
+class RepVGGBlock(RepModule):
+    """RepVGG block: `rbr_dense.conv/.bn`, `rbr_1x1`, `rbr_identity`, SE `se` before the act;
+    deploy form `rbr_reparam`."""
+
+    kind = "RepVGGBlock"
 
 
-class RepVGGplusBlock(_RepBlock):
+class RepConv(RepModule):
+    """YOLOv7's RepConv: the RepVGG block with conv/BN pairs named `0`/`1` (`rbr_dense.0`)."""
+
+    kind = "RepConv"
+
+
+class RepVGGplusBlock(RepModule):
     """RepVGGplus block: SE after the activation (module `post_se`)."""
 
-    @classmethod
-    def _check_spec(cls, spec: RepBlockSpec) -> None:
-        super()._check_spec(spec)
-        if spec.naming != "repvgg" or spec.se != "post":
-            raise ReparamError(f"RepVGGplusBlock needs naming='repvgg' and se='post', got "
-                               f"naming={spec.naming!r}, se={spec.se!r}")
+    kind = "RepVGGplusBlock"
 
 
-# --------------------------------------------------------------------------- RepGhost
+class RepGhostModule(RepModule):
+    """RepGhost module: `primary_conv.0/.1`, the depthwise `cheap_operation.0/.1` plus the BN
+    shortcut `fusion_bn.0`; deploy form `cheap_operation` is one depthwise conv with bias."""
 
-class RepGhostModule(Reparameterizable):
-    """RepGhost module: `primary_conv` (1x1 conv, BN, ReLU?), then the depthwise
-    `cheap_operation` (conv+BN) plus the BN shortcut `fusion_bn`; ReLU if `spec.relu`.
-    Deploy form: `cheap_operation` is one depthwise conv with bias."""
-
-    def __init__(self, spec: RepGhostModuleSpec, deploy: bool = False) -> None:
-        super().__init__()
-        if not isinstance(spec, RepGhostModuleSpec):
-            raise ReparamError(f"RepGhostModule needs a RepGhostModuleSpec, got {type(spec).__name__}")
-        self.spec = spec
-        self.deploy = bool(deploy)
-        cin, c = spec.in_channels, spec.out_channels
-        self.primary_conv = M.Sequential(
-            M.Conv2d(cin, c, spec.kernel_size, stride=spec.stride, padding=spec.kernel_size // 2,
-                     bias=False),
-            batch_norm(c, spec.eps),
-            M.ReLU() if spec.relu else M.Identity())
-        dw = dict(padding=spec.dw_size // 2, groups=c)
-        if self.deploy:
-            self.cheap_operation = M.Conv2d(c, c, spec.dw_size, bias=True, **dw)
-        else:
-            self.cheap_operation = M.Sequential(M.Conv2d(c, c, spec.dw_size, bias=False, **dw),
-                                                batch_norm(c, spec.eps))
-            if spec.reparam_bn:
-                self.fusion_bn = M.Sequential(batch_norm(c, spec.eps))
-
-    def schema(self, prefix: str = "") -> dict[str, TensorInfo]:
-        return ghost_module_schema(self.spec, prefix, "deploy" if self.deploy else "train")
-
-    def forward(self, x):
-        x1 = self.primary_conv(x)
-        x2 = self.cheap_operation(x1)
-        if not self.deploy and self.spec.reparam_bn:
-            x2 = x2 + self.fusion_bn(x1)
-        return F.relu(x2) if self.spec.relu else x2
-
-    def fused_kernel_bias(self) -> tuple[np.ndarray, np.ndarray]:
-        params = native_to_neutral(self, self.schema())
-        if self.deploy:
-            return params["cheap_operation.weight"], params["cheap_operation.bias"]
-        return ghost_cheap_kernel_bias(self.spec, params)
-
-    def _write_fused(self, dst: "RepGhostModule") -> None:
-        kernel, bias = self.fused_kernel_bias()
-        schema = dst.schema()
-        write_tensor(dst.cheap_operation.weight, kernel, schema["cheap_operation.weight"],
-                     "cheap_operation.weight")
-        write_tensor(dst.cheap_operation.bias, bias, schema["cheap_operation.bias"],
-                     "cheap_operation.bias")
+    kind = "RepGhostModule"
 
 
-class RepGhostBottleneck(Reparameterizable):
-    """ghost1 -> (depthwise stride conv + BN) -> (SE, hard sigmoid) -> ghost2, plus the identity
-    or the conv shortcut (`shortcut.0..3`: dw conv, BN, 1x1 conv, BN)."""
+class RepGhostBottleneck(RepModule):
+    """ghost1 -> (depthwise stride conv + BN) -> SE -> ghost2, plus the identity or the conv
+    shortcut `shortcut.0..3`."""
 
-    def __init__(self, spec: RepGhostBottleneckSpec, deploy: bool = False) -> None:
-        super().__init__()
-        if not isinstance(spec, RepGhostBottleneckSpec):
-            raise ReparamError("RepGhostBottleneck needs a RepGhostBottleneckSpec, got "
-                               f"{type(spec).__name__}")
-        self.spec = spec
-        self.deploy = bool(deploy)
-        pad = (spec.dw_kernel_size - 1) // 2
-        mid = spec.mid_channels
-        self.ghost1 = RepGhostModule(spec.ghost1, deploy)
-        if spec.stride > 1:
-            self.conv_dw = M.Conv2d(mid, mid, spec.dw_kernel_size, stride=spec.stride,
-                                    padding=pad, groups=mid, bias=False)
-            self.bn_dw = batch_norm(mid, spec.eps)
-        if spec.se_channels:
-            self.se = SqueezeExcite(mid, spec.se_channels, ("conv_reduce", "conv_expand"), hard=True)
-        self.ghost2 = RepGhostModule(spec.ghost2, deploy)
-        if spec.has_conv_shortcut:
-            cin, cout = spec.in_channels, spec.out_channels
-            self.shortcut = M.Sequential(
-                M.Conv2d(cin, cin, spec.dw_kernel_size, stride=spec.stride, padding=pad,
-                         groups=cin, bias=False),
-                batch_norm(cin, spec.eps),
-                M.Conv2d(cin, cout, 1, bias=False),
-                batch_norm(cout, spec.eps))
-
-    def schema(self, prefix: str = "") -> dict[str, TensorInfo]:
-        return bottleneck_schema(self.spec, prefix, "deploy" if self.deploy else "train")
-
-    def forward(self, x):
-        y = self.ghost1(x)
-        if self.spec.stride > 1:
-            y = self.bn_dw(self.conv_dw(y))
-        if self.spec.se_channels:
-            y = self.se(y)
-        y = self.ghost2(y)
-        return y + (self.shortcut(x) if self.spec.has_conv_shortcut else x)
+    kind = "RepGhostBottleneck"
 
 
-_FUSABLE = (_RepBlock, RepGhostModule)
-
-
-def block_form(module: Reparameterizable) -> Form:
-    return "deploy" if module.deploy else "train"
-
-
-__all__ = ["RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule", "RepGhostBottleneck",
-           "SqueezeExcite", "Reparameterizable", "conv_bn", "batch_norm",
-           "BN_MOMENTUM", "native_to_neutral", "write_tensor", "copy_matching", "named_tensors"]
+__all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply", "RULES",
+           "l2_term", "neutral_state", "native_array", "to_native", "module_layout",
+           "write_tensor", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
+           "RepGhostBottleneck"]

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .blocks import mge
+from .layers import mge
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "output"

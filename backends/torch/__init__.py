@@ -1,17 +1,19 @@
 """PyTorch backend of reparam: native torch.nn blocks and models built from reparam_core specs.
 
-Module paths (and so `state_dict()` keys) are the canonical, official names; every fusion goes
-through reparam_core.equivalent (float64).
+One generic module class (RepModule) built from reparam_core's block description, with thin
+named classes per official class. Module paths (and so `state_dict()` keys) are the canonical,
+official names; every fusion goes through reparam_core.fuse (float64).
 """
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 from .api import export_state, load_state, predict, reparameterize
 from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock,
-                     RepVGGplusBlock, SqueezeExcite, build_block)
+                     RepVGGplusBlock, block_class, build_block)
+from .layers import SqueezeExcite
 from .export import export_onnx
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
-           "RepVGG", "RepVGGplus", "RepGhostNet", "RepModule", "SqueezeExcite", "build_block",
-           "create_model", "reparameterize", "load_state", "export_state", "predict",
+           "RepVGG", "RepVGGplus", "RepGhostNet", "RepModule", "SqueezeExcite", "block_class",
+           "build_block", "create_model", "reparameterize", "load_state", "export_state", "predict",
            "export_onnx", "repconv_spec"]

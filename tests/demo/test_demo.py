@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -70,11 +71,51 @@ def test_summary_figures(run):
     for fw in ("torch", "megengine", "flax"):
         tp = s["throughput"][fw]
         assert tp["repeats"] >= 5 and len(tp["train_runs_s"]) == len(tp["deploy_runs_s"]) == tp["repeats"]
-        assert tp["train_images_per_s"] > 0 and tp["deploy_images_per_s"] > 0
-        ratios = [t / d for t, d in zip(tp["train_runs_s"], tp["deploy_runs_s"])]
-        assert tp["deploy_over_train"] == pytest.approx(float(np.median(ratios)))
+        assert tp["batch"] == s["data"]["n_test"] == 360
+        # every figure recomputed here from the raw per-round timings, with the test's own median
+        for form in FORMS:
+            runs_s = tp[f"{form}_runs_s"]
+            assert all(t > 0 for t in runs_s), (fw, form, runs_s)
+            ips = 360 / statistics.median(runs_s)
+            assert tp[f"{form}_images_per_s"] == pytest.approx(ips, rel=1e-12), (fw, form)
+            assert s["results"][f"{fw}/{form}"]["images_per_s"] == pytest.approx(ips, rel=1e-12)
+        ratios = sorted(t / d for t, d in zip(tp["train_runs_s"], tp["deploy_runs_s"]))
+        mid = len(ratios) // 2
+        median_ratio = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+        assert tp["deploy_over_train"] == pytest.approx(median_ratio, rel=1e-12), fw
     # one epoch already learns something (10 classes: chance is 10%)
     assert s["results"]["torch/train"]["accuracy"] > 0.5
+
+
+def test_throughput_figures_from_a_fixed_clock(monkeypatch):
+    """scripts/timing.py (the demo's throughput figures) on known per-call times: a fake clock
+    that each callable advances by a scripted amount. Medians worked out by hand; the per-round
+    ratio median (3.0) differs from the ratio of the medians (5 / 2 = 2.5) and from the mean
+    ratio (2.95), so a helper computing either of those fails."""
+    from types import SimpleNamespace
+
+    from scripts import timing
+
+    clock = [0.0]
+    calls: list[str] = []
+    # the first call of each is the untimed warm-up round
+    durations = {"train": [100.0, 3.0, 10.0, 5.0, 4.0, 8.0], "deploy": [100.0, 1.0, 4.0, 4.0, 1.0, 2.0]}
+
+    def fn(name):
+        def call():
+            calls.append(name)
+            clock[0] += durations[name][calls.count(name) - 1]
+        return call
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    out = timing.interleaved_throughput({"train": fn("train"), "deploy": fn("deploy")}, batch=8,
+                                        repeats=5)
+    assert calls == ["train", "deploy"] * 6  # interleaved rounds, warm-up included
+    assert out["train"] == {"median_s": 5.0, "images_per_s": 1.6,
+                            "runs_s": [3.0, 10.0, 5.0, 4.0, 8.0]}
+    assert out["deploy"] == {"median_s": 2.0, "images_per_s": 4.0,
+                             "runs_s": [1.0, 4.0, 4.0, 1.0, 2.0]}
+    assert out["deploy_over_train"] == 3.0  # round ratios 3, 2.5, 1.25, 4, 4
 
 
 def test_all_predictions_identical(run):

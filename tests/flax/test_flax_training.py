@@ -65,9 +65,9 @@ def test_batchnorm_running_stats_match_torch() -> None:
 @pytest.mark.parametrize("spec", [RepBlockSpec(6, 6, groups=2, conv_bias=True),
                                   bf.repconv_spec(6, 12, stride=2)], ids=["repvgg", "repconv"])
 def test_block_training_mode_matches_torch_backend(spec: RepBlockSpec) -> None:
-    from reparam_core.schema import repblock_schema
+    from reparam_core.schema import block_schema
     from flax_testutil import random_params
-    params = random_params(repblock_schema(spec, "", "train"), 3)
+    params = random_params(block_schema(spec, "train"), 3)
     fb = bf.load_state(bf.empty_block(spec), params)
     tb = bt.load_state(bt.build_block(spec), params).train()
     for x in _batches(3, (4, 6, 7, 9), seed=4):

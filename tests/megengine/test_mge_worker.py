@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, random_block_params
 from reparam_core import (RepBlockSpec, block_spec_to_dict, get_spec, oracle, random_state,
                           reparameterize_state)
 from reparam_core.safetensors_io import load_file, save_file
-from reparam_core.schema import repblock_schema
+from reparam_core.schema import block_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +39,17 @@ def worker():
     assert "cuda" not in stderr.lower(), stderr
 
 
+def timed(worker, req: dict) -> dict:
+    """One timed request: the reply's `seconds` (the worker's own time for the request) must be
+    positive and no more than the round trip measured here around the call (+ rounding slack)."""
+    t0 = time.perf_counter()
+    reply = worker(req)
+    wall = time.perf_counter() - t0
+    assert reply.get("ok") is True, reply
+    assert 0 < reply["seconds"] <= wall + 1e-3, (reply["seconds"], wall, reply)
+    return reply
+
+
 def test_worker_protocol(worker, tmp_path):
     pong = worker({"op": "ping"})
     assert pong["ok"] is True and pong["megengine"] == "1.13.0" and pong["python"].startswith("3.10")
@@ -52,8 +64,8 @@ def test_worker_protocol(worker, tmp_path):
            "form": "train", "state": str(tmp_path / "state.safetensors"),
            "input": str(tmp_path / "x.safetensors"), "output": str(tmp_path / "y.safetensors"),
            "reparameterize": True, "export_state": str(tmp_path / "deploy.safetensors")}
-    r = worker(req)
-    assert r["ok"] is True and r["form"] == "deploy" and r["seconds"] >= 0, r
+    r = timed(worker, req)
+    assert r["ok"] is True and r["form"] == "deploy" and "seconds" in r, r
     ref = oracle.forward(spec, state, x, "train")
     assert rel_err(load_file(tmp_path / "y.safetensors")[0]["y"], ref) <= MODEL_RTOL
     dstate = load_file(tmp_path / "deploy.safetensors")[0]
@@ -63,25 +75,27 @@ def test_worker_protocol(worker, tmp_path):
 
     # block spec, train form, no conversion
     bspec = RepBlockSpec(8, 8, groups=2, se="post", se_channels=2)
-    params = random_block_params(repblock_schema(bspec, "", "train"), 3)
+    params = random_block_params(block_schema(bspec, "train"), 3)
     xb = rand_input((1, 8, 7, 9))
     save_file(params, tmp_path / "b.safetensors")
     save_file({"x": xb}, tmp_path / "xb.safetensors")
-    r = worker({"op": "predict", "model": None, "block": block_spec_to_dict(bspec),
-                "num_classes": 10, "form": "train", "state": str(tmp_path / "b.safetensors"),
-                "input": str(tmp_path / "xb.safetensors"), "output": str(tmp_path / "yb.safetensors"),
-                "reparameterize": False, "export_state": None})
-    assert r["ok"] is True and r["form"] == "train", r
+    r = timed(worker, {"op": "predict", "model": None, "block": block_spec_to_dict(bspec),
+                       "num_classes": 10, "form": "train",
+                       "state": str(tmp_path / "b.safetensors"),
+                       "input": str(tmp_path / "xb.safetensors"),
+                       "output": str(tmp_path / "yb.safetensors"),
+                       "reparameterize": False, "export_state": None})
+    assert r["ok"] is True and r["form"] == "train" and "seconds" in r, r
     yb = load_file(tmp_path / "yb.safetensors")[0]["y"]
-    assert rel_err(yb, oracle.repblock(xb, bspec, params, "", "train")) <= BLOCK_RTOL
+    assert rel_err(yb, oracle.block_forward(bspec, params, xb, "train")) <= BLOCK_RTOL
 
     # traced artifact
     art = tmp_path / "mini.mge"
-    r = worker({"op": "export_traced", "model": "RepVGG-mini", "block": None, "num_classes": 10,
-                "form": "train", "state": str(tmp_path / "state.safetensors"),
-                "input": str(tmp_path / "x.safetensors"), "artifact": str(art),
-                "output": str(tmp_path / "ya.safetensors")})
-    assert r["ok"] is True and art.exists(), r
+    r = timed(worker, {"op": "export_traced", "model": "RepVGG-mini", "block": None,
+                       "num_classes": 10, "form": "train", "state": str(tmp_path / "state.safetensors"),
+                       "input": str(tmp_path / "x.safetensors"), "artifact": str(art),
+                       "output": str(tmp_path / "ya.safetensors")})
+    assert r["ok"] is True and art.exists() and "seconds" in r, r
     assert rel_err(load_file(tmp_path / "ya.safetensors")[0]["y"], ref) <= MODEL_RTOL
 
     # errors are replies, and the worker keeps serving

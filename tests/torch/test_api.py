@@ -8,7 +8,7 @@ import torch
 import backends.torch as bt
 from reparam_core import (CheckpointError, RepBlockSpec, ShapeMismatchError, UnknownModelError,
                           get_spec, random_state)
-from reparam_core.schema import repblock_schema
+from reparam_core.schema import block_schema
 from torch_testutil import random_params
 
 
@@ -70,7 +70,7 @@ def test_load_state_validates_models() -> None:
 def test_load_state_validates_blocks() -> None:
     spec = RepBlockSpec(8, 8, groups=2)
     block = bt.build_block(spec)
-    params = random_params(repblock_schema(spec, "", "train"), 0)
+    params = random_params(block_schema(spec, "train"), 0)
     bt.load_state(block, params)
     with pytest.raises(CheckpointError, match="rbr_identity.weight"):
         bt.load_state(block, {k: v for k, v in params.items() if k != "rbr_identity.weight"})

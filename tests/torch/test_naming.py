@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import backends.torch as bt
+from reparam_core import RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 Keys = dict[str, tuple[int, ...]]
@@ -184,10 +186,160 @@ def test_parameter_counts(name: str, train_m: float, deploy_m: float) -> None:
         assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == expected
 
 
-def test_official_style_checkpoint_loads_strict() -> None:
-    """A torch state_dict (with num_batches_tracked) of one module loads strict into another."""
-    source = bt.create_model("RepVGG-mini", num_classes=10)
-    target = bt.create_model("RepVGG-mini", num_classes=10)
-    target.load_state_dict(source.state_dict(), strict=True)
-    for k, v in source.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v)
+# Official block keys written out (repvgg.py RepVGGBlock / SEBlock, repvggplus.py RepVGGplusBlock,
+# yolov7 models/common.py RepConv, repghost.py RepGhostModule / RepGhostBottleneck), shapes by hand.
+BLOCKS: dict[str, tuple[object, Keys, Keys]] = {
+    "repvgg-identity": (RepBlockSpec(4, 4), {
+        "rbr_dense.conv.weight": (4, 4, 3, 3), **_bn("rbr_dense.bn", 4),
+        "rbr_1x1.conv.weight": (4, 4, 1, 1), **_bn("rbr_1x1.bn", 4),
+        **_bn("rbr_identity", 4),
+    }, {"rbr_reparam.weight": (4, 4, 3, 3), "rbr_reparam.bias": (4,)}),
+    "repvgg-g2-s2": (RepBlockSpec(4, 8, stride=2, groups=2), {
+        "rbr_dense.conv.weight": (8, 2, 3, 3), **_bn("rbr_dense.bn", 8),
+        "rbr_1x1.conv.weight": (8, 2, 1, 1), **_bn("rbr_1x1.bn", 8),
+    }, {"rbr_reparam.weight": (8, 2, 3, 3), "rbr_reparam.bias": (8,)}),
+    "repvgg-se": (RepBlockSpec(16, 16, se="pre", se_channels=1), {
+        "rbr_dense.conv.weight": (16, 16, 3, 3), **_bn("rbr_dense.bn", 16),
+        "rbr_1x1.conv.weight": (16, 16, 1, 1), **_bn("rbr_1x1.bn", 16),
+        **_bn("rbr_identity", 16),
+        "se.down.weight": (1, 16, 1, 1), "se.down.bias": (1,),
+        "se.up.weight": (16, 1, 1, 1), "se.up.bias": (16,),
+    }, {"rbr_reparam.weight": (16, 16, 3, 3), "rbr_reparam.bias": (16,),
+        "se.down.weight": (1, 16, 1, 1), "se.down.bias": (1,),
+        "se.up.weight": (16, 1, 1, 1), "se.up.bias": (16,)}),
+    "repvggplus-post-se": (RepBlockSpec(8, 16, stride=2, se="post", se_channels=4), {
+        "rbr_dense.conv.weight": (16, 8, 3, 3), **_bn("rbr_dense.bn", 16),
+        "rbr_1x1.conv.weight": (16, 8, 1, 1), **_bn("rbr_1x1.bn", 16),
+        "post_se.down.weight": (4, 16, 1, 1), "post_se.down.bias": (4,),
+        "post_se.up.weight": (16, 4, 1, 1), "post_se.up.bias": (16,),
+    }, {"rbr_reparam.weight": (16, 8, 3, 3), "rbr_reparam.bias": (16,),
+        "post_se.down.weight": (4, 16, 1, 1), "post_se.down.bias": (4,),
+        "post_se.up.weight": (16, 4, 1, 1), "post_se.up.bias": (16,)}),
+    "repconv-identity": (bt.repconv_spec(8, 8), {
+        "rbr_dense.0.weight": (8, 8, 3, 3), **_bn("rbr_dense.1", 8),
+        "rbr_1x1.0.weight": (8, 8, 1, 1), **_bn("rbr_1x1.1", 8),
+        **_bn("rbr_identity", 8),
+    }, {"rbr_reparam.weight": (8, 8, 3, 3), "rbr_reparam.bias": (8,)}),
+    "repconv-g2-s2": (bt.repconv_spec(8, 16, stride=2, groups=2), {
+        "rbr_dense.0.weight": (16, 4, 3, 3), **_bn("rbr_dense.1", 16),
+        "rbr_1x1.0.weight": (16, 4, 1, 1), **_bn("rbr_1x1.1", 16),
+    }, {"rbr_reparam.weight": (16, 4, 3, 3), "rbr_reparam.bias": (16,)}),
+    "ghost-module": (RepGhostModuleSpec(4, 8), {
+        "primary_conv.0.weight": (8, 4, 1, 1), **_bn("primary_conv.1", 8),
+        "cheap_operation.0.weight": (8, 1, 3, 3), **_bn("cheap_operation.1", 8),
+        **_bn("fusion_bn.0", 8),
+    }, {"primary_conv.0.weight": (8, 4, 1, 1), **_bn("primary_conv.1", 8),
+        "cheap_operation.weight": (8, 1, 3, 3), "cheap_operation.bias": (8,)}),
+    "ghost-bottleneck-s2-se": (RepGhostBottleneckSpec(8, 16, 12, 3, 2, 4), {
+        "ghost1.primary_conv.0.weight": (16, 8, 1, 1), **_bn("ghost1.primary_conv.1", 16),
+        "ghost1.cheap_operation.0.weight": (16, 1, 3, 3), **_bn("ghost1.cheap_operation.1", 16),
+        **_bn("ghost1.fusion_bn.0", 16),
+        "conv_dw.weight": (16, 1, 3, 3), **_bn("bn_dw", 16),
+        "se.conv_reduce.weight": (4, 16, 1, 1), "se.conv_reduce.bias": (4,),
+        "se.conv_expand.weight": (16, 4, 1, 1), "se.conv_expand.bias": (16,),
+        "ghost2.primary_conv.0.weight": (12, 16, 1, 1), **_bn("ghost2.primary_conv.1", 12),
+        "ghost2.cheap_operation.0.weight": (12, 1, 3, 3), **_bn("ghost2.cheap_operation.1", 12),
+        **_bn("ghost2.fusion_bn.0", 12),
+        "shortcut.0.weight": (8, 1, 3, 3), **_bn("shortcut.1", 8),
+        "shortcut.2.weight": (12, 8, 1, 1), **_bn("shortcut.3", 12),
+    }, {
+        "ghost1.primary_conv.0.weight": (16, 8, 1, 1), **_bn("ghost1.primary_conv.1", 16),
+        "ghost1.cheap_operation.weight": (16, 1, 3, 3), "ghost1.cheap_operation.bias": (16,),
+        "conv_dw.weight": (16, 1, 3, 3), **_bn("bn_dw", 16),
+        "se.conv_reduce.weight": (4, 16, 1, 1), "se.conv_reduce.bias": (4,),
+        "se.conv_expand.weight": (16, 4, 1, 1), "se.conv_expand.bias": (16,),
+        "ghost2.primary_conv.0.weight": (12, 16, 1, 1), **_bn("ghost2.primary_conv.1", 12),
+        "ghost2.cheap_operation.weight": (12, 1, 3, 3), "ghost2.cheap_operation.bias": (12,),
+        "shortcut.0.weight": (8, 1, 3, 3), **_bn("shortcut.1", 8),
+        "shortcut.2.weight": (12, 8, 1, 1), **_bn("shortcut.3", 12),
+    }),
+}
+
+
+def official_checkpoint(keys: Keys, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An official-style torch checkpoint built from key names and shapes alone: random weights,
+    positive running_var, int64 num_batches_tracked (as official training leaves it)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in keys.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = torch.tensor(7 + len(out), dtype=torch.long)
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[k] = torch.randn(shape, generator=g)
+    return out
+
+
+def _load_strict_exact(module: torch.nn.Module, ckpt: dict[str, torch.Tensor]) -> None:
+    module.load_state_dict(ckpt, strict=True)
+    got = module.state_dict()
+    assert set(got) == set(ckpt)
+    for k, v in ckpt.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def _official_bn(ck: dict, prefix: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.batch_norm(x, ck[f"{prefix}.running_mean"], ck[f"{prefix}.running_var"],
+                        ck[f"{prefix}.weight"], ck[f"{prefix}.bias"], False, 0.0, eps)
+
+
+def official_forward(name: str, ck: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The official eval-mode forward, written from the official code and reading the checkpoint
+    by its official names only (same-shaped tensors, e.g. the dense and 1x1 BNs, are told apart
+    here by name, not by shape)."""
+    if name.startswith(("repvgg", "repconv")):
+        conv, bn = ("conv", "bn") if name.startswith("repvgg") else ("0", "1")
+        spec = BLOCKS[name][0]
+        s, g, eps = spec.stride, spec.groups, spec.eps
+        y = _official_bn(ck, f"rbr_dense.{bn}",
+                         F.conv2d(x, ck[f"rbr_dense.{conv}.weight"], None, s, 1, 1, g), eps)
+        y = y + _official_bn(ck, f"rbr_1x1.{bn}",
+                             F.conv2d(x, ck[f"rbr_1x1.{conv}.weight"], None, s, 0, 1, g), eps)
+        if "rbr_identity.weight" in ck:
+            y = y + _official_bn(ck, "rbr_identity", x, eps)
+        return F.silu(y) if name.startswith("repconv") else F.relu(y)
+    assert name == "ghost-module"
+    x1 = F.relu(_official_bn(ck, "primary_conv.1", F.conv2d(x, ck["primary_conv.0.weight"]), 1e-5))
+    x2 = _official_bn(ck, "cheap_operation.1",
+                      F.conv2d(x1, ck["cheap_operation.0.weight"], None, 1, 1, 1, x1.shape[1]), 1e-5)
+    return F.relu(x2 + _official_bn(ck, "fusion_bn.0", x1, 1e-5))
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_keys_are_the_written_out_official_keys(name: str, deploy: bool) -> None:
+    """Each block's state_dict keys and shapes are exactly the official ones written out above,
+    and an official-style checkpoint built from those keys alone loads strict, value for value."""
+    spec, train_keys, deploy_keys = BLOCKS[name]
+    expected = deploy_keys if deploy else train_keys
+    block = bt.build_block(spec, deploy=deploy)
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == expected
+    _load_strict_exact(block, official_checkpoint(expected, seed=len(name)))
+
+
+@pytest.mark.parametrize("name", ["repvgg-identity", "repvgg-g2-s2", "repconv-identity",
+                                  "repconv-g2-s2", "ghost-module"])
+def test_official_checkpoint_keys_mean_what_they_say(name: str) -> None:
+    """An official-style train checkpoint (keys from BLOCKS, not from the module) computes, once
+    loaded, the official forward read from the checkpoint by name: a mix-up between tensors of
+    the same shape (dense vs 1x1 BN, fusion_bn vs cheap_operation.1) fails here."""
+    spec, train_keys, _ = BLOCKS[name]
+    ck = official_checkpoint(train_keys, seed=3)
+    block = bt.build_block(spec).eval()
+    _load_strict_exact(block, ck)
+    x = torch.randn(2, spec.in_channels, 9, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), official_forward(name, ck, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
+@pytest.mark.parametrize("name, official", [
+    ("RepVGG-mini", lambda d: official_repvgg((1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), deploy=d)),
+    ("repghostnet_0_5x", OFFICIAL["repghostnet_0_5x"])])
+def test_official_style_checkpoint_loads_strict(name: str, official, deploy: bool) -> None:
+    """A whole-model checkpoint built from the independently derived official keys and shapes
+    (num_batches_tracked included) loads strict into the model, every tensor where its key says."""
+    ckpt = official_checkpoint(official(deploy), seed=5)
+    assert "linear.weight" in ckpt or "blocks.0.0.ghost1.primary_conv.0.weight" in ckpt
+    _load_strict_exact(bt.create_model(name, deploy=deploy), ckpt)

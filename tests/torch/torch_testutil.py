@@ -28,10 +28,5 @@ def loaded_model(name: str, state: dict[str, np.ndarray], deploy: bool = False,
     return bt.load_state(model, state)
 
 
-def model_input(name: str, batch: int = 1, seed: int = 0) -> np.ndarray:
-    size = 32 if name == "RepVGG-mini" else 64
-    return np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
-
-
 def model_state(name: str, seed: int = 0, num_classes: int = 1000) -> dict[str, np.ndarray]:
     return random_state(get_spec(name, num_classes), "train", seed)

@@ -1,0 +1,172 @@
+"""The primitives of the block description as MegEngine: one native module per parameterised
+leaf type (Conv, BN, PadBN, Scale, SE, Linear) and the parameter-free rules (AvgPool, Act,
+GlobalPool, Flatten, Dropout).
+
+Native shapes are MegEngine's own (grouped conv weights 5-D `[g, O/g, I/g, kh, kw]`, conv bias
+`(1, C, 1, 1)`, BN tensors `(1, C, 1, 1)` but flat `(C,)` in `state_dict()`); the core's
+`layouts.to_megengine`/`from_megengine` translate. BatchNorm momentum: MegEngine updates
+`running = momentum * running + (1 - momentum) * batch`, the opposite convention of torch, so
+every BN is built with momentum 0.9 == torch's 0.1. MegEngine's running_var uses the unbiased
+batch variance (n/(n-1)), as torch does, so running statistics match torch's step for step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from .quiet import import_megengine
+
+mge = import_megengine()
+import megengine.functional as F  # noqa: E402
+import megengine.module as M  # noqa: E402
+
+from reparam_core import SpecError  # noqa: E402
+from reparam_core.nodes import (BN, SE, Act, AvgPool, Conv, Dropout, Flatten,  # noqa: E402
+                                GlobalPool, Linear, PadBN, Scale)
+
+BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
+
+Tensor = mge.Tensor
+
+
+def hard_sigmoid(x: Tensor) -> Tensor:
+    return F.relu6(x + 3.0) / 6.0
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "silu": F.silu, "identity": lambda x: x, "sigmoid": F.sigmoid,
+    "hard_sigmoid": hard_sigmoid}
+
+
+def activation(fn: str) -> Callable[[Tensor], Tensor]:
+    if fn not in ACTIVATIONS:
+        raise SpecError(f"MegEngine has no rule for the activation {fn!r}; expected one of "
+                           f"{', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[fn]
+
+
+def batch_norm(channels: int, eps: float) -> M.BatchNorm2d:
+    """BatchNorm2d with torch-equivalent momentum (MegEngine 0.9 == torch 0.1)."""
+    return M.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+
+
+class PaddedBatchNorm(M.BatchNorm2d):
+    """BN, then `pad` pixels on every side filled with BN(0) per channel (running statistics,
+    detached: Diverse Branch Block's BNAndPadLayer)."""
+
+    def __init__(self, channels: int, pad: int, eps: float) -> None:
+        super().__init__(channels, eps=eps, momentum=BN_MOMENTUM)
+        self.pad = int(pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        width = ((0, 0), (0, 0), (self.pad, self.pad), (self.pad, self.pad))
+        scale = self.weight.detach() / F.sqrt(self.running_var + self.eps)
+        bn_zero = self.bias.detach() - self.running_mean * scale
+        border = F.nn.pad(F.zeros_like(y), width, constant_value=1.0)
+        return F.nn.pad(y, width) + border * bn_zero
+
+
+class ChannelScale(M.Module):
+    """y[c] = weight[c] x[c]; parameter `weight` of shape (C,)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = mge.Parameter(np.ones(channels, np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * F.reshape(self.weight, (1, -1, 1, 1))
+
+
+class EmptyInit:
+    """Mixin for a MegEngine layer whose constructor allocates and randomly initialises its
+    weights: `empty=True` draws nothing and (convs) allocates 0-element placeholders instead,
+    for a module whose every tensor is set right after (`RepModule._holding`)."""
+
+    def __init__(self, *args, empty: bool = False, **kwargs) -> None:
+        self._empty = empty
+        super().__init__(*args, **kwargs)
+        self._empty = False
+
+    def reset_parameters(self) -> None:
+        if not self._empty:
+            super().reset_parameters()
+
+
+class Conv2d(EmptyInit, M.Conv2d):
+    """M.Conv2d (`empty=True`: 0-element weight and bias placeholders, no random init)."""
+
+    def _infer_weight_shape(self) -> tuple[int, ...]:
+        return (0,) if self._empty else super()._infer_weight_shape()
+
+    def _infer_bias_shape(self) -> tuple[int, ...]:
+        return (0,) if self._empty else super()._infer_bias_shape()
+
+
+class LinearLayer(EmptyInit, M.Linear):
+    """M.Linear (`empty=True`: zero weights, no random init)."""
+
+
+class SqueezeExcite(M.Module):
+    """x * gate(expand(relu(reduce(mean_hw(x))))): 1x1 convs with bias under the official child
+    names of the SE node (`down`/`up`, `conv_reduce`/`conv_expand`)."""
+
+    def __init__(self, node: SE, empty: bool = False) -> None:
+        super().__init__()
+        self._reduce, self._expand = node.reduce, node.expand
+        self._gate = activation(node.gate)
+        setattr(self, node.reduce, Conv2d(node.channels, node.hidden, 1, bias=True, empty=empty))
+        setattr(self, node.expand, Conv2d(node.hidden, node.channels, 1, bias=True, empty=empty))
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = F.relu(getattr(self, self._reduce)(global_pool(x)))
+        return x * self._gate(getattr(self, self._expand)(s))
+
+
+def conv2d(node: Conv, empty: bool = False) -> Conv2d:
+    return Conv2d(node.in_channels, node.out_channels, node.kernel, stride=node.stride,
+                  padding=node.padding, dilation=node.dilation, groups=node.groups,
+                  bias=node.bias, empty=empty)
+
+
+# Parameterised leaves: (node, empty) -> native module.
+LEAF_MODULES: dict[type, Callable[..., M.Module]] = {
+    Conv: conv2d,
+    BN: lambda n, empty: batch_norm(n.channels, n.eps),
+    PadBN: lambda n, empty: PaddedBatchNorm(n.channels, n.pad, n.eps),
+    Scale: lambda n, empty: ChannelScale(n.channels),
+    SE: SqueezeExcite,
+    Linear: lambda n, empty: LinearLayer(n.in_features, n.out_features, empty=empty),
+}
+
+
+def leaf_module(node: object, empty: bool = False) -> Optional[M.Module]:
+    """The native module of a parameterised leaf (None for every other node); `empty=True`
+    skips the random initial values (see EmptyInit)."""
+    build = LEAF_MODULES.get(type(node))
+    return build(node, empty) if build is not None else None
+
+
+def global_pool(x: Tensor) -> Tensor:
+    return F.mean(x, axis=(2, 3), keepdims=True)
+
+
+def avg_pool(node: AvgPool, x: Tensor) -> Tensor:
+    """k x k average pooling, zero padding counted (MegEngine mode "average")."""
+    return F.avg_pool2d(x, node.kernel, node.stride, node.padding, mode="average")
+
+
+# Parameter-free leaves: (node, input, training) -> output.
+FUNCTIONAL: dict[type, Callable[[object, Tensor, bool], Tensor]] = {
+    AvgPool: lambda n, x, training: avg_pool(n, x),
+    Act: lambda n, x, training: activation(n.fn)(x),
+    GlobalPool: lambda n, x, training: global_pool(x),
+    Flatten: lambda n, x, training: F.flatten(x, 1),
+    Dropout: lambda n, x, training: F.nn.dropout(x, n.p, training=training),
+}
+
+__all__ = ["BN_MOMENTUM", "ACTIVATIONS", "activation", "batch_norm", "PaddedBatchNorm",
+           "ChannelScale", "EmptyInit", "Conv2d", "LinearLayer", "SqueezeExcite", "conv2d",
+           "LEAF_MODULES", "leaf_module", "global_pool", "avg_pool", "hard_sigmoid", "FUNCTIONAL",
+           "mge", "F", "M", "Tensor"]
