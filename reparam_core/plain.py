@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ReparamError
-from .nodes import Act, Block, Conv, Model, in_form, join_key
+from .nodes import SE, Act, Block, Conv, Model, in_form, join_key
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,22 @@ class PlainConv:
     act: Literal["relu", "silu", "identity"]
 
 
+_ONLY = "only RepVGG's conv/activation stacks with a pooled `linear` head have one"
+
+
 def _plain_conv(path: str, block: Block) -> PlainConv:
     """The block as one conv + activation, or ReparamError saying what else it holds."""
+    if any(isinstance(n, SE) for n in block.body):
+        raise ReparamError(f"block {path} has SE ({_ONLY})")
     if len(block.body) != 2 or not isinstance(block.body[0], Conv) or not isinstance(block.body[1], Act):
         raise ReparamError(f"block {path} ({block.kind}) is not a conv followed by an activation "
-                           "in deploy form: " + ", ".join(type(n).__name__ for n in block.body))
+                           "in deploy form: " + ", ".join(type(n).__name__ for n in block.body)
+                           + f" ({_ONLY})")
     c, act = block.body
     if c.kernel[0] != c.kernel[1] or c.stride[0] != c.stride[1] or c.padding[0] != c.padding[1] \
             or c.dilation[0] != c.dilation[1] or act.fn not in ("relu", "silu", "identity"):
-        raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu only")
+        raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu "
+                           f"only ({_ONLY})")
     return PlainConv(join_key(path, c.name), c.in_channels, c.out_channels, c.kernel[0],
                      c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)  # type: ignore[arg-type]
 
@@ -56,12 +63,12 @@ def plain_layers(spec: object) -> list[PlainConv]:
     head = tuple(type(n).__name__ for n in desc.body[-3:])
     if not isinstance(desc, Model) or head != ("GlobalPool", "Flatten", "Linear") \
             or getattr(desc.body[-1], "name", "") != "linear":
-        raise ReparamError(f"{name!r} has no plain reference: only conv/activation stacks with "
-                           "a pooled `linear` head (RepVGG) do")
+        raise ReparamError(f"{name!r} has no plain reference: {_ONLY}")
     out = []
     for node in desc.body[:-3]:
         if not isinstance(node, Block):
-            raise ReparamError(f"{name!r} has no plain reference: {type(node).__name__} outside a block")
+            raise ReparamError(f"{name!r} has no plain reference: {type(node).__name__} outside "
+                               f"a block ({_ONLY})")
         try:
             out.append(_plain_conv(node.name, node))
         except ReparamError as e:
