@@ -75,14 +75,6 @@ def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
     return k
 
 
-def fuse_bn(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
-            groups: int = 1, kernel_size: int = 1) -> KernelBias:
-    """A BN-only (identity) branch as a conv: fuse_conv_bn(identity_kernel(C, g, k), BN)."""
-    channels = int(np.shape(gamma)[0])
-    kid = identity_kernel(channels, groups, kernel_size, dtype=_out_dtype(gamma))
-    return fuse_conv_bn(kid, gamma, beta, mean, var, eps)
-
-
 def pad_kernel(kernel: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad a k x k kernel to size x size, centred: (size - k) / 2 on every side."""
     kh, kw = kernel.shape[-2:]
@@ -112,20 +104,6 @@ def branch_padding(kernel_size: int, padding: int, dilation: int, branch_kernel_
             f"{kernel_size}x{kernel_size} conv: padding {padding} with dilation {dilation} would "
             f"need branch padding {p} < 0")
     return p
-
-
-def check_identity_fusable(in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                           padding: int, dilation: int) -> None:
-    """The identity branch fuses only into a 'same' conv: stride 1, C_in == C_out,
-    and padding == dilation * (K - 1) / 2 (so that the centre tap reads x at the output pixel)."""
-    if in_channels != out_channels:
-        raise FusionError(f"identity branch needs in == out channels, got {in_channels} -> {out_channels}")
-    if stride != 1:
-        raise FusionError(f"identity branch needs stride 1, got {stride}")
-    if padding != dilation * (kernel_size - 1) // 2 or kernel_size % 2 == 0:
-        raise FusionError(
-            f"identity branch does not line up with a {kernel_size}x{kernel_size} conv with padding "
-            f"{padding} and dilation {dilation}: the padding must be {dilation * (kernel_size - 1) // 2}")
 
 
 def sum_branches(branches: Iterable[KernelBias]) -> KernelBias:

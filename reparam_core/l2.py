@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
-from .nodes import BN, Block, Conv, Pair, Rep, describe, rep_blocks
+from .nodes import BN, Block, Conv, Pair, Rep
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,6 @@ def l2_terms(block: Block) -> L2Terms:
     return L2Terms(dense[0].name, dense[1].name, one[0].name, one[1].name,
                    ident.name if ident is not None else None, rep.fused.out_channels,
                    rep.fused.groups, rep.fused.kernel)
-
-
-def l2_blocks(spec: object) -> list[tuple[str, L2Terms]]:
-    """Every re-parameterizable block of a model (its module path) with its custom-L2 inputs."""
-    return [(path, l2_terms(b)) for path, b in rep_blocks(describe(spec))]  # type: ignore[arg-type]
 
 
 def custom_l2_penalty(k3: Any, centre: Any, k1: Any, t3: Any, t1: Any,
