@@ -15,6 +15,7 @@ from .schema import (FORMS, Form, TensorInfo, block_schema, detect_form, schema_
 from .specs import (BlockSpec, ModelSpec, RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec,
                     RepGhostNetSpec, RepVGGSpec, block_kind, block_spec_from_dict,
                     block_spec_to_dict, get_spec, list_models, repconv_spec, repvgg_spec)
+from .official import official_block, official_classes
 from .state import check_state, random_state, random_tensors, strip_ignored
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ __all__ = [
     "ModelSpec", "RepBlockSpec", "RepGhostBottleneckSpec", "RepGhostModuleSpec",
     "RepGhostNetSpec", "RepVGGSpec", "block_kind", "block_spec_from_dict", "block_spec_to_dict",
     "get_spec", "list_models", "repconv_spec", "repvgg_spec", "check_state", "random_state",
-    "random_tensors", "strip_ignored",
+    "random_tensors", "strip_ignored", "official_block", "official_classes",
 ]
