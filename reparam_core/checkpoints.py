@@ -24,7 +24,7 @@ import pickle
 import struct
 import zipfile
 from zlib import error as zlib_error
-from typing import Any, BinaryIO, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -375,15 +375,16 @@ def safetensors_bytes(state: Mapping[str, np.ndarray], metadata: Mapping[str, st
     return safetensors_io.dumps(state, metadata)
 
 
-def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form) -> bytes:
+def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form,
+                    rename: Callable[[str], str] = str) -> bytes:
     """A MegEngine-loadable pickle (dict of float32 numpy arrays in MegEngine shapes, schema
-    order, protocol 4), written without MegEngine."""
+    order, protocol 4), written without MegEngine; keys are `rename(canonical key)`."""
     schema = state_schema(spec, form)
 
     def as_float(a: Any) -> np.ndarray:  # float16 (a --dtype float16 conversion) stays float16
         a = np.asarray(a)
         return a if a.dtype == np.float16 else a.astype(np.float32, copy=False)
-    out = {k: np.ascontiguousarray(to_megengine(as_float(state[k]), info))
+    out = {rename(k): np.ascontiguousarray(to_megengine(as_float(state[k]), info))
            for k, info in schema.items()}
     return pickle.dumps(out, protocol=4)
 

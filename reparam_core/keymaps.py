@@ -1,121 +1,187 @@
-"""Key maps from other RepVGG implementations to the canonical (official PyTorch) names, as data.
+"""Key maps between the canonical (official PyTorch) names and other implementations' names, as
+data, in both directions.
 
-Each scheme is an ordered list of `(regex, replacement)` rules applied one after another with
-`re.sub` to every key; a key is mapped when the result is a key of the model's schema (either
-form). `to_canonical` tries every scheme and keeps the one that maps the most keys (ties go to
-the earlier scheme: a basecls checkpoint without SE is also mapped fully by the mmpretrain and
-timm rules, which only add prefixes basecls does not use).
+A family file exports `KEYMAPS: dict[scheme, Rules]`. A rule is a pair of templates
+`(foreign, canonical)`: literal text with placeholders `{i}` that match a decimal index; a
+placeholder may be affine on either side (`{i+1}`, `{i*2+1}`). A template that starts with `^`
+matches at the start of a key, any other at the start or right after a dot. Foreign -> canonical
+applies the rules in order, left template to right; canonical -> foreign applies them in reverse
+order, right to left, so one list of pairs is both maps (the round trip over every registry
+model's schema is a test).
 
-Names were checked against the sources (facts only):
-- timm `byobnet.py` (`repvgg_a0` ... `repvgg_d2se`, `stem_type='rep'`): the stem is a RepVggBlock
-  `stem`; stages are `stages.{0..3}.{j}` with the official depths (A: 2,4,14,1; B: 4,6,16,1;
-  D2: 8,14,24,1), stride 2 on each stage's first block and the same channels, so the mapping is
-  1:1 -- `stem` -> `stage0`, `stages.N.j` -> `stage{N+1}.j`. timm groups blocks with an odd index
-  *within* the stage, the official code even *global* layer indices from 1; with the even stage
-  depths of every grouped model the two coincide (checked by shape anyway). Inside a block:
-  `conv_kxk.{conv,bn}` -> `rbr_dense.{conv,bn}`, `conv_1x1` -> `rbr_1x1`, `identity` ->
-  `rbr_identity` (a BatchNormAct2d: same fields), `reparam_conv` -> `rbr_reparam`, SE `attn.fc1`/
-  `attn.fc2` -> `se.down`/`se.up` (applied before the activation, as RepVGG-D2se), `head.fc` ->
-  `linear`. No `final_conv` (num_features 0).
-- mmpretrain `RepVGG` backbone inside an ImageClassifier: `backbone.stem`, `backbone.stage_{1..4}.j`
-  (1:1 with `stage{1..4}.j`), `branch_3x3.{conv,norm}`, `branch_1x1.{conv,norm}`, `branch_norm`
-  (identity BN), `branch_reparam`, SE `se_layer.conv1.conv`/`se_layer.conv2.conv`, head
-  `head.fc` (LinearClsHead).
-- basecls (megvii-research, MegEngine): the official block names (`stage0`, `stage{1..4}.j`,
-  `rbr_dense.{conv,bn}` from ConvBn2d, `rbr_1x1`, `rbr_identity`, `rbr_reparam`), SE as
-  `se.f_ex.0` / `se.f_ex.2` (1x1 convs with bias), head `head.fc` (ClsHead without conv).
+`to_canonical` tries the family's schemes (plus `canonical`, the identity) and keeps the one
+that maps the most keys onto the model's schema; `from_canonical` writes a scheme's names.
 """
 from __future__ import annotations
 
+import importlib
 import re
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SpecError
 from .schema import FORMS, state_schema
-from .specs import ModelSpec
 
-Rules = list[tuple[str, str]]
+Rule = tuple[str, str]
+Rules = list[Rule]
 
-# Rules applied inside any block, after the prefix rules (anchored on dots).
-_TIMM_BLOCK: Rules = [
-    (r"(^|\.)conv_kxk\.conv\.", r"\1rbr_dense.conv."),
-    (r"(^|\.)conv_kxk\.bn\.", r"\1rbr_dense.bn."),
-    (r"(^|\.)conv_1x1\.conv\.", r"\1rbr_1x1.conv."),
-    (r"(^|\.)conv_1x1\.bn\.", r"\1rbr_1x1.bn."),
-    (r"(^|\.)identity\.", r"\1rbr_identity."),
-    (r"(^|\.)reparam_conv\.", r"\1rbr_reparam."),
-    (r"(^|\.)attn\.fc1\.", r"\1se.down."),
-    (r"(^|\.)attn\.fc2\.", r"\1se.up."),
-]
-
-SCHEMES: dict[str, Rules] = {
-    # Already canonical: the official RepVGG / RepVGGplus / RepGhostNet / YOLOv7 names.
-    "canonical": [],
-    "basecls": [
-        (r"^head\.fc\.", "linear."),
-        (r"\.se\.f_ex\.0\.", ".se.down."),
-        (r"\.se\.f_ex\.2\.", ".se.up."),
-    ],
-    "mmpretrain": [
-        (r"^backbone\.stem\.", "stage0."),
-        (r"^backbone\.stage_([1-4])\.(\d+)\.", r"stage\1.\2."),
-        (r"^head\.fc\.", "linear."),
-        (r"\.branch_3x3\.conv\.", ".rbr_dense.conv."),
-        (r"\.branch_3x3\.norm\.", ".rbr_dense.bn."),
-        (r"\.branch_1x1\.conv\.", ".rbr_1x1.conv."),
-        (r"\.branch_1x1\.norm\.", ".rbr_1x1.bn."),
-        (r"\.branch_norm\.", ".rbr_identity."),
-        (r"\.branch_reparam\.", ".rbr_reparam."),
-        (r"\.se_layer\.conv1\.conv\.", ".se.down."),
-        (r"\.se_layer\.conv2\.conv\.", ".se.up."),
-    ],
-    "timm": [
-        (r"^stem\.", "stage0."),
-        (r"^stages\.0\.(\d+)\.", r"stage1.\1."),
-        (r"^stages\.1\.(\d+)\.", r"stage2.\1."),
-        (r"^stages\.2\.(\d+)\.", r"stage3.\1."),
-        (r"^stages\.3\.(\d+)\.", r"stage4.\1."),
-        (r"^head\.fc\.", "linear."),
-        *_TIMM_BLOCK,
-    ],
-}
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_EXPR = re.compile(r"^([A-Za-z_]\w*)(?:\*(\d+))?(?:([+-])(\d+))?$")
 
 
-def map_key(key: str, rules: Rules) -> str:
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
+@dataclass(frozen=True)
+class _Affine:
+    """n = a * var + b for a placeholder `{var*a+b}`."""
+
+    var: str
+    a: int
+    b: int
+
+    def solve(self, n: int) -> int | None:
+        """var from n, or None when n is not a * var + b for an integer var >= 0."""
+        q, r = divmod(n - self.b, self.a)
+        return q if r == 0 and q >= 0 else None
+
+    def render(self, value: int) -> str:
+        return str(self.a * value + self.b)
+
+
+def _affine(expr: str, template: str) -> _Affine:
+    m = _EXPR.match(expr.replace(" ", ""))
+    if m is None:
+        raise SpecError(f"key-map template {template!r}: bad placeholder {{{expr}}}; expected "
+                        "{i}, {i+B}, {i-B}, {i*A} or {i*A+B}")
+    var, a, sign, b = m.groups()
+    return _Affine(var, int(a or 1), (-1 if sign == "-" else 1) * int(b or 0))
+
+
+@dataclass(frozen=True)
+class _Template:
+    pattern: re.Pattern[str]
+    pieces: tuple[str | _Affine, ...]
+
+    def render(self, values: Mapping[str, int]) -> str:
+        return "".join(p if isinstance(p, str) else p.render(values[p.var]) for p in self.pieces)
+
+    @property
+    def slots(self) -> tuple[_Affine, ...]:
+        return tuple(p for p in self.pieces if isinstance(p, _Affine))
+
+
+@lru_cache(maxsize=None)
+def _compile(template: str) -> _Template:
+    anchored = template.startswith("^")
+    body = template[1:] if anchored else template
+    pieces: list[str | _Affine] = []
+    regex = "^" if anchored else r"(?<![^.])"
+    pos = 0
+    for m in _PLACEHOLDER.finditer(body):
+        pieces.append(body[pos:m.start()])
+        regex += re.escape(body[pos:m.start()]) + r"(\d+)"
+        pieces.append(_affine(m.group(1), template))
+        pos = m.end()
+    pieces.append(body[pos:])
+    regex += re.escape(body[pos:])
+    return _Template(re.compile(regex), tuple(p for p in pieces if p != ""))
+
+
+def _apply_rule(key: str, src: str, dst: str) -> str:
+    s, d = _compile(src), _compile(dst)
+
+    def replace(m: re.Match[str]) -> str:
+        values: dict[str, int] = {}
+        for slot, text in zip(s.slots, m.groups()):
+            v = slot.solve(int(text))
+            if v is None or values.setdefault(slot.var, v) != v:
+                return m.group(0)
+        if any(slot.var not in values for slot in d.slots):
+            raise SpecError(f"key-map rule {src!r} -> {dst!r}: the right side uses an index "
+                            "the left side does not bind")
+        return d.render(values)
+
+    return s.pattern.sub(replace, key)
+
+
+def map_key(key: str, rules: Rules, *, reverse: bool = False) -> str:
+    """A key under `rules`: foreign -> canonical, or canonical -> foreign with `reverse`."""
+    if reverse:
+        for foreign, canonical in reversed(rules):
+            key = _apply_rule(key, canonical, foreign)
+    else:
+        for foreign, canonical in rules:
+            key = _apply_rule(key, foreign, canonical)
     return key
 
 
-def apply_scheme(state: Mapping[str, np.ndarray], rules: Rules) -> dict[str, np.ndarray]:
-    return {map_key(k, rules): v for k, v in state.items()}
+def apply_scheme(state: Mapping[str, np.ndarray], rules: Rules, *,
+                 reverse: bool = False) -> dict[str, np.ndarray]:
+    """Every key of `state` under `rules` (see map_key); values untouched."""
+    return {map_key(k, rules, reverse=reverse): v for k, v in state.items()}
 
 
-def to_canonical(state: Mapping[str, np.ndarray], spec: ModelSpec,
+def schemes_for(spec: object) -> dict[str, Rules]:
+    """The naming schemes of the family that defines `spec` (its family file's KEYMAPS), after
+    `canonical` (no renaming)."""
+    family = importlib.import_module(type(spec).__module__)
+    return {"canonical": [], **getattr(family, "KEYMAPS", {})}
+
+
+def _known_keys(spec: object) -> set[str]:
+    known: set[str] = set()
+    for form in FORMS:
+        known |= set(state_schema(spec, form))  # type: ignore[arg-type]
+    return known
+
+
+def to_canonical(state: Mapping[str, np.ndarray], spec: object,
                  source: str = "checkpoint") -> tuple[dict[str, np.ndarray], str]:
     """(state with canonical keys, scheme name). The scheme mapping the most keys onto the
     model's schema wins (ties go to the earlier scheme, `canonical` first). Unmapped keys are
     kept so that `check_state` can report them; CheckpointError when no scheme maps any key."""
-    known: set[str] = set()
-    for form in FORMS:
-        known |= set(state_schema(spec, form))
+    known = _known_keys(spec)
+    schemes = schemes_for(spec)
     keys = [k for k in state if not k.endswith("num_batches_tracked")]
     best, best_score = "canonical", -1
-    for name, rules in SCHEMES.items():
+    for name, rules in schemes.items():
         score = sum(map_key(k, rules) in known for k in keys)
         if score > best_score:
             best, best_score = name, score
+    name_of = getattr(spec, "name", type(spec).__name__)
     if keys and best_score == 0:
         sample = ", ".join(keys[:5])
         raise CheckpointError(
-            f"{source}: no key maps onto {spec.name} under any known naming scheme "
-            f"({', '.join(SCHEMES)}); first unmapped keys: {sample}")
-    mapped = apply_scheme(state, SCHEMES[best])
+            f"{source}: no key maps onto {name_of} under any known naming scheme "
+            f"({', '.join(schemes)}); first unmapped keys: {sample}")
+    mapped = apply_scheme(state, schemes[best])
     if len(mapped) != len(state):
         raise CheckpointError(f"{source}: keys collide after mapping with the {best} scheme")
     return mapped, best
 
 
-__all__ = ["SCHEMES", "map_key", "apply_scheme", "to_canonical"]
+def from_canonical(state: Mapping[str, np.ndarray], spec: object,
+                   scheme: str) -> dict[str, np.ndarray]:
+    """A canonical state under `scheme`'s names (e.g. 'timm', to hand a converted checkpoint
+    back to timm). SpecError when the model's family has no such scheme."""
+    schemes = schemes_for(spec)
+    if scheme not in schemes:
+        name_of = getattr(spec, "name", type(spec).__name__)
+        raise SpecError(f"{name_of} has no {scheme!r} naming scheme; known: "
+                        f"{', '.join(schemes)}")
+    return apply_scheme(state, schemes[scheme], reverse=True)
+
+
+def all_schemes() -> list[str]:
+    """Every scheme name some family defines (for command-line choices)."""
+    from .specs import get_spec, list_models
+
+    names: dict[str, None] = {}
+    for model in list_models():
+        names.update(dict.fromkeys(schemes_for(get_spec(model))))
+    return list(names)
+
+
+__all__ = ["Rule", "Rules", "map_key", "apply_scheme", "schemes_for", "to_canonical",
+           "from_canonical", "all_schemes"]

@@ -46,7 +46,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from reparam_core import checkpoints as ckpt
-from reparam_core import oracle, safetensors_io
+from reparam_core import keymaps, oracle, safetensors_io
 from reparam_core.fuse import iter_deploy_state, reparameterize_state
 from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError
 from reparam_core.layouts import flax_key, to_flax
@@ -230,12 +230,31 @@ def _as_array(a: Any, dtype: str) -> np.ndarray:
 
 
 def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
-                 entries: list[tuple[str, str, tuple]], tensors: Iterable[tuple[str, Any]]) -> None:
+                 entries: list[tuple[str, str, tuple]], tensors: Iterable[tuple[str, Any]],
+                 scheme: str = "canonical") -> None:
     """Write a checkpoint of `fmt` to the seekable file `f` from `tensors`, an iterable of
     (key, array) in schema order, consumed one at a time. `entries` are (key, dtype name, shape)
     planned in advance. safetensors and torch are written incrementally (each tensor can be
-    dropped as soon as it is written); megengine and flax are encoded from the collected state."""
+    dropped as soon as it is written); megengine and flax are encoded from the collected state.
+    Keys are written under the naming `scheme` of the model's family (keymaps.from_canonical)."""
     meta = {"model": spec.name, "form": form, "format": "pt", "producer": "reparam"}
+    if scheme != "canonical":
+        if fmt == "flax":
+            raise CheckpointError(f"--to-scheme {scheme} needs a torch, safetensors or megengine "
+                                  "output (a Flax tree follows the module structure)")
+        rules = keymaps.schemes_for(spec).get(scheme)
+        if rules is None:
+            keymaps.from_canonical({}, spec, scheme)  # raises, naming the known schemes
+
+        def rename(key: str) -> str:
+            return keymaps.map_key(key, rules, reverse=True)
+        if fmt == "megengine":
+            planned = {k: d for k, d, _ in entries}
+            state = OrderedDict((k, _as_array(a, planned[k])) for k, a in tensors)
+            f.write(ckpt.megengine_bytes(spec, state, form, rename=rename))
+            return
+        entries = [(rename(k), d, s) for k, d, s in entries]
+        tensors = ((rename(k), a) for k, a in tensors)
     if fmt == "safetensors":
         names = {"float32": "F32", "float16": "F16", "bfloat16": safetensors_io.BF16}
         head, pos = safetensors_io.plan([(k, names[d], s) for k, d, s in entries], meta)
@@ -458,10 +477,11 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
             from_format: str | None = None, to_format: str | None = None,
             from_form: Form | None = None, num_classes: int | None = None,
             verify: bool = False, overwrite: bool = False, progress: Any = None,
-            dtype: str | None = None) -> dict:
+            dtype: str | None = None, to_scheme: str = "canonical") -> dict:
     """Convert checkpoint `src` of `model` to `dst`; returns a report dict. Raises ReparamError
     subclasses (nothing is written then). `dtype`: None/"float32", "float16" or "bfloat16"
-    (fused in float64, rounded once; see the module docstring)."""
+    (fused in float64, rounded once; see the module docstring). `to_scheme`: write the keys under
+    another implementation's names (`timm`, `mmpretrain`, `basecls`; see keymaps)."""
     src, dst = os.fspath(src), os.fspath(dst)
     stage = progress.stage if progress is not None else (lambda name: None)
     spec = get_spec(model, num_classes or 1000)  # unknown names fail first, with suggestions
@@ -476,6 +496,7 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
                               "has no bfloat16 type); use --dtype float16 or a .safetensors DST")
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    keymaps.from_canonical({}, spec, to_scheme)  # an unknown scheme fails before any work
 
     stage("read")
     raw, fmt = read_any(src, from_format)
@@ -491,7 +512,8 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
     caster = _Caster(half) if half else None
     report: dict = {"src": src, "dst": dst, "model": spec.name, "num_classes": spec.num_classes,
                     "from_format": fmt, "to_format": to_format, "from_form": src_form,
-                    "to_form": out_form, "scheme": scheme, "tensors": len(schema), "bytes": None,
+                    "to_form": out_form, "scheme": scheme, "to_scheme": to_scheme,
+                    "tensors": len(schema), "bytes": None,
                     "dtype": half or "float32", "precision": None, "verify": None}
 
     if verify:
@@ -533,7 +555,7 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
 
     def write(f: BinaryIO) -> None:
         stage("write")
-        write_stream(f, spec, out_form, to_format, entries, tensors)
+        write_stream(f, spec, out_form, to_format, entries, tensors, to_scheme)
         if caster is not None:
             report["precision"] = caster.finish()
 
@@ -580,6 +602,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output precision: fuse in float64, round once (bfloat16: "
                              "safetensors only); reports the rounding error, warns on overflow")
+    parser.add_argument("--to-scheme", default="canonical", metavar="SCHEME",
+                        help="write the keys under another implementation's names: timm, "
+                             "mmpretrain, basecls (those the model's family has; default: the "
+                             "official names)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
@@ -595,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
                              from_format=args.from_format, to_format=args.to_format,
                              from_form=args.from_form, num_classes=args.num_classes,
                              verify=args.verify, overwrite=args.overwrite, progress=progress,
-                             dtype=getattr(args, "dtype", None))
+                             dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme)
     except ReparamError as e:
         print(f"reparam convert: error: {e}", file=sys.stderr)
         return 1
@@ -608,6 +634,8 @@ def run(args: argparse.Namespace) -> int:
         line = (f"wrote {report['dst']} ({report['to_format']}, {report['to_form']} form, "
                 f"{report['tensors']} tensors, {report['bytes']} bytes) from {report['src']} "
                 f"({report['from_format']}, {report['from_form']} form, {report['scheme']} names)")
+        if report["to_scheme"] != "canonical":
+            line += f"; written with {report['to_scheme']} names"
         if report.get("precision"):
             line += (f"; {report['precision']['dtype']}: max relative rounding error "
                      f"{report['precision']['max_rel_err']:.3g}")

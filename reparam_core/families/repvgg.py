@@ -239,4 +239,52 @@ def _entry(name: str, kw: dict) -> Callable[[int], RepVGGSpec]:
 
 MODELS: dict[str, Callable[[int], RepVGGSpec]] = {n: _entry(n, kw) for n, kw in _REPVGG.items()}
 
-__all__ = ["RepBlockSpec", "StageSpec", "RepVGGSpec", "repvgg_spec", "repconv_spec", "MODELS"]
+# Other implementations' names (reparam_core.keymaps: (foreign, canonical) templates, both ways).
+# Checked against the sources (facts only):
+# - timm `byobnet.py` (`repvgg_a0` ... `repvgg_d2se`): the stem RepVggBlock is `stem`, stages
+#   `stages.{0..3}.{j}` with the official depths, strides and channels, so the map is 1:1.
+#   Inside a block `conv_kxk`, `conv_1x1`, `identity` (a BatchNormAct2d: same fields),
+#   `reparam_conv`, SE `attn.fc1`/`attn.fc2` (before the activation, as RepVGG-D2se); `head.fc`.
+#   timm groups blocks with an odd index within the stage, the official code even global layer
+#   indices from 1; with the even stage depths of every grouped model the two coincide.
+# - mmpretrain `RepVGG` backbone in an ImageClassifier: `backbone.stem`, `backbone.stage_{1..4}.j`,
+#   `branch_3x3.{conv,norm}`, `branch_1x1.{conv,norm}`, `branch_norm`, `branch_reparam`, SE
+#   `se_layer.conv{1,2}.conv`, head `head.fc` (LinearClsHead).
+# - basecls (megvii-research, MegEngine): the official block names, SE as `se.f_ex.0`/`se.f_ex.2`,
+#   head `head.fc`.
+KEYMAPS: dict[str, list[tuple[str, str]]] = {
+    "basecls": [
+        ("^head.fc.", "^linear."),
+        ("se.f_ex.0.", "se.down."),
+        ("se.f_ex.2.", "se.up."),
+    ],
+    "mmpretrain": [
+        ("^backbone.stem.", "^stage0."),
+        ("^backbone.stage_{i}.{j}.", "^stage{i}.{j}."),
+        ("^head.fc.", "^linear."),
+        ("branch_3x3.conv.", "rbr_dense.conv."),
+        ("branch_3x3.norm.", "rbr_dense.bn."),
+        ("branch_1x1.conv.", "rbr_1x1.conv."),
+        ("branch_1x1.norm.", "rbr_1x1.bn."),
+        ("branch_norm.", "rbr_identity."),
+        ("branch_reparam.", "rbr_reparam."),
+        ("se_layer.conv1.conv.", "se.down."),
+        ("se_layer.conv2.conv.", "se.up."),
+    ],
+    "timm": [
+        ("^stem.", "^stage0."),
+        ("^stages.{i}.{j}.", "^stage{i+1}.{j}."),
+        ("^head.fc.", "^linear."),
+        ("conv_kxk.conv.", "rbr_dense.conv."),
+        ("conv_kxk.bn.", "rbr_dense.bn."),
+        ("conv_1x1.conv.", "rbr_1x1.conv."),
+        ("conv_1x1.bn.", "rbr_1x1.bn."),
+        ("identity.", "rbr_identity."),
+        ("reparam_conv.", "rbr_reparam."),
+        ("attn.fc1.", "se.down."),
+        ("attn.fc2.", "se.up."),
+    ],
+}
+
+__all__ = ["RepBlockSpec", "StageSpec", "RepVGGSpec", "repvgg_spec", "repconv_spec", "MODELS",
+           "KEYMAPS"]

@@ -167,3 +167,31 @@ def test_module_entry_point(tmp_path, mini_train):
                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert ok.returncode == 0, ok.stderr
     assert '"to_form": "deploy"' in ok.stdout and (tmp_path / "o.pth").exists()
+
+
+def test_unknown_to_scheme(tmp_path, capsys, mini_train):
+    src = save(tmp_path / "a.safetensors", mini_train)
+    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-scheme", "onnx"],
+          "RepVGG-mini has no 'onnx' naming scheme; known: canonical, basecls, mmpretrain, timm")
+
+
+@pytest.mark.parametrize("scheme,fmt,first", [("timm", "pth", "stem.conv_kxk.conv.weight"),
+                                              ("mmpretrain", "safetensors",
+                                               "backbone.stem.branch_3x3.conv.weight"),
+                                              ("basecls", "pkl", "stage0.rbr_dense.conv.weight")])
+def test_to_scheme_writes_foreign_names_and_reads_back(tmp_path, mini_spec, mini_train, scheme,
+                                                       fmt, first):
+    """canonical -> foreign names on disk (the names another library loads) -> canonical again,
+    values unchanged."""
+    from reparam_core import checkpoints as ck
+
+    src = save(tmp_path / "a.safetensors", mini_train)
+    dst = tmp_path / f"out.{fmt}"
+    assert cv.main([src, str(dst), "--model", "RepVGG-mini", "--to-scheme", scheme, "-q"]) == 0
+    raw, _ = ck.read_raw(str(dst), {"pth": "torch", "pkl": "megengine"}.get(fmt, fmt))
+    keys = list(raw)
+    assert first in keys and "linear.weight" not in keys and "head.fc.weight" in keys
+    assert len(keys) == len(mini_train)
+    back, form, _, found = cv.load_neutral(str(dst), mini_spec)
+    assert form == "train" and found in (scheme, "timm", "mmpretrain")  # basecls == timm here
+    assert all(np.array_equal(back[k], mini_train[k]) for k in mini_train)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from reparam_core import checkpoints as ck
-from reparam_core import get_spec, random_state, safetensors_io, state_schema
-from reparam_core.errors import CheckpointError
-from reparam_core.keymaps import to_canonical
+from reparam_core import get_spec, list_models, random_state, safetensors_io, state_schema
+from reparam_core.errors import CheckpointError, SpecError
+from reparam_core.keymaps import apply_scheme, from_canonical, map_key, schemes_for, to_canonical
 
 
 # Foreign names written out by hand from the upstream sources (independent of keymaps.SCHEMES).
@@ -141,3 +141,46 @@ def test_detect_unknown(tmp_path):
     path.write_bytes(b"hello world, not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot tell the format"):
         ck.detect_format(path)
+
+
+@pytest.mark.parametrize("scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name),
+                                           ("basecls", basecls_name)])
+@pytest.mark.parametrize("model", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"])
+def test_from_canonical_writes_foreign_names(scheme, rename, model):
+    """canonical -> foreign gives the hand-written foreign names (the map's other direction)."""
+    spec = get_spec(model)
+    for form in ("train", "deploy"):
+        keys = {k: np.empty(0) for k in state_schema(spec, form)}
+        assert list(from_canonical(keys, spec, scheme)) == [rename(k) for k in keys]
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_every_scheme_round_trips(model):
+    """For every registry model, form and scheme of its family: canonical -> foreign ->
+    canonical is the identity, foreign names are distinct, and the scheme is detected back."""
+    spec = get_spec(model)
+    for form in ("train", "deploy"):
+        keys = {k: np.empty(0) for k in state_schema(spec, form)}
+        for scheme in schemes_for(spec):
+            foreign = from_canonical(keys, spec, scheme)
+            assert len(foreign) == len(keys)
+            back, found = to_canonical(foreign, spec)
+            assert list(back) == list(keys)
+            if scheme != "canonical" and set(foreign) != set(keys):
+                assert found == scheme or set(apply_scheme(foreign, schemes_for(spec)[found])) == set(keys)
+
+
+def test_unknown_scheme_is_an_error(mini_spec):
+    with pytest.raises(SpecError, match=r"RepVGG-mini has no 'onnx' naming scheme; known: "
+                                        r"canonical, basecls, mmpretrain, timm"):
+        from_canonical({}, mini_spec, "onnx")
+
+
+def test_affine_placeholders_both_ways():
+    rules = [("^blocks.{j}.dw.", "^stage.{j*2}."), ("^blocks.{j}.pw.", "^stage.{j*2+1}.")]
+    assert map_key("blocks.3.dw.w", rules) == "stage.6.w"
+    assert map_key("blocks.3.pw.w", rules) == "stage.7.w"
+    assert map_key("stage.7.w", rules, reverse=True) == "blocks.3.pw.w"
+    assert map_key("xblocks.3.dw.w", rules) == "xblocks.3.dw.w"  # anchored at the start
+    with pytest.raises(SpecError, match=r"bad placeholder \{j\*\*2\}"):
+        map_key("a", [("{j**2}.", "b.")])

@@ -1,30 +1,35 @@
 """basecls-named checkpoints (megvii-research/basecls RepVGG) load through the key map."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from backends.megengine import RepVGG, create_model, export_state, load_state, predict
-from reparam_core.keymaps import SCHEMES, apply_scheme
+from reparam_core.families.repvgg import KEYMAPS
+from reparam_core.keymaps import apply_scheme
 from mge_testutil import MODEL_RTOL, rand_input, rel_err
 from reparam_core import RepVGGSpec, get_spec, oracle, random_state, state_schema
 from reparam_core.layouts import to_megengine
 
 
-# canonical -> basecls, the inverse of reparam_core.keymaps.SCHEMES["basecls"], to build checkpoints
-TO_BASECLS = [(r"^linear\.", "head.fc."), (r"\.se\.down\.", ".se.f_ex.0."), (r"\.se\.up\.", ".se.f_ex.2.")]
-
-
+# canonical -> basecls, written out by hand (independent of KEYMAPS), to build checkpoints
 def to_basecls(state: dict) -> dict:
-    return apply_scheme(state, TO_BASECLS)
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r"^linear\.", "head.fc.", k)
+        out[k.replace(".se.down.", ".se.f_ex.0.").replace(".se.up.", ".se.f_ex.2.")] = v
+    return out
 
 
 def test_key_translation_tables():
     keys = {"head.fc.weight": 1, "stage1.0.se.f_ex.0.bias": 2, "stage1.0.se.f_ex.2.weight": 3,
             "stage1.0.rbr_dense.conv.weight": 4}
-    canonical = apply_scheme(keys, SCHEMES["basecls"])
+    canonical = apply_scheme(keys, KEYMAPS["basecls"])
     assert canonical == {"linear.weight": 1, "stage1.0.se.down.bias": 2,
                          "stage1.0.se.up.weight": 3, "stage1.0.rbr_dense.conv.weight": 4}
     assert to_basecls(canonical) == keys
+    assert apply_scheme(canonical, KEYMAPS["basecls"], reverse=True) == keys
 
 
 def _as_basecls_checkpoint(spec: RepVGGSpec, state: dict) -> dict:
