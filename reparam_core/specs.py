@@ -20,7 +20,13 @@ from .nodes import describe
 ModelSpec = Union[RepVGGSpec, RepGhostNetSpec]
 BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec]
 
-_REGISTRY: dict[str, Callable[[int], ModelSpec]] = {**repvgg.MODELS, **repghost.MODELS}
+_FAMILIES = (repvgg, repghost)
+_REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
+    name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
+# Other names users know a model by (timm's, the official repositories' registry names): each
+# family file's ALIASES, alias -> registry name.
+_ALIASES: dict[str, str] = {
+    alias: name for fam in _FAMILIES for alias, name in getattr(fam, "ALIASES", {}).items()}
 
 
 def list_models() -> list[str]:
@@ -28,15 +34,27 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def resolve_model_name(name: str) -> str:
+    """The registry name for `name`: a registry name or an alias (timm's `repvgg_a0`, an
+    official registry's name), case-insensitively; UnknownModelError listing close names."""
+    if name in _REGISTRY:
+        return name
+    folded = {k.lower(): k for k in _REGISTRY}
+    folded.update({a.lower(): n for a, n in _ALIASES.items()})
+    if name.lower() in folded:
+        return folded[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.5)
+    close = list(dict.fromkeys(folded[c] for c in close))
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(_REGISTRY)}"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")
+
+
 def get_spec(name: str, num_classes: int = 1000) -> ModelSpec:
-    """The spec of a registered model; UnknownModelError (with close names) otherwise."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(_REGISTRY)}"
-        raise UnknownModelError(f"unknown model {name!r}{hint}")
+    """The spec of a registered model (by registry name or alias, see resolve_model_name)."""
+    key = resolve_model_name(name)
     if num_classes < 1:
         raise SpecError(f"num_classes must be >= 1, got {num_classes}")
-    return _REGISTRY[name](num_classes)
+    return _REGISTRY[key](num_classes)
 
 
 def block_kind(spec: object) -> str:
@@ -70,5 +88,5 @@ def block_spec_from_dict(data: dict) -> BlockSpec:
 
 __all__ = ["RepBlockSpec", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "StageSpec", "RepVGGSpec",
            "RepGhostNetSpec", "ModelSpec", "list_models", "get_spec", "repvgg_spec",
-           "repghostnet_spec", "make_divisible", "BlockSpec",
+           "repghostnet_spec", "make_divisible", "BlockSpec", "resolve_model_name",
            "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind"]

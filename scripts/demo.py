@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from reparam_core import ReparamError, count_params, get_spec, list_models
+from reparam_core import ReparamError, count_params, get_spec
 from reparam_core.errors import BackendUnavailableError, CheckpointError
 from reparam_core.safetensors_io import load_file, save_file
 
@@ -349,9 +349,8 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    if model not in list_models():
-        raise ReparamError(f"unknown model {model!r}; see `reparam list`")
-    spec = get_spec(model, NUM_CLASSES)
+    spec = get_spec(model, NUM_CLASSES)  # UnknownModelError with close names
+    model = spec.name  # an alias (repvgg_a0) names files and requests by the registry name
     out_dir = Path(out)
     ckpt_dir, art_dir = out_dir / "checkpoints", out_dir / "deploy"
     ckpt_dir.mkdir(parents=True, exist_ok=True)

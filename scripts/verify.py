@@ -12,7 +12,8 @@ import time
 
 from parity_tests.cases import block_matrix, model_cases
 from parity_tests.harness import BACKENDS, FORMS, Case, CaseResult, make_runners, run_case
-from reparam_core import ReparamError, list_models
+from reparam_core import ReparamError
+from reparam_core.specs import resolve_model_name
 
 from .progress import Progress
 
@@ -20,11 +21,8 @@ from .progress import Progress
 def select_cases(models: list[str] | None, blocks: bool, size: int) -> list[Case]:
     cases = model_cases(size)
     if models is not None:
-        unknown = [m for m in models if m not in list_models()]
-        if unknown:
-            from reparam_core import get_spec
-            get_spec(unknown[0])  # raises UnknownModelError with suggestions
-        cases = [c for c in cases if c.name in models]
+        names = {resolve_model_name(m) for m in models}  # aliases too; unknown names fail here
+        cases = [c for c in cases if c.name in names]
     return cases + (block_matrix() if blocks else [])
 
 

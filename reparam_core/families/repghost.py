@@ -182,5 +182,9 @@ def _entry(name: str, width: float) -> Callable[[int], RepGhostNetSpec]:
 MODELS: dict[str, Callable[[int], RepGhostNetSpec]] = {
     f"repghostnet_{s}": _entry(f"repghostnet_{s}", w) for s, w in _REPGHOST_WIDTHS.items()}
 
+# timm's names: `repghostnet_050` ... `repghostnet_200` (width x 100, three digits).
+ALIASES: dict[str, str] = {f"repghostnet_{round(w * 100):03d}": f"repghostnet_{tag}"
+                           for tag, w in _REPGHOST_WIDTHS.items()}
+
 __all__ = ["RepGhostModuleSpec", "RepGhostBottleneckSpec", "RepGhostNetSpec", "repghostnet_spec",
-           "make_divisible", "MODELS"]
+           "make_divisible", "MODELS", "ALIASES"]

@@ -239,6 +239,10 @@ def _entry(name: str, kw: dict) -> Callable[[int], RepVGGSpec]:
 
 MODELS: dict[str, Callable[[int], RepVGGSpec]] = {n: _entry(n, kw) for n, kw in _REPVGG.items()}
 
+# timm's model names (`repvgg_a0`, `repvgg_b1g4`, `repvgg_d2se`) as aliases of the registry names.
+ALIASES: dict[str, str] = {n.replace("RepVGG-", "repvgg_").lower(): n for n in _REPVGG
+                           if n.startswith("RepVGG-") and n != "RepVGG-mini"}
+
 # Other implementations' names (reparam_core.keymaps: (foreign, canonical) templates, both ways).
 # Checked against the sources (facts only):
 # - timm `byobnet.py` (`repvgg_a0` ... `repvgg_d2se`): the stem RepVggBlock is `stem`, stages
@@ -287,4 +291,4 @@ KEYMAPS: dict[str, list[tuple[str, str]]] = {
 }
 
 __all__ = ["RepBlockSpec", "StageSpec", "RepVGGSpec", "repvgg_spec", "repconv_spec", "MODELS",
-           "KEYMAPS"]
+           "ALIASES", "KEYMAPS"]

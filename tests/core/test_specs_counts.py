@@ -79,3 +79,21 @@ def test_schema_keys_are_official_names() -> None:
     assert ghost["blocks.0.0.ghost1.cheap_operation.0.weight"].shape == (8, 1, 3, 3)
     assert ghost["conv_head.weight"].shape == (1280, 960, 1, 1)
     assert "blocks.0.0.ghost1.cheap_operation.bias" in state_schema(get_spec("repghostnet_1_0x"), "deploy")
+
+
+@pytest.mark.parametrize("alias,name", [("repvgg_a0", "RepVGG-A0"), ("REPVGG-b1G4", "RepVGG-B1g4"),
+                                        ("repvgg_d2se", "RepVGG-D2se"),
+                                        ("repghostnet_100", "repghostnet_1_0x"),
+                                        ("repghostnet_058", "repghostnet_0_58x"),
+                                        ("RepGhostNet_0_5X", "repghostnet_0_5x")])
+def test_aliases_and_case(alias, name):
+    from reparam_core.specs import resolve_model_name
+    assert resolve_model_name(alias) == name
+    spec = get_spec(alias, 7)
+    assert spec.name == name and spec == get_spec(name, 7)
+
+
+def test_unknown_alias_suggests_registry_names():
+    with pytest.raises(UnknownModelError, match=r"unknown model 'repvgg_a9'; did you mean "
+                                                r"RepVGG-A\d, RepVGG-A\d, RepVGG-A\d\?"):
+        get_spec("repvgg_a9")
