@@ -55,12 +55,14 @@ def load_images(source: str, split: str, limit: int | None, mean: tuple[float, .
 def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: int = 200,
                         method: str = "minmax", per_channel: bool = True,
                         eval_source: str | None = None, overwrite: bool = False,
-                        reduce_range: str = "auto",
+                        reduce_range: str = "auto", torch_pt2e: bool = False,
                         mean: tuple[float, ...] = IMAGENET_MEAN,
                         std: tuple[float, ...] = IMAGENET_STD) -> dict:
     """Quantize checkpoint `src` of `model` to `dst` (int8 ONNX); returns the report. Raises
     ReparamError subclasses on bad input, before anything is written. `reduce_range`: 'on'
-    (7-bit weights), 'off', or 'auto' (on where this CPU has no VNNI/AMX int8 dot product)."""
+    (7-bit weights), 'off', or 'auto' (on where this CPU has no VNNI/AMX int8 dot product).
+    `torch_pt2e`: also quantize with torchao's PT2E X86 Inductor flow and report its agreement
+    (eager: the quantization's math; Inductor's int8 kernels need torch.compile)."""
     import backends.torch as bt
     from backends.onnx import layer_reports, quantize_qdq, run_onnx
 
@@ -124,6 +126,14 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
         "bytes": {"fp32": fp32_bytes, "int8": len(int8)}, "ops": ops,
         "layers": [lr.as_dict() for lr in layers],
     }
+    if torch_pt2e:
+        from backends.torch.quantize import pt2e_int8, run_batches
+
+        yq = run_batches(pt2e_int8(module, x_cal), x_eval)
+        report["torch_pt2e"] = {
+            "quantizer": "torchao X86InductorQuantizer (PT2E), eager", "agreement":
+            float((p32 == yq.argmax(1)).mean()), "logits_sqnr_db": _sqnr(y32, yq),
+            "int8_top1": float((yq.argmax(1) == y_eval).mean()) if y_eval is not None else None}
     atomic_write(dst, int8, overwrite=overwrite)
     return report
 
@@ -179,6 +189,11 @@ def format_report(rep: dict) -> str:
     lines += [f"{lr['name'][:27]:<28}{lr['sqnr_db']:>9.1f}{lr['weight_min']:>9.3f}"
               f"{lr['weight_max']:>9.3f}{lr['activation_min']:>9.2f}{lr['activation_max']:>9.2f}"
               for lr in rep["layers"]]
+    if rep.get("torch_pt2e"):
+        t = rep["torch_pt2e"]
+        lines.insert(3, f"torch PT2E (torchao X86 Inductor quantizer, eager): top-1 "
+                        f"{pct(t['int8_top1'])}, agreement {pct(t['agreement'])}, logits SQNR "
+                        f"{t['logits_sqnr_db']:.1f} dB")
     return "\n".join(lines)
 
 
@@ -201,6 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
                         help="7-bit weights: exact on x86 without VNNI/AMX, whose int8 kernels "
                              "saturate 16-bit sums (auto: on where this CPU lacks them)")
+    parser.add_argument("--torch-pt2e", action="store_true",
+                        help="also quantize in PyTorch (torchao PT2E, X86 Inductor quantizer) "
+                             "and report its agreement")
     parser.add_argument("--eval", dest="eval_source", default=None,
                         help="labelled images for top-1: digits (its test split) or a DIR")
     parser.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean (DIR)")
@@ -216,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                                   samples=args.samples, method=args.method,
                                   per_channel=not args.per_tensor, eval_source=args.eval_source,
                                   overwrite=args.overwrite, mean=args.mean, std=args.std,
-                                  reduce_range=args.reduce_range)
+                                  reduce_range=args.reduce_range, torch_pt2e=args.torch_pt2e)
     except (ReparamError, OSError) as e:
         print(f"reparam quantize: error: {e}", file=sys.stderr)
         return 2

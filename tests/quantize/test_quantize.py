@@ -53,7 +53,7 @@ def _run(tmp_path, *extra, dst="q.onnx"):
 
 @pytest.mark.parametrize("granularity", ["per-channel", "per-tensor"])
 def test_quantized_demo_model(tmp_path, capsys, granularity):
-    extra = ["--per-tensor"] if granularity == "per-tensor" else []
+    extra = ["--per-tensor"] if granularity == "per-tensor" else ["--torch-pt2e"]
     rc, out = _run(tmp_path, "--calib", "digits", "--eval", "digits", "--json",
                    str(tmp_path / "r.json"), "--plot", str(tmp_path / "sqnr.png"), *extra)
     assert rc == 0, capsys.readouterr().err
@@ -73,6 +73,9 @@ def test_quantized_demo_model(tmp_path, capsys, granularity):
     assert rep["bytes"]["int8"] < rep["bytes"]["fp32"] / 3
     assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "agreement" in capsys.readouterr().out
+    if granularity == "per-channel":  # torchao PT2E: 8-bit per-channel weights (100% measured)
+        assert rep["torch_pt2e"]["agreement"] >= MIN_AGREEMENT["per-channel"]
+        assert rep["torch_pt2e"]["logits_sqnr_db"] > 15
 
 
 def test_calibration_is_deterministic(tmp_path):
