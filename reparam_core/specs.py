@@ -11,17 +11,18 @@ from dataclasses import asdict
 from typing import Callable, Union
 
 from .errors import SpecError, UnknownModelError
-from .families import repghost, repvgg
+from .families import mobileone, repghost, repvgg
+from .families.mobileone import MobileOneBlockSpec, MobileOneSpec
 from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
                                 make_divisible, repghostnet_spec)
 from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
 from .nodes import Block, describe
 from .nodes_io import description_from_data, description_to_data
 
-ModelSpec = Union[RepVGGSpec, RepGhostNetSpec]
-BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec]
+ModelSpec = Union[RepVGGSpec, RepGhostNetSpec, MobileOneSpec]
+BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, MobileOneBlockSpec]
 
-_FAMILIES = (repvgg, repghost)
+_FAMILIES = (repvgg, repghost, mobileone)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
     name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
 # Other names users know a model by (timm's, the official repositories' registry names): each
