@@ -6,7 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .blocks import M, RepModule, block_class, mge, neutral_state, to_native
+from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
 from reparam_core import SpecError, check_state, describe, get_spec, strip_ignored
 from reparam_core.checkpoints import to_neutral
 from reparam_core.nodes import Model
@@ -53,7 +53,7 @@ def load_state(module: RepModule, state: Mapping[str, np.ndarray]) -> RepModule:
                                  source="state")
     else:
         check_state(module.spec, state, module.form)
-    module.load_state_dict(to_native(state, module.schema()), strict=True)
+    write_state(module, state)
     return module
 
 

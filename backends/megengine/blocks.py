@@ -157,6 +157,21 @@ def module_layout(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     return v.reshape(1, -1, 1, 1) if info.kind.startswith("bn.") else v
 
 
+def write_state(module: "RepModule", state: Mapping[str, np.ndarray]) -> None:
+    """Write a validated neutral `state` into the module's own tensors in place (`t[...] = v`,
+    leaf by leaf at the schema's paths). MegEngine's `load_state_dict` rebuilds `state_dict()`
+    recursively for every submodule, which takes tens of seconds on deep models (MobileOne-S0:
+    35 s against 0.5 s this way)."""
+    for key, info in module.schema().items():
+        path, field = key.rsplit(".", 1)
+        tensor = getattr(module.module_at(path), field)
+        value = module_layout(state[key], info)
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ShapeMismatchError(f"{key}: value of shape {tuple(value.shape)} does not fit "
+                                     f"the MegEngine tensor of shape {tuple(tensor.shape)}")
+        tensor[...] = value
+
+
 def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str = "") -> None:
     """Write a canonical (OIHW) value into a live MegEngine tensor in place (`t[...] = v`).
     Conv weights/biases have the same shape in the module and in `state_dict()`."""
@@ -342,5 +357,5 @@ class RepGhostBottleneck(RepModule):
 
 __all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply", "RULES",
            "l2_term", "neutral_state", "native_array", "to_native", "module_layout",
-           "write_tensor", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
+           "write_tensor", "write_state", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
            "RepGhostBottleneck"]
