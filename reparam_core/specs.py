@@ -11,16 +11,17 @@ from dataclasses import asdict
 from typing import Callable, Union
 
 from .errors import SpecError, UnknownModelError
-from .families import repghost, repvgg
+from .families import qarepvgg, repghost, repvgg
+from .families.qarepvgg import QARepBlockSpec, qarepvgg_spec
 from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
                                 make_divisible, repghostnet_spec)
 from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
 from .nodes import describe
 
 ModelSpec = Union[RepVGGSpec, RepGhostNetSpec]
-BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec]
+BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, QARepBlockSpec]
 
-_FAMILIES = (repvgg, repghost)
+_FAMILIES = (repvgg, repghost, qarepvgg)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
     name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
 # Other names users know a model by (timm's, the official repositories' registry names): each
@@ -89,4 +90,5 @@ def block_spec_from_dict(data: dict) -> BlockSpec:
 __all__ = ["RepBlockSpec", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "StageSpec", "RepVGGSpec",
            "RepGhostNetSpec", "ModelSpec", "list_models", "get_spec", "repvgg_spec",
            "repghostnet_spec", "make_divisible", "BlockSpec", "resolve_model_name",
-           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind"]
+           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind",
+           "QARepBlockSpec", "qarepvgg_spec"]
