@@ -16,7 +16,8 @@ from .families.qarepvgg import QARepBlockSpec, qarepvgg_spec
 from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
                                 make_divisible, repghostnet_spec)
 from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
-from .nodes import describe
+from .nodes import Block, describe
+from .nodes_io import description_from_data, description_to_data
 
 ModelSpec = Union[RepVGGSpec, RepGhostNetSpec]
 BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, QARepBlockSpec]
@@ -68,19 +69,30 @@ _BLOCK_KINDS: dict[str, type] = {"repblock": RepBlockSpec, "ghost_module": RepGh
                                  "ghost_bottleneck": RepGhostBottleneckSpec}
 
 
-def block_spec_to_dict(spec: BlockSpec) -> dict:
-    """A block spec as JSON-able data with its kind (for the MegEngine worker and JSON reports)."""
+def block_spec_to_dict(spec: object) -> dict:
+    """A block spec as JSON-able data with its kind (for the MegEngine worker and JSON reports):
+    the spec's fields for the registered kinds, else its description (any family, any official
+    class: reparam_core.nodes_io)."""
     kind = next((k for k, t in _BLOCK_KINDS.items() if type(spec) is t), None)
-    if kind is None:
-        raise SpecError(f"not a block spec: {type(spec).__name__}")
-    return {"kind": kind, **asdict(spec)}
+    if kind is not None:
+        return {"kind": kind, **asdict(spec)}  # type: ignore[call-overload]
+    desc = describe(spec)  # type: ignore[arg-type]
+    if not isinstance(desc, Block):
+        raise SpecError(f"not a block spec: {type(spec).__name__} describes a {desc.kind} model")
+    return {"kind": "description", "description": description_to_data(desc)}
 
 
-def block_spec_from_dict(data: dict) -> BlockSpec:
+def block_spec_from_dict(data: dict) -> "BlockSpec | Block":
     data = dict(data)
     kind = data.pop("kind", None)
+    if kind == "description":
+        desc = description_from_data(data.get("description", {}))
+        if not isinstance(desc, Block):
+            raise SpecError(f"a block request holds a {desc.kind} model description")
+        return desc
     if kind not in _BLOCK_KINDS:
-        raise SpecError(f"unknown block kind {kind!r}; expected one of {', '.join(_BLOCK_KINDS)}")
+        raise SpecError(f"unknown block kind {kind!r}; expected one of "
+                        f"{', '.join([*_BLOCK_KINDS, 'description'])}")
     try:
         return _BLOCK_KINDS[kind](**data)
     except TypeError as e:
