@@ -340,7 +340,7 @@ def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = N
                      act: Any = True, deploy: bool = False) -> RepBlockSpec:
     """WongKinYiu/yolov7 `RepConv(...)`: k 3 and autopad(k, p) == 1 (the official asserts);
     act=True is SiLU, act=False / None the identity, or an nn.ReLU / nn.SiLU / nn.Identity
-    module; BN eps 1e-5 (torch's default: the standalone class; a YOLOv7 `Model` sets 1e-3, see
+    module (a string is refused: the official class would make it nn.Identity); BN eps 1e-5 (torch's default: the standalone class; a YOLOv7 `Model` sets 1e-3, see
     repconv_spec)."""
     cls = "RepConv"
     positive(cls, c1=c1, c2=c2, s=s, g=g)
@@ -348,6 +348,8 @@ def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = N
     require(cls, _autopad(k, p) == 1, "p", p, "the official block asserts autopad(k, p) == 1")
     grouped(cls, c1, c2, g)
     train_form_only(cls, deploy)
+    require(cls, not isinstance(act, str), "act", act, "the official block takes a module (a "
+            "string would silently become nn.Identity there); pass True, False or a module")
     fn = "silu" if act is True else "identity" if act is False or act is None else activation(
         cls, "act", act)
     return repconv_spec(c1, c2, 3, s, g, act=fn, eps=1e-5)  # type: ignore[arg-type]
