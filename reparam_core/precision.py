@@ -63,3 +63,20 @@ def cast_state(state: Mapping[str, np.ndarray], dtype: HalfDtype) -> tuple[dict[
         warnings.warn(f"{len(overflow)} tensor(s) overflow {dtype} (max {MAX_FINITE[dtype]:.4g}) after "
                       f"fusion: {', '.join(overflow[:5])}", PrecisionWarning, stacklevel=2)
     return out, CastReport(dtype, worst, tuple(overflow))
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB, in float64:
+    SQNR = 10 log10( sum(reference^2) / sum((test - reference)^2) ).
+
+    inf when the two are identical; ReparamError when the shapes differ or the reference is all
+    zeros (no signal to compare against)."""
+    ref = np.asarray(reference, np.float64)
+    noise = np.asarray(test, np.float64) - ref if np.shape(test) == ref.shape else None
+    if noise is None:
+        raise ReparamError(f"SQNR of arrays of shapes {ref.shape} and {np.shape(test)}")
+    signal = float(np.sum(ref * ref))
+    if signal == 0.0:
+        raise ReparamError("SQNR of an all-zero reference")
+    power = float(np.sum(noise * noise))
+    return float("inf") if power == 0.0 else 10.0 * float(np.log10(signal / power))

@@ -11,7 +11,8 @@ from dataclasses import asdict
 from typing import Callable, Union
 
 from .errors import SpecError, UnknownModelError
-from .families import qarepvgg, repghost, repvgg
+from .families import mobileone, qarepvgg, repghost, repvgg
+from .families.mobileone import MobileOneBlockSpec, MobileOneSpec
 from .families.qarepvgg import QARepBlockSpec, qarepvgg_spec
 from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
                                 make_divisible, repghostnet_spec)
@@ -19,10 +20,11 @@ from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, 
 from .nodes import Block, describe
 from .nodes_io import description_from_data, description_to_data
 
-ModelSpec = Union[RepVGGSpec, RepGhostNetSpec]
-BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, QARepBlockSpec]
+ModelSpec = Union[RepVGGSpec, RepGhostNetSpec, MobileOneSpec]
+BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, MobileOneBlockSpec,
+                  QARepBlockSpec]
 
-_FAMILIES = (repvgg, repghost, qarepvgg)
+_FAMILIES = (repvgg, repghost, mobileone, qarepvgg)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
     name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
 # Other names users know a model by (timm's, the official repositories' registry names): each

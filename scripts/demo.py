@@ -44,6 +44,7 @@ ASSET_DIR = ROOT / "assets" / "demo"
 
 # Training defaults: ~10 s of training on 2 CPU cores, ~99% test accuracy with RepVGG-mini.
 DEFAULT_MODEL = "RepVGG-mini"
+QUANTIZE_MODELS = "RepVGG-mini,QARepVGG-mini"  # `--quantize`: two models of the same size
 DEFAULT_EPOCHS = 10
 DEFAULT_SEED = 0
 LR = 3e-3
@@ -584,6 +585,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the train/test split is fixed)")
     parser.add_argument("--no-train", action="store_true",
                         help="skip training: use the checkpoint shipped in assets/demo/")
+    parser.add_argument("--quantize", nargs="?", const=QUANTIZE_MODELS, default=None,
+                        metavar="MODEL,MODEL",
+                        help="instead: train each model (default "
+                             f"{QUANTIZE_MODELS}), quantize to int8 per channel and per tensor, "
+                             "and compare accuracy and per-layer SQNR")
     parser.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
     # maintainers: refresh the shipped checkpoint (assets/demo/) from this run's training
     parser.add_argument("--save-asset", action="store_true", help=argparse.SUPPRESS)
@@ -592,6 +598,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.epochs < 1 and not args.no_train:
         raise ReparamError("--epochs must be at least 1 (or use --no-train)")
+    if args.quantize:
+        from .demo_quantize import compare, format_comparison, plot_comparison
+
+        models = tuple(get_spec(m.strip(), NUM_CLASSES).name for m in args.quantize.split(","))
+        results = compare(args.out, models, epochs=args.epochs, seed=args.seed)
+        if not getattr(args, "no_plot", False):
+            plot_comparison(results, str(Path(args.out) / "quantize.png"))
+        print(format_comparison(results))
+        return 0
     summary = run_demo(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed,
                        no_train=args.no_train, plot=not getattr(args, "no_plot", False),
                        save_asset=getattr(args, "save_asset", False))

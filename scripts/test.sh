@@ -3,7 +3,7 @@
 #   .venv-mge (Python 3.10, numpy 1.26): reparam_core tests + the MegEngine backend suite
 #   .venv     (Python 3.11, numpy 2):    reparam_core tests + torch, flax, backends (all 3 backends,
 #                                         MegEngine through its worker), convert, bench, demo and
-#                                         reliability suites + the parity matrix (all 3 backends)
+#                                         reliability and families suites + the parity matrix (all 3 backends)
 # The two runs share nothing but the CPU; the MegEngine run's output is printed after the other's.
 # Extra arguments go to both pytest runs (e.g. --slow, -x, -k expr).
 set -uo pipefail
@@ -18,9 +18,10 @@ trap 'rm -f "$mge_log"' EXIT
 mge_pid=$!
 
 status=0
-echo "== .venv: reparam_core + families + torch + flax + backends + convert + bench + demo + reliability + parity matrix (Python 3.11, numpy 2)"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/families tests/torch tests/flax tests/backends \
-    tests/convert tests/bench tests/demo tests/reliability parity_tests "$@" || status=1
+echo "== .venv: reparam_core + torch + flax + backends + convert + bench + demo + reliability + families + parity matrix (Python 3.11, numpy 2)"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/torch tests/flax tests/backends \
+    tests/convert tests/bench tests/demo tests/reliability tests/quantize tests/families parity_tests \
+    "$@" || status=1
 wait "$mge_pid" || status=1
 echo "== .venv-mge: reparam_core + MegEngine backend (Python 3.10, numpy<2)"
 cat "$mge_log"

@@ -95,6 +95,8 @@ def qarepvgg_spec(name: str, num_blocks: tuple[int, ...], widths: tuple[float, .
 _QAREPVGG: dict[str, dict] = {
     "QARepVGG-A0": dict(num_blocks=(2, 4, 14, 1), widths=(0.75, 0.75, 0.75, 2.5)),
     "QARepVGG-B0": dict(num_blocks=(4, 6, 16, 1), widths=(1, 1, 1, 2.5)),
+    # Not an official model: RepVGG-mini's layout with QARepVGG blocks (the quantize demo).
+    "QARepVGG-mini": dict(num_blocks=(1, 2, 2, 1), widths=(0.25, 0.25, 0.25, 0.5)),
 }
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reparam_core import RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, repconv_spec
+from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, official_block,
+                          repconv_spec)
 
 R, G, B = RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec
 ODD, SQUARE = (7, 9), (15, 15)  # the two sizes of the MegEngine matrix
@@ -148,4 +149,17 @@ def _union(*lists: list[tuple[str, object, tuple[int, int]]]) -> list[BlockCase]
     return cases
 
 
-BLOCK_MATRIX = _union(_TORCH, _FLAX, _MGE)
+# MobileOne blocks from the official constructor (apple/ml-mobileone MobileOneBlock): the stem
+# (stride 2, no identity), a depthwise block with 4 conv branches + scale + identity + SE, a
+# depthwise stride-2 one on an even size, a pointwise one with identity and 2 branches.
+_MOBILEONE = [
+    ("mobileone-stem-s2", official_block("MobileOneBlock", 3, 16, 3, stride=2, padding=1), (15, 15)),
+    ("mobileone-dw-4br-se", official_block("MobileOneBlock", 16, 16, 3, padding=1, groups=16,
+                                           use_se=True, num_conv_branches=4), (7, 9)),
+    ("mobileone-dw-s2-even", official_block("MobileOneBlock", 8, 8, 3, stride=2, padding=1,
+                                            groups=8, num_conv_branches=2), (16, 16)),
+    ("mobileone-pw-2br", official_block("MobileOneBlock", 8, 8, 1, num_conv_branches=2), (7, 9)),
+    ("mobileone-pw-in-ne-out-se", official_block("MobileOneBlock", 8, 16, 1, use_se=True), (7, 9)),
+]
+
+BLOCK_MATRIX = _union(_TORCH, _FLAX, _MGE, _MOBILEONE)

@@ -18,7 +18,7 @@ ARTIFACT_RTOL = 1e-5
 
 
 @pytest.mark.parametrize("name,size", [("RepVGG-mini", 32), ("repghostnet_0_5x", 64),
-                                       ("RepVGG-A0", 32)])
+                                       ("RepVGG-A0", 32), ("MobileOne-S0", 32)])
 def test_traced_artifact_matches_predict(tmp_path, name, size):
     spec = get_spec(name, 10)
     model = load_state(create_model(name, num_classes=10), random_state(spec, "train", 1))
