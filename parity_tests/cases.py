@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, list_models)
+from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, list_models,
+                          official_block)
 
 from .harness import Case
 
@@ -42,7 +43,68 @@ def block_matrix() -> list[Case]:
         Case("ghost-bottleneck-s2-se", (1, 8, 11, 11), block=RepGhostBottleneckSpec(8, 24, 16, 5, 2, 8)),
         Case("ghost-bottleneck-s2-even", (1, 8, 12, 12), block=RepGhostBottleneckSpec(8, 16, 12, 3, 2)),
     ]
+    cases += [c for c in official_cases() if c.name in PARITY_OFFICIAL]
     return cases
+
+
+# Blocks from their official constructors (reparam_core.official_block): (case name, class,
+# constructor arguments, input N x C x H x W). Groups, stride 2, in != out, kernel 5, the
+# optional parts (SE, last BN, kept post-BN, identity-based 1x1, depthwise DBB).
+OFFICIAL_BLOCKS: list[tuple[str, str, dict, tuple[int, int, int, int]]] = [
+    ("official-repvgg", "RepVGGBlock", dict(in_channels=8, out_channels=8, kernel_size=3,
+                                            padding=1), (2, 8, 9, 7)),
+    ("official-repvgg-se-g2-s2", "RepVGGBlock", dict(in_channels=16, out_channels=32,
+     kernel_size=3, stride=2, padding=1, groups=2, use_se=True), (1, 16, 10, 10)),
+    ("official-repconv", "RepConv", dict(c1=8, c2=8), (1, 8, 9, 9)),
+    ("official-repconv-s2-g4-noact", "RepConv", dict(c1=8, c2=16, s=2, g=4, act=False),
+     (1, 8, 11, 8)),
+    ("official-repghost", "RepGhostModule", dict(inp=8, oup=12), (1, 8, 9, 9)),
+    ("official-repghost-identity-dw5-s2", "RepGhostModule", dict(
+        inp=8, oup=8, kernel_size=3, dw_size=5, stride=2, relu=False, reparam_identity=True),
+     (1, 8, 12, 12)),
+    ("official-qarepvgg-v2", "QARepVGGBlockV2", dict(in_channels=8, out_channels=8,
+                                                     kernel_size=3, padding=1), (2, 8, 9, 7)),
+    ("official-qarepvgg-v2-g2-s2", "QARepVGGBlockV2", dict(
+        in_channels=8, out_channels=16, kernel_size=3, stride=2, padding=1, groups=2),
+     (1, 8, 11, 11)),
+    ("official-yolov6-qarep", "yolov6.QARepVGGBlock", dict(in_channels=8, out_channels=8,
+                                                            groups=4), (1, 8, 9, 9)),
+    ("official-yolov6-qarep-keep-bn-s2", "yolov6.QARepVGGBlock", dict(
+        in_channels=8, out_channels=12, stride=2, keep_post_bn=True), (1, 8, 10, 10)),
+    ("official-yolov6-qarep-v2", "yolov6.QARepVGGBlockV2", dict(in_channels=8, out_channels=8),
+     (2, 8, 9, 7)),
+    ("official-yolov6-qarep-v2-keep-bn-g2", "yolov6.QARepVGGBlockV2", dict(
+        in_channels=8, out_channels=8, groups=2, keep_post_bn=True), (1, 8, 8, 8)),
+    ("official-dbb", "DiverseBranchBlock", dict(in_channels=8, out_channels=8, kernel_size=3,
+                                                padding=1), (2, 8, 9, 7)),
+    ("official-dbb-k5-s2-g2", "DiverseBranchBlock", dict(
+        in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=2, groups=2),
+     (1, 8, 12, 11)),
+    ("official-dbb-depthwise-relu", "DiverseBranchBlock", dict(
+        in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8, nonlinear="relu"),
+     (1, 8, 9, 9)),
+    ("official-dbb-internal-s2", "DiverseBranchBlock", dict(
+        in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1,
+        internal_channels_1x1_3x3=6), (1, 4, 10, 10)),
+    ("official-acb", "ACBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+     (2, 8, 9, 7)),
+    ("official-acb-k5-s2-g4-pad3", "ACBlock", dict(
+        in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=3, groups=4),
+     (1, 8, 11, 12)),
+    ("official-acb-last-bn", "ACBlock", dict(in_channels=8, out_channels=12, kernel_size=3,
+                                             padding=1, use_last_bn=True), (1, 8, 9, 9)),
+]
+# The ones the parity matrix runs: one per class.
+PARITY_OFFICIAL = ("official-repvgg", "official-repconv", "official-repghost-identity-dw5-s2",
+                   "official-qarepvgg-v2", "official-yolov6-qarep-keep-bn-s2",
+                   "official-yolov6-qarep-v2", "official-dbb-k5-s2-g2",
+                   "official-acb-k5-s2-g4-pad3")
+
+
+def official_cases() -> list[Case]:
+    """Every OFFICIAL_BLOCKS entry as a parity Case (the spec official_block returns)."""
+    return [Case(name, shape, block=official_block(cls, **kwargs))  # type: ignore[arg-type]
+            for name, cls, kwargs, shape in OFFICIAL_BLOCKS]
 
 
 @st.composite

@@ -3,7 +3,8 @@
 A branch is a chain of primitives read left to right; each primitive maps the affine conv
 (K, b) computed so far (the identity when nothing came before) to a new one:
 
-    Conv W, c      first: (W, c);  after a 1x1 stage (K1, b1): fuse_1x1_kxk  (transform III)
+    Conv W, c      first: (W, c);  after a 1x1 stage (K1, b1): fuse_1x1_kxk  (transform III);
+                   a `plus_identity` conv's W is its stored weight + identity_offset
     AvgPool k      the conv avg_pool_kernel(C, k, groups), composed the same way
     BN / PadBN     K' = K t[o],  b' = beta + t (b - mean),  t = gamma / sqrt(var + eps)
     Scale s        K' = K s[o],  b' = b s
@@ -25,7 +26,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from .errors import FusionError
-from .fusion import KernelBias, bn_scale, fuse_1x1_kxk, identity_kernel
+from .fusion import KernelBias, bn_scale, fuse_1x1_kxk, identity_kernel, identity_offset
 from .schema import node_schema, schema_of
 from .nodes import (BN, AvgPool, Branch, Conv, Description, Pair, PadBN, Rep, Scale, in_form,
                     join_key, pair, reps)
@@ -131,6 +132,9 @@ def check_rep(rep: Rep) -> None:
     f = rep.fused
     if not rep.branches:
         raise FusionError(f"the Rep fused into {f.name!r} has no branch")
+    if f.plus_identity:
+        raise FusionError(f"the fused conv {f.name!r} of a Rep stores its whole kernel: "
+                          "plus_identity must be False")
     outs = []
     for i, branch in enumerate(rep.branches):
         geo, channels = _branch_geometry(branch, rep, i)
@@ -168,9 +172,10 @@ def _avg_kernel(channels: int, k: int, groups: int, rows: slice) -> np.ndarray:
 
 def _row_separable(branch: Branch) -> bool:
     """Whether each output channel of the branch depends on its own rows only (at most one
-    conv or pool, and it comes first)."""
+    conv or pool, and it comes first; a plus_identity conv is computed whole)."""
     stages = [i for i, n in enumerate(branch) if isinstance(n, (Conv, AvgPool))]
-    return stages in ([], [0])
+    return stages in ([], [0]) and not any(isinstance(n, Conv) and n.plus_identity
+                                           for n in branch)
 
 
 def _check_shape(a: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -208,6 +213,8 @@ def branch_kernel_bias(branch: Branch, rep: Rep, params: Params, prefix: str = "
             shape = (node.out_channels, node.in_channels // node.groups, *node.kernel)
             r = rows if kb is None else slice(None)
             w = _param(params, join_key(prefix, f"{node.name}.weight"), shape, r)
+            if node.plus_identity:
+                w = w + identity_offset(node.out_channels, node.groups, node.kernel, rows=r)
             c = (_param(params, join_key(prefix, f"{node.name}.bias"), (node.out_channels,), r)
                  if node.bias else np.zeros(w.shape[0]))
             kb = _compose(kb, w, c, f.groups, rows)

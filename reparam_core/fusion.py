@@ -75,6 +75,18 @@ def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
     return k
 
 
+def identity_offset(channels: int, groups: int, kernel: tuple[int, int],
+                    rows: slice | None = None) -> np.ndarray:
+    """What a `plus_identity` conv adds to its stored weight: the identity kernel of its groups
+    on the centre tap of a kh x kw kernel (odd sides), shape (C, C/g, kh, kw):
+    K[i, i mod (C/g), kh // 2, kw // 2] = 1, 0 elsewhere; `rows` selects output channels."""
+    kh, kw = kernel
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise FusionError(f"an identity offset needs odd kernel sides, got {kh}x{kw}")
+    k = identity_kernel(channels, groups, 1, rows=rows)
+    return np.pad(k, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+
+
 def pad_kernel(kernel: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad a k x k kernel to size x size, centred: (size - k) / 2 on every side."""
     kh, kw = kernel.shape[-2:]

@@ -46,7 +46,12 @@ def join_key(prefix: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class Conv:
-    """2-D convolution, torch semantics: symmetric zero padding, weight OIHW, I = in / groups."""
+    """2-D convolution, torch semantics: symmetric zero padding, weight OIHW, I = in / groups.
+
+    `plus_identity`: the conv applies its stored weight PLUS the identity kernel of its groups
+    (1 at [o, o mod (C/g), centre], see reparam_core.fusion.identity_offset), so the stored
+    weight is the difference from the identity (Diverse Branch Block's IdentityBasedConv1x1);
+    it needs in == out channels and odd kernel sides."""
 
     name: str
     in_channels: int
@@ -57,6 +62,7 @@ class Conv:
     dilation: Pair = (1, 1)
     groups: int = 1
     bias: bool = False
+    plus_identity: bool = False
 
     def __post_init__(self) -> None:
         for f in ("kernel", "stride", "padding", "dilation"):
@@ -68,6 +74,11 @@ class Conv:
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise FusionError(f"conv {self.name!r}: channels {self.in_channels} -> "
                               f"{self.out_channels} are not divisible by groups={self.groups}")
+        if self.plus_identity and (self.in_channels != self.out_channels
+                                   or not all(k % 2 for k in self.kernel)):
+            raise FusionError(f"conv {self.name!r}: plus_identity needs in == out channels and odd "
+                              f"kernel sides, got {self.in_channels} -> {self.out_channels}, "
+                              f"kernel {self.kernel}")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ import inspect
 from typing import Any, Callable
 
 from .errors import SpecError
-from .families import mobileone, repghost, repvgg
+from .families import acnet, dbb, mobileone, qarepvgg, repghost, repvgg
 from .nodes import Describable, Description
 
 OfficialCtor = Callable[..., "Describable | Description"]
 
-_FAMILIES = (repvgg, repghost, mobileone)
+_FAMILIES = (repvgg, repghost, mobileone, qarepvgg, dbb, acnet)
 
 
 def _registry() -> dict[str, OfficialCtor]:

@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import ShapeMismatchError
+from .fusion import identity_offset
 from .nodes import (BN, SE, Act, Add, AvgPool, Block, Conv, Dropout, Flatten, GlobalPool,
                     Linear, Model, Node, PadBN, Rep, Scale, in_form, join_key, pair)
 from .schema import Form
@@ -93,9 +94,13 @@ def _tensor(p: Params, key: str) -> np.ndarray:
 
 
 def conv_node(x: np.ndarray, c: Conv, p: Params, prefix: str) -> np.ndarray:
+    """A Conv node; a plus_identity conv applies its stored weight + identity_offset."""
     key = join_key(prefix, c.name)
-    return conv2d(x, p[f"{key}.weight"], p[f"{key}.bias"] if c.bias else None, c.stride,
-                  c.padding, c.dilation, c.groups)
+    w = _tensor(p, f"{key}.weight")
+    if c.plus_identity:
+        w = w + identity_offset(c.out_channels, c.groups, c.kernel)
+    return conv2d(x, w, p[f"{key}.bias"] if c.bias else None, c.stride, c.padding, c.dilation,
+                  c.groups)
 
 
 def squeeze_excite(x: np.ndarray, se: SE, p: Params, prefix: str) -> np.ndarray:

@@ -11,8 +11,9 @@ from dataclasses import asdict
 from typing import Callable, Union
 
 from .errors import SpecError, UnknownModelError
-from .families import mobileone, repghost, repvgg
+from .families import mobileone, qarepvgg, repghost, repvgg
 from .families.mobileone import MobileOneBlockSpec, MobileOneSpec
+from .families.qarepvgg import QARepBlockSpec, qarepvgg_spec
 from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
                                 make_divisible, repghostnet_spec)
 from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
@@ -20,9 +21,10 @@ from .nodes import Block, describe
 from .nodes_io import description_from_data, description_to_data
 
 ModelSpec = Union[RepVGGSpec, RepGhostNetSpec, MobileOneSpec]
-BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, MobileOneBlockSpec]
+BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, MobileOneBlockSpec,
+                  QARepBlockSpec]
 
-_FAMILIES = (repvgg, repghost, mobileone)
+_FAMILIES = (repvgg, repghost, mobileone, qarepvgg)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
     name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
 # Other names users know a model by (timm's, the official repositories' registry names): each
@@ -102,4 +104,5 @@ def block_spec_from_dict(data: dict) -> "BlockSpec | Block":
 __all__ = ["RepBlockSpec", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "StageSpec", "RepVGGSpec",
            "RepGhostNetSpec", "ModelSpec", "list_models", "get_spec", "repvgg_spec",
            "repghostnet_spec", "make_divisible", "BlockSpec", "resolve_model_name",
-           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind"]
+           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind",
+           "QARepBlockSpec", "qarepvgg_spec"]

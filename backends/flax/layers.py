@@ -7,13 +7,17 @@ only through reparam_core.layouts (see state.py).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from reparam_core import nodes
+from reparam_core.fusion import identity_offset
+from reparam_core.layouts import oihw_to_hwio
 
 # torch.nn.BatchNorm2d's default momentum is 0.1 (new = 0.9 * old + 0.1 * batch); in the Flax
 # convention (new = momentum * old + (1 - momentum) * batch) that is 0.9.
@@ -97,13 +101,25 @@ class Scale(nnx.Module):
         return x * self.weight[...]
 
 
+def _conv_plus(offset: np.ndarray, lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """jax.lax.conv_general_dilated with the kernel `rhs + offset` (HWIO)."""
+    return jax.lax.conv_general_dilated(lhs, rhs + jnp.asarray(offset, rhs.dtype), *args, **kwargs)
+
+
 def conv(node: nodes.Conv, rngs: nnx.Rngs | None = None) -> nnx.Conv:
     """nnx.Conv of a Conv node (kernel (kh, kw)) with EXPLICIT symmetric padding like torch
-    (never 'SAME': with stride 2 Flax's 'SAME' pads (0, 1) where torch pads (1, 1))."""
+    (never 'SAME': with stride 2 Flax's 'SAME' pads (0, 1) where torch pads (1, 1)). A
+    `plus_identity` conv applies kernel + the identity offset of its groups (a constant, not a
+    parameter: the state is nnx.Conv's)."""
     (ph, pw) = node.padding
+    extra = {}
+    if node.plus_identity:
+        offset = identity_offset(node.out_channels, node.groups, node.kernel)
+        extra["conv_general_dilated"] = partial(_conv_plus, oihw_to_hwio(offset).astype(np.float32))
     return nnx.Conv(node.in_channels, node.out_channels, node.kernel, strides=node.stride,
                     padding=((ph, ph), (pw, pw)), kernel_dilation=node.dilation,
-                    feature_group_count=node.groups, use_bias=node.bias, rngs=_rngs(rngs))
+                    feature_group_count=node.groups, use_bias=node.bias, rngs=_rngs(rngs),
+                    **extra)
 
 
 def global_pool(x: jax.Array) -> jax.Array:

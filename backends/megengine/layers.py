@@ -24,6 +24,9 @@ import megengine.module as M  # noqa: E402
 from reparam_core import SpecError  # noqa: E402
 from reparam_core.nodes import (BN, SE, Act, AvgPool, Conv, Dropout, Flatten,  # noqa: E402
                                 GlobalPool, Linear, PadBN, Scale)
+from reparam_core.fusion import identity_offset  # noqa: E402
+from reparam_core.layouts import to_megengine  # noqa: E402
+from reparam_core.schema import conv_entries  # noqa: E402
 
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
 
@@ -124,7 +127,26 @@ class SqueezeExcite(M.Module):
         return x * self._gate(getattr(self, self._expand)(s))
 
 
+class IdentityPlusConv2d(Conv2d):
+    """Conv2d applying weight + the identity offset of its groups (a `plus_identity` Conv: the
+    stored weight is the difference from the identity). The offset is kept as a numpy array in
+    the native layout, not a tensor attribute, so it is no part of the state."""
+
+    def __init__(self, node: Conv, empty: bool = False) -> None:
+        super().__init__(node.in_channels, node.out_channels, node.kernel, stride=node.stride,
+                         padding=node.padding, dilation=node.dilation, groups=node.groups,
+                         bias=node.bias, empty=empty)
+        offset = identity_offset(node.out_channels, node.groups, node.kernel)
+        info = conv_entries("", node)["weight"]
+        self._identity = to_megengine(offset.astype(np.float32), info)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.calc_conv(x, self.weight + mge.tensor(self._identity), self.bias)
+
+
 def conv2d(node: Conv, empty: bool = False) -> Conv2d:
+    if node.plus_identity:
+        return IdentityPlusConv2d(node, empty)
     return Conv2d(node.in_channels, node.out_channels, node.kernel, stride=node.stride,
                   padding=node.padding, dilation=node.dilation, groups=node.groups,
                   bias=node.bias, empty=empty)
@@ -167,6 +189,6 @@ FUNCTIONAL: dict[type, Callable[[object, Tensor, bool], Tensor]] = {
 }
 
 __all__ = ["BN_MOMENTUM", "ACTIVATIONS", "activation", "batch_norm", "PaddedBatchNorm",
-           "ChannelScale", "EmptyInit", "Conv2d", "LinearLayer", "SqueezeExcite", "conv2d",
+           "ChannelScale", "EmptyInit", "Conv2d", "IdentityPlusConv2d", "LinearLayer", "SqueezeExcite", "conv2d",
            "LEAF_MODULES", "leaf_module", "global_pool", "avg_pool", "hard_sigmoid", "FUNCTIONAL",
            "mge", "F", "M", "Tensor"]

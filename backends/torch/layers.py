@@ -14,12 +14,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import (BN, SE, Act, AvgPool, Conv, Flatten, GlobalPool, Linear, PadBN,
                           Scale)
+from reparam_core.fusion import identity_offset
 
 Tensor = torch.Tensor
 Rule = Callable[[nn.Module, Tensor, Any], Tensor]
@@ -85,7 +87,25 @@ class PadBatchNorm(nn.BatchNorm2d):
         return F.pad(y - zero, [self.pad] * 4) + zero
 
 
+class IdentityPlusConv2d(nn.Conv2d):
+    """nn.Conv2d applying weight + the identity offset of its groups (a `plus_identity` Conv:
+    the stored weight is the difference from the identity). The offset is a non-persistent
+    buffer: the state keys are nn.Conv2d's."""
+
+    def __init__(self, node: Conv) -> None:
+        super().__init__(node.in_channels, node.out_channels, node.kernel, node.stride,
+                         node.padding, node.dilation, node.groups, bias=node.bias)
+        offset = identity_offset(node.out_channels, node.groups, node.kernel)
+        self.register_buffer("identity", torch.from_numpy(offset.astype(np.float32)),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight + self.identity.to(self.weight), self.bias)
+
+
 def _conv(node: Conv) -> nn.Module:
+    if node.plus_identity:
+        return IdentityPlusConv2d(node)
     return nn.Conv2d(node.in_channels, node.out_channels, node.kernel, node.stride,
                      node.padding, node.dilation, node.groups, bias=node.bias)
 
@@ -160,4 +180,5 @@ def rep(owner: nn.Module, x: Tensor, arg: tuple[tuple[Plan, ...], bool, str | No
 
 
 __all__ = ["Plan", "Step", "ACT_FNS", "SqueezeExcite", "ChannelScale", "PadBatchNorm",
+           "IdentityPlusConv2d",
            "LEAF_MODULES", "LEAF_FUNCTIONS", "run", "call", "submodule", "dropout", "add", "rep"]

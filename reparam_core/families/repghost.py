@@ -14,13 +14,15 @@ from typing import Callable, Literal
 
 from ..nodes import (BN, SE, Act, Add, Block, Conv, Dropout, Flatten, GlobalPool, Linear, Model,
                      Node, Rep)
+from .official_args import positive, require, train_form_only
 
 
 @dataclass(frozen=True)
 class RepGhostModuleSpec:
     """RepGhost module: primary 1x1 conv+BN(+ReLU), a depthwise `cheap_operation` conv+BN on its
-    output, plus the re-parameterizable BN shortcut (`fusion_bn`) added to it; ReLU if `relu`.
-    Deploy form: `cheap_operation` is one depthwise conv with bias (the BN shortcut fused in)."""
+    output, plus the re-parameterizable BN shortcut (`fusion_bn.0`, with `reparam_bn`) and a raw
+    identity shortcut (with `reparam_identity`) added to it; ReLU if `relu`. Deploy form:
+    `cheap_operation` is one depthwise conv with bias (the shortcuts fused in)."""
 
     in_channels: int
     out_channels: int
@@ -30,6 +32,7 @@ class RepGhostModuleSpec:
     relu: bool = True
     reparam_bn: bool = True
     eps: float = 1e-5
+    reparam_identity: bool = False
 
     kind = "RepGhostModule"
 
@@ -40,6 +43,8 @@ class RepGhostModuleSpec:
                                   BN("cheap_operation.1", c, self.eps))]
         if self.reparam_bn:
             branches.append((BN("fusion_bn.0", c, self.eps),))
+        if self.reparam_identity:
+            branches.append(())
         return Block("", self.kind, (
             Conv("primary_conv.0", self.in_channels, c, self.kernel_size, stride=self.stride,
                  padding=self.kernel_size // 2),
@@ -186,5 +191,24 @@ MODELS: dict[str, Callable[[int], RepGhostNetSpec]] = {
 ALIASES: dict[str, str] = {f"repghostnet_{round(w * 100):03d}": f"repghostnet_{tag}"
                            for tag, w in _REPGHOST_WIDTHS.items()}
 
-__all__ = ["RepGhostModuleSpec", "RepGhostBottleneckSpec", "RepGhostNetSpec", "repghostnet_spec",
+
+def official_repghost_module(inp: int, oup: int, kernel_size: int = 1, dw_size: int = 3,
+                             stride: int = 1, relu: bool = True, deploy: bool = False,
+                             reparam_bn: bool = True, reparam_identity: bool = False
+                             ) -> RepGhostModuleSpec:
+    """ChengpengChen/RepGhost `RepGhostModule(...)`: primary conv `primary_conv.0`/`.1` (padding
+    kernel_size // 2), depthwise `cheap_operation.0`/`.1` (padding dw_size // 2), shortcuts
+    `fusion_bn.0` (reparam_bn) and a raw identity (reparam_identity). dw_size must be odd (an
+    even one changes the cheap branch's output size: the sum fails in the official code)."""
+    cls = "RepGhostModule"
+    positive(cls, inp=inp, oup=oup, kernel_size=kernel_size, dw_size=dw_size, stride=stride)
+    require(cls, dw_size % 2 == 1, "dw_size", dw_size, "must be odd (a 'same' depthwise conv)")
+    train_form_only(cls, deploy)
+    return RepGhostModuleSpec(inp, oup, kernel_size, dw_size, stride, bool(relu), bool(reparam_bn),
+                              reparam_identity=bool(reparam_identity))
+
+
+OFFICIAL = {"RepGhostModule": official_repghost_module}
+
+__all__ = ["OFFICIAL", "official_repghost_module", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "RepGhostNetSpec", "repghostnet_spec",
            "make_divisible", "MODELS", "ALIASES"]

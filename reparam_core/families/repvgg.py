@@ -10,12 +10,14 @@ names) are the official PyTorch ones: `rbr_dense.conv`/`.bn` (YOLOv7: `rbr_dense
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 from ..errors import FusionError
 from ..fusion import branch_padding
 from ..nodes import (BN, SE, Act, Aux, Block, Conv, Flatten, GlobalPool, Linear, Model, Node,
                      Rep)
+from .official_args import (activation, grouped, positive, require, train_form_only,
+                            zeros_padding)
 
 ActName = Literal["relu", "silu", "identity"]
 SEMode = Literal["none", "pre", "post"]
@@ -116,10 +118,20 @@ def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stri
                         eps=eps, naming="repconv")
 
 
+class VGGBlock(Protocol):
+    """What a RepVGG-style model needs of its blocks (RepBlockSpec, QARepVGG's block spec)."""
+
+    in_channels: int
+    out_channels: int
+    eps: float
+
+    def describe(self) -> Block: ...
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    blocks: tuple[RepBlockSpec, ...]
+    blocks: tuple[VGGBlock, ...]
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,7 @@ class RepVGGSpec:
     in train form only."""
 
     name: str
-    stem: RepBlockSpec
+    stem: VGGBlock
     stages: tuple[StageSpec, ...]
     num_classes: int = 1000
     stage_container: str = ""
@@ -145,7 +157,7 @@ class RepVGGSpec:
     def block_prefix(self, stage: str, index: int) -> str:
         return f"{stage}.{self.stage_container}.{index}" if self.stage_container else f"{stage}.{index}"
 
-    def blocks(self) -> list[tuple[str, RepBlockSpec]]:
+    def blocks(self) -> list[tuple[str, VGGBlock]]:
         """Every block with its module path, in forward order."""
         out = [("stage0", self.stem)]
         for st in self.stages:
@@ -290,5 +302,62 @@ KEYMAPS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+
+# ----------------------------------------------------------------------------- official constructors
+
+
+def official_repvgg_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                          padding: int = 0, dilation: int = 1, groups: int = 1,
+                          padding_mode: str = "zeros", deploy: bool = False,
+                          use_se: bool = False) -> RepBlockSpec:
+    """DingXiaoH/RepVGG `RepVGGBlock(...)`: kernel_size 3 and padding 1 (the official asserts),
+    the 1x1 branch padded `padding - kernel_size // 2` = 0, the identity BN when in == out and
+    stride 1, SE (`se.down`/`se.up`, out_channels // 16 hidden) before the ReLU with use_se.
+    The official train form builds its convs without `dilation` (only its deploy conv takes
+    it), so only dilation=1 gives the same function in both forms."""
+    cls = "RepVGGBlock"
+    positive(cls, in_channels=in_channels, out_channels=out_channels, stride=stride,
+             groups=groups)
+    require(cls, kernel_size == 3, "kernel_size", kernel_size, "the official block asserts 3")
+    require(cls, padding == 1, "padding", padding, "the official block asserts 1")
+    require(cls, dilation == 1, "dilation", dilation, "the official train form ignores it (its "
+            "deploy conv does not): only 1 gives the same function in both forms")
+    grouped(cls, in_channels, out_channels, groups)
+    zeros_padding(cls, padding_mode)
+    train_form_only(cls, deploy)
+    require(cls, not use_se or out_channels >= 16, "use_se", use_se,
+            f"SE has out_channels // 16 hidden channels: out_channels={out_channels} gives 0")
+    return RepBlockSpec(in_channels, out_channels, 3, stride, groups=groups, padding=1,
+                        se="pre" if use_se else "none",
+                        se_channels=out_channels // 16 if use_se else 0)
+
+
+def _autopad(k: int, p: int | None) -> int:
+    return k // 2 if p is None else p
+
+
+def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = None, g: int = 1,
+                     act: Any = True, deploy: bool = False) -> RepBlockSpec:
+    """WongKinYiu/yolov7 `RepConv(...)`: k 3 and autopad(k, p) == 1 (the official asserts);
+    act=True is SiLU, act=False / None the identity, or an nn.ReLU / nn.SiLU / nn.Identity
+    module (a string is refused: the official class would make it nn.Identity); BN eps 1e-5 (torch's default: the standalone class; a YOLOv7 `Model` sets 1e-3, see
+    repconv_spec)."""
+    cls = "RepConv"
+    positive(cls, c1=c1, c2=c2, s=s, g=g)
+    require(cls, k == 3, "k", k, "the official block asserts 3")
+    require(cls, _autopad(k, p) == 1, "p", p, "the official block asserts autopad(k, p) == 1")
+    grouped(cls, c1, c2, g)
+    train_form_only(cls, deploy)
+    require(cls, not isinstance(act, str), "act", act, "the official block takes a module (a "
+            "string would silently become nn.Identity there); pass True, False or a module")
+    fn = "silu" if act is True else "identity" if act is False or act is None else activation(
+        cls, "act", act)
+    return repconv_spec(c1, c2, 3, s, g, act=fn, eps=1e-5)  # type: ignore[arg-type]
+
+
+OFFICIAL: dict[str, Callable[..., RepBlockSpec]] = {
+    "RepVGGBlock": official_repvgg_block, "RepConv": official_repconv}
+
 __all__ = ["RepBlockSpec", "StageSpec", "RepVGGSpec", "repvgg_spec", "repconv_spec", "MODELS",
-           "ALIASES", "KEYMAPS"]
+           "ALIASES", "KEYMAPS", "OFFICIAL", "VGGBlock", "official_repvgg_block",
+           "official_repconv"]

@@ -27,7 +27,7 @@ from reparam_core.specs import repvgg_spec
 NUM_CLASSES = 10
 SIZE = 32
 FAST = ("RepVGG-mini", "RepVGG-A0", "RepVGG-B1g4", "RepVGGplus-L2pse", "repghostnet_0_5x",
-        "MobileOne-S0")
+        "MobileOne-S0", "QARepVGG-A0")
 MODELS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()]
 
 

@@ -1,0 +1,62 @@
+"""Checks shared by the families' official constructors (their `OFFICIAL` entries): the
+arguments every official class takes that the block description has no room for.
+
+Each raises SpecError naming the class, the argument and the value, and saying why."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import SpecError
+
+# Activation modules (instances or classes) that a description's Act can stand for, by class name.
+_ACT_CLASSES = {"ReLU": "relu", "SiLU": "silu", "Identity": "identity"}
+ACT_NAMES = ("relu", "silu", "identity")
+
+
+def activation(cls: str, arg: str, value: Any) -> str:
+    """The Act name of an activation argument: 'relu'/'silu'/'identity', or an nn.ReLU / nn.SiLU /
+    nn.Identity instance or class (recognised by class name; no framework is imported)."""
+    if isinstance(value, str):
+        if value in ACT_NAMES:
+            return value
+    else:
+        name = value.__name__ if isinstance(value, type) else type(value).__name__
+        if name in _ACT_CLASSES:
+            return _ACT_CLASSES[name]
+    raise SpecError(f"{cls}: {arg}={value!r} is not supported; accepted: "
+                    f"{', '.join(ACT_NAMES)} or an nn.ReLU / nn.SiLU / nn.Identity module")
+
+
+def train_form_only(cls: str, deploy: Any) -> None:
+    """deploy=True is refused: a spec describes both forms; build_block(spec, deploy=True) builds
+    the deploy form."""
+    if deploy:
+        raise SpecError(f"{cls}: deploy={deploy!r}: pass deploy=False (the spec describes both "
+                        "forms; build the deploy form with build_block(spec, deploy=True))")
+
+
+def zeros_padding(cls: str, padding_mode: Any) -> None:
+    if padding_mode != "zeros":
+        raise SpecError(f"{cls}: padding_mode={padding_mode!r} is not supported; only 'zeros' "
+                        "(the fused conv equals the branches with zero padding only)")
+
+
+def require(cls: str, ok: bool, arg: str, value: Any, why: str) -> None:
+    """SpecError `cls: arg=value: why` unless ok."""
+    if not ok:
+        raise SpecError(f"{cls}: {arg}={value!r}: {why}")
+
+
+def positive(cls: str, **values: int) -> None:
+    for arg, v in values.items():
+        require(cls, isinstance(v, int) and not isinstance(v, bool) and v >= 1, arg, v,
+                "must be an int >= 1")
+
+
+def grouped(cls: str, in_channels: int, out_channels: int, groups: int) -> None:
+    require(cls, in_channels % groups == 0 and out_channels % groups == 0, "groups", groups,
+            f"must divide in_channels={in_channels} and out_channels={out_channels}")
+
+
+__all__ = ["activation", "train_form_only", "zeros_padding", "require", "positive", "grouped",
+           "ACT_NAMES"]
