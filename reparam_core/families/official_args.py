@@ -60,3 +60,20 @@ def grouped(cls: str, in_channels: int, out_channels: int, groups: int) -> None:
 
 __all__ = ["activation", "train_form_only", "zeros_padding", "require", "positive", "grouped",
            "ACT_NAMES"]
+
+
+def repvgg_geometry(cls: str, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                    padding: int, dilation: int, groups: int, padding_mode: str,
+                    deploy: bool) -> None:
+    """The checks every RepVGG-style official block shares: 3x3 with padding 1 (the official
+    asserts), dilation 1 (the official train form ignores it, its deploy conv does not), channels
+    divisible by groups, zero padding, train form."""
+    positive(cls, in_channels=in_channels, out_channels=out_channels, stride=stride,
+             groups=groups)
+    require(cls, kernel_size == 3, "kernel_size", kernel_size, "the official block asserts 3")
+    require(cls, padding == 1, "padding", padding, "the official block asserts 1")
+    require(cls, dilation == 1, "dilation", dilation, "the official train form ignores it (its "
+            "deploy conv does not): only 1 gives the same function in both forms")
+    grouped(cls, in_channels, out_channels, groups)
+    zeros_padding(cls, padding_mode)
+    train_form_only(cls, deploy)

@@ -19,8 +19,7 @@ from typing import Any, Callable, Literal
 
 from ..errors import FusionError
 from ..nodes import BN, Act, AvgPool, Block, Conv, Node, Rep
-from .official_args import (activation, grouped, positive, require, train_form_only,
-                            zeros_padding)
+from .official_args import (activation, repvgg_geometry, require)
 from .repvgg import RepVGGSpec, StageSpec
 
 ActName = Literal["relu", "silu", "identity"]
@@ -116,15 +115,8 @@ ALIASES: dict[str, str] = {"QARepVGGV2-A0": "QARepVGG-A0", "QARepVGGV2-B0": "QAR
 def _common(cls: str, in_channels: int, out_channels: int, kernel_size: int, stride: int,
             padding: int, dilation: int, groups: int, padding_mode: str, deploy: bool,
             use_se: bool) -> None:
-    positive(cls, in_channels=in_channels, out_channels=out_channels, stride=stride,
-             groups=groups)
-    require(cls, kernel_size == 3, "kernel_size", kernel_size, "the official block asserts 3")
-    require(cls, padding == 1, "padding", padding, "the official block asserts 1")
-    require(cls, dilation == 1, "dilation", dilation, "the official train form ignores it (its "
-            "deploy conv does not): only 1 gives the same function in both forms")
-    grouped(cls, in_channels, out_channels, groups)
-    zeros_padding(cls, padding_mode)
-    train_form_only(cls, deploy)
+    repvgg_geometry(cls, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, deploy)
     require(cls, not use_se, "use_se", use_se, "not supported: the official SE sits between the "
             "sum and the post-sum BN, which its deploy form folds across it (not the same function)"
             if cls == "QARepVGGBlockV2" else "the official block raises NotImplementedError")

@@ -16,8 +16,8 @@ from ..errors import FusionError
 from ..fusion import branch_padding
 from ..nodes import (BN, SE, Act, Aux, Block, Conv, Flatten, GlobalPool, Linear, Model, Node,
                      Rep)
-from .official_args import (activation, grouped, positive, require, train_form_only,
-                            zeros_padding)
+from .official_args import (activation, grouped, positive, repvgg_geometry, require,
+                            train_form_only)
 
 ActName = Literal["relu", "silu", "identity"]
 SEMode = Literal["none", "pre", "post"]
@@ -316,15 +316,8 @@ def official_repvgg_block(in_channels: int, out_channels: int, kernel_size: int,
     The official train form builds its convs without `dilation` (only its deploy conv takes
     it), so only dilation=1 gives the same function in both forms."""
     cls = "RepVGGBlock"
-    positive(cls, in_channels=in_channels, out_channels=out_channels, stride=stride,
-             groups=groups)
-    require(cls, kernel_size == 3, "kernel_size", kernel_size, "the official block asserts 3")
-    require(cls, padding == 1, "padding", padding, "the official block asserts 1")
-    require(cls, dilation == 1, "dilation", dilation, "the official train form ignores it (its "
-            "deploy conv does not): only 1 gives the same function in both forms")
-    grouped(cls, in_channels, out_channels, groups)
-    zeros_padding(cls, padding_mode)
-    train_form_only(cls, deploy)
+    repvgg_geometry(cls, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                    groups, padding_mode, deploy)
     require(cls, not use_se or out_channels >= 16, "use_se", use_se,
             f"SE has out_channels // 16 hidden channels: out_channels={out_channels} gives 0")
     return RepBlockSpec(in_channels, out_channels, 3, stride, groups=groups, padding=1,
