@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -24,53 +24,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, Rep, ReparamError, Scale
-from reparam_core.fuse import rep_kernel_bias
-from reparam_core.nodes import Branch, Pair, Primitive, pair
+from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
+from reparam_core.graphfuse import (FusedSum, FuseReport, LeftAlone, Stage, branch_kind,
+                                    fuse_branches)
+from reparam_core.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
-
-# --------------------------------------------------------------------------- the report
-
-
-@dataclass(frozen=True)
-class FusedSum:
-    """A sum (or a lone conv -> BN) replaced by one conv: the graph nodes it consumed, one kind
-    per branch (e.g. `conv3x3+bn`, `identity`), the fused kernel size and the new module."""
-
-    nodes: tuple[str, ...]
-    branches: tuple[str, ...]
-    kernel: Pair
-    module: str
-
-
-@dataclass(frozen=True)
-class LeftAlone:
-    """A candidate sum left as it was, and why."""
-
-    node: str
-    reason: str
-
-
-@dataclass
-class FuseReport:
-    capture: str
-    fused: list[FusedSum] = field(default_factory=list)
-    left: list[LeftAlone] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"captured with {self.capture}: {len(self.fused)} fused, "
-                 f"{len(self.left)} left alone"]
-        for f in self.fused:
-            lines.append(f"  fused {' + '.join(f.branches)} -> conv{f.kernel[0]}x{f.kernel[1]} "
-                         f"{f.module} (nodes {', '.join(f.nodes)})")
-        for a in self.left:
-            lines.append(f"  left  {a.node}: {a.reason}")
-        return "\n".join(lines)
-
 
 # --------------------------------------------------------------------------- capture
 
@@ -153,15 +115,12 @@ def _is_add(node: fx.Node) -> bool:
 # --------------------------------------------------------------------------- the pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stage:
-    """One primitive of a branch: the core node (name filled in later), its tensors, the graph
-    node it comes from."""
+    """A branch primitive (the core's Stage) and the graph node it comes from."""
 
     node: fx.Node
-    make: Callable[[str], Primitive]
-    params: dict[str, np.ndarray]
-    label: str
+    core: Stage
 
 
 class _Pass:
@@ -275,8 +234,7 @@ class _Pass:
         params = {"weight": w.detach().cpu().numpy()}
         if b is not None:
             params["bias"] = b.detach().cpu().numpy()
-        label = f"conv{k[0]}x{k[1]}"
-        return _Stage(n, lambda name: Conv(name, cin, cout, **geo), params, label), None, x
+        return _Stage(n, Stage(Conv("", cin, cout, **geo), params)), None, x
 
     def _bn(self, n: fx.Node, x: Any, mean: Tensor | None, var: Tensor | None,
             weight: Tensor | None, bias: Tensor | None, eps: float, training: bool,
@@ -288,10 +246,8 @@ class _Pass:
                   "weight": torch.ones(c) if weight is None else weight,
                   "bias": torch.zeros(c) if bias is None else bias}
         params = {k: v.detach().cpu().numpy() for k, v in params.items()}
-        if pad:
-            return _Stage(n, lambda name: PadBN(name, c, pad, float(eps)), params,
-                          f"bnpad{pad}"), None, x
-        return _Stage(n, lambda name: BN(name, c, float(eps)), params, "bn"), None, x
+        node = PadBN("", c, pad, float(eps)) if pad else BN("", c, float(eps))
+        return _Stage(n, Stage(node, params)), None, x
 
     def _pool(self, n: fx.Node, x: Any, kernel: Any, stride: Any, padding: Any, ceil: bool,
               count_pad: bool, divisor: Any) -> tuple:
@@ -300,16 +256,15 @@ class _Pass:
             return None, f"avg pool {n.name} uses ceil_mode, a divisor or excludes padding", None
         if k[0] != k[1] or s[0] != s[1] or p[0] != p[1]:
             return None, f"avg pool {n.name} is not square", None
-        return _Stage(n, lambda name: AvgPool(k[0], s[0], p[0]), {}, f"avgpool{k[0]}"), None, x
+        return _Stage(n, Stage(AvgPool(k[0], s[0], p[0]), {})), None, x
 
     def _scale(self, n: fx.Node, x: Any, c: Tensor) -> tuple:
         shape = self.shape(x)
         if shape is None or len(shape) != 4 or c.numel() != shape[1] or tuple(c.shape) not in (
                 (shape[1], 1, 1), (1, shape[1], 1, 1)):
             return None, None, None
-        ch = shape[1]
-        return _Stage(n, lambda name: Scale(name, ch),
-                      {"weight": c.detach().reshape(-1).cpu().numpy()}, "scale"), None, x
+        return _Stage(n, Stage(Scale("", shape[1]),
+                               {"weight": c.detach().reshape(-1).cpu().numpy()})), None, x
 
     # ---------------------------------------------------------------- branches and sums
 
@@ -387,33 +342,19 @@ class _Pass:
             return None
         (user,) = last.users
         st, _, x = self.stage(user)
-        return st if st is not None and x is last and isinstance(st.make(""), BN) else None
+        return st if st is not None and x is last and isinstance(st.core.node, BN) else None
 
     def fuse(self, last: fx.Node, source: fx.Node, branches: list[list[_Stage]],
              nodes: list[fx.Node], where: str) -> bool:
         """Build the core's Rep; on success replace `last` (and a BN after it) by one conv."""
         post = self.post_bn(last)
-        params: dict[str, np.ndarray] = {}
-        desc: list[Branch] = []
-        for i, stages in enumerate(branches):
-            chain = []
-            for j, st in enumerate(stages):
-                name = f"b{i}_{j}"
-                chain.append(st.make(name))
-                params.update({f"{name}.{k}": v for k, v in st.params.items()})
-            desc.append(tuple(chain))
-        bn = None
-        if post is not None:
-            bn = post.make("post_bn")
-            params.update({f"post_bn.{k}": v for k, v in post.params.items()})
         cin, cout = self.shape(source)[1], self.shape(last)[1]
         try:
-            fused = _fused_conv(desc, cin, cout)
-            rep = Rep(tuple(desc), fused, bn)
+            fused, (kernel, bias) = fuse_branches([[st.core for st in b] for b in branches],
+                                                  cin, cout, None if post is None else post.core)
         except FusionError as e:
             self.report_left.append(LeftAlone(where, str(e)))
             return False
-        kernel, bias = rep_kernel_bias(rep, params)
         end = last if post is None else post.node
         self.count += 1
         name = f"reparam_fused_{self.count}"
@@ -439,7 +380,7 @@ class _Pass:
         for n in reversed(list(self.gm.graph.nodes)):  # parameters only the branches read
             if n in inputs and n in self.consts and not n.users:
                 self.gm.graph.erase_node(n)
-        kinds = tuple("+".join(st.label for st in stages) or "identity" for stages in branches)
+        kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
         if post is not None:
             kinds = (*kinds, "then bn")
         self.report_fused.append(FusedSum(
@@ -455,10 +396,10 @@ class _Pass:
                 self.try_sum(add)
         for n in list(graph.nodes):  # lone conv -> BN pairs
             st, _, x = self.stage(n)
-            if st is None or not isinstance(st.make(""), BN) or not isinstance(x, fx.Node):
+            if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
                 continue
             head, _, src = self.stage(x)
-            if head is None or not isinstance(head.make(""), Conv) or len(x.users) != 1:
+            if head is None or not isinstance(head.core.node, Conv) or len(x.users) != 1:
                 continue
             self.fuse(x, src, [[head]], [x], n.name)
 
@@ -482,33 +423,6 @@ def _label(n: fx.Node) -> str:
     return str(n.target) if n.op == "call_module" else n.name
 
 
-def _fused_conv(desc: list[Branch], cin: int, cout: int) -> Conv:
-    """The fused conv the branches would be one of: per axis the geometry of the stage with the
-    largest kernel on it (padding including a PadBN's before it), the groups of the convs
-    (depthwise without a conv). Whether every branch lines up with it is the core's check."""
-    stages = []  # (kernel, stride, padding, dilation)
-    for chain in desc:
-        pad = 0
-        for node in chain:
-            if isinstance(node, PadBN):
-                pad += node.pad
-            elif isinstance(node, (Conv, AvgPool)):
-                if isinstance(node, Conv):
-                    k, s, p, d = node.kernel, node.stride, node.padding, node.dilation
-                else:
-                    k, s, p, d = pair(node.kernel), pair(node.stride), pair(node.padding), (1, 1)
-                stages.append((k, s, (p[0] + pad, p[1] + pad), d))
-                pad = 0
-    convs = [n for chain in desc for n in chain if isinstance(n, Conv)]
-    groups = convs[0].groups if convs else cin
-    if not stages:
-        return Conv("fused", cin, cout, 1, groups=groups)
-    big = max(stages, key=lambda s: s[0][0] * s[0][1])
-    geo = [max(stages, key=lambda s: s[0][axis]) for axis in (0, 1)]
-    return Conv("fused", cin, cout, (geo[0][0][0], geo[1][0][1]), big[1],
-                (geo[0][2][0], geo[1][2][1]), (geo[0][3][0], geo[1][3][1]), groups)
-
-
 def fuse(module: nn.Module, example_input: Tensor) -> fx.GraphModule:
     """A copy of `module` (put it in eval mode first) with every sum of parallel branches on one
     tensor, every BN after such a sum and every lone conv -> BN replaced by one conv computed by
@@ -522,8 +436,8 @@ def fuse(module: nn.Module, example_input: Tensor) -> fx.GraphModule:
         gm.delete_submodule(target)
     gm.graph.lint()
     gm.recompile()
-    gm.fuse_report = FuseReport(how, p.report_fused, p.report_left)
+    gm.fuse_report = FuseReport(f"captured with {how}", p.report_fused, p.report_left)
     return gm
 
 
-__all__ = ["fuse", "capture", "FuseReport", "FusedSum", "LeftAlone"]
+__all__ = ["fuse", "capture", "FuseReport"]
