@@ -18,6 +18,7 @@ COMMANDS = {
     "verify": ("verify", "run the parity matrix and print a table of relative errors"),
     "bench": ("bench", "benchmark train form vs deploy form vs a plain conv stack per backend"),
     "demo": ("demo", "train on sklearn digits, re-parameterize and port to every framework"),
+    "fuse": ("fuse_cmd", "merge the parallel conv/BN branches of an ONNX graph into one conv"),
 }
 
 

@@ -321,8 +321,9 @@ class _Pass:
             return False
         walks = [self.branch(t) for t in terms]
         sources = [w[0] for w in walks]
-        common = max(set(sources), key=sources.count)
-        bad = [i for i, s in enumerate(sources) if s != common]
+        common = max(sources, key=sources.count)  # the first on a tie
+        bad = sorted((i for i, s in enumerate(sources) if s != common),
+                     key=lambda i: walks[i][3] is None)  # a branch stopped by a reason first
         if bad:
             s, _, _, stop = walks[bad[0]]
             p = g.producer.get(s)

@@ -84,6 +84,7 @@ def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, s
 
 ADDS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
 MULS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
+SUBS = {operator.sub, torch.sub, aten.sub.Tensor}
 CONVS = {F.conv2d, torch.conv2d, aten.conv2d.default}
 POOLS = {F.avg_pool2d, aten.avg_pool2d.default}
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -275,6 +276,13 @@ class _Pass:
         nodes: list[fx.Node] = []
         n, why = term, None
         while isinstance(n, fx.Node) and len(n.users) == 1:
+            padded = self.pad_bn(n)
+            if padded is not None:
+                st_pad, x, consumed = padded
+                nodes += consumed
+                stages.append(st_pad)
+                n = x
+                continue
             st, reason, x = self.stage(n)
             if x is None:
                 why = reason
@@ -285,23 +293,59 @@ class _Pass:
             n = x
         return n, stages[::-1], nodes, why
 
+    def pad_bn(self, add: fx.Node) -> tuple[_Stage, fx.Node, list[fx.Node]] | None:
+        """`F.pad(bn(x) - c, [p] * 4) + c` with c = BN(0) per channel (Diverse Branch Block's
+        BN-and-pad, written functionally): one PadBN stage, x, the nodes it consumes."""
+        if not _is_add(add):
+            return None
+        for pad, c in (add.args, add.args[::-1]):
+            cv = self.const(c)
+            if (cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad
+                    or len(pad.users) != 1):
+                continue
+            sub = pad.args[0]
+            amount = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
+            value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", None)
+            mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
+            if (not isinstance(sub, fx.Node) or sub.target not in SUBS or len(sub.users) != 1
+                    or mode != "constant" or value not in (None, 0, 0.0)
+                    or not isinstance(amount, (list, tuple)) or len(amount) != 4
+                    or len(set(amount)) != 1 or self.const(sub.args[1]) is None
+                    or not torch.equal(self.const(sub.args[1]), cv)):
+                continue
+            bn = sub.args[0]
+            st, _, x = self.stage(bn) if isinstance(bn, fx.Node) and len(bn.users) == 1 else (
+                None, None, None)
+            if st is None or not isinstance(st.core.node, BN):
+                continue
+            node, prm = st.core.node, st.core.params
+            zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
+                prm["running_var"].astype(np.float64) + node.eps)
+            want = cv.detach().cpu().double().reshape(-1).numpy()
+            if want.shape != zero.shape or np.abs(zero - want).max() > 1e-6 * max(
+                    float(np.abs(want).max()), 1e-30):
+                continue
+            core = Stage(PadBN("", node.channels, int(amount[0]), node.eps), prm)
+            return _Stage(add, core), x, [add, pad, sub, bn]
+        return None
+
     def terms(self, add: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
         """The flattened operands of a tree of adds (inner adds used only by it), the add nodes,
         and a reason when an operand is a non-zero constant."""
         terms: list[fx.Node] = []
         adds = [add]
+        why = None
         for a in add.args:
             if isinstance(a, fx.Node) and _is_add(a) and len(a.users) == 1:
-                t, inner, why = self.terms(a)
-                if why:
-                    return [], [], why
+                t, inner, inner_why = self.terms(a)
+                why = why or inner_why
                 terms += t
                 adds += inner
             elif isinstance(a, fx.Node) and self.const(a) is None:
                 terms.append(a)
             elif not (isinstance(a, (int, float)) and a == 0):
-                return [], [], f"adds a constant ({a if not isinstance(a, fx.Node) else a.name})"
-        return terms, adds, None
+                why = f"adds a constant ({a if not isinstance(a, fx.Node) else a.name})"
+        return terms, adds, why
 
     def try_sum(self, add: fx.Node) -> None:
         """Fuse the tree of adds at `add` as one sum; failing that, each inner add of it."""
@@ -312,7 +356,7 @@ class _Pass:
 
     def _try_tree(self, add: fx.Node) -> bool:
         terms, adds, why = self.terms(add)
-        if why is None and len(terms) < 2:
+        if len(terms) < 2:
             return False  # a tensor plus constants: not a sum of branches
         if why is not None:
             self.report_left.append(LeftAlone(add.name, why))
@@ -325,8 +369,9 @@ class _Pass:
             return False
         walks = [self.branch(t) for t in terms]
         sources = [w[0] for w in walks]
-        common = max(set(sources), key=sources.count)
-        bad = [i for i, s in enumerate(sources) if s is not common]
+        common = max(sources, key=sources.count)  # the first on a tie
+        bad = sorted((i for i, s in enumerate(sources) if s is not common),
+                     key=lambda i: walks[i][3] is None)  # a branch stopped by a reason first
         if bad:
             i = bad[0]
             s, _, _, stop = walks[i]
@@ -371,14 +416,13 @@ class _Pass:
         end.replace_all_uses_with(new)
         self.meta[new] = self.meta[end]
         dead = set(nodes) | {end}
-        inputs = {a for n in dead for a in n.all_input_nodes} - dead
         for n in reversed(list(self.gm.graph.nodes)):
             if n in dead:
                 self.gm.graph.erase_node(n)
                 if n.op == "call_module":
                     self.erased.add(n.target)
-        for n in reversed(list(self.gm.graph.nodes)):  # parameters only the branches read
-            if n in inputs and n in self.consts and not n.users:
+        for n in reversed(list(self.gm.graph.nodes)):  # parameters (and constant expressions
+            if n in self.consts and not n.users:        # of them) only the branches read
                 self.gm.graph.erase_node(n)
         kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
         if post is not None:
