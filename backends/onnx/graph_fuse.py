@@ -382,15 +382,19 @@ class _Pass:
         return True
 
     def run(self) -> None:
+        """Sums first, then lone conv chains. Nodes are looked up again by their first output
+        after every rewrite (a rewrite rebuilds the node list, which copies its messages)."""
         graph = self.g.model.graph
-        roots = [n for n in graph.node if self._is_sum(n) and not (
+        roots = [n.output[0] for n in graph.node if self._is_sum(n) and not (
             self.g.uses[n.output[0]] == 1 and any(self._is_sum(u) for u in graph.node
                                                   if n.output[0] in u.input))]
-        for n in roots:
-            if any(m is n for m in graph.node):
+        for out in roots:
+            n = self.g.producer.get(out)
+            if n is not None and self._is_sum(n):
                 self.try_sum(n)
-        for n in list(graph.node):  # lone conv -> BN / Mul / Add constants
-            if not any(m is n for m in graph.node) or n.op_type != "Conv":
+        for out in [n.output[0] for n in graph.node if n.op_type == "Conv"]:
+            n = self.g.producer.get(out)
+            if n is None or n.op_type != "Conv":
                 continue
             head, _, src = self.stage(n)
             if head is None:
