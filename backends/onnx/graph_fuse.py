@@ -195,7 +195,8 @@ class _Pass:
             pads = _sym(list(a.get("pads", [0, 0, 0, 0])))
             s = list(a.get("strides", [1, 1]))
             if (len(k) != 2 or k[0] != k[1] or pads is None or pads[0] != pads[1] or s[0] != s[1]
-                    or a.get("ceil_mode", 0) or (pads != (0, 0) and not a.get("count_include_pad", 0))
+                    or a.get("ceil_mode", 0)
+                    or (pads != (0, 0) and not a.get("count_include_pad", 0))
                     or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
                 return None, f"AveragePool {n.name} is not square, symmetric, zero-counting", None
             return [Stage(AvgPool(int(k[0]), int(s[0]), pads[0]), {})], None, n.input[0]

@@ -120,8 +120,8 @@ def _asymmetric_pads_model(path: str) -> str:
     nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], "c3", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "w2"], ["b"], "c2", pads=[0, 0, 1, 1]),
              helper.make_node("Add", ["a", "b"], ["y"], "sum")]
-    vi = lambda n: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, C, 8, 8])  # noqa: E731
-    graph = helper.make_graph(nodes, "asym", [vi("x")], [vi("y")], inits)
+    x, y = (helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, C, 8, 8]) for n in "xy")
+    graph = helper.make_graph(nodes, "asym", [x], [y], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 

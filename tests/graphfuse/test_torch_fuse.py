@@ -14,7 +14,7 @@ from torch import nn
 
 import backends.torch as bt
 from graphfuse_util import (C, ACBlock, DBBlock, PlusBlock, QABlock, SumListBlock, TorchAddBlock,
-                            TwoBranch, cbn, randomize, trap)
+                            cbn, randomize, trap)
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
 from reparam_core import (ReparamError, get_spec, in_form, list_models, oracle, random_state)
 from reparam_core.nodes import reps
@@ -147,7 +147,8 @@ BRANCHES = {"conv3": lambda: cbn(C, C, 3, padding=1), "conv1": lambda: cbn(C, C,
             "bn": lambda: nn.BatchNorm2d(C), "identity": nn.Identity,
             "avg": lambda: nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(C)),
             "hor": lambda: cbn(C, C, (1, 3), padding=(0, 1)),
-            "chain": lambda: nn.Sequential(nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C))}
+            "chain": lambda: nn.Sequential(nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 1),
+                                           nn.BatchNorm2d(C))}
 TRAP_BRANCHES = {"relu": lambda: nn.Sequential(cbn(C, C, 3, padding=1), nn.ReLU()),
                  "train-bn": lambda: nn.BatchNorm2d(C).train(),
                  "bn-then-padded-conv": lambda: nn.Sequential(nn.BatchNorm2d(C),
