@@ -71,13 +71,13 @@ def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | 
                     raise FusionError(f"{where}: conv {node.name!r} has groups={node.groups}, "
                                       f"the fused conv groups={f.groups}")
                 channels = node.out_channels
-            if geo is not None:
-                if geo.kernel != (1, 1) or geo.stride != (1, 1) or geo.padding != (0, 0):
-                    raise FusionError(f"{where}: only a 1x1, stride-1, unpadded stage can come "
-                                      "before another conv or pool in a branch")
-                if padding != (0, 0) and bias_so_far:
-                    raise FusionError(f"{where}: the padding of the second stage would pad a "
-                                      "biased value with zeros; put a PadBN before it")
+            if geo is not None and (geo.kernel != (1, 1) or geo.stride != (1, 1)
+                                    or geo.padding != (0, 0)):
+                raise FusionError(f"{where}: only a 1x1, stride-1, unpadded stage can come "
+                                  "before another conv or pool in a branch")
+            if padding != (0, 0) and bias_so_far:
+                raise FusionError(f"{where}: the padding of {_stage_name(node)} would pad a "
+                                  "biased value with zeros; put a PadBN before it")
             if pending_pad and padding != (0, 0):
                 raise FusionError(f"{where}: a PadBN pads already; the stage after it must have "
                                   "padding 0")
@@ -100,6 +100,10 @@ def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | 
     if pending_pad:
         raise FusionError(f"{where}: a PadBN must be followed by a conv or pool")
     return geo, channels
+
+
+def _stage_name(node: Conv | AvgPool) -> str:
+    return f"conv {node.name!r}" if isinstance(node, Conv) else "the average pool"
 
 
 def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:

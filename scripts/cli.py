@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("bench", "benchmark train form vs deploy form vs a plain conv stack per backend"),
     "quantize": ("quantize", "int8 ONNX of a checkpoint's deploy form, with accuracy and per-layer SQNR"),
     "demo": ("demo", "train on sklearn digits, re-parameterize and port to every framework"),
+    "fuse": ("fuse_cmd", "merge the parallel conv/BN branches of an ONNX graph into one conv"),
 }
 
 

@@ -11,9 +11,10 @@ from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule, Rep
                      RepVGGplusBlock, block_class, build_block)
 from .layers import SqueezeExcite
 from .export import export_onnx
+from .graph_fuse import FuseReport, fuse
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
            "RepVGG", "RepVGGplus", "RepGhostNet", "RepModule", "SqueezeExcite", "block_class",
            "build_block", "create_model", "reparameterize", "load_state", "export_state", "predict",
-           "export_onnx", "repconv_spec"]
+           "export_onnx", "repconv_spec", "fuse", "FuseReport"]
