@@ -122,8 +122,8 @@ def conv_path(groups: int, in_channels: int, platform: str = "cpu") -> ConvPath:
       (`feature_group_count=groups`).
 
     Measured with jaxlib 0.10.2 on this project's 2-core x86 CPU, batch 8, under jit
-    (benchmarks/conv_paths.py): XLA's grouped convolution takes 20-160 ms for a 3x3 depthwise
-    conv over 56x56x120 to 7x7x960 inputs, "shift" 0.7-3.5 ms (x20-x45); with 2-8 channels per
+    (`python -m benchmarks.conv_paths`): XLA's grouped convolution takes 20-160 ms for a 3x3
+    depthwise conv over 56x56x120 to 7x7x960 inputs, "shift" 0.7-3.5 ms (x20-x45); with 2-8 channels per
     group "shift" is x2-x10 faster than XLA; at 16 channels per group it is x4-x10 SLOWER; with
     2-8 groups of 16-64 channels "split" is x1.5-x3 faster than XLA for 3x3 kernels and even for
     1x1 kernels.
