@@ -23,7 +23,7 @@ from typing import Any
 from reparam_core import ReparamError, get_spec
 from reparam_core.errors import BackendUnavailableError
 
-from .bench_runner import BenchConfig
+from .bench_runner import GEMM_N, BenchConfig
 from .progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,53 @@ def stages_per_backend(config: BenchConfig) -> int:
     return 1 + len(config.models) * (1 if config.conversion_only else 3 + config.memory)
 
 
+# --------------------------------------------------------------------------- machine and peak
+
+CPU_FEATURES = {"AVX2": ("avx2",), "FMA": ("fma",), "AVX-512F": ("avx512f",),
+                "AVX-512 VNNI": ("avx512_vnni",), "AVX-VNNI": ("avx_vnni",),
+                "AVX-512 BF16": ("avx512_bf16",), "AMX-TILE": ("amx_tile",),
+                "AMX-BF16": ("amx_bf16",), "AMX-INT8": ("amx_int8",)}
+
+
+def cpu_info(cpuinfo: str) -> dict:
+    """The CPU's model name and which of CPU_FEATURES its flags list (the first processor of a
+    /proc/cpuinfo text)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"model_name": fields.get("model name", "unknown"),
+            "features": {name: any(f in flags for f in fl) for name, fl in CPU_FEATURES.items()}}
+
+
+def read_cpu_info() -> dict:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_info(f.read())
+    except OSError:
+        return {"model_name": platform.processor() or "unknown", "features": {}}
+
+
+def add_peak(report: dict) -> None:
+    """The machine's float32 peak as the best GEMM rate of any backend in this run
+    (`best_gemm_gflops`, `best_gemm_backend`) and, per backend, model and form, the
+    conv-equivalent GFLOP/s as a fraction of it (`of_best_gemm`)."""
+    rates = {b: r["gemm_gflops"] for b, r in report["backends"].items()}
+    if not rates:
+        return
+    best = max(rates, key=rates.__getitem__)
+    report["best_gemm_gflops"], report["best_gemm_backend"] = rates[best], best
+    for res in report["backends"].values():
+        for r in res["models"].values():
+            if "conv_equiv_gflops" in r:
+                r["of_best_gemm"] = {k: g / rates[best] for k, g in r["conv_equiv_gflops"].items()}
+
+
 # --------------------------------------------------------------------------- report
 
 def _table(rows: list[list[str]]) -> str:
@@ -84,7 +131,7 @@ def _x(v: float | None) -> str:
 def headline_table(report: dict) -> str:
     """One row per backend and model: the ratios first, absolute figures after."""
     rows = [["backend", "model", "deploy/train", "deploy/plain", "best fast path", "x eager",
-             "GFLOP/s", "of matmul", "convert/copy", "convert s", "params M", "peak MiB t/d/p"]]
+             "conv-equiv GFLOP/s", "of best GEMM", "convert/copy", "convert s", "params M", "peak MiB t/d/p"]]
     for b, res in report["backends"].items():
         for m, r in res["models"].items():
             conv = r["conversion"]
@@ -95,8 +142,8 @@ def headline_table(report: dict) -> str:
                 continue
             ra = r["ratios"]
             best = ra.get("best_fast_path")
-            g = r["gflops"].get(best or "deploy")
-            frac = r["fraction_of_matmul"].get(best or "deploy")
+            g = r["conv_equiv_gflops"].get(best or "deploy")
+            frac = r["of_best_gemm"].get(best or "deploy")
             mem = r.get("memory", {})
             peak = "/".join(f"{mem[f]['delta_mib']:.0f}" if "delta_mib" in mem.get(f, {}) else "-"
                             for f in ("train", "deploy", "plain"))
@@ -108,14 +155,16 @@ def headline_table(report: dict) -> str:
 
 
 def forms_table(report: dict) -> str:
-    """Every timed form: images/s, ms per batch, GFLOP/s and its fraction of matmul peak."""
-    rows = [["backend", "model", "form", "img/s", "ms/batch", "GFLOP/s", "of matmul", "compile s"]]
+    """Every timed form: images/s, ms per batch, conv-equivalent GFLOP/s, its fraction of the
+    best GEMM rate of the run, and the one-off compile/trace/profiling time of fast paths."""
+    rows = [["backend", "model", "form", "img/s", "ms/batch", "conv-equiv GFLOP/s",
+             "of best GEMM", "first-call s"]]
     for b, res in report["backends"].items():
         for m, r in res["models"].items():
             for form, f in r.get("forms", {}).items():
                 comp = r["compile_s"].get(form)
                 rows.append([b, m, form, f"{f['images_per_s']:.1f}", f"{f['median_s'] * 1e3:.1f}",
-                             f"{r['gflops'][form]:.1f}", f"{r['fraction_of_matmul'][form]:.2f}",
+                             f"{r['conv_equiv_gflops'][form]:.1f}", f"{r['of_best_gemm'][form]:.2f}",
                              "-" if comp is None else f"{comp:.2f}"])
     return _table(rows)
 
@@ -180,6 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--conversion-only", action="store_true",
                         help="only time reparameterize vs deep copy (e.g. for RepVGG-B3)")
+    parser.add_argument("--mge-fastrun", action="store_true",
+                        help="also time MegEngine's profiled kernels (fastrun), eager and traced; "
+                             "the profiling is the first call, reported as 'first-call s'")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput per backend and form")
 
@@ -193,11 +245,12 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(models=tuple(args.models), batch=args.batch, size=args.size,
                          repeats=args.repeats, convert_repeats=args.convert_repeats,
                          threads=args.threads, compile=not args.no_compile,
-                         conversion_only=args.conversion_only, memory=not args.no_memory)
+                         conversion_only=args.conversion_only, memory=not args.no_memory,
+                         mge_fastrun=args.mge_fastrun)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.machine()},
+                    "processor": platform.machine(), "cpu": read_cpu_info()},
         "backends": {}, "unavailable": {}}
     stages = [f"{b}:{i}" for b in args.backends for i in range(stages_per_backend(config))]
     with Progress(stages, desc="bench") as bar:
@@ -207,14 +260,21 @@ def run(args: argparse.Namespace) -> int:
             except BackendUnavailableError as e:
                 report["unavailable"][b] = str(e)
                 print(f"{b}: unavailable: {e}", file=sys.stderr)
+    add_peak(report)
     if report["backends"]:
         print(headline_table(report))
         if not config.conversion_only:
             print()
             print(forms_table(report))
-        mm = ", ".join(f"{b} {r['matmul_gflops']:.0f}" for b, r in report["backends"].items())
-        print(f"\nfloat32 {2048}x{2048} matmul GFLOP/s (same run): {mm}. Ratios are medians of "
-              f"paired rounds; 'x eager' is the best fast path over the eager deploy form.")
+        mm = ", ".join(f"{b} {r['gemm_gflops']:.0f}" for b, r in report["backends"].items())
+        feats = [k for k, v in report["machine"]["cpu"]["features"].items() if v]
+        print(f"\nfloat32 {GEMM_N}x{GEMM_N} GEMM GFLOP/s (same run): {mm}; 'of best GEMM' divides "
+              f"by the best, {report['best_gemm_gflops']:.0f} ({report['best_gemm_backend']}). "
+              "'conv-equiv GFLOP/s' = 2 x direct-convolution MACs / time (Winograd kernels do "
+              "fewer operations, so it can pass the GEMM rate). CPU: "
+              f"{report['machine']['cpu']['model_name']}, {', '.join(feats) or 'no listed features'}. "
+              "Ratios are medians of paired rounds; 'x eager' is the best fast path over the eager "
+              "deploy form.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,7 +1,7 @@
 """`reparam bench`, Flax NNX side: run as `python -m scripts.bench_flax CONFIG_JSON` (.venv).
 
 Forms: train and deploy (our modules, inference view, eager op-by-op NHWC forward) and the plain
-reference (`PlainNet`: `nnx.Conv` + activation, global mean pool, `nnx.Linear`, built from
+reference (`PlainNet`: `nnx.Conv` computing through the backend's conv primitive + activation, global mean pool, `nnx.Linear`, built from
 reparam_core.plain and loaded with the deploy form's weights). Fast paths: every form as one
 whole-model `jax.jit` (nnx.split outside, nnx.merge inside), compile time reported apart.
 """
@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from backends import flax as bf
+from backends.flax import layers as bf_layers
 from reparam_core import get_spec, state_schema
 from reparam_core.layouts import to_flax
 from reparam_core.plain import plain_layers
@@ -42,7 +43,8 @@ class PlainNet(nnx.Module):
                      strides=(p.stride, p.stride),
                      padding=((p.padding, p.padding), (p.padding, p.padding)),
                      kernel_dilation=(p.dilation, p.dilation), feature_group_count=p.groups,
-                     use_bias=True, rngs=rngs) for p in layers])
+                     use_bias=True, rngs=rngs,
+                     conv_general_dilated=bf_layers.conv_general_dilated) for p in layers])
         self.acts = tuple(p.act for p in layers)
         self.linear = nnx.Linear(spec.num_features, spec.num_classes, rngs=rngs)
 

@@ -4,6 +4,11 @@ Forms: train and deploy (our blocks, eager, eval mode) and the plain reference (
 `megengine.module.Conv2d` + activation, global average pool, `megengine.module.Linear`, built from
 reparam_core.plain and loaded with the deploy form's weights). Fast paths: each form as a
 `jit.trace(symbolic=True, capture_as_const=True)` graph; `compile_s` is its first (tracing) call.
+With `mge_fastrun` (`reparam bench --mge-fastrun`) also the deploy form with MegEngine's profiled
+kernels (backends.megengine.fastrun): `deploy/fastrun` (eager, every call inside `fastrun()`) and
+`deploy/traced+fastrun` (the exported .mge artifact loaded with every operator's strategy set to
+PROFILE); their `compile_s` is the first call, which profiles every new convolution shape (once
+per machine: the choices persist in MegEngine's cache file), kept out of the timed rounds.
 
 Threads: MegEngine's default CPU comp node ("xpux"/"cpux") computes on one worker thread; the
 `multithread<N>` device runs each operator on a pool of N threads. `setup` makes
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Mapping
 
@@ -31,6 +37,7 @@ import megengine.module as M
 from megengine.jit import trace
 
 from backends.megengine.blocks import write_tensor
+from backends.megengine.export import TracedGraph
 from reparam_core import get_spec, state_schema
 from reparam_core.plain import plain_layers
 
@@ -139,7 +146,28 @@ class MegEngineBench(BackendBench):
                    config: BenchConfig) -> dict[str, FastPath]:
         """`<form>/traced` for every form; tracing takes seconds, so `config.compile` (meant for
         the slow torch.compile) does not gate it."""
-        return {f"{form}/traced": self._traced(m, x) for form, m in modules.items()}
+        out = {f"{form}/traced": self._traced(m, x) for form, m in modules.items()}
+        if config.mge_fastrun:
+            out["deploy/fastrun"] = self._fastrun(modules["deploy"], x)
+            out["deploy/traced+fastrun"] = self._traced_fastrun(modules["deploy"], x)
+        return out
+
+    def _fastrun(self, module: M.Module, x: np.ndarray) -> FastPath:
+        forward = self.forward(module, x)
+
+        def fn() -> np.ndarray:
+            with bm.fastrun():
+                return forward()
+        y, profile_s = _timed_call(fn)  # the first call profiles every new conv shape
+        return FastPath(fn, y, profile_s)
+
+    def _traced_fastrun(self, module: M.Module, x: np.ndarray) -> FastPath:
+        with tempfile.TemporaryDirectory(prefix="reparam-bench-") as tmp:
+            t0 = time.perf_counter()
+            path = bm.export_traced(module, os.path.join(tmp, "m.mge"), x.shape)
+            graph = TracedGraph(path, fastrun=True)
+        y = graph.run(x)  # compiles, profiles every new conv shape
+        return FastPath(lambda: graph.run(x), y, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

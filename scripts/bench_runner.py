@@ -5,9 +5,11 @@ its matmul); the plan, the same for every backend, lives here once:
 
   per model: conversion time of `reparameterize` vs `copy.deepcopy` (paired rounds); outputs of
   train / deploy / plain reference / fast paths checked against each other; throughput of every
-  form timed in interleaved rounds after warm-up; GFLOP/s from reparam_core's MAC count as a
-  fraction of the framework's own float32 matmul GFLOP/s measured in the same process; peak
-  resident memory of each form, each in a fresh child process of its own.
+  form timed in interleaved rounds after warm-up; conv-equivalent GFLOP/s (2 x reparam_core's
+  direct-convolution MAC count / time: a Winograd or FFT kernel does fewer real operations, so
+  this can exceed a GEMM rate); the framework's float32 GEMM GFLOP/s measured in the same
+  process (the parent divides by the best GEMM of every backend of the run); peak resident
+  memory of each form, each in a fresh child process of its own.
 
 Protocol: `python -m scripts.bench_<backend> CONFIG_JSON` writes JSON lines on its original stdout
 (`{"event": "stage", ...}` while it runs, then `{"event": "result", "result": {...}}`); anything
@@ -35,6 +37,7 @@ from reparam_core.plain import has_plain_reference
 from .timing import interleaved_times, paired_ratio, summarize
 
 Fn = Callable[[], Any]
+GEMM_N = 2048  # the float32 GEMM probe: GEMM_N x GEMM_N x GEMM_N
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,14 @@ class BenchConfig:
     compile: bool = True          # the slow-to-build fast paths (torch.compile)
     conversion_only: bool = False
     memory: bool = True
+    mge_fastrun: bool = False     # MegEngine's profiled kernels as extra fast paths
 
 
 @dataclass
 class FastPath:
     """A faster way to run one form: its callable, its output on the bench input (checked against
-    the eager deploy form) and the one-off build/compile time, reported apart from throughput."""
+    the eager deploy form) and the one-off build/compile/profiling time (its first call),
+    reported apart from throughput."""
 
     fn: Fn
     output: np.ndarray
@@ -163,7 +168,7 @@ def conversion(bench: Bench, train: Any, repeats: int) -> dict:
 
 
 def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
-                matmul: float, stage: Callable[[str], None]) -> dict:
+                stage: Callable[[str], None]) -> dict:
     spec = get_spec(model)
     out: dict[str, Any] = {"params": {f: count_params(spec, f) for f in ("train", "deploy")},
                            "macs": {f: count_macs(spec, f, config.size) for f in ("train", "deploy")}}
@@ -199,9 +204,9 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
         ratios.update(best_fast_path=best, best_fast_over_deploy=deploy_fast[best],
                       fast_over_deploy=deploy_fast)
     out["ratios"] = ratios
-    out["gflops"] = {k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"]
-                     * config.batch / v["median_s"] / 1e9 for k, v in out["forms"].items()}
-    out["fraction_of_matmul"] = {k: g / matmul for k, g in out["gflops"].items()}
+    out["conv_equiv_gflops"] = {
+        k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"] * config.batch
+        / v["median_s"] / 1e9 for k, v in out["forms"].items()}
     if config.memory:
         stage(f"{model}: memory")
         out["memory"] = {f: memory_in_child(module, model, f, config) for f in modules}
@@ -220,10 +225,9 @@ def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dic
 
     result: dict[str, Any] = {"backend": bench.name, "config": asdict(config),
                               "environment": bench.setup(config.threads)}
-    stage("matmul peak")
-    result["matmul_gflops"] = bench.matmul_gflops(2048, max(config.repeats, 3))
-    result["models"] = {m: bench_model(bench, m, config, module, result["matmul_gflops"], stage)
-                        for m in config.models}
+    stage("GEMM rate")
+    result["gemm_gflops"] = bench.matmul_gflops(GEMM_N, max(config.repeats, 3))
+    result["models"] = {m: bench_model(bench, m, config, module, stage) for m in config.models}
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -266,5 +270,5 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     return 0
 
 
-__all__ = ["BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
+__all__ = ["GEMM_N", "BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
            "bench_input", "memory_probe", "memory_in_child", "run_plan", "main", "config_from_json"]

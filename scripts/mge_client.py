@@ -85,11 +85,12 @@ class MgeWorker:
     # -- operations
     def predict(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, form: str = "train",
                 model: str | None = None, block: BlockSpec | None = None, num_classes: int = 1000,
-                reparameterize: bool = False, return_state: bool = False):
-        """Build the module in `form`, load `state`, optionally re-parameterize, predict on x.
-        Returns y, or (y, exported neutral state of the final module) with return_state."""
+                reparameterize: bool = False, return_state: bool = False, fastrun: bool = False):
+        """Build the module in `form`, load `state`, optionally re-parameterize, predict on x
+        (`fastrun`: with MegEngine's profiled kernels). Returns y, or (y, exported neutral state
+        of the final module) with return_state."""
         out, exported = self._path("y"), (self._path("state") if return_state else None)
-        self.request(op="predict", form=form, reparameterize=reparameterize,
+        self.request(op="predict", form=form, reparameterize=reparameterize, fastrun=fastrun,
                      state=self._put("in-state", state), input=self._put("x", {"x": x}),
                      output=out, export_state=exported, **self._target(model, block, num_classes))
         y = load_file(out)[0]["y"]
@@ -97,10 +98,12 @@ class MgeWorker:
 
     def export_traced(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, artifact: str | os.PathLike,
                       form: str = "train", model: str | None = None, block: BlockSpec | None = None,
-                      num_classes: int = 1000) -> np.ndarray:
-        """Trace the deploy form into a `.mge` file and return the artifact's output on x."""
+                      num_classes: int = 1000, fastrun: bool = False) -> np.ndarray:
+        """Trace the deploy form into a `.mge` file and return the artifact's output on x (run
+        with MegEngine's profiled kernels when `fastrun`)."""
         out = self._path("y")
-        self.request(op="export_traced", form=form, state=self._put("in-state", state),
+        self.request(op="export_traced", form=form, fastrun=fastrun,
+                     state=self._put("in-state", state),
                      input=self._put("x", {"x": x}), artifact=str(artifact), output=out,
                      **self._target(model, block, num_classes))
         return load_file(out)[0]["y"]

@@ -16,10 +16,11 @@ from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule,  # 
 from .models import RepGhostNet, RepVGG, RepVGGplus  # noqa: E402
 from .api import (build_block, create_model, export_state, load_state, model_from_spec,  # noqa: E402
                   predict, reparameterize)
-from .export import export_traced, run_traced  # noqa: E402
+from .export import TracedGraph, export_traced, run_traced  # noqa: E402
+from .fastrun import fastrun  # noqa: E402
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
            "RepVGG", "RepVGGplus", "RepGhostNet", "build_block", "create_model", "reparameterize",
            "load_state", "export_state", "predict", "export_traced", "run_traced", "repconv_spec",
            "model_from_spec", "BN_MOMENTUM", "quiet_fd2", "import_megengine", "RepModule",
-           "block_class"]
+           "block_class", "fastrun", "TracedGraph"]

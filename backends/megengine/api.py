@@ -7,6 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
+from .fastrun import fastrun as _fastrun
 from reparam_core import SpecError, check_state, describe, get_spec, strip_ignored
 from reparam_core.checkpoints import to_neutral
 from reparam_core.nodes import Model
@@ -62,17 +63,21 @@ def export_state(module: RepModule) -> dict[str, np.ndarray]:
     return neutral_state(module)
 
 
-def predict(module: M.Module, x: np.ndarray) -> np.ndarray:
+def predict(module: M.Module, x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
     """Inference (BN running stats, no dropout, no grad) on an NCHW float32 array -> numpy.
-    The module's training flag is restored afterwards."""
+    The module's training flag is restored afterwards. `fastrun=True`: algorithms chosen by
+    profiling on this machine (backends.megengine.fastrun; the first call of a new shape pays
+    the profiling, the choices persist across processes); outputs equal the default's within
+    float rounding."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"predict expects an NCHW array, got shape {x.shape}")
     was_training = module.training
     module.eval()
     try:
-        y = module(mge.tensor(x))
-        return np.asarray(y.numpy(), dtype=np.float32)
+        with _fastrun(fastrun):
+            y = module(mge.tensor(x))
+            return np.asarray(y.numpy(), dtype=np.float32)
     finally:
         module.train(was_training)
 

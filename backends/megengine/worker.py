@@ -8,10 +8,10 @@ channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all p
   {"op": "ping"} -> {"ok": true, "megengine": version, "python": version}
   {"op": "predict", "model": NAME|null, "block": block_spec_dict|null, "num_classes": int,
    "form": "train"|"deploy", "state": path, "input": path (key "x"), "output": path,
-   "reparameterize": bool, "export_state": path|null}
+   "reparameterize": bool, "export_state": path|null, "fastrun": bool (default false)}
      -> {"ok": true, "form": final_form, "seconds": float}; writes {"y": ...} to output
   {"op": "export_traced", "model"/"block"/"num_classes"/"form", "state", "input",
-   "artifact": path of the .mge, "output": path}
+   "artifact": path of the .mge, "output": path, "fastrun": bool (run it with profiled kernels)}
      -> {"ok": true, "form": "deploy", "seconds": float}; the artifact's output on input -> output
   {"op": "shutdown"} -> {"ok": true}, then exit.
 Errors: {"ok": false, "type": exception class name, "error": message}; the worker keeps serving.
@@ -68,7 +68,7 @@ def _predict(req: dict) -> dict:
     module, x = _loaded(req)
     if req.get("reparameterize"):
         module = reparameterize(module)
-    y = predict(module, x)
+    y = predict(module, x, fastrun=bool(req.get("fastrun", False)))
     save_file({"y": y}, req["output"])
     if req.get("export_state"):
         save_file(export_state(module), req["export_state"])
@@ -81,7 +81,8 @@ def _export_traced(req: dict) -> dict:
 
     module, x = _loaded(req)
     export_traced(module, req["artifact"], tuple(x.shape))
-    save_file({"y": run_traced(req["artifact"], x)}, req["output"])
+    y = run_traced(req["artifact"], x, fastrun=bool(req.get("fastrun", False)))
+    save_file({"y": y}, req["output"])
     return {"form": "deploy"}
 
 

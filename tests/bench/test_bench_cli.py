@@ -25,7 +25,7 @@ def test_bench_all_backends_writes_json_and_plot(tmp_path: Path) -> None:
     assert report["unavailable"] == {}
     assert set(report["backends"]) == {"torch", "flax", "megengine"}
     for backend, res in report["backends"].items():
-        assert res["matmul_gflops"] > 0
+        assert res["gemm_gflops"] > 0
         r = res["models"]["RepVGG-A0"]
         assert {"train", "deploy", "plain", FAST[backend]} <= set(r["forms"])
         assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5, (backend, r["check_rel_err_vs_deploy"])
@@ -35,6 +35,8 @@ def test_bench_all_backends_writes_json_and_plot(tmp_path: Path) -> None:
         assert set(r["memory"]) == {"train", "deploy", "plain"}
         # at least the deploy weights (8.3 M float32) are resident in each form's probe
         assert all(m["delta_mib"] > 8.3e6 * 4 / 2**20 * 0.9 for m in r["memory"].values()), r["memory"]
+    assert report["best_gemm_gflops"] == max(r["gemm_gflops"] for r in report["backends"].values())
+    assert set(report["machine"]["cpu"]["features"]) >= {"AVX2", "AVX-512F", "AMX-TILE"}
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["backend", "model", "deploy/train", "deploy/plain"]
     rows = sum(ln.startswith(("torch ", "flax ", "megengine ")) for ln in lines)
