@@ -4,27 +4,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# feature -> cpuinfo flag
-FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512_vnni": "avx512_vnni",
-            "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16", "amx_bf16": "amx_bf16",
-            "amx_int8": "amx_int8"}
+# cpuinfo flag -> the name a report prints
+FEATURES = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_vnni": "AVX-512 VNNI",
+            "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX-TILE",
+            "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The flags of the first processor in /proc/cpuinfo (or of the given text)."""
+def _first_processor(cpuinfo: str | None) -> dict[str, str]:
+    """The `key: value` fields of the first processor of /proc/cpuinfo (or of the given text)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.exists() else ""
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The flags of the first processor."""
+    return set(_first_processor(cpuinfo).get("flags", "").split())
 
 
 def cpu_features(cpuinfo: str | None = None) -> dict[str, bool]:
-    """Which of FEATURES the CPU has."""
+    """Which of FEATURES (by cpuinfo flag) the CPU has."""
     flags = cpu_flags(cpuinfo)
-    return {name: flag in flags for name, flag in FEATURES.items()}
+    return {flag: flag in flags for flag in FEATURES}
 
 
 def has_int8_dot(cpuinfo: str | None = None) -> bool:
@@ -36,13 +46,14 @@ def has_int8_dot(cpuinfo: str | None = None) -> bool:
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    """The first processor's model name ('unknown' where cpuinfo has none)."""
+    return _first_processor(cpuinfo).get("model name", "unknown")
 
 
-__all__ = ["FEATURES", "cpu_flags", "cpu_features", "has_int8_dot", "cpu_model"]
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """`{"model_name": ..., "features": {report name: bool}}` for a benchmark's JSON."""
+    return {"model_name": cpu_model(cpuinfo),
+            "features": {FEATURES[f]: v for f, v in cpu_features(cpuinfo).items()}}
+
+
+__all__ = ["FEATURES", "cpu_flags", "cpu_features", "has_int8_dot", "cpu_model", "cpu_info"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from reparam_core import ReparamError, get_spec
 from reparam_core.errors import BackendUnavailableError
+from reparam_core.hardware import cpu_info
 
 from .bench_runner import GEMM_N, BenchConfig
 from .progress import Progress
@@ -71,36 +72,6 @@ def stages_per_backend(config: BenchConfig) -> int:
 
 # --------------------------------------------------------------------------- machine and peak
 
-CPU_FEATURES = {"AVX2": ("avx2",), "FMA": ("fma",), "AVX-512F": ("avx512f",),
-                "AVX-512 VNNI": ("avx512_vnni",), "AVX-VNNI": ("avx_vnni",),
-                "AVX-512 BF16": ("avx512_bf16",), "AMX-TILE": ("amx_tile",),
-                "AMX-BF16": ("amx_bf16",), "AMX-INT8": ("amx_int8",)}
-
-
-def cpu_info(cpuinfo: str) -> dict:
-    """The CPU's model name and which of CPU_FEATURES its flags list (the first processor of a
-    /proc/cpuinfo text)."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {"model_name": fields.get("model name", "unknown"),
-            "features": {name: any(f in flags for f in fl) for name, fl in CPU_FEATURES.items()}}
-
-
-def read_cpu_info() -> dict:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return cpu_info(f.read())
-    except OSError:
-        return {"model_name": platform.processor() or "unknown", "features": {}}
-
-
 def add_peak(report: dict) -> None:
     """The machine's float32 peak as the best GEMM rate of any backend in this run
     (`best_gemm_gflops`, `best_gemm_backend`) and, per backend, model and form, the
@@ -131,13 +102,14 @@ def _x(v: float | None) -> str:
 def headline_table(report: dict) -> str:
     """One row per backend and model: the ratios first, absolute figures after."""
     rows = [["backend", "model", "deploy/train", "deploy/plain", "best fast path", "x eager",
-             "conv-equiv GFLOP/s", "of best GEMM", "convert/copy", "convert s", "params M", "peak MiB t/d/p"]]
+             "conv-equiv GFLOP/s", "of best GEMM", "int8/ORT fp32", "convert/copy", "convert s",
+             "params M", "peak MiB t/d/p"]]
     for b, res in report["backends"].items():
         for m, r in res["models"].items():
             conv = r["conversion"]
             params = f"{r['params']['train'] / 1e6:.2f}->{r['params']['deploy'] / 1e6:.2f}"
             if "ratios" not in r:  # conversion only
-                rows.append([b, m] + ["-"] * 6 + [_x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}",
+                rows.append([b, m] + ["-"] * 7 + [_x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}",
                                                   params, "-"])
                 continue
             ra = r["ratios"]
@@ -149,23 +121,28 @@ def headline_table(report: dict) -> str:
                             for f in ("train", "deploy", "plain"))
             rows.append([b, m, _x(ra["deploy_over_train"]), _x(ra.get("deploy_over_plain")),
                          best or "-", _x(ra.get("best_fast_over_deploy")), f"{g:.1f}",
-                         f"{frac:.2f}", _x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}",
+                         f"{frac:.2f}", _x(ra.get("int8_over_ort_fp32")), _x(conv["ratio"]),
+                         f"{conv['reparameterize_s']:.2f}",
                          params, peak])
     return _table(rows)
 
 
 def forms_table(report: dict) -> str:
-    """Every timed form: images/s, ms per batch, conv-equivalent GFLOP/s, its fraction of the
-    best GEMM rate of the run, and the one-off compile/trace/profiling time of fast paths."""
-    rows = [["backend", "model", "form", "img/s", "ms/batch", "conv-equiv GFLOP/s",
-             "of best GEMM", "first-call s"]]
+    """Every timed form: its precision, images/s, ms per batch, conv-equivalent GFLOP/s, its
+    fraction of the best GEMM rate of the run, the one-off compile/trace/profiling time of fast
+    paths, and for reduced precision the top-1 agreement with the float32 deploy form."""
+    rows = [["backend", "model", "form", "precision", "img/s", "ms/batch", "conv-equiv GFLOP/s",
+             "of best GEMM", "first-call s", "top-1 agree"]]
     for b, res in report["backends"].items():
         for m, r in res["models"].items():
             for form, f in r.get("forms", {}).items():
                 comp = r["compile_s"].get(form)
-                rows.append([b, m, form, f"{f['images_per_s']:.1f}", f"{f['median_s'] * 1e3:.1f}",
+                low = r.get("low_precision_vs_deploy", {}).get(form)
+                rows.append([b, m, form, r.get("precision", {}).get(form, "float32"),
+                             f"{f['images_per_s']:.1f}", f"{f['median_s'] * 1e3:.1f}",
                              f"{r['conv_equiv_gflops'][form]:.1f}", f"{r['of_best_gemm'][form]:.2f}",
-                             "-" if comp is None else f"{comp:.2f}"])
+                             "-" if comp is None else f"{comp:.2f}",
+                             "-" if low is None else f"{low['top1_agreement']:.3f}"])
     return _table(rows)
 
 
@@ -232,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mge-fastrun", action="store_true",
                         help="also time MegEngine's profiled kernels (fastrun), eager and traced; "
                              "the profiling is the first call, reported as 'first-call s'")
+    parser.add_argument("--no-onnxruntime", action="store_true",
+                        help="skip the torch deploy form in ONNX Runtime (float32 and int8 QDQ)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip torch's CPU bf16 autocast path")
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput per backend and form")
 
@@ -246,11 +226,12 @@ def run(args: argparse.Namespace) -> int:
                          repeats=args.repeats, convert_repeats=args.convert_repeats,
                          threads=args.threads, compile=not args.no_compile,
                          conversion_only=args.conversion_only, memory=not args.no_memory,
-                         mge_fastrun=args.mge_fastrun)
+                         mge_fastrun=args.mge_fastrun, onnxruntime=not args.no_onnxruntime,
+                         bf16=not args.no_bf16)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.machine(), "cpu": read_cpu_info()},
+                    "processor": platform.machine(), "cpu": cpu_info()},
         "backends": {}, "unavailable": {}}
     stages = [f"{b}:{i}" for b in args.backends for i in range(stages_per_backend(config))]
     with Progress(stages, desc="bench") as bar:
@@ -273,8 +254,9 @@ def run(args: argparse.Namespace) -> int:
               "'conv-equiv GFLOP/s' = 2 x direct-convolution MACs / time (Winograd kernels do "
               "fewer operations, so it can pass the GEMM rate). CPU: "
               f"{report['machine']['cpu']['model_name']}, {', '.join(feats) or 'no listed features'}. "
-              "Ratios are medians of paired rounds; 'x eager' is the best fast path over the eager "
-              "deploy form.")
+              "Ratios are medians of paired rounds; 'x eager' is the best float32 fast path over the "
+              "eager deploy form; 'int8/ORT fp32' is ONNX Runtime's int8 QDQ graph over its float32 "
+              "graph (int8 is fast only with VNNI or AMX).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

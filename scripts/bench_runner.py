@@ -38,6 +38,7 @@ from .timing import interleaved_times, paired_ratio, summarize
 
 Fn = Callable[[], Any]
 GEMM_N = 2048  # the float32 GEMM probe: GEMM_N x GEMM_N x GEMM_N
+ORT_PATH, INT8_PATH = "deploy/onnxruntime", "deploy/onnxruntime-int8"  # int8 over float32, same runtime
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class BenchConfig:
     conversion_only: bool = False
     memory: bool = True
     mge_fastrun: bool = False     # MegEngine's profiled kernels as extra fast paths
+    onnxruntime: bool = True      # torch side: the deploy form in ONNX Runtime, float32 and int8
+    bf16: bool = True             # torch side: the deploy form under CPU bf16 autocast
 
 
 @dataclass
@@ -64,6 +67,7 @@ class FastPath:
     fn: Fn
     output: np.ndarray
     compile_s: float = 0.0
+    precision: str = "float32"  # "int8", "bfloat16": its outputs are compared, not required equal
 
 
 class Bench(Protocol):
@@ -186,10 +190,18 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
     outputs = {k: bench.predict(m, x) for k, m in modules.items()}
     fns = {k: bench.forward(m, x) for k, m in modules.items()}
     fast = bench.fast_paths(modules, x, config)
+    exact = {k: f for k, f in fast.items() if f.precision == "float32"}
+    low = {k: f for k, f in fast.items() if f.precision != "float32"}
     out["check_rel_err_vs_deploy"] = {k: rel_err(y, outputs["deploy"])
-                                      for k, y in {**outputs, **{k: f.output for k, f in fast.items()}}.items()
+                                      for k, y in {**outputs, **{k: f.output for k, f in exact.items()}}.items()
                                       if not k.startswith("train")}
     out["check_rel_err_vs_deploy"]["train"] = rel_err(outputs["train"], outputs["deploy"])
+    out["precision"] = {k: f.precision for k, f in fast.items()}
+    if low:  # reduced precision: how far from float32, not a correctness check
+        out["low_precision_vs_deploy"] = {
+            k: {"rel_err": rel_err(f.output, outputs["deploy"]),
+                "top1_agreement": float((f.output.argmax(1) == outputs["deploy"].argmax(1)).mean())}
+            for k, f in low.items()}
     out["compile_s"] = {k: f.compile_s for k, f in fast.items()}
     fns.update({k: f.fn for k, f in fast.items()})
     stage(f"{model}: timing {len(fns)} forms x {config.repeats} rounds")
@@ -200,9 +212,13 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
         ratios["deploy_over_plain"] = paired_ratio(times["plain"], times["deploy"])
     deploy_fast = {k: paired_ratio(times["deploy"], times[k]) for k in fast if k.startswith("deploy/")}
     if deploy_fast:
-        best = max(deploy_fast, key=deploy_fast.__getitem__)
-        ratios.update(best_fast_path=best, best_fast_over_deploy=deploy_fast[best],
-                      fast_over_deploy=deploy_fast)
+        ratios["fast_over_deploy"] = deploy_fast
+    float32_fast = {k: v for k, v in deploy_fast.items() if k in exact}
+    if float32_fast:  # the best float32 path; reduced precision is reported beside it
+        best = max(float32_fast, key=float32_fast.__getitem__)
+        ratios.update(best_fast_path=best, best_fast_over_deploy=float32_fast[best])
+    if INT8_PATH in times and ORT_PATH in times:
+        ratios["int8_over_ort_fp32"] = paired_ratio(times[ORT_PATH], times[INT8_PATH])
     out["ratios"] = ratios
     out["conv_equiv_gflops"] = {
         k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"] * config.batch
@@ -270,5 +286,5 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     return 0
 
 
-__all__ = ["GEMM_N", "BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
+__all__ = ["GEMM_N", "ORT_PATH", "INT8_PATH", "BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
            "bench_input", "memory_probe", "memory_in_child", "run_plan", "main", "config_from_json"]

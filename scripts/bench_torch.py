@@ -3,12 +3,17 @@
 Forms: train and deploy (our blocks, eager NCHW, inference mode) and the plain reference
 (`nn.Sequential` of `nn.Conv2d` + activation, pool, `nn.Linear`, built from
 reparam_core.plain and loaded with the deploy form's weights). Fast paths of the deploy form:
-channels_last, `torch.compile`, and both; the plain reference in channels_last too.
+channels_last, `torch.compile`, and both; the plain reference in channels_last too. Other
+runtimes and precisions of the same deploy form: its ONNX export in ONNX Runtime (float32, and
+int8 QDQ quantized per output channel, calibrated on the bench input: a speed figure, accuracy
+is `reparam quantize`'s), and torch eager under CPU bf16 autocast.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -20,7 +25,8 @@ from backends import torch as bt
 from reparam_core.plain import plain_layers
 from reparam_core import get_spec
 
-from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
+from .bench_runner import (INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops,
+                           main)
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -91,7 +97,53 @@ class TorchBench(BackendBench):
             out["deploy/compile"] = self._fast(torch.compile(modules["deploy"]), x, False)
             out["deploy/compile+channels_last"] = self._fast(
                 torch.compile(cl(modules["deploy"])), x, True)
+        if config.bf16:
+            out["deploy/bf16-autocast"] = self._bf16(modules["deploy"], x)
+        if config.onnxruntime:
+            out.update(self._onnxruntime(modules["deploy"], x))
         return out
+
+    def _bf16(self, module: nn.Module, x: np.ndarray) -> FastPath:
+        """Eager deploy form under `torch.autocast("cpu", torch.bfloat16)`: convs and linears in
+        bf16 (oneDNN's bf16 kernels need AVX-512 BF16 or AMX to be fast)."""
+        xt = torch.from_numpy(x)
+
+        def fn() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return module(xt)
+        t0 = time.perf_counter()
+        y = fn().float().numpy()
+        return FastPath(fn, y, time.perf_counter() - t0, "bfloat16")
+
+    def _onnxruntime(self, module: nn.Module, x: np.ndarray) -> dict[str, FastPath]:
+        """The deploy form exported to ONNX and run by ONNX Runtime with torch's thread count:
+        float32 as exported, and int8 (QDQ, weights per output channel, 7-bit where the CPU has
+        no VNNI/AMX int8 dot product) calibrated on `x`. first-call s: export (+ quantization)
+        and session creation."""
+        from backends.onnx import quantize_qdq
+        from reparam_core.hardware import has_int8_dot
+
+        with tempfile.TemporaryDirectory(prefix="reparam-bench-") as tmp:
+            t0 = time.perf_counter()
+            path = bt.export_onnx(module, os.path.join(tmp, "deploy.onnx"), x.shape)
+            fp32 = _ort_path(path, x, t0, "float32")
+            t0 = time.perf_counter()
+            int8 = quantize_qdq(path, x, reduce_range=not has_int8_dot(), batch=len(x))
+            return {ORT_PATH: fp32, INT8_PATH: _ort_path(int8, x, t0, "int8")}
+
+
+def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> FastPath:
+    """An ONNX Runtime session over `graph` with torch's thread count, run once on `x`;
+    compile_s counts from `t0` (export or quantization) to the end of that first run."""
+    from backends.onnx import ort_session
+
+    sess = ort_session(graph, threads=torch.get_num_threads())
+    feed = {sess.get_inputs()[0].name: x}  # type: ignore[attr-defined]
+
+    def fn() -> np.ndarray:
+        return sess.run(None, feed)[0]  # type: ignore[attr-defined]
+    y = np.asarray(fn(), np.float32)
+    return FastPath(fn, y, time.perf_counter() - t0, precision)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,22 @@ def quantize_qdq(src: str | os.PathLike, calib: np.ndarray, *, method: Method = 
         root.setLevel(level)
 
 
+def ort_session(model: str | os.PathLike | bytes, *, optimize: bool = True,
+                threads: int | None = None) -> "object":
+    """An ONNX Runtime CPU session for a graph (a path or its bytes); `threads` sets the
+    intra-op thread count (default: ONNX Runtime's, one per physical core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model), opts,
+                                providers=["CPUExecutionProvider"])
+
+
 def run_onnx(model: str | os.PathLike | bytes, x: np.ndarray, outputs: list[str] | None = None,
              batch: int = 64, optimize: bool = True) -> list[np.ndarray]:
     """Run an ONNX graph (a path or its bytes) on NCHW `x` in batches; the named `outputs`
@@ -94,16 +110,9 @@ def run_onnx(model: str | os.PathLike | bytes, x: np.ndarray, outputs: list[str]
     `optimize=False` runs the graph as written: a QDQ graph then computes in float32 on
     dequantized values (the quantization's math without the int8 kernels that ONNX Runtime
     fuses the QDQ pairs into, and that differ from it on CPUs without VNNI)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model), opts,
-                                providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    parts = [sess.run(outputs, feed) for feed in _batches(name, x, batch)]
+    sess = ort_session(model, optimize=optimize)
+    name = sess.get_inputs()[0].name  # type: ignore[attr-defined]
+    parts = [sess.run(outputs, feed) for feed in _batches(name, x, batch)]  # type: ignore[attr-defined]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -193,5 +202,5 @@ def layer_reports(fp32: str | os.PathLike, int8_bytes: bytes, x: np.ndarray,
     return out
 
 
-__all__ = ["METHODS", "Method", "quantize_qdq", "run_onnx", "LayerReport", "layer_reports",
+__all__ = ["METHODS", "Method", "quantize_qdq", "ort_session", "run_onnx", "LayerReport", "layer_reports",
            "onnx_input_name"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.bench import add_peak, cpu_info
+from reparam_core.hardware import cpu_info
+from scripts.bench import add_peak
 
 CPUINFO = """processor\t: 0
 model name\t: Example Xeon

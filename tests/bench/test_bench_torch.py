@@ -37,11 +37,24 @@ def test_bench_model_records_every_figure() -> None:
     r = bench_model(bench, "RepVGG-A0", config, "scripts.bench_torch", stage=stages.append)
     assert len(stages) == 3
     assert set(r["forms"]) == {"train", "deploy", "plain", "deploy/channels_last",
-                               "plain/channels_last"}
+                               "plain/channels_last", "deploy/bf16-autocast",
+                               "deploy/onnxruntime", "deploy/onnxruntime-int8"}
     assert all(len(f["runs_s"]) == 2 and f["images_per_s"] > 0 for f in r["forms"].values())
+    # ONNX Runtime float32 is checked like every float32 path; bf16 and int8 are reported apart
     assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5
+    assert "deploy/onnxruntime" in r["check_rel_err_vs_deploy"]
+    assert r["precision"] == {"deploy/channels_last": "float32", "plain/channels_last": "float32",
+                              "deploy/bf16-autocast": "bfloat16", "deploy/onnxruntime": "float32",
+                              "deploy/onnxruntime-int8": "int8"}
+    low = r["low_precision_vs_deploy"]
+    assert set(low) == {"deploy/bf16-autocast", "deploy/onnxruntime-int8"}
+    # bf16 keeps 8 mantissa bits, int8 QDQ about as many: off float32, nowhere near garbage
+    assert all(1e-5 < v["rel_err"] < 0.5 for v in low.values()), low
+    assert r["ratios"]["int8_over_ort_fp32"] > 0
+    assert set(r["ratios"]["fast_over_deploy"]) == {"deploy/channels_last", "deploy/bf16-autocast",
+                                                    "deploy/onnxruntime", "deploy/onnxruntime-int8"}
     assert r["params"] == {"train": 9108968, "deploy": 8309384}
-    assert r["ratios"]["best_fast_path"] == "deploy/channels_last"
+    assert r["ratios"]["best_fast_path"] in ("deploy/channels_last", "deploy/onnxruntime")
     assert r["conversion"]["ratio"] > 0 and r["conversion"]["deepcopy_s"] > 0
     g = r["conv_equiv_gflops"]["deploy"]
     assert g == pytest.approx(2 * r["macs"]["deploy"] / r["forms"]["deploy"]["median_s"] / 1e9)
