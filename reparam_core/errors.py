@@ -37,5 +37,10 @@ class UnsafeFileError(CheckpointError):
     """A file that asks to run code or import objects when it is loaded."""
 
 
+class VerificationError(ReparamError):
+    """A check that ran and failed: two outputs that should agree do not (the CLI exits 1 for
+    it; every other ReparamError is bad input and exits 2)."""
+
+
 class BackendUnavailableError(ReparamError, RuntimeError):
     """A framework (or its environment) that is not installed here."""

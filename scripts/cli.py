@@ -1,7 +1,8 @@
 """The `reparam` command: thin dispatch over the scripts' Python APIs.
 
-Library errors (ReparamError) are printed as one line on stderr, without a traceback, and the
-command exits with status 2.
+Library errors (ReparamError) are printed as one line on stderr, without a traceback; the
+command exits with status 2 for bad input and 1 for a check that ran and failed
+(VerificationError).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib
 import sys
 
 from reparam_core import ReparamError, list_models
+from reparam_core.errors import VerificationError
 
 # subcommand -> (module under scripts/, help)
 COMMANDS = {
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except VerificationError as e:
+        print(f"reparam {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except ReparamError as e:
         print(f"reparam {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ import numpy as np
 from reparam_core import checkpoints as ckpt
 from reparam_core import keymaps, oracle, safetensors_io
 from reparam_core.fuse import iter_deploy_state, reparameterize_state
-from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError
+from reparam_core.errors import (BackendUnavailableError, CheckpointError, ReparamError,
+                                 VerificationError)
 from reparam_core.layouts import flax_key, to_flax
 from reparam_core.precision import PrecisionWarning, cast_state
 from reparam_core.schema import FORMS, Form, state_schema
@@ -429,7 +430,7 @@ def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
     ref = np.asarray(ref, np.float64)
     out = np.asarray(out, np.float64)
     if ref.shape != out.shape:
-        raise ReparamError(f"verification failed: output shapes differ {ref.shape} vs {out.shape}")
+        raise VerificationError(f"verification failed: output shapes differ {ref.shape} vs {out.shape}")
     return float(np.max(np.abs(ref - out)) / max(float(np.max(np.abs(ref))), 1e-12))
 
 
@@ -484,7 +485,8 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
     another implementation's names (`timm`, `mmpretrain`, `basecls`; see keymaps)."""
     src, dst = os.fspath(src), os.fspath(dst)
     stage = progress.stage if progress is not None else (lambda name: None)
-    spec = get_spec(model, num_classes or 1000)  # unknown names fail first, with suggestions
+    spec = get_spec(model, 1000 if num_classes is None else num_classes)  # unknown names and
+    # --num-classes < 1 fail first
     if from_format is not None and from_format not in FORMATS + ("orbax",):
         raise CheckpointError(f"unknown input format {from_format!r}; choose from {', '.join(FORMATS)}")
     to_format = to_format or ckpt.format_from_extension(dst)
@@ -549,7 +551,7 @@ def convert(src: str, dst: str, model: str, *, to_deploy: bool = False,
         report["verify"] = {"max_rel_err": err, "tolerance": tol, "input": list(x.shape),
                             "source": f"{fmt}/{src_form}", "destination": f"{to_format}/{wform}"}
         if not err <= tol:
-            raise ReparamError(f"verification failed: {fmt} ({src_form}) and {to_format} ({wform}) "
+            raise VerificationError(f"verification failed: {fmt} ({src_form}) and {to_format} ({wform}) "
                                f"outputs differ by {err:.3g} relative (> {tol:g}); "
                                f"{dst} was not written")
 
@@ -622,12 +624,12 @@ def run(args: argparse.Namespace) -> int:
                              from_form=args.from_form, num_classes=args.num_classes,
                              verify=args.verify, overwrite=args.overwrite, progress=progress,
                              dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme)
-    except ReparamError as e:
+    except VerificationError as e:
         print(f"reparam convert: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except (ReparamError, OSError) as e:  # bad input: nothing was written
         print(f"reparam convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:

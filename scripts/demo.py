@@ -604,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
         models = tuple(get_spec(m.strip(), NUM_CLASSES).name for m in args.quantize.split(","))
         results = compare(args.out, models, epochs=args.epochs, seed=args.seed)
         if not getattr(args, "no_plot", False):
-            plot_comparison(results, str(Path(args.out) / "quantize.png"))
+            plot_comparison(results, str(Path(args.out) / "summary.png"))
         print(format_comparison(results))
         return 0
     summary = run_demo(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed,

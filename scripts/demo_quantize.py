@@ -5,7 +5,7 @@ and seed on the digits, then quantizes each deploy form with ONNX Runtime (200 c
 digits from the training split) with per-channel and per-tensor weights, and compares float32
 and int8 on the 360 test digits: top-1, agreement and SQNR, per model and per layer.
 Writes DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx,
-DIR/quantize.json and DIR/quantize.png.
+DIR/quantize.json and DIR/summary.png (per-layer SQNR side by side).
 """
 from __future__ import annotations
 

@@ -18,11 +18,12 @@ def save(path, state):
     return str(path)
 
 
-def fails(tmp_path, capsys, argv, pattern, dst="out.safetensors"):
+def fails(tmp_path, capsys, argv, pattern, dst="out.safetensors", code=2):
+    """Bad input exits 2, a failed --verify 1; either way nothing is written."""
     out = tmp_path / dst
     rc = cv.main([*map(str, argv[:1]), str(out), *argv[1:], "-q"])
     err = capsys.readouterr().err
-    assert rc == 1, err
+    assert rc == code, err
     assert pattern.lower() in err.lower(), err
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -122,12 +123,18 @@ def test_missing_source(tmp_path, capsys):
     fails(tmp_path, capsys, [tmp_path / "nope.pth", "--model", "RepVGG-mini"], "no such file")
 
 
+def test_num_classes_zero_is_an_error_not_1000(tmp_path, capsys, mini_train):
+    src = save(tmp_path / "t.safetensors", mini_train)
+    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--num-classes", "0"],
+          "num_classes must be >= 1, got 0")
+
+
 def test_existing_destination_kept(tmp_path, capsys, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
     dst = tmp_path / "out.pkl"
     dst.write_bytes(b"precious")
     rc = cv.main([src, str(dst), "--model", "RepVGG-mini", "-q"])
-    assert rc == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert rc == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert dst.read_bytes() == b"precious"
     assert cv.main([src, str(dst), "--model", "RepVGG-mini", "-q", "--overwrite"]) == 0
     assert dst.read_bytes() != b"precious"
@@ -144,7 +151,7 @@ def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch, mini_train
         return out
     monkeypatch.setattr(cv, "reparameterize_state", broken)
     fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-deploy", "--verify"],
-          "verification failed")
+          "verification failed", code=1)
 
 
 def test_verify_ok_and_report(tmp_path, mini_train):
@@ -160,7 +167,7 @@ def test_module_entry_point(tmp_path, mini_train):
     bad = subprocess.run([sys.executable, "-m", "scripts.convert", src, str(tmp_path / "o.pth"),
                           "--model", "RepVGG-mni"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert bad.returncode == 1 and "did you mean RepVGG-mini" in bad.stderr
+    assert bad.returncode == 2 and "did you mean RepVGG-mini" in bad.stderr
     assert not (tmp_path / "o.pth").exists()
     ok = subprocess.run([sys.executable, "-m", "scripts.convert", src, str(tmp_path / "o.pth"),
                          "--model", "RepVGG-mini", "--to-deploy", "--json"], capture_output=True,

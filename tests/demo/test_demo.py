@@ -326,3 +326,24 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quantize_mode_compares_both_models_at_both_granularities(tmp_path: Path) -> None:
+    """`reparam demo --quantize` (one epoch): RepVGG-mini and QARepVGG-mini, trained with the same
+    recipe, each quantized per channel and per tensor; the table, quantize.json, summary.png and
+    the int8 graphs. Accuracy figures of a one-epoch model are not asserted beyond sanity."""
+    proc = _run_demo(tmp_path, "--quantize", "--epochs", "1")
+    results = json.loads((tmp_path / "quantize.json").read_text())
+    assert list(results) == ["RepVGG-mini", "QARepVGG-mini"]
+    for model, by_g in results.items():
+        assert list(by_g) == ["per-channel", "per-tensor"]
+        for g, r in by_g.items():
+            assert r["weights"] == g and r["n_eval"] == 360 and r["calibration"]["samples"] == 200
+            assert 0.5 <= r["agreement"] <= 1 and np.isfinite(r["logits_sqnr_db"])
+            assert len(r["layers"]) == 8  # 7 convs and the linear of the mini layout
+            assert (tmp_path / "int8" / f"{model}-{g}.onnx").stat().st_size < r["bytes"]["fp32"] / 3
+        # both granularities quantize the same trained checkpoint: one float32 accuracy
+        assert by_g["per-channel"]["fp32_top1"] == by_g["per-tensor"]["fp32_top1"]
+    rows = [ln.split()[:2] for ln in proc.stdout.splitlines() if ln.startswith(("RepVGG", "QARep"))]
+    assert rows == [[m, g] for m in results for g in ("per-channel", "per-tensor")]
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

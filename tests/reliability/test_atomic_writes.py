@@ -105,7 +105,7 @@ def test_existing_destination_untouched_or_replaced_whole(tmp_path, b1):
     dst.write_bytes(b"precious")
     proc = start(src, dst)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and b"already exists" in err
+    assert proc.returncode == 2 and b"already exists" in err
     assert dst.read_bytes() == b"precious"
     for moment in ("temp", "data", 1.5):
         proc = start(src, dst, "--overwrite")
