@@ -9,8 +9,9 @@ Every output is compared with the float64 oracle as  max|y - y_oracle| / max|y_o
   roughly linearly in the number of conv layers L on the forward path, staying below ~1.5e-7 * L
   for every backend and form on this machine. The bound allows a margin over that:
       tol(model) = 1e-5 + 1e-6 * L      (A0, L = 22: 3.2e-5;  D2se, L = 48: 5.8e-5)
-  test_tolerance.py checks the formula against the measured growth, so a regression that
-  loosens precision shows up as a failure, not a silently widened bound.
+  The parity matrix (test_parity.py) applies it to every registry model in every backend and
+  form; `reparam verify` prints the margin (2026-12-02: worst model cell 1.5e-6, bounds
+  2e-5..8e-5), so a regression that loosens precision fails there, not a widened bound.
 """
 from __future__ import annotations
 

@@ -389,12 +389,6 @@ def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form
     return pickle.dumps(out, protocol=4)
 
 
-def megengine_native(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form) -> State:
-    schema = state_schema(spec, form)
-    return {k: np.ascontiguousarray(to_megengine(np.asarray(state[k], np.float32), info))
-            for k, info in schema.items()}
-
-
 # Hand-written pickle opcodes (protocol 2) for a torch zip's data.pkl: torch's own loader (with
 # weights_only=True) and `read_torch` both accept it, and writing it needs no torch.
 def _p_str(s: str) -> bytes:
@@ -485,4 +479,4 @@ def torch_zip_bytes(state: Mapping[str, np.ndarray], root: str = "archive") -> b
 __all__ = ["FORMATS", "EXTENSIONS", "detect_format", "format_from_extension", "read_raw",
            "read_torch", "read_pickle", "flatten_arrays", "unwrap", "strip_module_prefix",
            "flax_to_canonical_keys", "to_neutral", "safetensors_bytes", "megengine_bytes",
-           "megengine_native", "torch_zip_bytes", "write_torch_zip", "TORCH_STORAGE_DTYPES"]
+           "torch_zip_bytes", "write_torch_zip", "TORCH_STORAGE_DTYPES"]
