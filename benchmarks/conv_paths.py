@@ -35,11 +35,11 @@ def main() -> None:
         x = rng.standard_normal((8, size, size, c), dtype=np.float32)
         w = rng.standard_normal((k, k, c // g, c), dtype=np.float32)
         args = ((s, s), ((k // 2, k // 2),) * 2, (1, 1), g)
-        xla = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-            x, w, args[0], args[1], dimension_numbers=NHWC_HWIO, feature_group_count=g))
+        xla = jax.jit(lambda x, w, a=args, g=g: jax.lax.conv_general_dilated(
+            x, w, a[0], a[1], dimension_numbers=NHWC_HWIO, feature_group_count=g))
         row = [median_ms(xla, x, w)]
-        row.append(median_ms(lambda x, w: shifted_conv(x, w, *args), x, w) if c // g <= 16 else None)
-        row.append(median_ms(lambda x, w: split_conv(x, w, *args), x, w) if g <= 16 else None)
+        row.append(median_ms(lambda x, w, a=args: shifted_conv(x, w, *a), x, w) if c // g <= 16 else None)
+        row.append(median_ms(lambda x, w, a=args: split_conv(x, w, *a), x, w) if g <= 16 else None)
         cells = " | ".join("-" if v is None else f"{v:.2f}" for v in row)
         print(f"{size} {c} {k} {s} {g} | {cells}", flush=True)
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from reparam_core import (RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, list_models,
-                          official_block)
+from reparam_core import RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, list_models, official_block
 
 from .harness import Case
 

@@ -12,9 +12,10 @@ import itertools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -187,7 +188,7 @@ def run_case(case: Case, runners: dict[str, Runner], artifacts: bool = False) ->
             t0 = time.perf_counter()
             try:
                 got = runner.run(case, state, x, artifacts, Path(tmp))
-            except Exception as e:  # noqa: BLE001 - reported per cell, never swallowed
+            except Exception as e:
                 result.failures[name] = f"{type(e).__name__}: {e}"
                 continue
             finally:

@@ -23,8 +23,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, BinaryIO
 from zlib import error as zlib_error
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class _MappedFile:
     """A read-only, seekable file over an mmap for `zipfile`: a read never allocates more than
     the file holds (a plain file object pre-allocates whatever size a corrupt header asks for)."""
 
-    def __init__(self, mm: "mmap.mmap | bytes") -> None:
+    def __init__(self, mm: mmap.mmap | bytes) -> None:
         self._mm = mm
         self._pos = 0
 

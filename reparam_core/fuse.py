@@ -19,17 +19,30 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from .errors import FusionError
 from .fusion import KernelBias, bn_scale, fuse_1x1_kxk, identity_kernel, identity_offset
+from .nodes import (
+    BN,
+    AvgPool,
+    Branch,
+    Conv,
+    Description,
+    PadBN,
+    Pair,
+    Rep,
+    Scale,
+    in_form,
+    join_key,
+    pair,
+    reps,
+)
 from .schema import node_schema, schema_of
-from .nodes import (BN, AvgPool, Branch, Conv, Description, Pair, PadBN, Rep, Scale, in_form,
-                    join_key, pair, reps)
 
 Params = Mapping[str, np.ndarray]
 

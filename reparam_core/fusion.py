@@ -6,7 +6,7 @@ weights loses nothing but the final rounding.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Mapping
+from functools import cache
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class _Template:
         return tuple(p for p in self.pieces if isinstance(p, _Affine))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compile(template: str) -> _Template:
     anchored = template.startswith("^")
     body = template[1:] if anchored else template

@@ -16,8 +16,9 @@ backend's builder) walks these types; nothing else describes a topology.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal, Protocol, Union
+from typing import Literal, Protocol
 
 from .errors import FusionError
 
@@ -162,8 +163,8 @@ class Dropout:
     p: float
 
 
-Primitive = Union[Conv, BN, PadBN, AvgPool, Scale]
-Leaf = Union[Conv, BN, PadBN, AvgPool, Scale, Act, SE, Linear, GlobalPool, Flatten, Dropout]
+Primitive = Conv | BN | PadBN | AvgPool | Scale
+Leaf = Conv | BN | PadBN | AvgPool | Scale | Act | SE | Linear | GlobalPool | Flatten | Dropout
 Branch = tuple[Primitive, ...]
 
 # --------------------------------------------------------------------------- composites
@@ -193,7 +194,7 @@ class Add:
     """A plain (non-fusable) sum of chains on one input, e.g. a residual shortcut; the empty
     chain is the identity."""
 
-    branches: tuple[tuple["Node", ...], ...]
+    branches: tuple[tuple[Node, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class Block:
 
     name: str
     kind: str
-    body: tuple["Node", ...]
+    body: tuple[Node, ...]
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,10 @@ class Aux:
 
     name: str
     tap: str
-    body: tuple["Node", ...]
+    body: tuple[Node, ...]
 
 
-Node = Union[Leaf, Rep, Add, Block]
+Node = Leaf | Rep | Add | Block
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Model:
     aux: tuple[Aux, ...] = field(default=())
 
 
-Description = Union[Model, Block]
+Description = Model | Block
 
 
 class Describable(Protocol):
@@ -240,7 +241,7 @@ class Describable(Protocol):
 # --------------------------------------------------------------------------- walking
 
 
-def describe(spec: "Describable | Description") -> Description:
+def describe(spec: Describable | Description) -> Description:
     """The train-form description of a spec (a description is returned as it is)."""
     if isinstance(spec, (Model, Block)):
         return spec
@@ -255,7 +256,7 @@ def describe(spec: "Describable | Description") -> Description:
     return out
 
 
-def to_deploy(node: "Node | Model") -> "Node | Model":
+def to_deploy(node: Node | Model) -> Node | Model:
     """The deploy-form rewrite: every Rep becomes its fused conv, auxiliary heads are dropped."""
     if isinstance(node, Rep):
         return node.deploy_conv
@@ -268,7 +269,7 @@ def to_deploy(node: "Node | Model") -> "Node | Model":
     return node
 
 
-def in_form(spec: "Describable | Description", form: str) -> Description:
+def in_form(spec: Describable | Description, form: str) -> Description:
     """The description of `spec` in form 'train' or 'deploy'."""
     if form not in ("train", "deploy"):
         raise FusionError(f"form must be 'train' or 'deploy', got {form!r}")
@@ -283,7 +284,7 @@ def is_deploy(desc: Description) -> bool:
         isinstance(desc, Model) and desc.aux)
 
 
-def children(node: "Node | Model | Aux") -> Iterator["Node"]:
+def children(node: Node | Model | Aux) -> Iterator[Node]:
     """The nodes directly inside a composite node, in forward order."""
     if isinstance(node, (Block, Model, Aux)):
         yield from node.body
@@ -299,7 +300,7 @@ def children(node: "Node | Model | Aux") -> Iterator["Node"]:
             yield from b
 
 
-def walk(node: "Node | Model | Aux", prefix: str = "") -> Iterator[tuple[str, "Node"]]:
+def walk(node: Node | Model | Aux, prefix: str = "") -> Iterator[tuple[str, Node]]:
     """Every node under `node` with the name prefix in force there (block scopes joined), depth
     first in forward order; `Block` nodes are yielded with their parent's prefix."""
     for child in children(node):
@@ -309,17 +310,17 @@ def walk(node: "Node | Model | Aux", prefix: str = "") -> Iterator[tuple[str, "N
             yield from walk(child, inner)
 
 
-def blocks(node: "Node | Model", prefix: str = "") -> list[tuple[str, Block]]:
+def blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
     """Every Block (full module path, block), outermost first, in forward order."""
     return [(join_key(p, n.name), n) for p, n in walk(node, prefix) if isinstance(n, Block)]
 
 
-def reps(node: "Node | Model", prefix: str = "") -> list[tuple[str, Rep]]:
+def reps(node: Node | Model, prefix: str = "") -> list[tuple[str, Rep]]:
     """Every Rep with the prefix of its block, in forward order."""
     return [(p, n) for p, n in walk(node, prefix) if isinstance(n, Rep)]
 
 
-def rep_blocks(node: "Node | Model", prefix: str = "") -> list[tuple[str, Block]]:
+def rep_blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
     """The innermost blocks that hold a Rep directly (the re-parameterizable units)."""
     return [(path, b) for path, b in blocks(node, prefix)
             if any(isinstance(n, Rep) for n in b.body)]

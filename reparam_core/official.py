@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import SpecError
 from .families import acnet, dbb, mobileone, qarepvgg, repghost, repvgg
@@ -51,7 +52,7 @@ def _lookup(class_name: str) -> OfficialCtor:
                     f"{', '.join(official_classes())}")
 
 
-def official_block(class_name: str, /, *args: Any, **kwargs: Any) -> "Describable | Description":
+def official_block(class_name: str, /, *args: Any, **kwargs: Any) -> Describable | Description:
     """The spec of the block that the official class `class_name` builds with these constructor
     arguments (positional or by their official keyword names).
 

@@ -6,15 +6,34 @@ per node type below. Slow but exact: conv2d is an im2col + matmul in float64.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import ShapeMismatchError
 from .fusion import identity_offset
-from .nodes import (BN, SE, Act, Add, AvgPool, Block, Conv, Dropout, Flatten, GlobalPool,
-                    Linear, Model, Node, PadBN, Rep, Scale, in_form, join_key, pair)
+from .nodes import (
+    BN,
+    SE,
+    Act,
+    Add,
+    AvgPool,
+    Block,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Linear,
+    Model,
+    Node,
+    PadBN,
+    Rep,
+    Scale,
+    in_form,
+    join_key,
+    pair,
+)
 from .schema import Form
 
 Params = Mapping[str, np.ndarray]

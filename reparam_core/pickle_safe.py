@@ -30,7 +30,8 @@ import io
 import pickle
 import pickletools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def default_budget(nbytes: int) -> int:
 
 def rebuild_tensor(storage: Any, storage_offset: int, size: tuple, stride: tuple,
                    requires_grad: bool = False, backward_hooks: Any = None,
-                   metadata: Any = None, *, budget: "_Budget | None" = None) -> np.ndarray:
+                   metadata: Any = None, *, budget: _Budget | None = None) -> np.ndarray:
     """`torch._utils._rebuild_tensor_v2` for numpy: the strided view of the storage, copied
     unless it is a C-contiguous run of it (then a read-only view, no copy)."""
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
@@ -130,7 +131,7 @@ def _codecs_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode(encoding, errors="strict")
 
 
-def _bytes(*args: Any, budget: "_Budget | None" = None) -> bytes:
+def _bytes(*args: Any, budget: _Budget | None = None) -> bytes:
     """`builtins.bytes` for protocol-2 pickles of bytes; never `bytes(n)` (a huge allocation)."""
     if not args:
         return b""
@@ -185,7 +186,7 @@ def _reconstruct(subtype: Any, shape: Any = (0,), dtype: Any = b"b") -> np.ndarr
 
 
 def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C", *,
-                budget: "_Budget | None" = None) -> np.ndarray:
+                budget: _Budget | None = None) -> np.ndarray:
     """numpy's `_frombuffer` (protocol-5 pickles of arrays), for plain dtypes only."""
     if not isinstance(dtype, np.dtype):
         raise CheckpointError(f"refusing _frombuffer with dtype {str(dtype)[:40]!r}")

@@ -7,8 +7,9 @@ reported with a warning naming the key, never silently turned into inf.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 

@@ -18,7 +18,8 @@ import json
 import math
 import os
 import struct
-from typing import BinaryIO, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import BinaryIO
 
 import numpy as np
 

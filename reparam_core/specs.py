@@ -7,22 +7,26 @@ names) follow the official PyTorch code.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable, Union
 
 from .errors import SpecError, UnknownModelError
 from .families import mobileone, qarepvgg, repghost, repvgg
 from .families.mobileone import MobileOneBlockSpec, MobileOneSpec
 from .families.qarepvgg import QARepBlockSpec, qarepvgg_spec
-from .families.repghost import (RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec,
-                                make_divisible, repghostnet_spec)
+from .families.repghost import (
+    RepGhostBottleneckSpec,
+    RepGhostModuleSpec,
+    RepGhostNetSpec,
+    make_divisible,
+    repghostnet_spec,
+)
 from .families.repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
 from .nodes import Block, describe
 from .nodes_io import description_from_data, description_to_data
 
-ModelSpec = Union[RepVGGSpec, RepGhostNetSpec, MobileOneSpec]
-BlockSpec = Union[RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec, MobileOneBlockSpec,
-                  QARepBlockSpec]
+ModelSpec = RepVGGSpec | RepGhostNetSpec | MobileOneSpec
+BlockSpec = RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec | MobileOneBlockSpec | QARepBlockSpec
 
 _FAMILIES = (repvgg, repghost, mobileone, qarepvgg)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
@@ -84,7 +88,7 @@ def block_spec_to_dict(spec: object) -> dict:
     return {"kind": "description", "description": description_to_data(desc)}
 
 
-def block_spec_from_dict(data: dict) -> "BlockSpec | Block":
+def block_spec_from_dict(data: dict) -> BlockSpec | Block:
     data = dict(data)
     kind = data.pop("kind", None)
     if kind == "description":

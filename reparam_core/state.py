@@ -6,7 +6,7 @@ name what is wrong, and making random states with non-trivial BN statistics for 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -1,16 +1,18 @@
 """`reparam bench`, Flax NNX side: run as `python -m scripts.bench_flax CONFIG_JSON` (.venv).
 
 Forms: train and deploy (our modules, inference view, eager op-by-op NHWC forward) and the plain
-reference (`PlainNet`: `nnx.Conv` computing through the backend's conv primitive + activation, global mean pool, `nnx.Linear`, built from
-reparam_core.plain and loaded with the deploy form's weights). Fast paths: every form as one
-whole-model `jax.jit` (nnx.split outside, nnx.merge inside), compile time reported apart.
+reference (`PlainNet`: `nnx.Conv` computing through the backend's conv primitive + activation,
+global mean pool, `nnx.Linear`, built from reparam_core.plain and loaded with the deploy form's
+weights). Fast paths: every form as one whole-model `jax.jit` (nnx.split outside, nnx.merge
+inside), compile time reported apart.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import jax

@@ -26,16 +26,15 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
-import numpy as np
-
-from backends import megengine as bm  # imports MegEngine with its CUDA probing noise swallowed
 import megengine as mge
 import megengine.functional as F
 import megengine.module as M
+import numpy as np
 from megengine.jit import trace
 
+from backends import megengine as bm  # imports MegEngine with its CUDA probing noise swallowed
 from backends.megengine.blocks import write_tensor
 from backends.megengine.export import TracedGraph
 from reparam_core import get_spec, state_schema

@@ -25,9 +25,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -286,5 +287,6 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     return 0
 
 
-__all__ = ["GEMM_N", "ORT_PATH", "INT8_PATH", "BenchConfig", "FastPath", "Bench", "BackendBench", "gemm_gflops", "rel_err",
-           "bench_input", "memory_probe", "memory_in_child", "run_plan", "main", "config_from_json"]
+__all__ = ["GEMM_N", "ORT_PATH", "INT8_PATH", "BenchConfig", "FastPath", "Bench", "BackendBench",
+           "gemm_gflops", "rel_err", "bench_input", "memory_probe", "memory_in_child", "run_plan",
+           "main", "config_from_json"]

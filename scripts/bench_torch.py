@@ -15,18 +15,18 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from backends import torch as bt
-from reparam_core.plain import plain_layers
 from reparam_core import get_spec
+from reparam_core.plain import plain_layers
 
-from .bench_runner import (INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops,
-                           main)
+from .bench_runner import INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops, main
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 

@@ -5,9 +5,10 @@
 Every conversion goes through the neutral state (canonical keys, OIHW, float32): read SRC (format
 from its bytes, or --from-format), map foreign key names (timm, mmpretrain, basecls), convert
 layouts, validate against the architecture (keys, shapes, NaN/Inf, BN variance, form), optionally
-fuse to the deploy form (float64 algebra), then write DST atomically (temp file `.DST.<pid>-<random>.tmp` in the same directory,
-fsync, rename; an existing DST is kept unless --overwrite; on failure nothing is left; the temp
-file of a process that was killed is removed by the next convert to the same DST).
+fuse to the deploy form (float64 algebra), then write DST atomically (temp file
+`.DST.<pid>-<random>.tmp` in the same directory, fsync, rename; an existing DST is kept unless
+--overwrite; on failure nothing is left; the temp file of a process that was killed is removed by
+the next convert to the same DST).
 
 Memory: without --verify the conversion streams: deploy weights are fused block by block, each
 written as soon as it is ready (safetensors and torch output; MegEngine/Flax output are encoded
@@ -41,15 +42,15 @@ import sys
 import tempfile
 import warnings
 from collections import OrderedDict
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from reparam_core import checkpoints as ckpt
 from reparam_core import keymaps, oracle, safetensors_io
+from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError, VerificationError
 from reparam_core.fuse import iter_deploy_state, reparameterize_state
-from reparam_core.errors import (BackendUnavailableError, CheckpointError, ReparamError,
-                                 VerificationError)
 from reparam_core.layouts import flax_key, to_flax
 from reparam_core.precision import PrecisionWarning, cast_state
 from reparam_core.schema import FORMS, Form, state_schema
@@ -289,7 +290,7 @@ def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
 _TMP_RE = r"\.{base}\.(\d+)-[A-Za-z0-9_]+\.tmp$"
 
 
-def temp_name_pattern(dst: str) -> "re.Pattern[str]":
+def temp_name_pattern(dst: str) -> re.Pattern[str]:
     """The names of `dst`'s temp files: `.DST.<pid>-<random>.tmp` in DST's directory."""
     return re.compile(_TMP_RE.replace("{base}", re.escape(os.path.basename(dst))))
 

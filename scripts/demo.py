@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,7 @@ def train(model_name: str, data: Digits, *, epochs: int, seed: int, quiet: bool 
     try:
         torch.use_deterministic_algorithms(True)
         deterministic = True
-    except Exception:  # noqa: BLE001 - not available on some builds: still seeded
+    except Exception:
         deterministic = False
     model = create_model(model_name, num_classes=NUM_CLASSES)
     gen = torch.Generator().manual_seed(seed)
@@ -520,10 +521,9 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
 
 
 def _environment(worker) -> dict:
+    import flax
     import jax
     import torch
-
-    import flax
 
     return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
             "flax": flax.__version__, "megengine": worker.info.get("megengine"),

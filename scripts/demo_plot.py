@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -96,7 +96,8 @@ def _throughput_panel(ax, s: dict) -> None:
     batch = next(iter(tp.values()))["batch"]
     reps = next(iter(tp.values()))["repeats"]
     ax.set_title("Inference throughput", fontsize=12, fontweight="bold", loc="left")
-    ax.text(0.0, -0.12, f"batch {batch}, median of {reps} interleaved rounds; ×: deploy speed-up (median per-round ratio)",
+    ax.text(0.0, -0.12, f"batch {batch}, median of {reps} interleaved rounds; "
+            "×: deploy speed-up (median per-round ratio)",
             transform=ax.transAxes, fontsize=8, color=GREY)
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

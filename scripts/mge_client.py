@@ -11,8 +11,9 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -113,12 +114,12 @@ class MgeWorker:
             try:
                 self.request(op="shutdown")
                 self._proc.wait(timeout=10)
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:
                 self._proc.kill()
         self._stderr.close()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "MgeWorker":
+    def __enter__(self) -> MgeWorker:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -30,8 +30,9 @@ from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, rea
 
 from .convert import _infer_num_classes, atomic_write, read_any
 
+
 @lru_cache(maxsize=1)
-def _digits() -> "object":
+def _digits() -> object:
     from .demo import Digits
 
     return Digits()
@@ -65,7 +66,6 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
     (eager: the quantization's math; Inductor's int8 kernels need torch.compile)."""
     import backends.torch as bt
     from backends.onnx import layer_reports, quantize_qdq, run_onnx
-
     from reparam_core.hardware import cpu_features, cpu_model, has_int8_dot
 
     if os.path.exists(dst) and not overwrite:

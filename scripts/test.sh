@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every test: sets up both environments first (idempotent), then, side by side,
+# Run every test: sets up both environments first (idempotent), lints (ruff), then, side by side,
 #   .venv-mge (Python 3.10, numpy 1.26): reparam_core tests + the MegEngine backend suite
 #   .venv     (Python 3.11, numpy 2):    reparam_core tests + torch, flax, backends (all 3 backends,
 #                                         MegEngine through its worker), convert, bench, demo and
@@ -10,6 +10,10 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_envs.sh || exit 1
+
+# Fast checks first: lint (ruff, configured in pyproject.toml) fails in seconds, before any suite.
+echo "== lint: ruff check ."
+.venv/bin/ruff check . || exit 1
 
 mge_log="$(mktemp)"
 trap 'rm -f "$mge_log"' EXIT

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +30,27 @@ from reparam_core.layouts import to_flax
 from reparam_core.nodes import Block, Dropout, Model, Rep, describe, in_form, rep_blocks
 from reparam_core.schema import TensorInfo
 
-from .interpret import (DROPOUT, Chain, apply, module_at, module_paths, run, scope_body,
-                        scope_nodes, set_module)
+from .interpret import (
+    DROPOUT,
+    Chain,
+    apply,
+    module_at,
+    module_paths,
+    run,
+    scope_body,
+    scope_nodes,
+    set_module,
+)
 from .layers import LEAF_TYPES, BatchNorm, DropoutStream, _rngs, leaf_module
-from .state import (fill_abstract_other_variables, fresh_state, graph_parts, load_fused_state,
-                    load_state, module_schema, seed_from)
+from .state import (
+    fill_abstract_other_variables,
+    fresh_state,
+    graph_parts,
+    load_fused_state,
+    load_state,
+    module_schema,
+    seed_from,
+)
 
 _MODE_ATTRS = ("use_running_average", "deterministic")
 Segment = tuple[Callable[[Any, jax.Array], jax.Array], Any]
@@ -166,7 +183,7 @@ class RepModule(nnx.Module):
         return sum((_block_l2(self._get(path), l2_terms(block))
                     for path, block in self._rep_units()), jnp.float32(0.0))
 
-    def reparameterize(self) -> "RepModule":
+    def reparameterize(self) -> RepModule:
         """A new deploy-form module of the same class computing the same function (this module
         itself when already in deploy form). Its weights are fresh arrays (the input is not
         touched); train/eval attributes and RNG streams (dropout) are carried over."""

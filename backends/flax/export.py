@@ -6,7 +6,7 @@ fused weights as constants, so `load_stablehlo(path)` alone gives a working call
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -11,16 +11,27 @@ Activations are NHWC.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from reparam_core import SpecError
-from reparam_core.nodes import (Act, Add, AvgPool, Block, Dropout, Flatten, GlobalPool, Model,
-                                Node, Rep, children)
+from reparam_core.nodes import (
+    Act,
+    Add,
+    AvgPool,
+    Block,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Model,
+    Node,
+    Rep,
+    children,
+)
 
 from .layers import ACTIVATIONS, LEAF_TYPES, avg_pool, flatten, global_pool
 

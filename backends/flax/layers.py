@@ -12,7 +12,8 @@ their keys are those of nnx.Conv whatever the path.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

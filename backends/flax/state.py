@@ -9,7 +9,7 @@ writes copy a canonical tensor into the canonical-layout view of a fresh Flax-la
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -10,14 +10,20 @@ from .quiet import import_megengine, quiet_fd2
 
 import_megengine()
 
-from .layers import BN_MOMENTUM  # noqa: E402
-from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule,  # noqa: E402
-                     RepVGGBlock, RepVGGplusBlock, block_class)
-from .models import RepGhostNet, RepVGG, RepVGGplus  # noqa: E402
-from .api import (build_block, create_model, export_state, load_state, model_from_spec,  # noqa: E402
-                  predict, reparameterize)
+from .api import build_block, create_model, export_state, load_state, model_from_spec, predict, reparameterize  # noqa: E402
+from .blocks import (  # noqa: E402
+                     RepConv,
+                     RepGhostBottleneck,
+                     RepGhostModule,
+                     RepModule,
+                     RepVGGBlock,
+                     RepVGGplusBlock,
+                     block_class,
+)
 from .export import TracedGraph, export_traced, run_traced  # noqa: E402
 from .fastrun import fastrun  # noqa: E402
+from .layers import BN_MOMENTUM  # noqa: E402
+from .models import RepGhostNet, RepVGG, RepVGGplus  # noqa: E402
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
            "RepVGG", "RepVGGplus", "RepGhostNet", "build_block", "create_model", "reparameterize",

@@ -2,15 +2,16 @@
 predict. States are NEUTRAL (canonical keys, OIHW, float32); MegEngine shapes only inside."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
-from .fastrun import fastrun as _fastrun
 from reparam_core import SpecError, check_state, describe, get_spec, strip_ignored
 from reparam_core.checkpoints import to_neutral
 from reparam_core.nodes import Model
+
+from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
+from .fastrun import fastrun as _fastrun
 
 
 def build_block(spec: object, *, deploy: bool = False) -> RepModule:

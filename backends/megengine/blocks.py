@@ -19,21 +19,21 @@ spec), so it converts, exports and loads like a standalone block.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterator, Mapping
 from functools import reduce
-from typing import Callable, ClassVar, Iterator, Mapping
+from typing import ClassVar
 
 import numpy as np
-
-from .layers import FUNCTIONAL, LEAF_MODULES, F, M, Tensor, leaf_module, mge
 
 from reparam_core import ReparamError, ShapeMismatchError, SpecError, TensorInfo
 from reparam_core.fuse import reparameterize_state
 from reparam_core.fusion import identity_kernel
 from reparam_core.l2 import custom_l2_penalty, l2_terms
 from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine
-from reparam_core.nodes import (Add, Aux, Block, Model, Node, Rep, children, in_form,
-                                rep_blocks)
+from reparam_core.nodes import Add, Aux, Block, Model, Node, Rep, children, in_form, rep_blocks
 from reparam_core.schema import Form, schema_of
+
+from .layers import FUNCTIONAL, LEAF_MODULES, F, M, Tensor, leaf_module, mge
 
 # --------------------------------------------------------------------------- module tree
 
@@ -86,33 +86,33 @@ def owned_nodes(node: Node | Model | Aux) -> Iterator[Node | Aux]:
 # --------------------------------------------------------------------------- forward rules
 
 
-def run(module: "RepModule", nodes: tuple[Node, ...], x: Tensor) -> Tensor:
+def run(module: RepModule, nodes: tuple[Node, ...], x: Tensor) -> Tensor:
     """A chain of nodes on x (the empty chain is the identity)."""
     for node in nodes:
         x = apply(module, node, x)
     return x
 
 
-def _call(module: "RepModule", node, x: Tensor) -> Tensor:
+def _call(module: RepModule, node, x: Tensor) -> Tensor:
     """A parameterised leaf or a nested block: the child module at its path."""
     return module.module_at(node.name)(x)
 
 
-def _rep(module: "RepModule", node: Rep, x: Tensor) -> Tensor:
+def _rep(module: RepModule, node: Rep, x: Tensor) -> Tensor:
     outs = [run(module, branch, x) for branch in node.branches]
     y = F.concat(outs, axis=1) if node.combine == "concat" else reduce(operator.add, outs)
     return y if node.bn is None else apply(module, node.bn, y)
 
 
-def _add(module: "RepModule", node: Add, x: Tensor) -> Tensor:
+def _add(module: RepModule, node: Add, x: Tensor) -> Tensor:
     return reduce(operator.add, [run(module, branch, x) for branch in node.branches])
 
 
-RULES: dict[type, Callable[["RepModule", object, Tensor], Tensor]] = {
+RULES: dict[type, Callable[[RepModule, object, Tensor], Tensor]] = {
     **{t: _call for t in LEAF_MODULES}, Block: _call, Rep: _rep, Add: _add}
 
 
-def apply(module: "RepModule", node: Node, x: Tensor) -> Tensor:
+def apply(module: RepModule, node: Node, x: Tensor) -> Tensor:
     """One node on x: a parameter-free rule (layers.FUNCTIONAL) or a rule of RULES."""
     functional = FUNCTIONAL.get(type(node))
     if functional is not None:
@@ -126,7 +126,7 @@ def apply(module: "RepModule", node: Node, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- states
 
 
-def neutral_state(module: "RepModule") -> dict[str, np.ndarray]:
+def neutral_state(module: RepModule) -> dict[str, np.ndarray]:
     """The module's tensors as a neutral state (canonical keys in schema order, OIHW, float32),
     read from the leaf modules at their paths (MegEngine's `state_dict()` walk is slow)."""
     out = {}
@@ -157,7 +157,7 @@ def module_layout(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     return v.reshape(1, -1, 1, 1) if info.kind.startswith("bn.") else v
 
 
-def write_state(module: "RepModule", state: Mapping[str, np.ndarray]) -> None:
+def write_state(module: RepModule, state: Mapping[str, np.ndarray]) -> None:
     """Write a validated neutral `state` into the module's own tensors in place (`t[...] = v`,
     leaf by leaf at the schema's paths). MegEngine's `load_state_dict` rebuilds `state_dict()`
     recursively for every submodule, which takes tens of seconds on deep models (MobileOne-S0:
@@ -184,7 +184,7 @@ def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str =
 
 # --------------------------------------------------------------------------- the module
 
-_CLASSES: dict[str, type["RepModule"]] = {}
+_CLASSES: dict[str, type[RepModule]] = {}
 
 
 class RepModule(M.Module):
@@ -251,7 +251,7 @@ class RepModule(M.Module):
                 out[aux.name] = run(self, aux.body, x)
         return {"main": x, **out}
 
-    def rep_blocks(self) -> list[tuple[str, "RepModule"]]:
+    def rep_blocks(self) -> list[tuple[str, RepModule]]:
         """The re-parameterizable blocks (innermost blocks holding a Rep), with their module
         paths; the module itself ('') when it holds a Rep directly."""
         own = [("", self)] if any(isinstance(n, Rep) for n in self.desc.body) else []
@@ -267,7 +267,7 @@ class RepModule(M.Module):
                                "block")
         return reduce(operator.add, [l2_term(block) for _, block in found])
 
-    def reparameterize(self) -> "RepModule":
+    def reparameterize(self) -> RepModule:
         """A NEW deploy-form module computing the same function (itself when already deploy)."""
         if self.deploy:
             return self
@@ -278,7 +278,7 @@ class RepModule(M.Module):
 
     @classmethod
     def _holding(cls, spec: object, state: Mapping[str, np.ndarray],
-                 deploy: bool) -> "RepModule":
+                 deploy: bool) -> RepModule:
         """A module of this class holding a complete neutral `state` of its form (trusted: the
         core's fused state), built `empty`; every tensor is then a new MegEngine tensor made
         from the state, in one pass (copied, never shared)."""

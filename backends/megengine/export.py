@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .fastrun import fastrun as _fastrun, profile_graph
+from .fastrun import fastrun as _fastrun
+from .fastrun import profile_graph
 from .layers import mge
 
 INPUT_NAME = "data"

@@ -13,7 +13,7 @@ do not.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .layers import mge
 

@@ -11,7 +11,7 @@ batch variance (n/(n-1)), as torch does, so running statistics match torch's ste
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,10 +22,9 @@ import megengine.functional as F  # noqa: E402
 import megengine.module as M  # noqa: E402
 
 from reparam_core import SpecError  # noqa: E402
-from reparam_core.nodes import (BN, SE, Act, AvgPool, Conv, Dropout, Flatten,  # noqa: E402
-                                GlobalPool, Linear, PadBN, Scale)
 from reparam_core.fusion import identity_offset  # noqa: E402
 from reparam_core.layouts import to_megengine  # noqa: E402
+from reparam_core.nodes import BN, SE, Act, AvgPool, Conv, Dropout, Flatten, GlobalPool, Linear, PadBN, Scale  # noqa: E402
 from reparam_core.schema import conv_entries  # noqa: E402
 
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
@@ -163,7 +162,7 @@ LEAF_MODULES: dict[type, Callable[..., M.Module]] = {
 }
 
 
-def leaf_module(node: object, empty: bool = False) -> Optional[M.Module]:
+def leaf_module(node: object, empty: bool = False) -> M.Module | None:
     """The native module of a parameterised leaf (None for every other node); `empty=True`
     skips the random initial values (see EmptyInit)."""
     build = LEAF_MODULES.get(type(node))

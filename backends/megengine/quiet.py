@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 # The CUDA banner and probe lines. The banner's frame lines are "info: +++++..." and
 # "info: + <text> +"; the text lines mention CUDA/NVIDIA or point to the help forum.
@@ -76,7 +76,7 @@ def import_megengine():
     with quiet_fd2():
         import megengine
         import megengine.functional as F  # noqa: F401
-        import megengine.module  # noqa: F401
+        import megengine.module
         (megengine.tensor([1.0]) + 1).numpy()
     _READY = True
     return megengine

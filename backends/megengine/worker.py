@@ -117,7 +117,7 @@ def main() -> int:
             reply = {"ok": True, **handle(req)}
             if op in ("predict", "export_traced"):
                 reply["seconds"] = round(time.perf_counter() - t0, 6)
-        except Exception as e:  # noqa: BLE001 - every error is reported, the worker keeps serving
+        except Exception as e:
             reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
         proto.write(json.dumps(reply) + "\n")
         proto.flush()

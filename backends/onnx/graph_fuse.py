@@ -22,8 +22,15 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, PadBN, Scale
-from reparam_core.graphfuse import (FusedSum, FuseReport, LeftAlone, Stage, affine_bn,
-                                    branch_kind, fuse_branches)
+from reparam_core.graphfuse import (
+    FusedSum,
+    FuseReport,
+    LeftAlone,
+    Stage,
+    affine_bn,
+    branch_kind,
+    fuse_branches,
+)
 
 
 def load(path: str) -> onnx.ModelProto:
@@ -34,7 +41,7 @@ def load(path: str) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - protobuf decode and checker errors
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a valid ONNX model ({first})") from None
     if not model.graph.node:
@@ -108,7 +115,7 @@ class _Graph:
             elif all(i in self.values or i == "" for i in n.input) and n.input:
                 try:
                     outs = self._eval(n)
-                except Exception:  # noqa: BLE001 - an op the reference evaluator lacks
+                except Exception:
                     continue
                 self.values.update({o: v for o, v in zip(n.output, outs) if o})
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -51,8 +52,13 @@ def quantize_qdq(src: str | os.PathLike, calib: np.ndarray, *, method: Method = 
         reduce_range: 7-bit weights, exact on x86 CPUs without VNNI/AMX (whose int8 kernels sum
             u8 x s8 products in saturating 16 bits); see reparam_core.hardware.has_int8_dot.
     Returns the serialized model; the same inputs give the same bytes."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if method not in METHODS:
         raise ReparamError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
@@ -87,7 +93,7 @@ def quantize_qdq(src: str | os.PathLike, calib: np.ndarray, *, method: Method = 
 
 
 def ort_session(model: str | os.PathLike | bytes, *, optimize: bool = True,
-                threads: int | None = None) -> "object":
+                threads: int | None = None) -> object:
     """An ONNX Runtime CPU session for a graph (a path or its bytes); `threads` sets the
     intra-op thread count (default: ONNX Runtime's, one per physical core)."""
     import onnxruntime as ort
@@ -145,7 +151,7 @@ def _with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def _weighted_layers(int8: "object") -> list[tuple[str, str, str, str]]:
+def _weighted_layers(int8: object) -> list[tuple[str, str, str, str]]:
     """(weight name, op type, output tensor, int8 tensor) of every Conv/Gemm of a QDQ graph. The
     int8 tensor is what the next layer reads: the output after its QuantizeLinear ->
     DequantizeLinear pair when it has one (ONNX Runtime fuses a following ReLU into that pair, the

@@ -7,11 +7,19 @@ official names; every fusion goes through reparam_core.fuse (float64).
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 from .api import export_state, load_state, predict, reparameterize
-from .blocks import (RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock,
-                     RepVGGplusBlock, block_class, build_block)
-from .layers import SqueezeExcite
+from .blocks import (
+                     RepConv,
+                     RepGhostBottleneck,
+                     RepGhostModule,
+                     RepModule,
+                     RepVGGBlock,
+                     RepVGGplusBlock,
+                     block_class,
+                     build_block,
+)
 from .export import export_onnx
 from .graph_fuse import FuseReport, fuse
+from .layers import SqueezeExcite
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",

@@ -1,13 +1,13 @@
 """The backend surface shared by every framework: reparameterize, neutral state in/out, predict."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from reparam_core import (ReparamError, check_state)
+from reparam_core import ReparamError, check_state
 
 from .blocks import RepModule, numpy_state
 

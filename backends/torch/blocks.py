@@ -19,14 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from reparam_core import (Add, Aux, Block, Dropout, Model, Rep, ReparamError, SpecError,
-                          block_kind, in_form, reparameterize_state)
+from reparam_core import (
+    Add,
+    Aux,
+    Block,
+    Dropout,
+    Model,
+    Rep,
+    ReparamError,
+    SpecError,
+    block_kind,
+    in_form,
+    reparameterize_state,
+)
 from reparam_core.fusion import identity_kernel
 from reparam_core.l2 import L2Terms, custom_l2_penalty, l2_terms
-from reparam_core.nodes import Description, Node, join_key, rep_blocks
+from reparam_core.nodes import Description, Node, rep_blocks
 
-from .layers import (LEAF_FUNCTIONS, LEAF_MODULES, Plan, Step, add, call, dropout, rep, run,
-                     submodule)
+from .layers import LEAF_FUNCTIONS, LEAF_MODULES, Plan, Step, add, call, dropout, rep, run, submodule
 
 Tensor = torch.Tensor
 
@@ -48,7 +58,7 @@ def numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in numpy_view(module).items()}
 
 
-_CLASSES: dict[str, type["RepModule"]] = {}
+_CLASSES: dict[str, type[RepModule]] = {}
 
 
 def _bn_scale(bn: nn.Module) -> Tensor:
@@ -176,7 +186,7 @@ class RepModule(nn.Module):
 
     # ---------------------------------------------------------------- re-parameterization
 
-    def reparameterize(self) -> "RepModule":
+    def reparameterize(self) -> RepModule:
         """A new deploy-form module of the same class computing the same function (this module
         itself when already in deploy form), sharing no storage with it. Device, dtype and
         train/eval mode are kept."""
@@ -205,7 +215,7 @@ class RepModule(nn.Module):
             raise ReparamError(f"{what} in train form only; this {type(self).__name__} is in "
                                "deploy form")
 
-    def rep_blocks(self) -> list[tuple[str, "RepModule"]]:
+    def rep_blocks(self) -> list[tuple[str, RepModule]]:
         """Every re-parameterizable unit (innermost block holding a Rep) with its module path
         ("" for this module itself), in forward order, read from the spec's train form (so a
         model lists the same units in either form)."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
-from reparam_core.graphfuse import (FusedSum, FuseReport, LeftAlone, Stage, branch_kind,
-                                    fuse_branches)
+from reparam_core.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, branch_kind, fuse_branches
 from reparam_core.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
@@ -68,12 +68,12 @@ def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, s
     try:
         graph = tracer.trace(module)
         return fx.GraphModule(tracer.root, graph, type(module).__name__), "torch.fx"
-    except Exception as e:  # noqa: BLE001 - any tracing failure: try the other capture
+    except Exception as e:
         fx_error, where = e, tracer.failed_in or "(the top-level module)"
     try:
         gm = torch.export.export(module, (example_input,), strict=False).module()
         return gm, "torch.export"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ReparamError(
             f"cannot capture the graph of {type(module).__name__}: torch.fx tracing failed in "
             f"submodule {where!r} ({type(fx_error).__name__}: {str(fx_error).splitlines()[0]}) "

@@ -11,16 +11,16 @@ export, `torch.compile`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reparam_core import (BN, SE, Act, AvgPool, Conv, Flatten, GlobalPool, Linear, PadBN,
-                          Scale)
+from reparam_core import BN, SE, Act, AvgPool, Conv, Flatten, GlobalPool, Linear, PadBN, Scale
 from reparam_core.fusion import identity_offset
 
 Tensor = torch.Tensor

@@ -12,8 +12,9 @@ the description) and its branches do not line up with dilation > 1 (its sum fail
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import FusionError
 from ..nodes import BN, Block, Conv, Rep

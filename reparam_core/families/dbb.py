@@ -16,8 +16,9 @@ Deploy form: one kxk conv `dbb_reparam` with bias.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ..errors import FusionError
 from ..nodes import BN, Act, AvgPool, Block, Conv, PadBN, Rep

@@ -15,12 +15,12 @@ for the first pair) then a pointwise 1x1 block (`stageN.{2j+1}`), global average
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 from ..errors import SpecError
-from ..nodes import (BN, SE, Act, Block, Conv, Flatten, GlobalPool, Linear, Model, Node, Rep,
-                     to_deploy)
+from ..nodes import BN, SE, Act, Block, Conv, Flatten, GlobalPool, Linear, Model, Node, Rep, to_deploy
 
 SE_RATIO = 0.0625  # the official SEBlock's rd_ratio: hidden = int(channels * 0.0625)
 

@@ -14,12 +14,13 @@ the RepVGG layout (stem `stage0` 3 -> min(64, 64 w0) stride 2, stages of 64 w0, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ..errors import FusionError
 from ..nodes import BN, Act, AvgPool, Block, Conv, Node, Rep
-from .official_args import (activation, repvgg_geometry, require)
+from .official_args import activation, repvgg_geometry, require
 from .repvgg import RepVGGSpec, StageSpec
 
 ActName = Literal["relu", "silu", "identity"]

@@ -9,11 +9,11 @@ whole: its residual sum is a plain `Add`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
-from ..nodes import (BN, SE, Act, Add, Block, Conv, Dropout, Flatten, GlobalPool, Linear, Model,
-                     Node, Rep)
+from ..nodes import BN, SE, Act, Add, Block, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
 from .official_args import positive, require, train_form_only
 
 
@@ -210,5 +210,5 @@ def official_repghost_module(inp: int, oup: int, kernel_size: int = 1, dw_size: 
 
 OFFICIAL = {"RepGhostModule": official_repghost_module}
 
-__all__ = ["OFFICIAL", "official_repghost_module", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "RepGhostNetSpec", "repghostnet_spec",
-           "make_divisible", "MODELS", "ALIASES"]
+__all__ = ["OFFICIAL", "official_repghost_module", "RepGhostModuleSpec", "RepGhostBottleneckSpec",
+           "RepGhostNetSpec", "repghostnet_spec", "make_divisible", "MODELS", "ALIASES"]

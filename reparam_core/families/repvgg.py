@@ -9,15 +9,14 @@ names) are the official PyTorch ones: `rbr_dense.conv`/`.bn` (YOLOv7: `rbr_dense
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..errors import FusionError
 from ..fusion import branch_padding
-from ..nodes import (BN, SE, Act, Aux, Block, Conv, Flatten, GlobalPool, Linear, Model, Node,
-                     Rep)
-from .official_args import (activation, grouped, positive, repvgg_geometry, require,
-                            train_form_only)
+from ..nodes import BN, SE, Act, Aux, Block, Conv, Flatten, GlobalPool, Linear, Model, Node, Rep
+from .official_args import activation, grouped, positive, repvgg_geometry, require, train_form_only
 
 ActName = Literal["relu", "silu", "identity"]
 SEMode = Literal["none", "pre", "post"]
@@ -63,7 +62,7 @@ class RepBlockSpec:
             raise FusionError(f"SE mode {self.se!r} needs se_channels >= 1, got {self.se_channels}")
         if self.act not in ("relu", "silu", "identity"):
             raise FusionError(f"act must be 'relu', 'silu' or 'identity', got {self.act!r}")
-        self.padding_1x1  # raises FusionError when the 1x1 branch cannot line up
+        _ = self.padding_1x1  # raises FusionError when the 1x1 branch cannot line up
 
     @property
     def padding_1x1(self) -> int:
@@ -333,8 +332,8 @@ def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = N
                      act: Any = True, deploy: bool = False) -> RepBlockSpec:
     """WongKinYiu/yolov7 `RepConv(...)`: k 3 and autopad(k, p) == 1 (the official asserts);
     act=True is SiLU, act=False / None the identity, or an nn.ReLU / nn.SiLU / nn.Identity
-    module (a string is refused: the official class would make it nn.Identity); BN eps 1e-5 (torch's default: the standalone class; a YOLOv7 `Model` sets 1e-3, see
-    repconv_spec)."""
+    module (a string is refused: the official class would make it nn.Identity); BN eps 1e-5
+    (torch's default: the standalone class; a YOLOv7 `Model` sets 1e-3, see repconv_spec)."""
     cls = "RepConv"
     positive(cls, c1=c1, c2=c2, s=s, g=g)
     require(cls, k == 3, "k", k, "the official block asserts 3")

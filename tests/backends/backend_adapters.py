@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -265,7 +265,7 @@ class MegEngineAdapter:
 _MAKERS = {"torch": TorchAdapter, "flax": FlaxAdapter, "megengine": MegEngineAdapter}
 
 
-@lru_cache(maxsize=None)
+@cache
 def adapter(name: str) -> Adapter:
     """The adapter of one backend, started once per session (failures are not cached)."""
     return _MAKERS[name]()

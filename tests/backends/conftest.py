@@ -5,8 +5,8 @@ the test; with `--allow-missing-backend` (ignored under CI=true) it is skipped i
 from __future__ import annotations
 
 import pytest
-
 from backend_adapters import Adapter, adapter, strict
+
 from reparam_core import ReparamError
 
 

@@ -12,13 +12,21 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-
 from backend_adapters import BACKENDS, IN_PROCESS, Target, check_outcome
 from block_matrix import BLOCK_MATRIX, BlockCase
+
 from parity_tests.tolerance import BLOCK_REL, rel_err
-from reparam_core import (CheckpointError, RepBlockSpec, RepGhostBottleneckSpec,
-                          RepGhostModuleSpec, ReparamError, ShapeMismatchError, random_state,
-                          repconv_spec, reparameterize_state)
+from reparam_core import (
+    CheckpointError,
+    ReparamError,
+    RepBlockSpec,
+    RepGhostBottleneckSpec,
+    RepGhostModuleSpec,
+    ShapeMismatchError,
+    random_state,
+    reparameterize_state,
+    repconv_spec,
+)
 from reparam_core.oracle import block_forward
 
 

@@ -16,11 +16,20 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-
 from backend_adapters import BACKENDS, IN_PROCESS, Target, assert_state_equal, check_outcome
+
 from parity_tests.tolerance import model_tolerance, rel_err
-from reparam_core import (CheckpointError, ReparamError, ShapeMismatchError, describe, get_spec,
-                          list_models, random_state, reparameterize_state, schema_for)
+from reparam_core import (
+    CheckpointError,
+    ReparamError,
+    ShapeMismatchError,
+    describe,
+    get_spec,
+    list_models,
+    random_state,
+    reparameterize_state,
+    schema_for,
+)
 from reparam_core.oracle import forward, forward_with_aux
 from reparam_core.specs import repvgg_spec
 

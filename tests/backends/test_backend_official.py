@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-
 from backend_adapters import BACKENDS, Target, check_outcome
+
 from parity_tests.cases import official_cases
 from parity_tests.harness import Case
 from parity_tests.tolerance import BLOCK_REL, rel_err

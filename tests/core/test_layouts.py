@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 
 from reparam_core import ShapeMismatchError, get_spec, random_state, state_schema
-from reparam_core.layouts import (flax_key, from_flax, from_megengine, hwio_to_oihw,
-                                  megengine_to_oihw, oihw_to_hwio, oihw_to_megengine, to_flax,
-                                  to_megengine)
+from reparam_core.layouts import (
+    flax_key,
+    from_flax,
+    from_megengine,
+    hwio_to_oihw,
+    megengine_to_oihw,
+    oihw_to_hwio,
+    oihw_to_megengine,
+    to_flax,
+    to_megengine,
+)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4, 16])

@@ -6,9 +6,25 @@ import json
 
 import pytest
 
-from reparam_core import (BN, SE, Act, AvgPool, Block, Conv, FusionError, PadBN, Rep, Scale,
-                          SpecError, block_spec_from_dict, block_spec_to_dict, describe,
-                          get_spec, list_models, to_deploy)
+from reparam_core import (
+    BN,
+    SE,
+    Act,
+    AvgPool,
+    Block,
+    Conv,
+    FusionError,
+    PadBN,
+    Rep,
+    Scale,
+    SpecError,
+    block_spec_from_dict,
+    block_spec_to_dict,
+    describe,
+    get_spec,
+    list_models,
+    to_deploy,
+)
 from reparam_core.nodes_io import description_from_data, description_to_data
 
 EVERY_PRIMITIVE = Block("", "AllPrimitives", (Rep((

@@ -6,9 +6,18 @@ import itertools
 import numpy as np
 import pytest
 
-from reparam_core import (CheckpointError, FusionError, RepBlockSpec, ShapeMismatchError,
-                          check_state, detect_form, get_spec, list_models, random_state,
-                          reparameterize_state)
+from reparam_core import (
+    CheckpointError,
+    FusionError,
+    RepBlockSpec,
+    ShapeMismatchError,
+    check_state,
+    detect_form,
+    get_spec,
+    list_models,
+    random_state,
+    reparameterize_state,
+)
 from reparam_core.fusion import branch_padding, fuse_conv_bn, pad_kernel
 from reparam_core.oracle import conv2d, forward
 

@@ -10,8 +10,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reparam_core import (BN, SE, Act, AvgPool, Block, Conv, FusionError, PadBN, Rep, Scale,
-                          block_kernel_bias, count_macs, count_params, reparameterize_state)
+from reparam_core import (
+    BN,
+    SE,
+    Act,
+    AvgPool,
+    Block,
+    Conv,
+    FusionError,
+    PadBN,
+    Rep,
+    Scale,
+    block_kernel_bias,
+    count_macs,
+    count_params,
+    reparameterize_state,
+)
 from reparam_core.nodes import to_deploy
 from reparam_core.oracle import block_forward
 from reparam_core.schema import schema_of

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from reparam_core import (UnknownModelError, count_macs, count_params, count_params_folded,
-                          get_spec, list_models, state_schema)
+from reparam_core import (
+    UnknownModelError,
+    count_macs,
+    count_params,
+    count_params_folded,
+    get_spec,
+    list_models,
+    state_schema,
+)
 
 # (name, form) -> official learnable parameters in millions (1000 classes), to 2 decimals
 OFFICIAL = {

@@ -7,7 +7,6 @@ classes as the trained PyTorch model, and that two runs with the same seed are i
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -216,7 +215,8 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
     import msgpack  # noqa: F401 - the flax format needs it
     from flax import serialization
 
-    from backends.flax import empty_model, load_native_state, predict as flax_predict
+    from backends.flax import empty_model, load_native_state
+    from backends.flax import predict as flax_predict
     from reparam_core.layouts import flax_key
     from reparam_core.schema import state_schema
     from scripts.convert import load_neutral

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from parity_tests.tolerance import model_tolerance, rel_err
-from reparam_core import (SpecError, block_schema, count_params, get_spec, official_block,
-                          random_state, reparameterize_state, state_schema)
+from reparam_core import (
+    SpecError,
+    block_schema,
+    count_params,
+    get_spec,
+    official_block,
+    random_state,
+    reparameterize_state,
+    state_schema,
+)
 from reparam_core.keymaps import from_canonical, map_key, schemes_for, to_canonical
 from reparam_core.official import official_signature
 from reparam_core.oracle import forward

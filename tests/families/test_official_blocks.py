@@ -6,8 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reparam_core import (BN, Block, Conv, PadBN, Rep, SpecError, block_schema, official_block,
-                          official_classes, random_state, reparameterize_state)
+from reparam_core import (
+    BN,
+    Block,
+    Conv,
+    PadBN,
+    Rep,
+    SpecError,
+    block_schema,
+    official_block,
+    official_classes,
+    random_state,
+    reparameterize_state,
+)
 from reparam_core.oracle import block_forward
 
 BN4 = ("weight", "bias", "running_mean", "running_var")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reparam_core import (count_params, get_spec, list_models, random_state,
-                          reparameterize_state, schema_for)
+from reparam_core import count_params, get_spec, list_models, random_state, reparameterize_state, schema_for
 from reparam_core.oracle import forward
 from reparam_core.specs import resolve_model_name
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
+from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, rel_err
 
 import backends.flax as bf
-from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, rel_err
-from reparam_core import RepGhostBottleneckSpec, safetensors_io, state_schema, get_spec
+from reparam_core import RepGhostBottleneckSpec, get_spec, safetensors_io, state_schema
 from reparam_core.layouts import flax_key
 
 NAME = "RepVGG-mini"
@@ -36,8 +36,9 @@ def test_stablehlo_export_round_trip(tmp_path, trained_pair) -> None:
 
 def test_stablehlo_export_of_a_block(tmp_path) -> None:
     spec = RepGhostBottleneckSpec(8, 24, 16, 3, 2, se_channels=8)
-    from backends.flax.state import module_schema
     from flax_testutil import random_params
+
+    from backends.flax.state import module_schema
     block = bf.empty_block(spec)
     bf.load_state(block, random_params(module_schema(block), 5))
     x = np.random.default_rng(0).standard_normal((1, 8, 15, 15)).astype(np.float32)

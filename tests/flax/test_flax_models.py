@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flax import nnx
+from flax_testutil import model_input
 
 import backends.flax as bf
 from backends.flax.state import variables
-from flax_testutil import model_input
 from reparam_core import get_spec, state_schema
 from reparam_core.layouts import flax_key, to_flax
 

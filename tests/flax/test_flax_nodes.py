@@ -8,12 +8,29 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax_testutil import BLOCK_RTOL, FUSE_RTOL, random_params, rel_err
 
 import backends.flax as bf
 from backends.flax.state import variables
-from flax_testutil import BLOCK_RTOL, FUSE_RTOL, random_params, rel_err
-from reparam_core import (BN, SE, Act, Add, AvgPool, Block, Conv, Dropout, Flatten, GlobalPool,
-                          Linear, Model, PadBN, Rep, Scale, oracle, reparameterize_state)
+from reparam_core import (
+    BN,
+    SE,
+    Act,
+    Add,
+    AvgPool,
+    Block,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Linear,
+    Model,
+    PadBN,
+    Rep,
+    Scale,
+    oracle,
+    reparameterize_state,
+)
 from reparam_core.layouts import flax_key, to_flax
 from reparam_core.nodes import to_deploy
 from reparam_core.schema import schema_of

@@ -10,13 +10,13 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from flax_testutil import loaded_model, model_input, model_state, model_tolerance, rel_err
 
 import backends.flax as bf
 import backends.torch as bt
 from backends.flax.layers import BatchNorm
 from backends.flax.state import variables
-from flax_testutil import loaded_model, model_input, model_state, model_tolerance, rel_err
-from reparam_core import RepBlockSpec, ReparamError, get_spec, oracle, random_state
+from reparam_core import ReparamError, RepBlockSpec, get_spec, oracle, random_state
 from reparam_core.specs import repvgg_spec
 
 
@@ -65,8 +65,9 @@ def test_batchnorm_running_stats_match_torch() -> None:
 @pytest.mark.parametrize("spec", [RepBlockSpec(6, 6, groups=2, conv_bias=True),
                                   bf.repconv_spec(6, 12, stride=2)], ids=["repvgg", "repconv"])
 def test_block_training_mode_matches_torch_backend(spec: RepBlockSpec) -> None:
-    from reparam_core.schema import block_schema
     from flax_testutil import random_params
+
+    from reparam_core.schema import block_schema
     params = random_params(block_schema(spec, "train"), 3)
     fb = bf.load_state(bf.empty_block(spec), params)
     tb = bt.load_state(bt.build_block(spec), params).train()

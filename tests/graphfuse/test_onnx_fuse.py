@@ -13,11 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from graphfuse_util import C, QABlock, randomize, trap
 from onnx import helper, numpy_helper
 
 import backends.onnx as bo
 import backends.torch as bt
-from graphfuse_util import C, QABlock, randomize, trap
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
 from reparam_core import get_spec, in_form, list_models, oracle, random_state
 from reparam_core.nodes import reps

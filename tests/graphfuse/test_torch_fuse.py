@@ -8,15 +8,25 @@ import copy
 import numpy as np
 import pytest
 import torch
+from graphfuse_util import (
+    ACBlock,
+    C,
+    DBBlock,
+    PlusBlock,
+    QABlock,
+    SumListBlock,
+    TorchAddBlock,
+    cbn,
+    randomize,
+    trap,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import backends.torch as bt
-from graphfuse_util import (C, ACBlock, DBBlock, PlusBlock, QABlock, SumListBlock, TorchAddBlock,
-                            cbn, randomize, trap)
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
-from reparam_core import (ReparamError, get_spec, in_form, list_models, oracle, random_state)
+from reparam_core import ReparamError, get_spec, in_form, list_models, oracle, random_state
 from reparam_core.nodes import reps
 
 FAST = {"RepVGG-mini", "repghostnet_0_5x"}

@@ -2,9 +2,9 @@
 compute what the deploy form computes, so the comparison is fair."""
 from __future__ import annotations
 
+import megengine.module as M
 import numpy as np
 import pytest
-import megengine.module as M
 
 from reparam_core import get_spec, random_state
 from scripts.bench_megengine import MegEngineBench, PlainNet, plain_model

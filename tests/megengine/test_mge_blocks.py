@@ -1,25 +1,47 @@
 """MegEngine-specific block checks (the oracle matrix runs for every backend in tests/backends):
-class choice, deploy conversion really writes (MegEngine has no `.data`); custom L2; training with SGD + GradManager and torch-equivalent BN
-momentum checked against a numpy reference."""
+class choice, deploy conversion really writes (MegEngine has no `.data`); custom L2; training with
+SGD + GradManager and torch-equivalent BN momentum checked against a numpy reference."""
 from __future__ import annotations
-
-import numpy as np
-import pytest
 
 import megengine as mge
 import megengine.functional as F
 import megengine.optimizer as optim
+import numpy as np
+import pytest
 from megengine.autodiff import GradManager
-
-from backends.megengine import (RepConv, RepGhostBottleneck, RepGhostModule, RepVGGBlock,
-                                RepVGGplus, RepVGGplusBlock, build_block, create_model, export_state,
-                                load_state, predict, reparameterize, repconv_spec)
 from mge_testutil import MODEL_RTOL, rand_input, random_block_params, rel_err
-from reparam_core import (CheckpointError, RepBlockSpec, RepGhostBottleneckSpec,
-                          RepGhostModuleSpec, ReparamError, ShapeMismatchError, block_kernel_bias,
-                          block_schema, get_spec, oracle, random_state)
+
+from backends.megengine import (
+    RepConv,
+    RepGhostBottleneck,
+    RepGhostModule,
+    RepVGGBlock,
+    RepVGGplus,
+    RepVGGplusBlock,
+    build_block,
+    create_model,
+    export_state,
+    load_state,
+    predict,
+    reparameterize,
+    repconv_spec,
+)
+from reparam_core import (
+    CheckpointError,
+    ReparamError,
+    RepBlockSpec,
+    RepGhostBottleneckSpec,
+    RepGhostModuleSpec,
+    ShapeMismatchError,
+    block_kernel_bias,
+    block_schema,
+    get_spec,
+    oracle,
+    random_state,
+)
 from reparam_core.fusion import identity_kernel
 from reparam_core.specs import repvgg_spec
+
 
 def test_block_class_checks_and_block_state_errors():
     # build_block picks the class by kind (the oracle matrix runs in tests/backends)
@@ -54,7 +76,7 @@ def test_deploy_parameters_hold_fused_values_not_fresh_init():
     before = probe.rbr_reparam.weight.numpy().copy()
     try:
         probe.rbr_reparam.weight.data = np.zeros_like(before)
-    except Exception:  # noqa: BLE001 - either an error or a silent no-op; never a write
+    except Exception:
         pass
     np.testing.assert_array_equal(probe.rbr_reparam.weight.numpy(), before)
 

@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from backends.megengine import (create_model, export_traced, load_state, predict, reparameterize,
-                                run_traced)
-from backends.megengine.quiet import filter_noise
 from mge_testutil import rand_input, rel_err
+
+from backends.megengine import create_model, export_traced, load_state, predict, reparameterize, run_traced
+from backends.megengine.quiet import filter_noise
 from reparam_core import get_spec, random_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -4,12 +4,12 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from mge_testutil import MODEL_RTOL, rand_input, rel_err
 
 from backends.megengine import RepVGG, create_model, export_state, load_state, predict
+from reparam_core import RepVGGSpec, get_spec, oracle, random_state, state_schema
 from reparam_core.families.repvgg import KEYMAPS
 from reparam_core.keymaps import apply_scheme
-from mge_testutil import MODEL_RTOL, rand_input, rel_err
-from reparam_core import RepVGGSpec, get_spec, oracle, random_state, state_schema
 from reparam_core.layouts import to_megengine
 
 

@@ -4,18 +4,48 @@ gate), built by the generic RepModule for kinds no class was written for: native
 schema, train and deploy forward vs the float64 oracle, auxiliary heads, a traced artifact."""
 from __future__ import annotations
 
+import megengine as mge
 import numpy as np
 import pytest
-
-import megengine as mge
-
-from backends.megengine import (RepModule, RepVGGBlock, block_class, build_block, export_state,
-                                export_traced, load_state, model_from_spec, predict,
-                                reparameterize, run_traced)
 from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, rel_err
-from reparam_core import (SE, Act, Add, AvgPool, Aux, BN, Block, Conv, Dropout, Flatten,
-                          GlobalPool, Linear, Model, PadBN, Rep, ReparamError, Scale,
-                          block_schema, oracle, random_state, reparameterize_state, schema_for)
+
+from backends.megengine import (
+    RepModule,
+    RepVGGBlock,
+    block_class,
+    build_block,
+    export_state,
+    export_traced,
+    load_state,
+    model_from_spec,
+    predict,
+    reparameterize,
+    run_traced,
+)
+from reparam_core import (
+    BN,
+    SE,
+    Act,
+    Add,
+    Aux,
+    AvgPool,
+    Block,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Linear,
+    Model,
+    PadBN,
+    Rep,
+    ReparamError,
+    Scale,
+    block_schema,
+    oracle,
+    random_state,
+    reparameterize_state,
+    schema_for,
+)
 from reparam_core.layouts import to_megengine
 
 C = 8

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from backends.megengine import (build_block, create_model, export_state, export_traced,
-                                load_state, predict, reparameterize, run_traced)
 from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, rel_err
+
+from backends.megengine import (
+    build_block,
+    create_model,
+    export_state,
+    export_traced,
+    load_state,
+    predict,
+    reparameterize,
+    run_traced,
+)
 from parity_tests.cases import official_cases
-from reparam_core import (block_schema, get_spec, oracle, random_state, reparameterize_state,
-                          schema_for)
+from reparam_core import block_schema, get_spec, oracle, random_state, reparameterize_state, schema_for
 
 CASES = official_cases()
 

@@ -39,8 +39,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from reparam_core import checkpoints as ck  # noqa: E402
 from reparam_core import get_spec, random_state, state_schema  # noqa: E402
-from reparam_core.fuse import reparameterize_state  # noqa: E402
 from reparam_core.errors import ReparamError  # noqa: E402
+from reparam_core.fuse import reparameterize_state  # noqa: E402
 from reparam_core.layouts import flax_key, to_flax, to_megengine  # noqa: E402
 from scripts import convert as cv  # noqa: E402
 
@@ -407,7 +407,7 @@ class Recorder:
         except MemoryError:
             value, ok, outcome = None, False, "MemoryError"
             self.fail(component, label, "MemoryError (allocation beyond the RLIMIT_AS cap)")
-        except Exception as e:  # noqa: BLE001 - the point of the test
+        except Exception as e:
             value, ok, outcome = None, False, f"UNEXPECTED {type(e).__name__}"
             self.fail(component, label, "".join(traceback.format_exception(type(e), e, e.__traceback__))[-1500:])
         finally:

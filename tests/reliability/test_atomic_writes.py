@@ -17,8 +17,8 @@ import sys
 import time
 
 import pytest
-
 from _big import write_train_safetensors
+
 from scripts import convert as cv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -4,12 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch_testutil import random_params
 
 import backends.torch as bt
-from reparam_core import (CheckpointError, RepBlockSpec, ShapeMismatchError, UnknownModelError,
-                          get_spec, random_state)
+from reparam_core import (
+    CheckpointError,
+    RepBlockSpec,
+    ShapeMismatchError,
+    UnknownModelError,
+    get_spec,
+    random_state,
+)
 from reparam_core.schema import block_schema
-from torch_testutil import random_params
 
 
 def _mini() -> bt.RepModule:

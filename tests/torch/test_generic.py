@@ -8,12 +8,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch_testutil import BLOCK_RTOL, FUSE_RTOL, rel_err
 
 import backends.torch as bt
-from reparam_core import (BN, SE, Act, Add, AvgPool, Aux, Block, Conv, Dropout, Flatten,
-                          GlobalPool, Linear, Model, PadBN, Rep, ReparamError, Scale, oracle,
-                          random_tensors, reparameterize_state, schema_of, to_deploy)
-from torch_testutil import BLOCK_RTOL, FUSE_RTOL, rel_err
+from reparam_core import (
+    BN,
+    SE,
+    Act,
+    Add,
+    Aux,
+    AvgPool,
+    Block,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Linear,
+    Model,
+    PadBN,
+    Rep,
+    ReparamError,
+    Scale,
+    oracle,
+    random_tensors,
+    reparameterize_state,
+    schema_of,
+    to_deploy,
+)
 
 
 def _cbn(name: str, cin: int, cout: int, kernel, padding, **geo) -> tuple:

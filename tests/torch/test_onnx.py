@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from torch_testutil import loaded_model, model_state, rel_err
 
 import backends.torch as bt
 from reparam_core import get_spec
-from torch_testutil import loaded_model, model_state, rel_err
 
 ORT_RTOL = 1e-5
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_testutil import MODEL_RTOL, rel_err
 
 import backends.torch as bt
 from reparam_core import ReparamError, get_spec, oracle
 from reparam_core.specs import repvgg_spec
-from torch_testutil import MODEL_RTOL, rel_err
 
 PLUS_MINI = repvgg_spec("RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
                         se_divisor=4, num_classes=10, plus=True)

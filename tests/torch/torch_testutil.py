@@ -1,18 +1,17 @@
 """Helpers shared by the torch backend tests: tolerances, random block states, fast model builds."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 import backends.torch as bt
-from reparam_core import get_spec, random_state
 
 # The tolerance policy lives in parity_tests/tolerance.py.
 from parity_tests.tolerance import BLOCK_REL as BLOCK_RTOL  # noqa: F401
 from parity_tests.tolerance import FUSED_STATE_REL as FUSE_RTOL  # noqa: F401
 from parity_tests.tolerance import MODEL_REL_BOUND as MODEL_RTOL  # noqa: F401
 from parity_tests.tolerance import rel_err  # noqa: F401
+from reparam_core import get_spec, random_state
 from reparam_core import random_tensors as random_params  # noqa: F401
 
 
