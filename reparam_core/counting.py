@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import math
 
-from .nodes import SE, Add, AvgPool, Block, Conv, GlobalPool, Linear, Node, PadBN, Rep, in_form
+from .nodes import SE, Add, AvgPool, Block, Conv, GlobalPool, Linear, Node, PadBN, Rep, SpecLike, in_form
 from .schema import Form, schema_for
 
 Shape = tuple[int, int, int]  # C, H, W
 
 
-def count_params(spec: object, form: Form) -> int:
+def count_params(spec: SpecLike, form: Form) -> int:
     """Learnable parameters (BN running statistics excluded), as the official tables count."""
     return sum(math.prod(t.shape) for t in schema_for(spec, form).values() if t.learnable)
 
 
-def count_params_folded(spec: object) -> int:
+def count_params_folded(spec: SpecLike) -> int:
     """Deploy parameters when every remaining conv+BN pair is folded too (RepGhostNet keeps the
     BN after each primary conv in its official deploy form; folding it turns gamma, beta into a
     bias). Equal to count_params(spec, 'deploy') for RepVGG, which has no such pairs."""
@@ -77,13 +77,13 @@ def chain_macs(nodes: tuple[Node, ...], shape: Shape) -> tuple[int, Shape]:
     return total, shape
 
 
-def count_macs(spec: object, form: Form, size: int = 224) -> int:
+def count_macs(spec: SpecLike, form: Form, size: int = 224) -> int:
     """Multiply-accumulates of the main path (auxiliary heads excluded) at a size x size RGB
     input (BN, activations, pooling and identity branches count as zero)."""
     return chain_macs(in_form(spec, form).body, (3, size, size))[0]
 
 
-def conv_depth(spec: object) -> int:
+def conv_depth(spec: SpecLike) -> int:
     """Convs on the longest path of the deploy form before its global pool (the head and SE
     convs do not count): the depth that float32 rounding errors compound over."""
     def depth(nodes: tuple[Node, ...]) -> tuple[int, bool]:

@@ -37,6 +37,7 @@ from .nodes import (
     Pair,
     Rep,
     Scale,
+    SpecLike,
     in_form,
     join_key,
     pair,
@@ -482,7 +483,7 @@ def fused_modules(desc: Description, prefix: str = "") -> dict[str, tuple[str, R
     return {join_key(p, r.fused.name): (p, r) for p, r in reps(desc, prefix)}
 
 
-def iter_deploy_state(spec: object, get: Callable[[str], np.ndarray],
+def iter_deploy_state(spec: SpecLike, get: Callable[[str], np.ndarray],
                       release: Callable[[str], None] | None = None, empty: Empty = np.empty
                       ) -> Iterator[tuple[str, np.ndarray]]:
     """The deploy-form tensors of a train-form state, in deploy-schema order: each fused conv
@@ -518,14 +519,14 @@ def _rep_nodes(rep: Rep) -> list:
     return out + ([rep.bn] if rep.bn is not None else [])
 
 
-def reparameterize_state(spec: object, state: Params) -> dict[str, np.ndarray]:
+def reparameterize_state(spec: SpecLike, state: Params) -> dict[str, np.ndarray]:
     """A train-form neutral state -> the deploy-form state of the same function (float64
     algebra, returned in the input dtype). Tensors that are not fused are passed through
     (the same array objects)."""
     return dict(iter_deploy_state(spec, lambda k: state[k]))
 
 
-def block_kernel_bias(spec: object, params: Params) -> KernelBias:
+def block_kernel_bias(spec: SpecLike, params: Params) -> KernelBias:
     """The fused (kernel, bias) of a block that holds exactly one Rep (block-relative keys)."""
     desc = in_form(spec, "train")  # type: ignore[arg-type]
     found = reps(desc)

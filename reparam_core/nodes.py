@@ -269,7 +269,10 @@ def to_deploy(node: Node | Model) -> Node | Model:
     return node
 
 
-def in_form(spec: Describable | Description, form: str) -> Description:
+SpecLike = Describable | Description  # what in_form accepts: a family's spec or a description
+
+
+def in_form(spec: SpecLike, form: str) -> Description:
     """The description of `spec` in form 'train' or 'deploy'."""
     if form not in ("train", "deploy"):
         raise FusionError(f"form must be 'train' or 'deploy', got {form!r}")
@@ -328,6 +331,6 @@ def rep_blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
 
 __all__ = ["Pair", "pair", "join_key", "Conv", "BN", "PadBN", "AvgPool", "Scale", "Act", "SE",
            "Linear", "GlobalPool", "Flatten", "Dropout", "Primitive", "Leaf", "Branch", "Rep",
-           "Add", "Block", "Aux", "Node", "Model", "Description", "Describable", "describe",
+           "Add", "Block", "Aux", "Node", "Model", "Description", "Describable", "SpecLike", "describe",
            "to_deploy", "in_form", "is_deploy", "children", "walk", "blocks", "reps",
            "rep_blocks"]

@@ -30,6 +30,7 @@ from .nodes import (
     PadBN,
     Rep,
     Scale,
+    SpecLike,
     in_form,
     join_key,
     pair,
@@ -179,13 +180,13 @@ def node_forward(x: np.ndarray, node: Node, p: Params, prefix: str = "") -> np.n
     raise ShapeMismatchError(f"the oracle has no rule for {type(node).__name__}")
 
 
-def forward(spec: object, state: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def forward(spec: SpecLike, state: Params, x: np.ndarray, form: Form) -> np.ndarray:
     """Logits of the model (main head only) for an NCHW input, in float64."""
     desc = in_form(spec, form)
     return chain(np.asarray(x, np.float64), desc.body, state, "")
 
 
-def forward_with_aux(spec: object, state: Params, x: np.ndarray) -> dict[str, np.ndarray]:
+def forward_with_aux(spec: SpecLike, state: Params, x: np.ndarray) -> dict[str, np.ndarray]:
     """Train form: the main logits ("main") and every auxiliary head's, in float64."""
     desc = in_form(spec, "train")
     taps = {a.tap: a for a in desc.aux} if isinstance(desc, Model) else {}
@@ -199,6 +200,6 @@ def forward_with_aux(spec: object, state: Params, x: np.ndarray) -> dict[str, np
     return {"main": y, **out}
 
 
-def block_forward(spec: object, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def block_forward(spec: SpecLike, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
     """One block on NCHW x, from block-relative keys, in float64."""
     return forward(spec, params, x, form)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import ReparamError
-from .nodes import SE, Act, Block, Conv, Model, in_form, join_key
+from .nodes import SE, Act, Block, Conv, Model, SpecLike, in_form, join_key
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ def _plain_conv(path: str, block: Block) -> PlainConv:
     """The block as one conv + activation, or ReparamError saying what else it holds."""
     if any(isinstance(n, SE) for n in block.body):
         raise ReparamError(f"block {path} has SE ({_ONLY})")
-    if len(block.body) != 2 or not isinstance(block.body[0], Conv) or not isinstance(block.body[1], Act):
+    c, act = block.body if len(block.body) == 2 else (None, None)
+    if not isinstance(c, Conv) or not isinstance(act, Act):
         raise ReparamError(f"block {path} ({block.kind}) is not a conv followed by an activation "
                            "in deploy form: " + ", ".join(type(n).__name__ for n in block.body)
                            + f" ({_ONLY})")
-    c, act = block.body
     if c.kernel[0] != c.kernel[1] or c.stride[0] != c.stride[1] or c.padding[0] != c.padding[1] \
             or c.dilation[0] != c.dilation[1] or act.fn not in ("relu", "silu", "identity"):
         raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu "
@@ -52,7 +52,7 @@ def _plain_conv(path: str, block: Block) -> PlainConv:
                      c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)  # type: ignore[arg-type]
 
 
-def plain_layers(spec: object) -> list[PlainConv]:
+def plain_layers(spec: SpecLike) -> list[PlainConv]:
     """The conv stack of a deploy form, in forward order (the head is `linear`).
 
     Only plain stacks have one: a deploy form made of conv + activation blocks, then a global
@@ -76,7 +76,7 @@ def plain_layers(spec: object) -> list[PlainConv]:
     return out
 
 
-def has_plain_reference(spec: object) -> bool:
+def has_plain_reference(spec: SpecLike) -> bool:
     """Whether plain_layers(spec) exists."""
     try:
         plain_layers(spec)
