@@ -18,10 +18,10 @@ trap 'rm -f "$mge_log"' EXIT
 mge_pid=$!
 
 status=0
-echo "== .venv: reparam_core + torch + flax + backends + convert + bench + demo + reliability + quantize + families + graphfuse + parity matrix (Python 3.11, numpy 2)"
+echo "== .venv: reparam_core + torch + flax + backends + convert + bench + demo + reliability + quantize + families + graphfuse + train + parity matrix (Python 3.11, numpy 2)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/torch tests/flax tests/backends \
     tests/convert tests/bench tests/demo tests/reliability tests/quantize tests/families \
-    tests/graphfuse parity_tests "$@" || status=1
+    tests/graphfuse tests/train parity_tests "$@" || status=1
 wait "$mge_pid" || status=1
 echo "== .venv-mge: reparam_core + MegEngine backend (Python 3.10, numpy<2)"
 cat "$mge_log"
