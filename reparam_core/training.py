@@ -4,6 +4,9 @@ the recipe (SGD + Nesterov, cosine schedule with warm-up, which weights decay), 
 of every step on any number of processes, checkpoints, the metrics file and the final neutral
 files of both forms.
 
+Augmentation: a random resized crop (area CROP_SCALE, aspect CROP_RATIO, bilinear) per image,
+plus a horizontal flip for image folders (not for the digits, which mirroring changes).
+
 Determinism: everything random is a function of (seed, epoch, sample index) or (seed, step), never
 of a generator's history, so a resumed run, or a run on W processes (rank r takes the r-th
 contiguous part of each global batch), draws exactly what an uninterrupted single-process run
@@ -77,8 +80,8 @@ class TrainConfig:
         return self.lr if self.lr is not None else 0.1 * self.global_batch / 256
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with the run that resumes it (not `out`,
-        `framework` or the process layout, which do not change the weights)."""
+        """The settings a checkpoint must share with the run that resumes it (all but `out`;
+        the number of processes is not a setting: it does not change the weights)."""
         d = asdict(self)
         d.pop("out")
         d["base_lr"] = self.base_lr

@@ -53,22 +53,22 @@ class _SumAllReduce(torch.autograd.Function):
 
 class DistBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics cover the batch of every process (two-pass:
-    mean = sum x / N, var = sum (x - mean)^2 / N over all processes, N the global count);
-    running statistics as torch (unbiased variance, `momentum`). One process or eval mode:
-    plain BatchNorm2d."""
+    mean = sum x / N, var = sum (x - mean)^2 / N over all processes, N the global count; the
+    sums in float64, as torch's CPU batch norm accumulates); running statistics as torch
+    (unbiased variance, `momentum`). One process or eval mode: plain BatchNorm2d."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         n = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = _SumAllReduce.apply(x.sum((0, 2, 3))) / n
-        centred = x - mean.view(1, -1, 1, 1)
-        var = _SumAllReduce.apply((centred * centred).sum((0, 2, 3))) / n
+        mean = _SumAllReduce.apply(x.sum((0, 2, 3), dtype=torch.float64)) / n
+        centred = x - mean.to(x.dtype).view(1, -1, 1, 1)
+        var = _SumAllReduce.apply(centred.double().square().sum((0, 2, 3))) / n
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
+            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
+            self.running_var.lerp_((var * (n / max(n - 1, 1))).to(x.dtype), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps).to(x.dtype)
         return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 

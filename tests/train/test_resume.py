@@ -83,3 +83,20 @@ def test_resume_refuses_other_settings(digits_run, tmp_path) -> None:
     proc = run_train(out, "--epochs", "3", "--global-batch", "32", "--resume", check=False)
     assert proc.returncode == 2 and "other settings (" in proc.stderr and "global_batch" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_flax_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
+    args = ("--framework", "flax", "--epochs", "2", "--global-batch", "64")
+    reference = tmp_path / "reference"
+    run_train(reference, *args)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (out / f"{MODEL}-train.safetensors").exists(), "the run finished before the kill"
+    assert _checkpoint_step(out) == STEPS_PER_EPOCH
+    run_train(out, *args, "--resume")
+    _same_run(out, reference)

@@ -22,7 +22,9 @@ def command(out: Path, *args: str) -> list[str]:
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    """The subprocesses' environment: one OpenMP thread per process (scripts/test.sh runs the
+    MegEngine suite beside this one on 2 cores: oversubscribed OpenMP threads spin for ages)."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
     e.pop("TORCHELASTIC_RUN_ID", None)
     return e
 
