@@ -1,7 +1,8 @@
 """`reparam train` in Flax (NNX): data parallel with jax.sharding over every device (the batch
-axis sharded over a 1-D mesh, parameters and optimizer state replicated). The step is one
-jax.jit of a pure function of (params, batch statistics, optimizer state), so the BatchNorm
-means and variances inside it are over the global batch: XLA adds the cross-device reductions.
+axis sharded over a 1-D mesh, parameters, batch statistics and optimizer state replicated).
+The step is one nnx.jit (gradient, optax update, BN statistics, EMA) over the global batch
+array, so the BatchNorm means and variances inside it are over the global batch: XLA adds the
+cross-device reductions.
 Several hosts: `initialize_hosts` (jax.distributed.initialize) first; each host then feeds its
 contiguous part of every global batch (jax.make_array_from_process_local_data).
 
@@ -111,7 +112,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     schema = state_schema(spec, "train")
     l2_kernels = {flax_key(k, schema[k]) for k in tr.custom_l2_kernels(spec)}
     aux = tr.has_aux_heads(spec)
-    graphdef, params, stats, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
     tx = optax.chain(*parts, optax.add_decayed_weights(cfg.wd, _decay_mask(params, l2_kernels)),
                      optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0))
@@ -120,35 +121,34 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     start, sums, records = 0, tr.EpochSums(), []
     if resume:
         arrays, progress = tr.load_checkpoint(out / tr.CHECKPOINT, cfg)
-        params, stats = _unflat(arrays, "params", params), _unflat(arrays, "stats", stats)
+        nnx.update(model, _unflat(arrays, "params", params), _unflat(arrays, "stats", stats))
         opt_state = _unflat(arrays, "opt", opt_state)
         if ema is not None:
             ema = _unflat(arrays, "ema", ema)
         start, sums = int(progress["step"]), tr.EpochSums(**progress["sums"])
         records = [r for r in tr.read_metrics(out / tr.METRICS)
                    if r["epoch"] <= start // sched.steps_per_epoch]
-    params, stats, other, opt_state, ema = jax.device_put((params, stats, other, opt_state, ema),
-                                                          replicated)
+    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    opt_state, ema = jax.device_put((opt_state, ema), replicated)
 
-    def loss_fn(p: nnx.State, s: nnx.State, o: nnx.State, x: jax.Array, y: jax.Array):
-        m = nnx.merge(graphdef, p, s, o)
+    def loss_fn(m: nnx.Module, x: jax.Array, y: jax.Array):
         outs = m.forward_with_aux(x) if aux else {"main": m(x)}
         losses = {h: _cross_entropy(v, y, cfg.label_smoothing) for h, v in outs.items()}
         loss = losses["main"] + AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
         if l2_kernels:
             loss = loss + 0.5 * cfg.wd * m.custom_l2()
-        _, _, s2, o2 = nnx.split(m, nnx.Param, nnx.BatchStat, ...)
-        correct = (outs["main"].argmax(-1) == y).sum()
-        return loss, (losses["main"], correct, s2, o2)
+        return loss, (losses["main"], (outs["main"].argmax(-1) == y).sum())
 
-    @jax.jit
-    def step_fn(p, s, o, opt, e, x, y, lr):
-        grads, (main, correct, s, o) = jax.grad(loss_fn, has_aux=True)(p, s, o, x, y)
+    @nnx.jit
+    def step_fn(m: nnx.Module, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array):
+        grads, (main, correct) = nnx.grad(loss_fn, has_aux=True)(m, x, y)
+        p = nnx.state(m, nnx.Param)
         updates, opt = tx.update(grads, opt, p)
-        p = jax.tree.map(lambda a, u: a - lr * u, p, updates)
+        nnx.update(m, jax.tree.map(lambda a, u: a - lr * u, p, updates))
         if e is not None:
-            e = jax.tree.map(lambda a, b: cfg.ema * a + (1.0 - cfg.ema) * b, e, (p, s))
-        return p, s, o, opt, e, main, correct
+            now = (nnx.state(m, nnx.Param), nnx.state(m, nnx.BatchStat))
+            e = jax.tree.map(lambda a, b: cfg.ema * a + (1.0 - cfg.ema) * b, e, now)
+        return opt, e, main, correct
 
     x_val, y_val = data.val()
     stop = tr.StopFlag()
@@ -157,7 +157,12 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     flip = not tr.is_digits(cfg.data)
 
     def host_model(p: Any, s: Any) -> nnx.Module:
+        """A copy of the model on the host with parameters p and batch statistics s."""
+        graphdef, _, _, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         return nnx.merge(graphdef, jax.device_get(p), jax.device_get(s), jax.device_get(other))
+
+    def current() -> tuple[Any, Any]:
+        return nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
 
     try:
         for step, epoch, k in tr.steps_of(sched, start):
@@ -169,8 +174,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             xb, yb = tr.batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
             x = jax.make_array_from_process_local_data(sharded, xb.transpose(0, 2, 3, 1))
             y = jax.make_array_from_process_local_data(sharded, yb.astype(np.int32))
-            params, stats, other, opt_state, ema, main, correct = step_fn(
-                params, stats, other, opt_state, ema, x, y, jnp.float32(lr))
+            opt_state, ema, main, correct = step_fn(model, opt_state, ema, x, y, jnp.float32(lr))
             main_loss = float(main)
             sums.add(main_loss, int(correct), cfg.global_batch)
             sums.seconds += time.perf_counter() - t0
@@ -182,7 +186,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             if not (end_of_epoch or stopped):
                 continue
             if rank == 0 and end_of_epoch:
-                val_loss, val_acc = _evaluate(_logits(host_model(params, stats), x_val), y_val)
+                val_loss, val_acc = _evaluate(_logits(host_model(*current()), x_val), y_val)
                 val = {"val_loss": val_loss, "val_acc": val_acc}
                 if ema is not None:
                     val["val_acc_ema"] = _evaluate(_logits(host_model(*ema), x_val), y_val)[1]
@@ -191,6 +195,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                 if on_epoch:
                     on_epoch(records[-1])
             if rank == 0:
+                params, stats = current()
                 arrays = {**_flat(params, "params"), **_flat(stats, "stats"), **_flat(opt_state, "opt"),
                           **(_flat(ema, "ema") if ema is not None else {})}
                 kept = tr.EpochSums() if end_of_epoch else sums
@@ -202,7 +207,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
         summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": rank,
                                    "world": world, "records": records}
         if rank == 0 and not stopped:
-            final = host_model(*(ema if ema is not None else (params, stats)))
+            final = host_model(*(ema if ema is not None else current()))
             summary["files"] = tr.write_final(out, spec, export_state(final),
                                               tr.metadata(cfg, data, "flax"))
         return summary
