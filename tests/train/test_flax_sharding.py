@@ -9,8 +9,7 @@ import pytest
 from train_testutil import max_rel_diff, metrics, run_train, trained
 
 RTOL = 1e-5
-COMMON = ("--framework", "flax", "--max-steps", "5", "--global-batch", "16", "--no-augment",
-          "--lr", "0.05")
+COMMON = ("--framework", "flax", "--max-steps", "5", "--global-batch", "16", "--no-augment")
 
 
 def test_two_devices_equal_one(tmp_path) -> None:

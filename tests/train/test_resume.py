@@ -60,7 +60,6 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path) -> None:
     _same_run(out, digits_run)
 
 
-@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits_run, tmp_path) -> None:
     out = tmp_path / "terminated"
     proc = _start(out)
