@@ -443,9 +443,9 @@ def metadata(cfg: TrainConfig, data: Dataset, framework: str) -> dict[str, str]:
 
 
 __all__ = ["TrainConfig", "TrainError", "Schedule", "make_schedule", "learning_rate",
-           "custom_l2_kernels", "has_aux_heads", "decays", "Dataset", "crop_resize",
-           "stratified_split", "make_dataset", "load_digits", "load_image_folder", "load_dataset", "sample_box",
-           "batch", "epoch_order", "rank_indices", "is_digits", "write_bytes", "save_arrays", "save_checkpoint",
-           "load_checkpoint", "read_metrics", "write_metrics", "write_final", "StopFlag",
-           "EpochSums", "steps_of", "epoch_record", "metadata", "CHECKPOINT", "METRICS",
-           "SPLIT_SEED", "VAL_FRACTION", "DIGITS"]
+           "custom_l2_kernels", "has_aux_heads", "decays", "Dataset", "crop_resize", "stratified_split",
+           "make_dataset", "load_digits", "load_image_folder", "load_dataset", "sample_box",
+           "batch", "epoch_order", "rank_indices", "is_digits", "write_bytes", "save_arrays",
+           "save_checkpoint", "load_checkpoint", "read_metrics", "write_metrics", "write_final",
+           "StopFlag", "EpochSums", "steps_of", "epoch_record", "metadata", "CHECKPOINT",
+           "METRICS", "SPLIT_SEED", "VAL_FRACTION", "DIGITS"]

@@ -4,8 +4,9 @@ parallel over the local devices), then write the neutral safetensors of both for
 
     reparam train --model RepVGG-mini --data digits|DIR --out DIR [--framework torch|flax]
         [--epochs N | --max-steps N] [--global-batch B] [--lr LR] [--wd WD]
-        [--label-smoothing S] [--ema DECAY] [--clip NORM] [--amp bf16] [--sync-bn] [--seed S]
-        [--no-augment] [--nproc N] [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT] [--resume]
+        [--label-smoothing S] [--warmup-epochs E] [--ema DECAY] [--clip NORM] [--amp bf16]
+        [--sync-bn] [--seed S] [--no-augment] [--image-size S] [--nproc N]
+        [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT] [--resume]
 
 OUT gets checkpoint.safetensors (each epoch end and on SIGTERM; --resume continues from it),
 metrics.jsonl (one line per epoch), metrics.png, MODEL-train.safetensors and

@@ -12,7 +12,7 @@ from PIL import Image
 
 from reparam_core import training as tr
 from reparam_core.imagefolder import DataError
-from train_testutil import MODEL, metrics, run_train, trained
+from train_testutil import metrics, run_train, trained
 
 CLASSES = ("circle", "cross", "square")
 

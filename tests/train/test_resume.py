@@ -60,6 +60,7 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path) -> None:
     _same_run(out, digits_run)
 
 
+@pytest.mark.slow  # ~10 s alone, 30 s on a loaded machine: kept out of the 4-minute default run
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(digits_run, tmp_path) -> None:
     out = tmp_path / "terminated"
     proc = _start(out)
