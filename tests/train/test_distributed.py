@@ -19,14 +19,26 @@ RTOL = 1e-5
 COMMON = ("--max-steps", "5", "--global-batch", "16", "--no-augment")  # the recipe's lr
 
 
+RUNS = {"one": ("--sync-bn",), "two": ("--sync-bn", "--nproc", "2"),
+        "two_local_bn": ("--nproc", "2")}
+
+
+class _Runs(dict):
+    """The runs above, each made on first use (once per module)."""
+
+    def __init__(self, factory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name: str):
+        self[name] = self.factory.mktemp(name)
+        run_train(self[name], *COMMON, *RUNS[name])
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for name, extra in (("one", ("--sync-bn",)), ("two", ("--sync-bn", "--nproc", "2")),
-                        ("two_local_bn", ("--nproc", "2"))):
-        out[name] = tmp_path_factory.mktemp(name)
-        run_train(out[name], *COMMON, *extra)
-    return out
+    return _Runs(tmp_path_factory)
 
 
 def test_two_processes_equal_one(runs) -> None:
@@ -56,6 +68,7 @@ def _init_state() -> dict[str, np.ndarray]:
     return export_state(create_model("RepVGG-mini", num_classes=10))
 
 
+@pytest.mark.slow  # a third torchrun launch; kept out of the 4-minute default run
 def test_without_sync_bn_the_processes_normalise_apart(runs) -> None:
     one, _ = trained(runs["one"])
     local, _ = trained(runs["two_local_bn"])
