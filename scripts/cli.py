@@ -22,6 +22,7 @@ COMMANDS = {
     "quantize": ("quantize", "int8 ONNX of a checkpoint's deploy form, with accuracy and per-layer SQNR"),
     "demo": ("demo", "train on sklearn digits, re-parameterize and port to every framework"),
     "fuse": ("fuse_cmd", "merge the parallel conv/BN branches of an ONNX graph into one conv"),
+    "train": ("train", "train the multi-branch form (torch DDP / Flax sharding), resumable"),
 }
 
 

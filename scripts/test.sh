@@ -4,7 +4,8 @@
 #   .venv     (Python 3.11, numpy 2):    reparam_core tests + torch, flax, backends (all 3 backends,
 #                                         MegEngine through its worker), convert, bench, demo and
 #                                         reliability and families suites + the parity matrix (all 3 backends)
-# The two runs share nothing but the CPU; the MegEngine run's output is printed after the other's.
+#   and, in the second lane after the MegEngine suite, .venv's tests/train (reparam train)
+# The two lanes share nothing but the CPU; the second lane's output is printed after the first's.
 # Extra arguments go to both pytest runs (e.g. --slow, -x, -k expr).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,18 +16,25 @@ bash scripts/setup_envs.sh || exit 1
 echo "== lint: ruff check ."
 .venv/bin/ruff check . || exit 1
 
-mge_log="$(mktemp)"
-trap 'rm -f "$mge_log"' EXIT
-.venv-mge/bin/python -m pytest -q -p no:cacheprovider tests/core tests/megengine "$@" \
-    >"$mge_log" 2>&1 &
-mge_pid=$!
+# Second lane, beside the main one (the MegEngine suite is shorter): .venv-mge's suite, then the
+# trainer's tests (.venv; their torchrun/XLA subprocesses use one OpenMP thread each).
+lane_log="$(mktemp)"
+trap 'rm -f "$lane_log"' EXIT
+(
+    lane=0
+    echo "== .venv-mge: reparam_core + MegEngine backend (Python 3.10, numpy<2)"
+    .venv-mge/bin/python -m pytest -q -p no:cacheprovider tests/core tests/megengine "$@" || lane=1
+    echo "== .venv: reparam train (torch DDP, Flax sharding, resume, ports)"
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/train "$@" || lane=1
+    exit $lane
+) >"$lane_log" 2>&1 &
+lane_pid=$!
 
 status=0
 echo "== .venv: reparam_core + torch + flax + backends + convert + bench + demo + reliability + quantize + families + graphfuse + parity matrix (Python 3.11, numpy 2)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/torch tests/flax tests/backends \
     tests/convert tests/bench tests/demo tests/reliability tests/quantize tests/families \
     tests/graphfuse parity_tests "$@" || status=1
-wait "$mge_pid" || status=1
-echo "== .venv-mge: reparam_core + MegEngine backend (Python 3.10, numpy<2)"
-cat "$mge_log"
+wait "$lane_pid" || status=1
+cat "$lane_log"
 exit $status

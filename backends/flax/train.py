@@ -1,0 +1,219 @@
+"""`reparam train` in Flax (NNX): data parallel with jax.sharding over every device (the batch
+axis sharded over a 1-D mesh, parameters, batch statistics and optimizer state replicated).
+The step is one nnx.jit (gradient, optax update, BN statistics, EMA) over the global batch
+array, so the BatchNorm means and variances inside it are over the global batch: XLA adds the
+cross-device reductions.
+Several hosts: `initialize_hosts` (jax.distributed.initialize) first; each host then feeds its
+contiguous part of every global batch (jax.make_array_from_process_local_data).
+
+The recipe is reparam_core.training's, as in the PyTorch trainer: weight decay added to the
+gradient of >= 2-D weights (minus the custom-L2 kernels), then Nesterov momentum (optax.trace,
+PyTorch's SGD recursion), then -lr; label smoothing (optax.smooth_labels). Process 0 writes the
+files.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reparam_core import training as tr
+from reparam_core.errors import CheckpointError
+from reparam_core.layouts import flax_key
+from reparam_core.schema import state_schema
+
+from .api import predict
+from .models import create_model
+from .state import export_state
+
+AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss (as the PyTorch trainer)
+StepCallback = Callable[[int, int, float, float], None]
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def initialize_hosts(endpoint: str, num_hosts: int, host: int) -> None:
+    """jax.distributed.initialize for a run over `num_hosts` hosts (coordinator at
+    HOST:PORT)."""
+    jax.distributed.initialize(coordinator_address=endpoint, num_processes=num_hosts,
+                               process_id=host)
+
+
+def _key(path: tuple) -> str:
+    """The Flax key of a pytree path of an nnx.State (the `.value` attribute dropped)."""
+    parts = [getattr(p, "key", getattr(p, "idx", None)) for p in path
+             if not isinstance(p, jax.tree_util.GetAttrKey)]
+    return ".".join(str(p) for p in parts)
+
+
+def _decay_mask(params: nnx.State, l2_kernels: set[str]) -> Any:
+    """True where plain weight decay applies (reparam_core.training.decays, on Flax keys)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Mean cross-entropy against (1 - s) one-hot + s / K targets."""
+    target = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), target).mean()
+
+
+def _evaluate(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) from validation logits."""
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean()), float((logits.argmax(1) == labels).mean())
+
+
+def _logits(model: nnx.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Inference logits of the validation split, in batches."""
+    return np.concatenate([predict(model, x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(arrays: dict[str, np.ndarray], prefix: str, like: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(like)
+    try:
+        new = [arrays[f"{prefix}.{i}"] for i in range(len(leaves))]
+    except KeyError as e:
+        raise CheckpointError(f"--resume: the checkpoint has no {e.args[0]}") from None
+    if any(a.shape != np.shape(b) for a, b in zip(new, leaves)):
+        raise CheckpointError(f"--resume: the checkpoint's {prefix} shapes differ from the model's")
+    return jax.tree.unflatten(treedef, new)
+
+
+def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
+          on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None
+          ) -> dict[str, Any]:
+    """Train `cfg.model` (train form) on `data` over every JAX device; same files and summary
+    as backends.torch.train.train."""
+    if cfg.amp:
+        raise tr.TrainError("--amp bf16: the Flax trainer runs in float32 (PyTorch only)")
+    devices = jax.devices()
+    world, rank, hosts = len(devices), jax.process_index(), jax.process_count()
+    if cfg.global_batch % world:
+        raise tr.TrainError(f"--global-batch {cfg.global_batch} is not divisible by the {world} "
+                            "devices")
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    out = Path(cfg.out)
+    sched = tr.make_schedule(cfg, len(data.train_idx))
+    model = create_model(cfg.model, num_classes=len(data.classes), rngs=nnx.Rngs(cfg.seed))
+    spec = model.spec
+    schema = state_schema(spec, "train")
+    l2_kernels = {flax_key(k, schema[k]) for k in tr.custom_l2_kernels(spec)}
+    aux = tr.has_aux_heads(spec)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
+    tx = optax.chain(*parts, optax.add_decayed_weights(cfg.wd, _decay_mask(params, l2_kernels)),
+                     optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0))
+    opt_state = tx.init(params)
+    ema = (params, stats) if cfg.ema else None
+    start, sums, records = 0, tr.EpochSums(), []
+    if resume:
+        arrays, progress = tr.load_checkpoint(out / tr.CHECKPOINT, cfg)
+        nnx.update(model, _unflat(arrays, "params", params), _unflat(arrays, "stats", stats))
+        opt_state = _unflat(arrays, "opt", opt_state)
+        if ema is not None:
+            ema = _unflat(arrays, "ema", ema)
+        start, sums = int(progress["step"]), tr.EpochSums(**progress["sums"])
+        records = [r for r in tr.read_metrics(out / tr.METRICS)
+                   if r["epoch"] <= start // sched.steps_per_epoch]
+    nnx.update(model, jax.device_put(nnx.state(model), replicated))
+    opt_state, ema = jax.device_put((opt_state, ema), replicated)
+
+    def loss_fn(m: nnx.Module, x: jax.Array, y: jax.Array):
+        outs = m.forward_with_aux(x) if aux else {"main": m(x)}
+        losses = {h: _cross_entropy(v, y, cfg.label_smoothing) for h, v in outs.items()}
+        loss = losses["main"] + AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
+        if l2_kernels:
+            loss = loss + 0.5 * cfg.wd * m.custom_l2()
+        return loss, (losses["main"], (outs["main"].argmax(-1) == y).sum())
+
+    @nnx.jit
+    def step_fn(m: nnx.Module, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array):
+        grads, (main, correct) = nnx.grad(loss_fn, has_aux=True)(m, x, y)
+        p = nnx.state(m, nnx.Param)
+        updates, opt = tx.update(grads, opt, p)
+        nnx.update(m, jax.tree.map(lambda a, u: a - lr * u, p, updates))
+        if e is not None:
+            now = (nnx.state(m, nnx.Param), nnx.state(m, nnx.BatchStat))
+            e = jax.tree.map(lambda a, b: cfg.ema * a + (1.0 - cfg.ema) * b, e, now)
+        return opt, e, main, correct
+
+    x_val, y_val = data.val()
+    stop = tr.StopFlag()
+    order_epoch, order = -1, np.empty(0, np.int64)
+    done, stopped = start, False
+    flip = not tr.is_digits(cfg.data)
+
+    def host_model(p: Any, s: Any) -> nnx.Module:
+        """A copy of the model on the host with parameters p and batch statistics s."""
+        graphdef, _, _, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        return nnx.merge(graphdef, jax.device_get(p), jax.device_get(s), jax.device_get(other))
+
+    def current() -> tuple[Any, Any]:
+        return nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+
+    try:
+        for step, epoch, k in tr.steps_of(sched, start):
+            if epoch != order_epoch:
+                order_epoch, order = epoch, tr.epoch_order(data.train_idx, cfg.seed, epoch)
+            t0 = time.perf_counter()
+            lr = tr.learning_rate(cfg.base_lr, step, sched)
+            idx = tr.rank_indices(order, k, cfg.global_batch, rank, hosts)
+            xb, yb = tr.batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
+            x = jax.make_array_from_process_local_data(sharded, xb.transpose(0, 2, 3, 1))
+            y = jax.make_array_from_process_local_data(sharded, yb.astype(np.int32))
+            opt_state, ema, main, correct = step_fn(model, opt_state, ema, x, y, jnp.float32(lr))
+            main_loss = float(main)
+            sums.add(main_loss, int(correct), cfg.global_batch)
+            sums.seconds += time.perf_counter() - t0
+            done = step + 1
+            if rank == 0 and on_step:
+                on_step(done, sched.total, main_loss, cfg.global_batch)
+            end_of_epoch = k == sched.steps_per_epoch - 1 or step == sched.total - 1
+            stopped = stop.requested and step < sched.total - 1
+            if not (end_of_epoch or stopped):
+                continue
+            if rank == 0 and end_of_epoch:
+                val_loss, val_acc = _evaluate(_logits(host_model(*current()), x_val), y_val)
+                val = {"val_loss": val_loss, "val_acc": val_acc}
+                if ema is not None:
+                    val["val_acc_ema"] = _evaluate(_logits(host_model(*ema), x_val), y_val)[1]
+                records.append(tr.epoch_record(epoch, step + 1, sums, lr, val, world))
+                tr.write_metrics(out / tr.METRICS, records)
+                if on_epoch:
+                    on_epoch(records[-1])
+            if rank == 0:
+                params, stats = current()
+                arrays = {**_flat(params, "params"), **_flat(stats, "stats"), **_flat(opt_state, "opt"),
+                          **(_flat(ema, "ema") if ema is not None else {})}
+                kept = tr.EpochSums() if end_of_epoch else sums
+                tr.save_checkpoint(out / tr.CHECKPOINT, arrays,
+                                   {"step": step + 1, "config": cfg.fingerprint(), "sums": vars(kept)})
+            sums = tr.EpochSums()
+            if stopped:
+                break
+        summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": rank,
+                                   "world": world, "records": records}
+        if rank == 0 and not stopped:
+            final = host_model(*(ema if ema is not None else current()))
+            summary["files"] = tr.write_final(out, spec, export_state(final),
+                                              tr.metadata(cfg, data, "flax"))
+        return summary
+    finally:
+        stop.restore()
+
+
+__all__ = ["train", "initialize_hosts", "AUX_WEIGHT"]

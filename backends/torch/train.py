@@ -1,0 +1,294 @@
+"""`reparam train` in PyTorch: one process, or one of many started by torch.distributed.run
+(gloo on CPU, NCCL on GPU; DistributedDataParallel averages the gradients).
+
+The framework-free parts (data, split, augmentation, sample order, schedule, checkpoint and
+metrics files) are reparam_core.training; this module runs the steps. With `sync_bn` every
+BatchNorm2d of every branch computes its batch statistics over the global batch (DistBatchNorm2d:
+torch's own SyncBatchNorm refuses CPU tensors). Checkpoints and the metrics file are written by
+rank 0 only, at each epoch end and on SIGTERM.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from reparam_core import training as tr
+from reparam_core.errors import CheckpointError
+
+from .api import export_state
+from .blocks import RepModule
+from .layers import PadBatchNorm
+from .models import create_model
+
+AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss next to the main head's
+Tensor = torch.Tensor
+StepCallback = Callable[[int, int, float, float], None]
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class _SumAllReduce(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class DistBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics cover the batch of every process (two-pass:
+    mean = sum x / N, var = sum (x - mean)^2 / N over all processes, N the global count; the
+    sums in float64, as torch's CPU batch norm accumulates); running statistics as torch
+    (unbiased variance, `momentum`). One process or eval mode: plain BatchNorm2d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        mean = _SumAllReduce.apply(x.sum((0, 2, 3), dtype=torch.float64)) / n
+        centred = x - mean.to(x.dtype).view(1, -1, 1, 1)
+        var = _SumAllReduce.apply(centred.double().square().sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
+            self.running_var.lerp_((var * (n / max(n - 1, 1))).to(x.dtype), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps).to(x.dtype)
+        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def convert_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every nn.BatchNorm2d (not subclasses with other semantics) by a DistBatchNorm2d
+    holding the same tensors, in place; PadBatchNorm (DBB) is refused."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, PadBatchNorm):
+            raise tr.TrainError(f"--sync-bn: {name} is a padded BatchNorm (DBB), which has no "
+                                "synchronised version here")
+        if type(child) is nn.BatchNorm2d:
+            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_sync_bn(child)
+    return module
+
+
+class _Forward(nn.Module):
+    """What DDP wraps: the model's outputs by head ("main", and the auxiliary heads)."""
+
+    def __init__(self, model: RepModule, aux: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.aux = aux
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.model.forward_with_aux(x) if self.aux else {"main": self.model(x)}
+
+
+def _setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _reduce(values: list[float], world: int) -> list[float]:
+    """Sum of `values` over the processes."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _optimizer(model: nn.Module, cfg: tr.TrainConfig, l2_kernels: set[str]) -> torch.optim.SGD:
+    """SGD + Nesterov momentum; weight decay on >= 2-D weights only, minus the custom-L2
+    kernels."""
+    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        groups[tr.decays(name, p.ndim, l2_kernels)].append(p)
+    return torch.optim.SGD([{"params": groups[True], "weight_decay": cfg.wd},
+                            {"params": groups[False], "weight_decay": 0.0}],
+                           lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _float_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()
+            if v.is_floating_point()}
+
+
+def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray, device: torch.device,
+              batch: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on the validation split, BN running statistics."""
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(y), batch):
+            out = model(torch.from_numpy(x[i:i + batch]).to(device))
+            target = torch.from_numpy(y[i:i + batch]).to(device)
+            loss += float(F.cross_entropy(out, target, reduction="sum"))
+            correct += int((out.argmax(1) == target).sum())
+    model.train()
+    return loss / len(y), correct / len(y)
+
+
+def _checkpoint_arrays(model: nn.Module, opt: torch.optim.SGD,
+                       ema: dict[str, Tensor] | None) -> dict[str, np.ndarray]:
+    arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                arrays[f"opt.{names[id(p)]}"] = buf.detach().cpu().numpy()
+    for k, v in (ema or {}).items():
+        arrays[f"ema.{k}"] = v.cpu().numpy()
+    return arrays
+
+
+def _restore(arrays: dict[str, np.ndarray], model: nn.Module, opt: torch.optim.SGD,
+             ema: dict[str, Tensor] | None, device: torch.device) -> None:
+    sd = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
+    if set(sd) != set(model.state_dict()):
+        raise CheckpointError("--resume: the checkpoint's model keys differ from the model's")
+    model.load_state_dict(sd)
+    for name, p in model.named_parameters():
+        if f"opt.{name}" in arrays:
+            opt.state[p]["momentum_buffer"] = torch.from_numpy(arrays[f"opt.{name}"]).to(device)
+    for k in ema or {}:
+        ema[k].copy_(torch.from_numpy(arrays[f"ema.{k}"]))
+
+
+def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
+          on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None
+          ) -> dict[str, Any]:
+    """Train `cfg.model` (train form) on `data`; returns a summary (rank 0 writes the files in
+    cfg.out: checkpoint, metrics, final neutral states of both forms). `stopped` is True when
+    SIGTERM ended the run early (a checkpoint was written; continue with resume=True)."""
+    rank, world, device = _setup()
+    out = Path(cfg.out)
+    sched = tr.make_schedule(cfg, len(data.train_idx))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(data.classes)).to(device).train()
+    spec = model.spec
+    if cfg.sync_bn and world > 1:
+        convert_sync_bn(model)
+    l2_kernels = tr.custom_l2_kernels(spec)
+    forward: nn.Module = _Forward(model, tr.has_aux_heads(spec))
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward)
+    opt = _optimizer(model, cfg, l2_kernels)
+    ema = _float_state(model) if cfg.ema else None
+    ema_model = copy.deepcopy(model) if cfg.ema else None
+    start, sums, records = 0, tr.EpochSums(), []
+    if resume:
+        arrays, progress = tr.load_checkpoint(out / tr.CHECKPOINT, cfg)
+        _restore(arrays, model, opt, ema, device)
+        start = int(progress["step"])
+        if rank == 0:
+            sums = tr.EpochSums(**progress["sums"])
+        records = [r for r in tr.read_metrics(out / tr.METRICS)
+                   if r["epoch"] <= start // sched.steps_per_epoch]
+    x_val, y_val = data.val()
+    stop = tr.StopFlag()
+    order_epoch, order = -1, np.empty(0, np.int64)
+    done, stopped = start, False
+    flip = not tr.is_digits(cfg.data)
+    try:
+        for step, epoch, k in tr.steps_of(sched, start):
+            if epoch != order_epoch:
+                order_epoch, order = epoch, tr.epoch_order(data.train_idx, cfg.seed, epoch)
+            t0 = time.perf_counter()
+            lr = tr.learning_rate(cfg.base_lr, step, sched)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = tr.rank_indices(order, k, cfg.global_batch, rank, world)
+            xb, yb = tr.batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
+            x, y = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                outs = forward(x)
+                losses = {h: F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing)
+                          for h, o in outs.items()}
+            loss = losses["main"] + AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
+            if l2_kernels:
+                loss = loss + 0.5 * cfg.wd * model.custom_l2()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for key, v in model.state_dict().items():
+                        if key in ema:
+                            ema[key].lerp_(v.float(), 1.0 - cfg.ema)
+            main_loss = float(losses["main"].detach())
+            sums.add(main_loss, int((outs["main"].argmax(1) == y).sum()), len(idx))
+            sums.seconds += time.perf_counter() - t0
+            done = step + 1
+            if rank == 0 and on_step:
+                on_step(done, sched.total, main_loss, len(idx) * world)
+            end_of_epoch = k == sched.steps_per_epoch - 1 or step == sched.total - 1
+            stopped = bool(_reduce([float(stop.requested)], world)[0]) and step < sched.total - 1
+            if end_of_epoch or stopped:
+                loss_s, correct, seen = _reduce([sums.loss, sums.correct, sums.seen], world)
+                glob = tr.EpochSums(loss_s, int(correct), int(seen), sums.seconds)
+                if rank == 0 and end_of_epoch:
+                    val_loss, val_acc = _evaluate(model, x_val, y_val, device)
+                    val = {"val_loss": val_loss, "val_acc": val_acc}
+                    if ema_model is not None and ema is not None:
+                        ema_model.load_state_dict({**ema_model.state_dict(), **ema})
+                        val["val_acc_ema"] = _evaluate(ema_model, x_val, y_val, device)[1]
+                    records.append(tr.epoch_record(epoch, step + 1, glob, lr, val, world))
+                    tr.write_metrics(out / tr.METRICS, records)
+                    if on_epoch:
+                        on_epoch(records[-1])
+                if rank == 0:
+                    kept = tr.EpochSums() if end_of_epoch else glob
+                    tr.save_checkpoint(out / tr.CHECKPOINT, _checkpoint_arrays(model, opt, ema),
+                                       {"step": step + 1, "config": cfg.fingerprint(),
+                                        "sums": vars(kept)})
+                sums = tr.EpochSums()
+                if world > 1:
+                    dist.barrier()
+                if stopped:
+                    break
+        summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": rank,
+                                   "world": world, "records": records}
+        if rank == 0 and not stopped:
+            final = copy.deepcopy(model)
+            if ema is not None:
+                final.load_state_dict({**final.state_dict(), **ema})
+            summary["files"] = tr.write_final(out, spec, export_state(final),
+                                              tr.metadata(cfg, data, "torch"))
+        return summary
+    finally:
+        stop.restore()
+        torch.use_deterministic_algorithms(previous)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["train", "DistBatchNorm2d", "convert_sync_bn", "AUX_WEIGHT"]
