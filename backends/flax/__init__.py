@@ -11,24 +11,24 @@ take NCHW.
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 from .api import (
-                  export_state,
-                  inference_view,
-                  load_native_state,
-                  load_state,
-                  native_state,
-                  predict,
-                  reparameterize,
+    export_state,
+    inference_view,
+    load_native_state,
+    load_state,
+    native_state,
+    predict,
+    reparameterize,
 )
 from .blocks import (
-                  RepConv,
-                  RepGhostBottleneck,
-                  RepGhostModule,
-                  RepModule,
-                  RepVGGBlock,
-                  RepVGGplusBlock,
-                  block_class,
-                  build_block,
-                  empty_block,
+    RepConv,
+    RepGhostBottleneck,
+    RepGhostModule,
+    RepModule,
+    RepVGGBlock,
+    RepVGGplusBlock,
+    block_class,
+    build_block,
+    empty_block,
 )
 from .export import export_stablehlo, load_stablehlo
 from .layers import BatchNorm, SqueezeExcite

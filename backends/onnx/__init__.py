@@ -3,13 +3,13 @@ verify them): merging parallel branches into one conv in any model (`graph_fuse`
 static quantization with a per-layer report (`quantize`)."""
 from .graph_fuse import fuse_model, load, op_histogram
 from .quantize import (
-                       METHODS,
-                       LayerReport,
-                       layer_reports,
-                       onnx_input_name,
-                       ort_session,
-                       quantize_qdq,
-                       run_onnx,
+    METHODS,
+    LayerReport,
+    layer_reports,
+    onnx_input_name,
+    ort_session,
+    quantize_qdq,
+    run_onnx,
 )
 from .verify import verify
 

@@ -8,14 +8,14 @@ from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 from .api import export_state, load_state, predict, reparameterize
 from .blocks import (
-                     RepConv,
-                     RepGhostBottleneck,
-                     RepGhostModule,
-                     RepModule,
-                     RepVGGBlock,
-                     RepVGGplusBlock,
-                     block_class,
-                     build_block,
+    RepConv,
+    RepGhostBottleneck,
+    RepGhostModule,
+    RepModule,
+    RepVGGBlock,
+    RepVGGplusBlock,
+    block_class,
+    build_block,
 )
 from .export import export_onnx
 from .graph_fuse import FuseReport, fuse
