@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -423,6 +424,23 @@ def steps_of(sched: Schedule, start: int) -> Iterator[tuple[int, int, int]]:
     """(step, epoch, step_in_epoch) from `start` to the end of the run."""
     for step in range(start, sched.total):
         yield step, step // sched.steps_per_epoch, step % sched.steps_per_epoch
+
+
+def local_batches(cfg: TrainConfig, sched: Schedule, data: Dataset, start: int, part: int,
+                  parts: int) -> Iterator[tuple[int, int, int, float, np.ndarray, np.ndarray, float]]:
+    """Every step from `start` as (step, epoch, step_in_epoch, lr, x, y, prep_s): this part's
+    share (rank_indices) of the global batch in the epoch's sample order (epoch_order: a function
+    of seed and epoch), augmented (NCHW float32 x, int y), the step's learning rate, and the
+    seconds spent preparing the batch (counted in the step's time by the trainers)."""
+    flip = not is_digits(cfg.data)
+    order_epoch, order = -1, np.empty(0, np.int64)
+    for step, epoch, k in steps_of(sched, start):
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(data.train_idx, cfg.seed, epoch)
+        t0 = time.perf_counter()
+        idx = rank_indices(order, k, cfg.global_batch, part, parts)
+        x, y = batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
+        yield step, epoch, k, learning_rate(cfg.base_lr, step, sched), x, y, time.perf_counter() - t0
 
 
 def epoch_record(epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping[str, float],

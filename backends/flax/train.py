@@ -153,9 +153,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
 
     x_val, y_val = data.val()
     stop = tr.StopFlag()
-    order_epoch, order = -1, np.empty(0, np.int64)
     done, stopped = start, False
-    flip = not tr.is_digits(cfg.data)
 
     def host_model(p: Any, s: Any) -> nnx.Module:
         """A copy of the model on the host with parameters p and batch statistics s."""
@@ -166,13 +164,8 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
         return nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
 
     try:
-        for step, epoch, k in tr.steps_of(sched, start):
-            if epoch != order_epoch:
-                order_epoch, order = epoch, tr.epoch_order(data.train_idx, cfg.seed, epoch)
-            t0 = time.perf_counter()
-            lr = tr.learning_rate(cfg.base_lr, step, sched)
-            idx = tr.rank_indices(order, k, cfg.global_batch, rank, hosts)
-            xb, yb = tr.batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
+        for step, epoch, k, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, hosts):
+            t0 = time.perf_counter() - prep_s
             x = jax.make_array_from_process_local_data(sharded, xb.transpose(0, 2, 3, 1))
             y = jax.make_array_from_process_local_data(sharded, yb.astype(np.int32))
             opt_state, ema, main, correct = step_fn(model, opt_state, ema, x, y, jnp.float32(lr))

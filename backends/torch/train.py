@@ -212,19 +212,12 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                    if r["epoch"] <= start // sched.steps_per_epoch]
     x_val, y_val = data.val()
     stop = tr.StopFlag()
-    order_epoch, order = -1, np.empty(0, np.int64)
     done, stopped = start, False
-    flip = not tr.is_digits(cfg.data)
     try:
-        for step, epoch, k in tr.steps_of(sched, start):
-            if epoch != order_epoch:
-                order_epoch, order = epoch, tr.epoch_order(data.train_idx, cfg.seed, epoch)
-            t0 = time.perf_counter()
-            lr = tr.learning_rate(cfg.base_lr, step, sched)
+        for step, epoch, k, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, world):
+            t0 = time.perf_counter() - prep_s
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = tr.rank_indices(order, k, cfg.global_batch, rank, world)
-            xb, yb = tr.batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
             x, y = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
@@ -245,11 +238,11 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                         if key in ema:
                             ema[key].lerp_(v.float(), 1.0 - cfg.ema)
             main_loss = float(losses["main"].detach())
-            sums.add(main_loss, int((outs["main"].argmax(1) == y).sum()), len(idx))
+            sums.add(main_loss, int((outs["main"].argmax(1) == y).sum()), len(yb))
             sums.seconds += time.perf_counter() - t0
             done = step + 1
             if rank == 0 and on_step:
-                on_step(done, sched.total, main_loss, len(idx) * world)
+                on_step(done, sched.total, main_loss, len(yb) * world)
             end_of_epoch = k == sched.steps_per_epoch - 1 or step == sched.total - 1
             stopped = bool(_reduce([float(stop.requested)], world)[0]) and step < sched.total - 1
             if end_of_epoch or stopped:
