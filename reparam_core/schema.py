@@ -12,23 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import CheckpointError
-from .nodes import (
-    BN,
-    SE,
-    Add,
-    Aux,
-    Block,
-    Conv,
-    Description,
-    Linear,
-    Model,
-    Node,
-    PadBN,
-    Rep,
-    Scale,
-    in_form,
-    join_key,
-)
+from .nodes import BN, SE, Add, Aux, Block, Conv, Description, Linear, Model, Node, PadBN, Rep, Scale, in_form, join_key
 
 Form = Literal["train", "deploy"]
 FORMS: tuple[Form, ...] = ("train", "deploy")

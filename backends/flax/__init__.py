@@ -10,15 +10,7 @@ take NCHW.
 """
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
-from .api import (
-    export_state,
-    inference_view,
-    load_native_state,
-    load_state,
-    native_state,
-    predict,
-    reparameterize,
-)
+from .api import export_state, inference_view, load_native_state, load_state, native_state, predict, reparameterize
 from .blocks import (
     RepConv,
     RepGhostBottleneck,

@@ -30,17 +30,7 @@ from reparam_core.layouts import to_flax
 from reparam_core.nodes import Block, Dropout, Model, Rep, describe, in_form, rep_blocks
 from reparam_core.schema import TensorInfo
 
-from .interpret import (
-    DROPOUT,
-    Chain,
-    apply,
-    module_at,
-    module_paths,
-    run,
-    scope_body,
-    scope_nodes,
-    set_module,
-)
+from .interpret import DROPOUT, Chain, apply, module_at, module_paths, run, scope_body, scope_nodes, set_module
 from .layers import LEAF_TYPES, BatchNorm, DropoutStream, _rngs, leaf_module
 from .state import (
     fill_abstract_other_variables,

@@ -19,19 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from reparam_core import SpecError
-from reparam_core.nodes import (
-    Act,
-    Add,
-    AvgPool,
-    Block,
-    Dropout,
-    Flatten,
-    GlobalPool,
-    Model,
-    Node,
-    Rep,
-    children,
-)
+from reparam_core.nodes import Act, Add, AvgPool, Block, Dropout, Flatten, GlobalPool, Model, Node, Rep, children
 
 from .layers import ACTIVATIONS, LEAF_TYPES, avg_pool, flatten, global_pool
 

@@ -11,15 +11,7 @@ from .quiet import import_megengine, quiet_fd2
 import_megengine()
 
 from .api import build_block, create_model, export_state, load_state, model_from_spec, predict, reparameterize  # noqa: E402
-from .blocks import (  # noqa: E402
-                     RepConv,
-                     RepGhostBottleneck,
-                     RepGhostModule,
-                     RepModule,
-                     RepVGGBlock,
-                     RepVGGplusBlock,
-                     block_class,
-)
+from .blocks import RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock, RepVGGplusBlock, block_class  # noqa: E402
 from .export import TracedGraph, export_traced, run_traced  # noqa: E402
 from .fastrun import fastrun  # noqa: E402
 from .layers import BN_MOMENTUM  # noqa: E402

@@ -22,15 +22,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, PadBN, Scale
-from reparam_core.graphfuse import (
-    FusedSum,
-    FuseReport,
-    LeftAlone,
-    Stage,
-    affine_bn,
-    branch_kind,
-    fuse_branches,
-)
+from reparam_core.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn, branch_kind, fuse_branches
 
 
 def load(path: str) -> onnx.ModelProto:

@@ -11,13 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reparam_core import (
-    RepBlockSpec,
-    RepGhostBottleneckSpec,
-    RepGhostModuleSpec,
-    official_block,
-    repconv_spec,
-)
+from reparam_core import RepBlockSpec, RepGhostBottleneckSpec, RepGhostModuleSpec, official_block, repconv_spec
 
 R, G, B = RepBlockSpec, RepGhostModuleSpec, RepGhostBottleneckSpec
 ODD, SQUARE = (7, 9), (15, 15)  # the two sizes of the MegEngine matrix

@@ -8,18 +8,7 @@ import pytest
 from backend_adapters import BACKENDS, Target, check_outcome
 
 from parity_tests.tolerance import BLOCK_REL
-from reparam_core import (
-    BN,
-    Act,
-    AvgPool,
-    Block,
-    Conv,
-    PadBN,
-    Rep,
-    random_tensors,
-    reparameterize_state,
-    schema_of,
-)
+from reparam_core import BN, Act, AvgPool, Block, Conv, PadBN, Rep, random_tensors, reparameterize_state, schema_of
 from reparam_core.oracle import block_forward
 
 DESCRIPTIONS = {

@@ -8,18 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from graphfuse_util import (
-    ACBlock,
-    C,
-    DBBlock,
-    PlusBlock,
-    QABlock,
-    SumListBlock,
-    TorchAddBlock,
-    cbn,
-    randomize,
-    trap,
-)
+from graphfuse_util import ACBlock, C, DBBlock, PlusBlock, QABlock, SumListBlock, TorchAddBlock, cbn, randomize, trap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

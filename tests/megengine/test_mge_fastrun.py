@@ -6,15 +6,7 @@ import megengine as mge
 import pytest
 from mge_testutil import rand_input, rel_err
 
-from backends.megengine import (
-    create_model,
-    export_traced,
-    fastrun,
-    load_state,
-    predict,
-    reparameterize,
-    run_traced,
-)
+from backends.megengine import create_model, export_traced, fastrun, load_state, predict, reparameterize, run_traced
 from reparam_core import get_spec, random_state
 
 FASTRUN_RTOL = 1e-5  # another algorithm (Winograd, im2col, direct) sums in another order

@@ -11,14 +11,7 @@ import numpy as np
 import pytest
 from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, random_block_params, rel_err
 
-from reparam_core import (
-    RepBlockSpec,
-    block_spec_to_dict,
-    get_spec,
-    oracle,
-    random_state,
-    reparameterize_state,
-)
+from reparam_core import RepBlockSpec, block_spec_to_dict, get_spec, oracle, random_state, reparameterize_state
 from reparam_core.safetensors_io import load_file, save_file
 from reparam_core.schema import block_schema
 
