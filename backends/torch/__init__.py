@@ -20,9 +20,9 @@ from .blocks import (
 from .export import export_onnx
 from .graph_fuse import FuseReport, fuse
 from .layers import SqueezeExcite
-from .models import RepGhostNet, RepVGG, RepVGGplus, create_model
+from .models import RepGhostNet, RepVGG, RepVGGplus, create_model, empty_model
 
 __all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
            "RepVGG", "RepVGGplus", "RepGhostNet", "RepModule", "SqueezeExcite", "block_class",
-           "build_block", "create_model", "reparameterize", "load_state", "export_state", "predict",
+           "build_block", "create_model", "empty_model", "reparameterize", "load_state", "export_state", "predict",
            "export_onnx", "repconv_spec", "fuse", "FuseReport"]

@@ -7,6 +7,8 @@ with `load_state_dict(strict=True)`.
 """
 from __future__ import annotations
 
+import torch
+
 from reparam_core import get_spec
 
 from .blocks import RepModule, build_block
@@ -42,4 +44,17 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False) ->
     return build_block(get_spec(name, num_classes), deploy=deploy)
 
 
-__all__ = ["RepVGG", "RepVGGplus", "RepGhostNet", "create_model"]
+def empty_model(name: str, *, num_classes: int = 1000, deploy: bool = False) -> RepModule:
+    """A registered model without random initialisation (built on the meta device, then given
+    uninitialised CPU storage): fast for big models; every tensor of the state schema must be
+    set by `load_state` (BN's `num_batches_tracked`, outside the schema, starts at 0)."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, deploy=deploy)
+    model = model.to_empty(device="cpu")
+    for key, buf in model.named_buffers():
+        if key.endswith("num_batches_tracked"):
+            buf.zero_()
+    return model
+
+
+__all__ = ["RepVGG", "RepVGGplus", "RepGhostNet", "create_model", "empty_model"]

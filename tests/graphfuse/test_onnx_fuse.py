@@ -45,9 +45,7 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_registry_model_onnx_fuses_to_deploy_export(name: str, tmp_path) -> None:
     spec = get_spec(name, 10)
     state = random_state(spec, "train", 0)
-    with torch.device("meta"):
-        model = bt.create_model(name, num_classes=10)
-    model = bt.load_state(model.to_empty(device="cpu"), state).eval()
+    model = bt.load_state(bt.empty_model(name, num_classes=10), state).eval()
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     train = bo.load(_export(model, torch.from_numpy(x), str(tmp_path / "train.onnx")))
     deploy = bo.load(bt.export_onnx(model, tmp_path / "deploy.onnx", (1, 3, 32, 32)))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 import backends.torch as bt
 
@@ -17,14 +16,8 @@ from reparam_core import random_tensors as random_params  # noqa: F401
 
 def loaded_model(name: str, state: dict[str, np.ndarray], deploy: bool = False,
                  num_classes: int = 1000) -> bt.RepModule:
-    """create_model on the meta device (no slow initialisation), materialised and loaded."""
-    with torch.device("meta"):
-        model = bt.create_model(name, num_classes=num_classes, deploy=deploy)
-    model = model.to_empty(device="cpu")
-    for name_, buf in model.named_buffers():
-        if name_.endswith("num_batches_tracked"):
-            buf.zero_()
-    return bt.load_state(model, state)
+    """empty_model (no slow initialisation), loaded."""
+    return bt.load_state(bt.empty_model(name, num_classes=num_classes, deploy=deploy), state)
 
 
 def model_state(name: str, seed: int = 0, num_classes: int = 1000) -> dict[str, np.ndarray]:
