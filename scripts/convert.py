@@ -47,7 +47,7 @@ import numpy as np
 
 from reparam_core import checkpoints as ckpt
 from reparam_core import keymaps, oracle, safetensors_io
-from reparam_core.atomic import atomic_write, atomic_write_stream, clean_stale_temps, temp_name_pattern  # noqa: F401 - re-exported
+from reparam_core.atomic import atomic_write_stream
 from reparam_core.errors import BackendUnavailableError, CheckpointError, ReparamError, VerificationError
 from reparam_core.fuse import iter_deploy_state, reparameterize_state
 from reparam_core.layouts import flax_key, to_flax

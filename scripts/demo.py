@@ -274,7 +274,8 @@ def megengine_timing(model: str, state: State, x: np.ndarray, artifact: Path,
 
 def write_checkpoints(spec, states: Mapping[str, State], ckpt_dir: Path) -> dict[str, dict]:
     """Every format x form, each written atomically and read back (bit-exact check)."""
-    from scripts.convert import atomic_write, encode, load_neutral
+    from reparam_core.atomic import atomic_write
+    from scripts.convert import encode, load_neutral
 
     ext = {"torch": ".pth", "megengine": ".pkl", "flax": ".msgpack", "safetensors": ".safetensors"}
     out: dict[str, dict] = {}

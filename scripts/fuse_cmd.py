@@ -25,7 +25,7 @@ def _histogram(h: dict[str, int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import backends.onnx as bo
-    from scripts.convert import atomic_write
+    from reparam_core.atomic import atomic_write
 
     src = bo.load(args.src)
     fused, report = bo.fuse_model(src)

@@ -26,9 +26,10 @@ import numpy as np
 
 from reparam_core import ReparamError, get_spec
 from reparam_core import checkpoints as ckpt
+from reparam_core.atomic import atomic_write
 from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
 
-from .convert import _infer_num_classes, atomic_write, read_any
+from .convert import _infer_num_classes, read_any
 
 
 @lru_cache(maxsize=1)

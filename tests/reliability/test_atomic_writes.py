@@ -19,6 +19,7 @@ import time
 import pytest
 from _big import write_train_safetensors
 
+from reparam_core.atomic import clean_stale_temps, temp_name_pattern
 from scripts import convert as cv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +52,7 @@ def start(src, dst, *extra):
 
 
 def temps(directory, dst):
-    pat = cv.temp_name_pattern(str(dst))
+    pat = temp_name_pattern(str(dst))
     return [n for n in os.listdir(directory) if pat.match(n)]
 
 
@@ -128,7 +129,7 @@ def test_live_process_temp_files_are_kept(tmp_path):
         dead.write_bytes(b"stale")
         other = tmp_path / f".y.safetensors.{dead_pid.pid}-zzz999.tmp"
         other.write_bytes(b"another file's temp")
-        removed = cv.clean_stale_temps(str(dst))
+        removed = clean_stale_temps(str(dst))
         assert removed == [str(dead)]
         assert live.exists() and other.exists() and not dead.exists()
     finally:
