@@ -3,7 +3,7 @@
 every other output.
 
 torch and flax run in this process; MegEngine runs in `.venv-mge` through the worker
-(scripts.mge_client), started once and reused.
+(backends.megengine.remote), started once and reused.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class MegEngineRunner:
     name = "megengine"
 
     def __init__(self) -> None:
-        from scripts.mge_client import shared
+        from backends.megengine.remote import shared
 
         self.worker = shared()
 

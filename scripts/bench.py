@@ -35,7 +35,7 @@ DEFAULT_MODELS = ("RepVGG-A0", "RepVGG-B0", "repghostnet_1_0x")
 def backend_python(backend: str) -> Path:
     """The interpreter that runs a backend: .venv-mge's for MegEngine, this one otherwise."""
     if backend == "megengine":
-        from .mge_client import mge_python
+        from backends.megengine.remote import mge_python
         exe = mge_python()
         if not exe.exists():
             raise BackendUnavailableError(f"MegEngine environment not found ({exe}); create it "

@@ -35,7 +35,7 @@ import numpy as np
 from reparam_core import count_macs, count_params, get_spec, random_state
 from reparam_core.plain import has_plain_reference
 
-from .timing import interleaved_times, paired_ratio, summarize
+from reparam_core.timing import interleaved_times, paired_ratio, summarize
 
 Fn = Callable[[], Any]
 GEMM_N = 2048  # the float32 GEMM probe: GEMM_N x GEMM_N x GEMM_N

@@ -24,7 +24,7 @@ Output is deterministic: the same input gives byte-identical files in every form
 serialization id).
 
 --verify re-reads the written temp file and runs source and destination in their own frameworks
-(torch: backends.torch, flax: backends.flax, megengine: the worker in scripts.mge_client,
+(torch: backends.torch, flax: backends.flax, megengine: the worker in backends.megengine.remote,
 safetensors: the float64 oracle) on one random input; above 1e-4 relative error nothing is written.
 
 Flax files are msgpack in `flax.serialization` encoding (ndarrays as ext type 1): a nested dict of
@@ -310,10 +310,10 @@ def predict_in(fmt: str, spec: ModelSpec, state: State, form: Form, x: np.ndarra
         return np.asarray(backend.predict(model, x))
     if fmt == "megengine":
         try:
-            from scripts.mge_client import MgeWorker
+            from backends.megengine.remote import MgeWorker
         except ImportError as e:
             raise BackendUnavailableError(f"--verify for megengine needs the MegEngine worker "
-                                          f"client scripts.mge_client ({e})") from None
+                                          f"client backends.megengine.remote ({e})") from None
         with MgeWorker() as w:
             return np.asarray(w.predict(model=spec.name, form=form, state=state, x=x,
                                         num_classes=spec.num_classes))

@@ -38,7 +38,7 @@ from reparam_core import ReparamError, count_params, get_spec
 from reparam_core.errors import BackendUnavailableError, CheckpointError
 from reparam_core.safetensors_io import load_file, save_file
 
-from .timing import interleaved_throughput, paired_ratio, summarize
+from reparam_core.timing import interleaved_throughput, paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET_DIR = ROOT / "assets" / "demo"
@@ -235,7 +235,7 @@ x = load_file(req["input"])[0]["x"]
 train = load_state(create_model(req["model"], num_classes=req["num_classes"]),
                    load_file(req["state"])[0])
 deploy = reparameterize(train)
-from scripts.timing import interleaved_times
+from reparam_core.timing import interleaved_times
 times = interleaved_times({"train": lambda: predict(train, x), "deploy": lambda: predict(deploy, x)},
                           req["repeats"])
 save_file({"y": run_traced(req["artifact"], x)}, req["artifact_output"])
@@ -246,7 +246,7 @@ with open(req["result"], "w") as f:
 
 def megengine_timing(model: str, state: State, x: np.ndarray, artifact: Path,
                      repeats: int = TIMING_REPEATS) -> tuple[dict[str, dict], np.ndarray]:
-    from scripts.mge_client import mge_python
+    from backends.megengine.remote import mge_python
 
     exe = mge_python()
     if not exe.exists():
@@ -407,7 +407,7 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
 
     # 3a. MegEngine through the worker: load the torch train state, predict; re-parameterize
     # in MegEngine and predict; also load torch's deploy state directly.
-    from scripts.mge_client import shared
+    from backends.megengine.remote import shared
 
     say("porting to MegEngine (worker in .venv-mge)")
     worker = shared()

@@ -1,24 +1,44 @@
 """The MegEngine backend of reparam: native megengine.module layers built from reparam_core's
-block descriptions (one generic RepModule, thin classes under the official names). Importing it
-imports MegEngine with its CUDA-probing noise kept off stderr (quiet.py).
+block descriptions (one generic RepModule, thin classes under the official names).
+
+MegEngine is imported on first use of a name below (`from backends.megengine import RepVGG`), with
+its CUDA-probing noise kept off stderr (quiet.py), so that `backends.megengine.remote` (the client
+that drives the MegEngine worker process from the main environment) imports without MegEngine.
 
 BN momentum is 0.9 in MegEngine's convention, which equals torch's momentum 0.1.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
-from .quiet import import_megengine, quiet_fd2
+# public name -> submodule that defines it (imported, with MegEngine, on first access)
+_HOME = {
+    **dict.fromkeys(["build_block", "create_model", "export_state", "load_state", "model_from_spec", "predict",
+                     "reparameterize"], "api"),
+    **dict.fromkeys(["RepConv", "RepGhostBottleneck", "RepGhostModule", "RepModule", "RepVGGBlock",
+                     "RepVGGplusBlock", "block_class"], "blocks"),
+    **dict.fromkeys(["TracedGraph", "export_traced", "run_traced"], "export"),
+    "fastrun": "fastrun",
+    "BN_MOMENTUM": "layers",
+    **dict.fromkeys(["RepGhostNet", "RepVGG", "RepVGGplus"], "models"),
+    **dict.fromkeys(["quiet_fd2", "import_megengine"], "quiet"),
+}
 
-import_megengine()
+__all__ = ["repconv_spec", *_HOME]
 
-from .api import build_block, create_model, export_state, load_state, model_from_spec, predict, reparameterize  # noqa: E402
-from .blocks import RepConv, RepGhostBottleneck, RepGhostModule, RepModule, RepVGGBlock, RepVGGplusBlock, block_class  # noqa: E402
-from .export import TracedGraph, export_traced, run_traced  # noqa: E402
-from .fastrun import fastrun  # noqa: E402
-from .layers import BN_MOMENTUM  # noqa: E402
-from .models import RepGhostNet, RepVGG, RepVGGplus  # noqa: E402
 
-__all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
-           "RepVGG", "RepVGGplus", "RepGhostNet", "build_block", "create_model", "reparameterize",
-           "load_state", "export_state", "predict", "export_traced", "run_traced", "repconv_spec",
-           "model_from_spec", "BN_MOMENTUM", "quiet_fd2", "import_megengine", "RepModule",
-           "block_class", "fastrun", "TracedGraph"]
+def __getattr__(name: str) -> Any:
+    """Resolve a public name lazily: import its submodule (and so MegEngine) on first access."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

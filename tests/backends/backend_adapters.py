@@ -1,7 +1,7 @@
 """The three backends behind one interface, for the backend-parametrised suite in tests/backends.
 
 torch and flax run in this process; MegEngine runs in `.venv-mge` through its worker
-(scripts.mge_client.shared(), the client parity_tests/harness.py uses). Every adapter takes and
+(backends.megengine.remote.shared(), the client parity_tests/harness.py uses). Every adapter takes and
 returns neutral (canonical-key, OIHW) float32 states and NCHW numpy arrays, so one set of
 assertions (check_outcome) holds every backend to the float64 oracle and the core's fusion.
 
@@ -235,7 +235,7 @@ class MegEngineAdapter:
     name = "megengine"
 
     def __init__(self) -> None:
-        from scripts.mge_client import shared
+        from backends.megengine.remote import shared
 
         self.worker = shared()
 

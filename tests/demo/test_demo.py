@@ -87,7 +87,7 @@ def test_summary_figures(run):
 
 
 def test_throughput_figures_from_a_fixed_clock(monkeypatch):
-    """scripts/timing.py (the demo's throughput figures) on known per-call times: a fake clock
+    """reparam_core/timing.py (the demo's throughput figures) on known per-call times: a fake clock
     that each callable advances by a scripted amount. Medians worked out by hand; the per-round
     ratio median (3.0) differs from the ratio of the medians (5 / 2 = 2.5) and from the mean
     ratio (2.95), so a helper computing either of those fails."""
@@ -220,7 +220,7 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
     from reparam_core.layouts import flax_key
     from reparam_core.schema import state_schema
     from scripts.convert import load_neutral
-    from scripts.mge_client import shared
+    from backends.megengine.remote import shared
 
     d, _, _ = run
     spec = get_spec(MODEL, 10)
@@ -252,7 +252,7 @@ def test_artifacts_run(run, reference, tmp_path):
     import onnxruntime as ort
 
     from backends.flax import load_stablehlo
-    from scripts.mge_client import mge_python
+    from backends.megengine.remote import mge_python
 
     d, _, _ = run
     x, ref = reference["x"], reference["deploy"]

@@ -25,7 +25,7 @@ def val():
 def test_trained_model_ports_to_every_framework(digits_run, val) -> None:
     import backends.flax as bf
     import backends.torch as bt
-    from scripts.mge_client import shared
+    from backends.megengine.remote import shared
 
     x, y = val
     train_state, meta = trained(digits_run, "train")

@@ -21,7 +21,7 @@ from reparam_core import errors
 from reparam_core.safetensors_io import load_file, save_file
 from reparam_core.specs import BlockSpec, block_spec_to_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mge_python() -> Path:
