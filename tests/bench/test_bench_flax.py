@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from backends.flax.bench import FlaxBench, PlainNet, plain_model
 from reparam_core import get_spec, random_state
-from scripts.bench_flax import FlaxBench, PlainNet, plain_model
-from scripts.bench_runner import BenchConfig, rel_err
+from reparam_core.benchplan import BenchConfig, rel_err
 
 
 @pytest.mark.parametrize("name", ["RepVGG-A0", "RepVGG-B1g4"])

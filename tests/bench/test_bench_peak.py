@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from reparam_core.benchreport import add_peak
 from reparam_core.hardware import cpu_info
-from scripts.bench import add_peak
 
 CPUINFO = """processor\t: 0
 model name\t: Example Xeon

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from torch import nn
 
+from backends.torch.bench import TorchBench, plain_model
 from reparam_core import get_spec, random_state
-from scripts.bench_runner import BenchConfig, bench_model, memory_in_child, rel_err
-from scripts.bench_torch import TorchBench, plain_model
+from reparam_core.benchplan import BenchConfig, bench_model, memory_in_child, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -34,7 +34,7 @@ def test_bench_model_records_every_figure() -> None:
     bench = TorchBench()
     bench.setup(1)
     stages: list[str] = []
-    r = bench_model(bench, "RepVGG-A0", config, "scripts.bench_torch", stage=stages.append)
+    r = bench_model(bench, "RepVGG-A0", config, "backends.torch.bench", stage=stages.append)
     assert len(stages) == 3
     assert set(r["forms"]) == {"train", "deploy", "plain", "deploy/channels_last",
                                "plain/channels_last", "deploy/bf16-autocast",
@@ -63,8 +63,8 @@ def test_bench_model_records_every_figure() -> None:
 def test_memory_probe_sees_the_model() -> None:
     """Each probe runs in a fresh process, so memory freed by earlier work is not reused."""
     config = BenchConfig(batch=1, size=32)
-    small = memory_in_child("scripts.bench_torch", "RepVGG-A0", "deploy", config)
-    big = memory_in_child("scripts.bench_torch", "RepVGG-B1g4", "deploy", config)
+    small = memory_in_child("backends.torch.bench", "RepVGG-A0", "deploy", config)
+    big = memory_in_child("backends.torch.bench", "RepVGG-B1g4", "deploy", config)
     # deploy weights alone: 8.3 M and 36.1 M float32 parameters
     assert small["delta_mib"] >= 8.3e6 * 4 / 2**20 * 0.9
     assert big["delta_mib"] >= 36.1e6 * 4 / 2**20 * 0.9

@@ -6,9 +6,9 @@ import megengine.module as M
 import numpy as np
 import pytest
 
+from backends.megengine.bench import MegEngineBench, PlainNet, plain_model
 from reparam_core import get_spec, random_state
-from scripts.bench_megengine import MegEngineBench, PlainNet, plain_model
-from scripts.bench_runner import BenchConfig, rel_err
+from reparam_core.benchplan import BenchConfig, rel_err
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`reparam bench`, Flax NNX side: run as `python -m scripts.bench_flax CONFIG_JSON` (.venv).
+"""`reparam bench`, Flax NNX side: run as `python -m backends.flax.bench CONFIG_JSON` (.venv).
 
 Forms: train and deploy (our modules, inference view, eager op-by-op NHWC forward) and the plain
 reference (`PlainNet`: `nnx.Conv` computing through the backend's conv primitive + activation,
@@ -24,10 +24,9 @@ from flax import nnx
 from backends import flax as bf
 from backends.flax import layers as bf_layers
 from reparam_core import get_spec, state_schema
+from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.layouts import to_flax
 from reparam_core.plain import plain_layers
-
-from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 
 ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x}
@@ -140,4 +139,4 @@ class FlaxBench(BackendBench):
 
 
 if __name__ == "__main__":
-    sys.exit(main(FlaxBench, "scripts.bench_flax"))
+    sys.exit(main(FlaxBench, "backends.flax.bench"))

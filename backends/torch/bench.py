@@ -1,4 +1,4 @@
-"""`reparam bench`, PyTorch side: run as `python -m scripts.bench_torch CONFIG_JSON` (.venv).
+"""`reparam bench`, PyTorch side: run as `python -m backends.torch.bench CONFIG_JSON` (.venv).
 
 Forms: train and deploy (our blocks, eager NCHW, inference mode) and the plain reference
 (`nn.Sequential` of `nn.Conv2d` + activation, pool, `nn.Linear`, built from
@@ -24,9 +24,8 @@ from torch import nn
 
 from backends import torch as bt
 from reparam_core import get_spec
+from reparam_core.benchplan import INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.plain import plain_layers
-
-from .bench_runner import INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops, main
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -147,4 +146,4 @@ def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> F
 
 
 if __name__ == "__main__":
-    sys.exit(main(TorchBench, "scripts.bench_torch"))
+    sys.exit(main(TorchBench, "backends.torch.bench"))

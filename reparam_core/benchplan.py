@@ -1,4 +1,4 @@
-"""The child side of `reparam bench`: one process per backend runs this measurement plan.
+"""`reparam bench`'s measurement plan: one process per backend runs it; the parent reads its events.
 
 A backend supplies a `Bench` (how to build, convert, copy and run its models, its fast paths and
 its matmul); the plan, the same for every backend, lives here once:
@@ -11,9 +11,10 @@ its matmul); the plan, the same for every backend, lives here once:
   process (the parent divides by the best GEMM of every backend of the run); peak resident
   memory of each form, each in a fresh child process of its own.
 
-Protocol: `python -m scripts.bench_<backend> CONFIG_JSON` writes JSON lines on its original stdout
-(`{"event": "stage", ...}` while it runs, then `{"event": "result", "result": {...}}`); anything
-the frameworks print goes to stderr. `--memory PROBE_JSON` runs one memory probe instead.
+Protocol: `python -m backends.<backend>.bench CONFIG_JSON` (the child, `main`) writes JSON lines on
+its original stdout (`{"event": "stage", ...}` while it runs, then `{"event": "result",
+"result": {...}}`); anything the frameworks print goes to stderr. `--memory PROBE_JSON` runs one
+memory probe instead. `run_child` is the parent's end: it starts the child and reads the lines.
 numpy and the standard library only (runs in .venv and in .venv-mge).
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Protocol, TextIO
@@ -33,8 +35,8 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from reparam_core import count_macs, count_params, get_spec, random_state
+from reparam_core.errors import BackendUnavailableError
 from reparam_core.plain import has_plain_reference
-
 from reparam_core.timing import interleaved_times, paired_ratio, summarize
 
 Fn = Callable[[], Any]
@@ -249,6 +251,11 @@ def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dic
     return result
 
 
+def stage_count(config: BenchConfig) -> int:
+    """How many stage events run_plan emits for `config` (the parent's progress bar)."""
+    return 1 + len(config.models) * (1 if config.conversion_only else 3 + config.memory)
+
+
 # --------------------------------------------------------------------------- process entry
 
 def _open_protocol() -> TextIO:
@@ -287,6 +294,29 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     return 0
 
 
+def run_child(cmd: Sequence[str], cwd: str | os.PathLike, name: str,
+              on_stage: Callable[[str], None]) -> dict:
+    """The parent's end of the protocol: run `cmd` (a backend's `python -m ... CONFIG_JSON`) in
+    `cwd`, pass each stage name to `on_stage` and return the result; BackendUnavailableError with
+    the last lines of the child's stderr when it fails."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
+        result: dict | None = None
+        for line in proc.stdout or ():
+            event = json.loads(line)
+            if event["event"] == "stage":
+                on_stage(event["name"])
+            else:
+                result = event["result"]
+        proc.wait()
+        if proc.returncode != 0 or result is None:
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-15:]
+            raise BackendUnavailableError(f"{name} benchmark failed (exit {proc.returncode}):\n"
+                                          + "\n".join(tail))
+    return result
+
+
 __all__ = ["GEMM_N", "ORT_PATH", "INT8_PATH", "BenchConfig", "FastPath", "Bench", "BackendBench",
            "gemm_gflops", "rel_err", "bench_input", "memory_probe", "memory_in_child", "run_plan",
-           "main", "config_from_json"]
+           "stage_count", "main", "config_from_json", "run_child"]

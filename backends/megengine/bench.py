@@ -1,4 +1,4 @@
-"""`reparam bench`, MegEngine side: `python -m scripts.bench_megengine CONFIG_JSON` (.venv-mge).
+"""`reparam bench`, MegEngine side: `python -m backends.megengine.bench CONFIG_JSON` (.venv-mge).
 
 Forms: train and deploy (our blocks, eager, eval mode) and the plain reference (`PlainNet`:
 `megengine.module.Conv2d` + activation, global average pool, `megengine.module.Linear`, built from
@@ -38,9 +38,8 @@ from backends import megengine as bm  # imports MegEngine with its CUDA probing 
 from backends.megengine.blocks import write_tensor
 from backends.megengine.export import TracedGraph
 from reparam_core import get_spec, state_schema
+from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.plain import plain_layers
-
-from .bench_runner import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 
 ACTS = {"relu": M.ReLU, "silu": M.SiLU, "identity": M.Identity}
 
@@ -170,4 +169,4 @@ class MegEngineBench(BackendBench):
 
 
 if __name__ == "__main__":
-    sys.exit(main(MegEngineBench, "scripts.bench_megengine"))
+    sys.exit(main(MegEngineBench, "backends.megengine.bench"))
