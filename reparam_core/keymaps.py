@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -122,6 +122,31 @@ def apply_scheme(state: Mapping[str, np.ndarray], rules: Rules, *,
     return {map_key(k, rules, reverse=reverse): v for k, v in state.items()}
 
 
+@dataclass(frozen=True)
+class KeyNames:
+    """How a source spells canonical keys, for error messages: a key the source holds as it is
+    written there (`stem.conv_kxk.0.weight`, not the partly renamed `stage0.conv_kxk.0.weight`),
+    any other key (one the source lacks) rendered in the source's scheme. Called with a
+    canonical key; the mapping is built on the first call only (on the error path)."""
+
+    keys: tuple[str, ...]
+    rules: Rules
+
+    @cached_property
+    def _original(self) -> dict[str, str]:
+        return {map_key(k, self.rules): k for k in self.keys}
+
+    def __call__(self, key: str) -> str:
+        original = self._original.get(key)
+        return original if original is not None else map_key(key, self.rules, reverse=True)
+
+
+def key_names(keys: Iterable[str], spec: object, scheme: str) -> KeyNames:
+    """The spelling of `scheme` (a scheme of `spec`'s family, as returned by to_canonical) for a
+    source holding `keys` (its keys before mapping): pass it to check_state as `names`."""
+    return KeyNames(tuple(keys), schemes_for(spec)[scheme])
+
+
 def schemes_for(spec: object) -> dict[str, Rules]:
     """The naming schemes of the family that defines `spec` (its family file's KEYMAPS), after
     `canonical` (no renaming)."""
@@ -184,4 +209,4 @@ def all_schemes() -> list[str]:
 
 
 __all__ = ["Rule", "Rules", "map_key", "apply_scheme", "schemes_for", "to_canonical",
-           "from_canonical", "all_schemes"]
+           "from_canonical", "all_schemes", "KeyNames", "key_names"]

@@ -7,7 +7,7 @@ converters and the parameter counter all read it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,15 +123,20 @@ def spec_name(spec: object) -> str:
     return name if isinstance(name, str) else type(spec).__name__
 
 
-def detect_form(spec: object, keys: Iterable[str]) -> Form:
-    """Which form a set of canonical keys is in; CheckpointError when neither fits well."""
+def detect_form(spec: object, keys: Iterable[str], names: Callable[[str], str] | None = None,
+                source: str = "state") -> Form:
+    """Which form a set of canonical keys is in; CheckpointError naming `source` when neither
+    fits well, quoting its first keys as `names` spells them (the source's own names, see
+    reparam_core.keymaps.KeyNames; default: as given)."""
     keys = {k for k in keys if not k.endswith("num_batches_tracked")}
     schemas = {f: schema_for(spec, f) for f in FORMS}
     scores = {f: len(keys & set(schemas[f])) for f in FORMS}
     best = max(FORMS, key=lambda f: (scores[f] / max(1, len(schemas[f])), scores[f]))
     if scores[best] == 0:
-        sample = ", ".join(sorted(keys)[:3])
-        raise CheckpointError(f"no key matches {spec_name(spec)} in either form (first keys: {sample})")
+        spell = names or str
+        sample = ", ".join(sorted(spell(k) for k in keys)[:3])
+        raise CheckpointError(f"{source}: no key matches {spec_name(spec)} in either form "
+                              f"(first keys: {sample})")
     return best
 
 

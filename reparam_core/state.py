@@ -6,7 +6,7 @@ name what is wrong, and making random states with non-trivial BN statistics for 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -26,22 +26,25 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_state(spec: object, state: Mapping[str, np.ndarray],
-                form: Form | None = None, source: str = "state") -> Form:
+def check_state(spec: object, state: Mapping[str, np.ndarray], form: Form | None = None,
+                source: str = "state", names: Callable[[str], str] | None = None) -> Form:
     """Validate a neutral state for a model (or, with a block spec, block-relative keys);
     returns its form. Raises CheckpointError (or ShapeMismatchError) naming the source, the
-    form and the first offending keys."""
+    form and the first offending keys, each spelled by `names` (canonical key -> the name the
+    source uses, e.g. reparam_core.keymaps.KeyNames for a file in another naming scheme;
+    default: the canonical name)."""
+    spell = names or str
     state = strip_ignored(state)
     name = spec_name(spec)
-    found = detect_form(spec, state)
+    found = detect_form(spec, state, spell, source)
     if form is None:
         form = found
     elif form != found and set(state) == set(schema_for(spec, found)):
         raise CheckpointError(f"{source}: this is a {found}-form checkpoint of {name}, "
                               f"but a {form}-form one was expected (its keys are all {found}-form keys)")
     schema = schema_for(spec, form)
-    missing = [k for k in schema if k not in state]
-    unexpected = [k for k in state if k not in schema]
+    missing = [spell(k) for k in schema if k not in state]
+    unexpected = [spell(k) for k in state if k not in schema]
     if missing or unexpected:
         parts = []
         if missing:
@@ -49,7 +52,7 @@ def check_state(spec: object, state: Mapping[str, np.ndarray],
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
         raise CheckpointError(f"{source} does not match {name} ({form} form): " + "; ".join(parts))
-    wrong = [f"{k} {tuple(np.shape(state[k]))} != {info.shape}" for k, info in schema.items()
+    wrong = [f"{spell(k)} {tuple(np.shape(state[k]))} != {info.shape}" for k, info in schema.items()
              if tuple(np.shape(state[k])) != info.shape]
     if wrong:
         raise ShapeMismatchError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for "
@@ -57,13 +60,13 @@ def check_state(spec: object, state: Mapping[str, np.ndarray],
     for k, info in schema.items():
         a = np.asarray(state[k])
         if not np.issubdtype(a.dtype, np.floating):
-            raise CheckpointError(f"{source}: {k} has dtype {a.dtype}, expected a float tensor")
+            raise CheckpointError(f"{source}: {spell(k)} has dtype {a.dtype}, expected a float tensor")
         if not np.all(np.isfinite(a)):
             bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-            raise CheckpointError(f"{source}: {k} holds {bad} NaN or Inf value(s)")
+            raise CheckpointError(f"{source}: {spell(k)} holds {bad} NaN or Inf value(s)")
         if info.kind == "bn.running_var" and np.any(a < 0):
             i = int(np.flatnonzero(a < 0)[0])
-            raise CheckpointError(f"{source}: {k} is negative at channel {i} ({float(a[i])!r}); "
+            raise CheckpointError(f"{source}: {spell(k)} is negative at channel {i} ({float(a[i])!r}); "
                                   "a variance cannot be negative")
     return form
 
