@@ -32,7 +32,7 @@ lane_pid=$!
 
 status=0
 echo "== .venv: reparam_core + torch + flax + backends + convert + bench + demo + reliability + quantize + families + graphfuse + parity matrix (Python 3.11, numpy 2)"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/torch tests/flax tests/backends \
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/core tests/cli tests/torch tests/flax tests/backends \
     tests/convert tests/bench tests/demo tests/reliability tests/quantize tests/families \
     tests/graphfuse parity_tests "$@" || status=1
 wait "$lane_pid" || status=1
