@@ -27,7 +27,7 @@ def clean_stale_temps(dst: str) -> list[str]:
     loss); returns the removed paths. Temps of live processes are left alone."""
     directory = os.path.dirname(os.path.abspath(dst))
     pattern = temp_name_pattern(dst)
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

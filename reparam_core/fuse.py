@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .nodes import (
     Description,
     PadBN,
     Pair,
+    Primitive,
     Rep,
     Scale,
     SpecLike,
@@ -293,7 +295,7 @@ def _map_rows(fn: Callable[[slice], None], n: int, step: int) -> None:
 def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
     """The dtype of the Rep's first conv weight (of its first tensor when it has no conv;
     float32 when it has no tensor at all)."""
-    schema: dict = {}
+    schema: dict[str, Any] = {}
     for node in _rep_nodes(rep):
         schema.update(node_schema(node, prefix))
     present = [k for k in schema if k in params]
@@ -304,7 +306,7 @@ def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
     return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
 
 
-def _affine(nodes: tuple, params: Params, prefix: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _affine(nodes: tuple[Primitive, ...], params: Params, prefix: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel affine map y = s x + c of a chain of BN / PadBN / Scale."""
     s, c = np.ones(n), np.zeros(n)
     every = slice(None)
@@ -312,10 +314,12 @@ def _affine(nodes: tuple, params: Params, prefix: str, n: int) -> tuple[np.ndarr
         if isinstance(node, Scale):
             w = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), every)
             s, c = s * w, c * w
-        else:
+        elif isinstance(node, (BN, PadBN)):
             gamma, beta, mean, var = _bn_rows(params, prefix, node.name, every)
             t = bn_scale(gamma, var, node.eps)
             s, c = s * t, beta + t * (c - mean)
+        else:
+            raise FusionError(f"{type(node).__name__} after the head of a branch is not a per-channel affine map")
     return s, c
 
 
@@ -491,7 +495,7 @@ def iter_deploy_state(spec: SpecLike, get: Callable[[str], np.ndarray],
     returns it. `release(key)` is called for every train tensor once no longer needed (the
     streaming converter frees memory with it); `empty` allocates the fused kernels (see
     rep_kernel_bias)."""
-    desc = in_form(spec, "train")  # type: ignore[arg-type]
+    desc = in_form(spec, "train")
     fused = fused_modules(desc)
     pending: dict[str, dict[str, np.ndarray]] = {}
     for key in schema_of(in_form(desc, "deploy")):
@@ -514,7 +518,7 @@ def iter_deploy_state(spec: SpecLike, get: Callable[[str], np.ndarray],
             del pending[module]
 
 
-def _rep_nodes(rep: Rep) -> list:
+def _rep_nodes(rep: Rep) -> list[Primitive]:
     out = [n for br in rep.branches for n in br]
     return out + ([rep.bn] if rep.bn is not None else [])
 
@@ -528,7 +532,7 @@ def reparameterize_state(spec: SpecLike, state: Params) -> dict[str, np.ndarray]
 
 def block_kernel_bias(spec: SpecLike, params: Params) -> KernelBias:
     """The fused (kernel, bias) of a block that holds exactly one Rep (block-relative keys)."""
-    desc = in_form(spec, "train")  # type: ignore[arg-type]
+    desc = in_form(spec, "train")
     found = reps(desc)
     if len(found) != 1:
         raise FusionError(f"block {getattr(desc, 'kind', desc)!r} holds {len(found)} Rep nodes; "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .errors import FusionError
 from .fuse import rep_kernel_bias
 from .fusion import KernelBias
 from .nodes import BN, AvgPool, Branch, Conv, PadBN, Pair, Primitive, Rep, Scale, pair
@@ -81,15 +82,18 @@ def fuse_branches(branches: Sequence[Sequence[Stage]], cin: int, cout: int,
         chain = []
         for j, st in enumerate(stages):
             name = f"b{i}_{j}"
-            chain.append(st.node if isinstance(st.node, AvgPool) else replace(st.node, name=name))
+            node = st.node
+            chain.append(node if isinstance(node, AvgPool) else replace(node, name=name))
             params.update({f"{name}.{k}": v for k, v in st.params.items()})
         desc.append(tuple(chain))
-    bn = None
+    bn: BN | None = None
     if post_bn is not None:
+        if not isinstance(post_bn.node, BN):
+            raise FusionError(f"the node after a sum of branches must be a BN, got {post_bn.label}")
         bn = replace(post_bn.node, name="post_bn")
         params.update({f"post_bn.{k}": v for k, v in post_bn.params.items()})
     fused = fused_geometry(desc, cin, cout)
-    rep = Rep(tuple(desc), fused, bn)  # type: ignore[arg-type]
+    rep = Rep(tuple(desc), fused, bn)
     return rep.deploy_conv, rep_kernel_bias(rep, params)
 
 

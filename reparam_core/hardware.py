@@ -3,6 +3,7 @@ elsewhere): the instruction sets that decide int8 and bf16 speed and int8 exactn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # cpuinfo flag -> the name a report prints
 FEATURES = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_vnni": "AVX-512 VNNI",
@@ -50,7 +51,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return _first_processor(cpuinfo).get("model name", "unknown")
 
 
-def cpu_info(cpuinfo: str | None = None) -> dict:
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """`{"model_name": ..., "features": {report name: bool}}` for a benchmark's JSON."""
     return {"model_name": cpu_model(cpuinfo),
             "features": {FEATURES[f]: v for f, v in cpu_features(cpuinfo).items()}}

@@ -34,7 +34,7 @@ class ImageFolder:
     files: tuple[tuple[Path, int], ...]
 
 
-def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
+def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
     """The classes and image files of `root`, sorted by name (deterministic on every machine)."""
     path = Path(root)
     if not path.is_dir():
@@ -73,7 +73,7 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     return np.ascontiguousarray(((images - m) / s).transpose(0, 3, 1, 2), np.float32)
 
 
-def read_image_folder(root: str | os.PathLike, *, limit: int | None = None,
+def read_image_folder(root: str | os.PathLike[str], *, limit: int | None = None,
                       mean: tuple[float, ...] = IMAGENET_MEAN,
                       std: tuple[float, ...] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray,
                                                                         tuple[str, ...]]:

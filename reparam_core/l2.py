@@ -34,13 +34,15 @@ def l2_terms(block: Block) -> L2Terms:
     rep = next((n for n in block.body if isinstance(n, Rep)), None)
     if rep is None:
         raise SpecError(f"{block.kind}: the custom L2 needs a re-parameterizable block")
-    dense = one = ident = None
+    dense: tuple[Conv, BN] | None = None
+    one: tuple[Conv, BN] | None = None
+    ident: BN | None = None
     for br in rep.branches:
         if len(br) == 2 and isinstance(br[0], Conv) and isinstance(br[1], BN):
             if br[0].kernel == rep.fused.kernel and dense is None:
-                dense = br
+                dense = (br[0], br[1])
             elif br[0].kernel == (1, 1):
-                one = br
+                one = (br[0], br[1])
         elif len(br) == 1 and isinstance(br[0], BN):
             ident = br[0]
     if dense is None or one is None:

@@ -18,13 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypedDict
 
 from .errors import FusionError
 
 Pair = tuple[int, int]
 ActFn = Literal["relu", "silu", "identity", "sigmoid", "hard_sigmoid"]
 Gate = Literal["sigmoid", "hard_sigmoid"]
+
+
+class Geometry(TypedDict, total=False):
+    """Conv arguments that the branches of one re-parameterizable block share."""
+
+    stride: int | Pair
+    dilation: int | Pair
+    groups: int
 
 
 def pair(v: int | tuple[int, int]) -> Pair:
@@ -45,7 +53,7 @@ def join_key(prefix: str, name: str) -> str:
 # --------------------------------------------------------------------------- primitives
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Conv:
     """2-D convolution, torch semantics: symmetric zero padding, weight OIHW, I = in / groups.
 
@@ -57,17 +65,26 @@ class Conv:
     name: str
     in_channels: int
     out_channels: int
-    kernel: Pair = (1, 1)
-    stride: Pair = (1, 1)
-    padding: Pair = (0, 0)
-    dilation: Pair = (1, 1)
-    groups: int = 1
-    bias: bool = False
-    plus_identity: bool = False
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+    bias: bool
+    plus_identity: bool
 
-    def __post_init__(self) -> None:
-        for f in ("kernel", "stride", "padding", "dilation"):
-            object.__setattr__(self, f, pair(getattr(self, f)))
+    def __init__(self, name: str, in_channels: int, out_channels: int, kernel: int | Pair = 1,
+                 stride: int | Pair = 1, padding: int | Pair = 0, dilation: int | Pair = 1,
+                 groups: int = 1, bias: bool = False, plus_identity: bool = False) -> None:
+        """Sizes given as an int mean the same on both sides; they are stored as (h, w) pairs."""
+        values = {"name": name, "in_channels": in_channels, "out_channels": out_channels,
+                  "kernel": pair(kernel), "stride": pair(stride), "padding": pair(padding),
+                  "dilation": pair(dilation), "groups": groups, "bias": bias, "plus_identity": plus_identity}
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._check()
+
+    def _check(self) -> None:
         if min(self.in_channels, self.out_channels, self.groups, *self.kernel, *self.stride,
                *self.dilation) < 1 or min(self.padding) < 0:
             raise FusionError(f"conv {self.name!r}: channels, kernel, stride, dilation and groups "
@@ -294,13 +311,13 @@ def children(node: Node | Model | Aux) -> Iterator[Node]:
         if isinstance(node, Model):
             yield from node.aux  # type: ignore[misc]
     elif isinstance(node, Rep):
-        for b in node.branches:
-            yield from b
+        for branch in node.branches:
+            yield from branch
         if node.bn is not None:
             yield node.bn
     elif isinstance(node, Add):
-        for b in node.branches:
-            yield from b
+        for path in node.branches:
+            yield from path
 
 
 def walk(node: Node | Model | Aux, prefix: str = "") -> Iterator[tuple[str, Node]]:

@@ -47,15 +47,15 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def description_to_data(desc: nodes.Description) -> dict:
+def description_to_data(desc: nodes.Description) -> dict[str, Any]:
     """A Block or Model description as JSON-able nested dicts and lists."""
     if not isinstance(desc, (nodes.Block, nodes.Model)):
         raise SpecError(f"not a block or model description: {type(desc).__name__}")
-    out: dict = _encode(desc)
+    out: dict[str, Any] = _encode(desc)
     return out
 
 
-def description_from_data(data: dict) -> nodes.Description:
+def description_from_data(data: dict[str, Any]) -> nodes.Description:
     """The description `description_to_data` wrote; SpecError (or FusionError for a Rep that is
     not one conv) naming the node at fault."""
     desc = _decode(data)

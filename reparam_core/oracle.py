@@ -6,9 +6,10 @@ per node type below. Slow but exact: conv2d is an im2col + matmul in float64.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import ShapeMismatchError
@@ -38,11 +39,12 @@ from .nodes import (
 from .schema import Form
 
 Params = Mapping[str, np.ndarray]
+F64 = npt.NDArray[np.float64]  # what every computation here holds
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+def conv2d(x: F64, w: F64, b: F64 | None = None,
            stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-           dilation: int | tuple[int, int] = 1, groups: int = 1) -> np.ndarray:
+           dilation: int | tuple[int, int] = 1, groups: int = 1) -> F64:
     """NCHW x OIHW (I = C / groups) convolution with symmetric zero padding, in float64."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
@@ -60,60 +62,69 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
                       (s0, s1 * cg, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
     wg = w.reshape(groups, o // groups, cg * kh * kw)
     cols = cols.reshape(n, groups, cg * kh * kw, ho * wo)
-    out = np.matmul(wg[None], cols).reshape(n, o, ho, wo)
+    out: F64 = np.matmul(wg[None], cols).reshape(n, o, ho, wo)
     if b is not None:
         out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1)
     return out
 
 
-def batch_norm(x: np.ndarray, p: Params, prefix: str, eps: float) -> np.ndarray:
+def batch_norm(x: F64, p: Params, prefix: str, eps: float) -> F64:
     """Inference BN: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
-    r = lambda f: np.asarray(p[join_key(prefix, f)], np.float64).reshape(1, -1, 1, 1)  # noqa: E731
-    return (x - r("running_mean")) / np.sqrt(r("running_var") + eps) * r("weight") + r("bias")
+    gamma, beta, mean, var = (_tensor(p, join_key(prefix, f)).reshape(1, -1, 1, 1)
+                              for f in ("weight", "bias", "running_mean", "running_var"))
+    y: F64 = (x - mean) / np.sqrt(var + eps) * gamma + beta
+    return y
 
 
-def bn_of_zero(p: Params, prefix: str, eps: float) -> np.ndarray:
+def bn_of_zero(p: Params, prefix: str, eps: float) -> F64:
     """BN(0) per channel: beta - mean gamma / sqrt(var + eps) (what PadBN pads with)."""
-    r = lambda f: np.asarray(p[join_key(prefix, f)], np.float64)  # noqa: E731
-    return r("bias") - r("running_mean") * r("weight") / np.sqrt(r("running_var") + eps)
+    gamma, beta, mean, var = (_tensor(p, join_key(prefix, f))
+                              for f in ("weight", "bias", "running_mean", "running_var"))
+    y: F64 = beta - mean * gamma / np.sqrt(var + eps)
+    return y
 
 
-def relu(x: np.ndarray) -> np.ndarray:
+def relu(x: F64) -> F64:
     return np.maximum(x, 0.0)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
+def silu(x: F64) -> F64:
     return x / (1.0 + np.exp(-x))
 
 
-def hard_sigmoid(x: np.ndarray) -> np.ndarray:
+def hard_sigmoid(x: F64) -> F64:
     return np.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: F64) -> F64:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-ACTIVATIONS = {"relu": relu, "silu": silu, "identity": lambda x: x, "sigmoid": sigmoid,
-               "hard_sigmoid": hard_sigmoid}
+def identity(x: F64) -> F64:
+    return x
 
 
-def avg_pool(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
+ACTIVATIONS: dict[str, Callable[[F64], F64]] = {
+    "relu": relu, "silu": silu, "identity": identity, "sigmoid": sigmoid, "hard_sigmoid": hard_sigmoid}
+
+
+def avg_pool(x: F64, k: int, stride: int, padding: int) -> F64:
     """k x k average pooling with zero padding counted (count_include_pad)."""
     c = x.shape[1]
     w = np.full((c, 1, k, k), 1.0 / (k * k))
     return conv2d(x, w, stride=stride, padding=padding, groups=c)
 
 
-def global_pool(x: np.ndarray) -> np.ndarray:
-    return x.mean(axis=(2, 3), keepdims=True)
+def global_pool(x: F64) -> F64:
+    y: F64 = x.mean(axis=(2, 3), keepdims=True)
+    return y
 
 
-def _tensor(p: Params, key: str) -> np.ndarray:
+def _tensor(p: Params, key: str) -> F64:
     return np.asarray(p[key], np.float64)
 
 
-def conv_node(x: np.ndarray, c: Conv, p: Params, prefix: str) -> np.ndarray:
+def conv_node(x: F64, c: Conv, p: Params, prefix: str) -> F64:
     """A Conv node; a plus_identity conv applies its stored weight + identity_offset."""
     key = join_key(prefix, c.name)
     w = _tensor(p, f"{key}.weight")
@@ -123,21 +134,22 @@ def conv_node(x: np.ndarray, c: Conv, p: Params, prefix: str) -> np.ndarray:
                   c.groups)
 
 
-def squeeze_excite(x: np.ndarray, se: SE, p: Params, prefix: str) -> np.ndarray:
+def squeeze_excite(x: F64, se: SE, p: Params, prefix: str) -> F64:
     """x * gate(expand(relu(reduce(mean_hw(x)))))."""
     key = join_key(prefix, se.name)
     s = relu(conv_node(global_pool(x), Conv(se.reduce, se.channels, se.hidden, bias=True), p, key))
     s = conv_node(s, Conv(se.expand, se.hidden, se.channels, bias=True), p, key)
-    return x * ACTIVATIONS[se.gate](s)
+    gate: F64 = ACTIVATIONS[se.gate](s)
+    return x * gate
 
 
-def chain(x: np.ndarray, nodes: tuple[Node, ...], p: Params, prefix: str) -> np.ndarray:
+def chain(x: F64, nodes: tuple[Node, ...], p: Params, prefix: str) -> F64:
     for n in nodes:
         x = node_forward(x, n, p, prefix)
     return x
 
 
-def node_forward(x: np.ndarray, node: Node, p: Params, prefix: str = "") -> np.ndarray:
+def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
     """One node on NCHW x (float64), its tensors at `prefix.<name>.<field>` in p."""
     if isinstance(node, Conv):
         return conv_node(x, node, p, prefix)
@@ -161,7 +173,8 @@ def node_forward(x: np.ndarray, node: Node, p: Params, prefix: str = "") -> np.n
         return squeeze_excite(x, node, p, prefix)
     if isinstance(node, Linear):
         key = join_key(prefix, node.name)
-        return x @ _tensor(p, f"{key}.weight").T + _tensor(p, f"{key}.bias")
+        logits: F64 = x @ _tensor(p, f"{key}.weight").T + _tensor(p, f"{key}.bias")
+        return logits
     if isinstance(node, GlobalPool):
         return global_pool(x)
     if isinstance(node, Flatten):
@@ -180,17 +193,17 @@ def node_forward(x: np.ndarray, node: Node, p: Params, prefix: str = "") -> np.n
     raise ShapeMismatchError(f"the oracle has no rule for {type(node).__name__}")
 
 
-def forward(spec: SpecLike, state: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def forward(spec: SpecLike, state: Params, x: F64, form: Form) -> F64:
     """Logits of the model (main head only) for an NCHW input, in float64."""
     desc = in_form(spec, form)
     return chain(np.asarray(x, np.float64), desc.body, state, "")
 
 
-def forward_with_aux(spec: SpecLike, state: Params, x: np.ndarray) -> dict[str, np.ndarray]:
+def forward_with_aux(spec: SpecLike, state: Params, x: F64) -> dict[str, F64]:
     """Train form: the main logits ("main") and every auxiliary head's, in float64."""
     desc = in_form(spec, "train")
     taps = {a.tap: a for a in desc.aux} if isinstance(desc, Model) else {}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, F64] = {}
     y = np.asarray(x, np.float64)
     for n in desc.body:
         y = node_forward(y, n, state)
@@ -200,6 +213,6 @@ def forward_with_aux(spec: SpecLike, state: Params, x: np.ndarray) -> dict[str, 
     return {"main": y, **out}
 
 
-def block_forward(spec: SpecLike, params: Params, x: np.ndarray, form: Form) -> np.ndarray:
+def block_forward(spec: SpecLike, params: Params, x: F64, form: Form) -> F64:
     """One block on NCHW x, from block-relative keys, in float64."""
     return forward(spec, params, x, form)

@@ -49,7 +49,7 @@ def _plain_conv(path: str, block: Block) -> PlainConv:
         raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu "
                            f"only ({_ONLY})")
     return PlainConv(join_key(path, c.name), c.in_channels, c.out_channels, c.kernel[0],
-                     c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)  # type: ignore[arg-type]
+                     c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)
 
 
 def plain_layers(spec: SpecLike) -> list[PlainConv]:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import ArgumentError
+
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
                       warmup: int = 1) -> dict[str, list[float]]:
@@ -18,7 +20,7 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
     each calling every callable once in turn. A callable must finish its work before returning
     (synchronise asynchronous frameworks inside it)."""
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise ArgumentError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -36,14 +38,14 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(num, den))
 
 
-def summarize(times: Mapping[str, list[float]], batch: int) -> dict[str, dict]:
+def summarize(times: Mapping[str, list[float]], batch: int) -> dict[str, dict[str, Any]]:
     """Per callable: median seconds, images/s at `batch` images per call, and every run."""
     return {k: {"median_s": statistics.median(v), "images_per_s": batch / statistics.median(v),
                 "runs_s": list(v)} for k, v in times.items()}
 
 
 def interleaved_throughput(fns: Mapping[str, Callable[[], Any]], batch: int,
-                           repeats: int) -> dict[str, dict]:
+                           repeats: int) -> dict[str, dict[str, Any]]:
     """summarize(interleaved_times(...)), plus `deploy_over_train` (the paired speed-up) when
     callables named `train` and `deploy` are timed."""
     times = interleaved_times(fns, repeats)

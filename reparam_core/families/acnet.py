@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FusionError
-from ..nodes import BN, Block, Conv, Rep
+from ..nodes import BN, Block, Conv, Geometry, Rep
 from .official_args import grouped, positive, require, train_form_only, zeros_padding
 
 
@@ -42,7 +42,7 @@ class ACBlockSpec:
     def describe(self) -> Block:
         cin, cout, k, p, eps = (self.in_channels, self.out_channels, self.kernel_size,
                                 self.padding, self.eps)
-        geo = dict(stride=self.stride, groups=self.groups)
+        geo: Geometry = {"stride": self.stride, "groups": self.groups}
         q = p - k // 2
         branches = (
             (Conv("square_conv", cin, cout, k, padding=p, **geo), BN("square_bn", cout, eps)),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FusionError
-from ..nodes import BN, Act, AvgPool, Block, Conv, PadBN, Rep
+from ..nodes import BN, Act, AvgPool, Block, Branch, Conv, PadBN, Rep
 from .official_args import activation, grouped, positive, require, train_form_only
 
 ActName = Literal["relu", "silu", "identity"]
@@ -65,7 +65,7 @@ class DiverseBranchBlockSpec:
         cin, cout, k, g, s, eps = (self.in_channels, self.out_channels, self.kernel_size,
                                    self.groups, self.stride, self.eps)
         p, mid = k // 2, self.internal
-        branches: list[tuple] = [(Conv("dbb_origin.conv", cin, cout, k, s, p, groups=g),
+        branches: list[Branch] = [(Conv("dbb_origin.conv", cin, cout, k, s, p, groups=g),
                                   BN("dbb_origin.bn", cout, eps))]
         if g < cout:
             branches.append((Conv("dbb_avg.conv", cin, cout, 1, groups=g),

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import SpecError
-from ..nodes import BN, SE, Act, Block, Conv, Flatten, GlobalPool, Linear, Model, Node, Rep, to_deploy
+from ..nodes import BN, SE, Act, Block, Branch, Conv, Flatten, Geometry, GlobalPool, Linear, Model, Node, Rep, to_deploy
 
 SE_RATIO = 0.0625  # the official SEBlock's rd_ratio: hidden = int(channels * 0.0625)
 
@@ -78,8 +78,8 @@ class MobileOneBlockSpec:
 
     def describe(self) -> Block:
         cin, cout, k, eps = self.in_channels, self.out_channels, self.kernel_size, self.eps
-        geo = dict(stride=self.stride, groups=self.groups)
-        branches: list[tuple] = []
+        geo: Geometry = {"stride": self.stride, "groups": self.groups}
+        branches: list[Branch] = []
         if self.has_skip:
             branches.append((BN("rbr_skip", cout, eps),))
         branches += [(Conv(f"rbr_conv.{i}.conv", cin, cout, k, padding=self.padding, **geo),
@@ -149,7 +149,7 @@ def mobileone_spec(name: str, widths: tuple[float, float, float, float],
     return MobileOneSpec(name, stem, tuple(stages), num_classes)
 
 
-_MOBILEONE: dict[str, dict] = {
+_MOBILEONE: dict[str, dict[str, Any]] = {
     "MobileOne-S0": dict(widths=(0.75, 1.0, 1.0, 2.0), num_conv_branches=4),
     "MobileOne-S1": dict(widths=(1.5, 1.5, 2.0, 2.5)),
     "MobileOne-S2": dict(widths=(1.5, 2.0, 2.5, 4.0)),
@@ -158,7 +158,7 @@ _MOBILEONE: dict[str, dict] = {
 }
 
 
-def _entry(name: str, kw: dict) -> Callable[[int], MobileOneSpec]:
+def _entry(name: str, kw: dict[str, Any]) -> Callable[[int], MobileOneSpec]:
     return lambda num_classes: mobileone_spec(name, num_classes=num_classes, **kw)
 
 
@@ -213,9 +213,9 @@ def official_mobileone_block(in_channels: int, out_channels: int, kernel_size: i
     SpecError for what the official class cannot build consistently: dilation other than 1
     (its train-form branches ignore it), misaligned padding, an even kernel, SE on fewer than
     16 channels, bad counts."""
-    for name, value in (("inference_mode", inference_mode), ("use_se", use_se)):
-        if not isinstance(value, bool):
-            raise SpecError(f"MobileOneBlock {name} must be a bool, got {value!r}")
+    for name, flag in (("inference_mode", inference_mode), ("use_se", use_se)):
+        if not isinstance(flag, bool):
+            raise SpecError(f"MobileOneBlock {name} must be a bool, got {flag!r}")
     for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
                         ("dilation", dilation), ("groups", groups),

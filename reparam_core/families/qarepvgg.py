@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import FusionError
-from ..nodes import BN, Act, AvgPool, Block, Conv, Node, Rep
+from ..nodes import BN, Act, AvgPool, Block, Branch, Conv, Geometry, Node, Rep
 from .official_args import activation, repvgg_geometry, require
 from .repvgg import RepVGGSpec, StageSpec
 
@@ -62,8 +62,8 @@ class QARepBlockSpec:
 
     def describe(self) -> Block:
         cin, cout = self.in_channels, self.out_channels
-        geo = dict(stride=self.stride, groups=self.groups)
-        branches: list[tuple] = [
+        geo: Geometry = {"stride": self.stride, "groups": self.groups}
+        branches: list[Branch] = [
             (Conv("rbr_dense.conv", cin, cout, 3, padding=1, **geo), BN("rbr_dense.bn", cout, self.eps)),
             (Conv("rbr_1x1", cin, cout, 1, **geo),)]
         if self.has_identity:
@@ -92,7 +92,7 @@ def qarepvgg_spec(name: str, num_blocks: tuple[int, ...], widths: tuple[float, .
     return RepVGGSpec(name, stem, tuple(stages), num_classes)
 
 
-_QAREPVGG: dict[str, dict] = {
+_QAREPVGG: dict[str, dict[str, Any]] = {
     "QARepVGG-A0": dict(num_blocks=(2, 4, 14, 1), widths=(0.75, 0.75, 0.75, 2.5)),
     "QARepVGG-B0": dict(num_blocks=(4, 6, 16, 1), widths=(1, 1, 1, 2.5)),
     # Not an official model: RepVGG-mini's layout with QARepVGG blocks (the quantize demo).
@@ -100,7 +100,7 @@ _QAREPVGG: dict[str, dict] = {
 }
 
 
-def _entry(name: str, kw: dict) -> Callable[[int], RepVGGSpec]:
+def _entry(name: str, kw: dict[str, Any]) -> Callable[[int], RepVGGSpec]:
     return lambda num_classes: qarepvgg_spec(name, num_classes=num_classes, **kw)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ..nodes import BN, SE, Act, Add, Block, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
+from ..nodes import BN, SE, Act, Add, Block, Branch, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
 from .official_args import positive, require, train_form_only
 
 
@@ -39,7 +39,7 @@ class RepGhostModuleSpec:
     def describe(self) -> Block:
         c, dw = self.out_channels, self.dw_size
         act = Act("relu" if self.relu else "identity")
-        branches: list[tuple] = [(Conv("cheap_operation.0", c, c, dw, padding=dw // 2, groups=c),
+        branches: list[Branch] = [(Conv("cheap_operation.0", c, c, dw, padding=dw // 2, groups=c),
                                   BN("cheap_operation.1", c, self.eps))]
         if self.reparam_bn:
             branches.append((BN("fusion_bn.0", c, self.eps),))

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 from ..errors import FusionError
 from ..fusion import branch_padding
-from ..nodes import BN, SE, Act, Aux, Block, Conv, Flatten, GlobalPool, Linear, Model, Node, Rep
+from ..nodes import BN, SE, Act, Aux, Block, Branch, Conv, Flatten, Geometry, GlobalPool, Linear, Model, Node, Rep
 from .official_args import activation, grouped, positive, repvgg_geometry, require, train_form_only
 
 ActName = Literal["relu", "silu", "identity"]
@@ -89,8 +89,8 @@ class RepBlockSpec:
     def describe(self) -> Block:
         conv, bn = ("0", "1") if self.naming == "repconv" else ("conv", "bn")
         cin, cout, k = self.in_channels, self.out_channels, self.kernel_size
-        geo = dict(stride=self.stride, dilation=self.dilation, groups=self.groups)
-        branches = [
+        geo: Geometry = {"stride": self.stride, "dilation": self.dilation, "groups": self.groups}
+        branches: list[Branch] = [
             (Conv(f"rbr_dense.{conv}", cin, cout, k, padding=self.padding, bias=self.conv_bias,
                   **geo), BN(f"rbr_dense.{bn}", cout, self.eps)),
             (Conv(f"rbr_1x1.{conv}", cin, cout, 1, padding=self.padding_1x1,
@@ -120,9 +120,14 @@ def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stri
 class VGGBlock(Protocol):
     """What a RepVGG-style model needs of its blocks (RepBlockSpec, QARepVGG's block spec)."""
 
-    in_channels: int
-    out_channels: int
-    eps: float
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def out_channels(self) -> int: ...
+
+    @property
+    def eps(self) -> float: ...
 
     def describe(self) -> Block: ...
 
@@ -222,7 +227,7 @@ def repvgg_spec(name: str, num_blocks: tuple[int, ...], widths: tuple[float, ...
 
 _A = (2, 4, 14, 1)
 _B = (4, 6, 16, 1)
-_REPVGG: dict[str, dict] = {
+_REPVGG: dict[str, dict[str, Any]] = {
     "RepVGG-A0": dict(num_blocks=_A, widths=(0.75, 0.75, 0.75, 2.5)),
     "RepVGG-A1": dict(num_blocks=_A, widths=(1, 1, 1, 2.5)),
     "RepVGG-A2": dict(num_blocks=_A, widths=(1.5, 1.5, 1.5, 2.75)),
@@ -244,7 +249,7 @@ _REPVGG: dict[str, dict] = {
 }
 
 
-def _entry(name: str, kw: dict) -> Callable[[int], RepVGGSpec]:
+def _entry(name: str, kw: dict[str, Any]) -> Callable[[int], RepVGGSpec]:
     return lambda num_classes: repvgg_spec(name, num_classes=num_classes, **kw)
 
 
