@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import SpecError
+from .errors import ArgumentError
 from .nodes import SE, Add, AvgPool, Block, Conv, GlobalPool, Linear, Node, PadBN, Rep, SpecLike, in_form
 from .schema import Form, schema_for
 
@@ -80,10 +80,10 @@ def chain_macs(nodes: tuple[Node, ...], shape: Shape) -> tuple[int, Shape]:
 
 def count_macs(spec: SpecLike, form: Form, size: int = 224) -> int:
     """Multiply-accumulates of the main path (auxiliary heads excluded) at a size x size RGB
-    input (BN, activations, pooling and identity branches count as zero). SpecError for a size
-    below 1."""
+    input (BN, activations, pooling and identity branches count as zero). ArgumentError for a
+    size below 1."""
     if size < 1:
-        raise SpecError(f"input size must be >= 1, got {size}")
+        raise ArgumentError(f"input size must be >= 1, got {size}")
     return chain_macs(in_form(spec, form).body, (3, size, size))[0]
 
 

@@ -37,6 +37,11 @@ class UnsafeFileError(CheckpointError):
     """A file that asks to run code or import objects when it is loaded."""
 
 
+class ArgumentError(ReparamError, ValueError):
+    """A parameter value that is not allowed (a count below 1, an unknown choice) outside any
+    spec or file."""
+
+
 class VerificationError(ReparamError):
     """A check that ran and failed: two outputs that should agree do not (the CLI exits 1 for
     it; every other ReparamError is bad input and exits 2)."""

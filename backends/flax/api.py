@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reparam_core import ReparamError
+from reparam_core import ReparamError, ShapeMismatchError
 from reparam_core.nodes import Model
 
 from .blocks import RepModule
@@ -18,14 +18,13 @@ def _rep_module(module: object) -> RepModule:
     return module
 
 
-def reparameterize(module: RepModule, *, inplace: bool = False) -> RepModule:
+def reparameterize(module: RepModule) -> RepModule:
     """The deploy form of a block or model (the same module if already deploy form).
 
     The deploy form is always a NEW module built abstractly and filled with fresh arrays, so the
-    input is never modified with either value of `inplace` (NNX arrays are immutable; nothing is
-    shared that a later update of one module could change in the other). `inplace` is accepted
-    for the common backend surface; with `inplace=True` drop the train-form reference yourself
-    to free its memory."""
+    input is never modified (NNX arrays are immutable; nothing is shared that a later update of
+    one module could change in the other); drop the train-form reference yourself to free its
+    memory."""
     return _rep_module(module).reparameterize()
 
 
@@ -63,7 +62,7 @@ def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     module = _rep_module(module)
     x = np.asarray(x, np.float32)
     if x.ndim != 4:
-        raise ReparamError(f"predict expects an NCHW input, got shape {x.shape}")
+        raise ShapeMismatchError(f"predict expects an NCHW input, got shape {x.shape}")
     y = _forward_nhwc(inference_view(module), jnp.transpose(jnp.asarray(x), (0, 2, 3, 1)))
     if is_block(module):
         y = jnp.transpose(y, (0, 3, 1, 2))

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from reparam_core import SpecError, check_state, describe, get_spec, strip_ignored
+from reparam_core import ShapeMismatchError, SpecError, check_state, describe, get_spec, strip_ignored
 from reparam_core.checkpoints import to_neutral
 from reparam_core.nodes import Model
 
@@ -34,13 +34,11 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False) ->
     return model_from_spec(get_spec(name, num_classes), deploy=deploy)
 
 
-def reparameterize(module: RepModule, *, inplace: bool = False) -> RepModule:
+def reparameterize(module: RepModule) -> RepModule:
     """The deploy form of a model or block (the object itself if already deploy).
 
     MegEngine conversion always builds a NEW deploy module (the fused state loaded with one
-    `load_state_dict`, which copies) and never mutates the input, so `inplace=True` behaves
-    exactly like `inplace=False`; it is accepted for API parity with the other backends."""
-    del inplace
+    `load_state_dict`, which copies) and never mutates the input."""
     return module.reparameterize()
 
 
@@ -72,7 +70,7 @@ def predict(module: M.Module, x: np.ndarray, *, fastrun: bool = False) -> np.nda
     float rounding."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 4:
-        raise ValueError(f"predict expects an NCHW array, got shape {x.shape}")
+        raise ShapeMismatchError(f"predict expects an NCHW input, got shape {x.shape}")
     was_training = module.training
     module.eval()
     try:

@@ -49,10 +49,12 @@ class MgeWorker:
     def request(self, **req: Any) -> dict:
         if self._proc.poll() is not None:
             raise errors.BackendUnavailableError(f"MegEngine worker has exited: {self._log_tail()}")
-        assert self._proc.stdin and self._proc.stdout
-        self._proc.stdin.write(json.dumps(req) + "\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        if stdin is None or stdout is None:  # never: Popen above made both pipes
+            raise errors.BackendUnavailableError("MegEngine worker has no stdin/stdout pipe")
+        stdin.write(json.dumps(req) + "\n")
+        stdin.flush()
+        line = stdout.readline()
         if not line:
             raise errors.BackendUnavailableError(f"MegEngine worker died: {self._log_tail()}")
         reply = json.loads(line)
@@ -79,7 +81,7 @@ class MgeWorker:
     @staticmethod
     def _target(model: str | None, block: BlockSpec | None, num_classes: int) -> dict:
         if (model is None) == (block is None):
-            raise ValueError("give exactly one of model= and block=")
+            raise errors.ArgumentError("give exactly one of model= and block=")
         return {"model": model, "num_classes": num_classes,
                 "block": block_spec_to_dict(block) if block is not None else None}
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reparam_core import ReparamError, check_state
+from reparam_core import ReparamError, ShapeMismatchError, check_state
 
 from .blocks import RepModule, numpy_state
 
@@ -18,13 +18,12 @@ def _rep_module(module: nn.Module) -> RepModule:
     return module
 
 
-def reparameterize(module: RepModule, *, inplace: bool = False) -> RepModule:
+def reparameterize(module: RepModule) -> RepModule:
     """The deploy form of a block or model (the same module if already deploy form).
 
     Conversion always builds a NEW module (a module's form is fixed at construction) whose
-    tensors are copies, and never modifies the input, so `inplace=True` behaves exactly like
-    `inplace=False`; it is accepted for the common backend surface (drop the train-form
-    reference yourself to free its memory)."""
+    tensors are copies, and never modifies the input (drop the train-form reference yourself to
+    free its memory)."""
     return _rep_module(module).reparameterize()
 
 
@@ -55,6 +54,8 @@ def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     returns numpy (NCHW for blocks, (N, classes) logits for models). The module's train/eval
     mode is restored afterwards."""
     module = _rep_module(module)
+    if np.ndim(x) != 4:
+        raise ShapeMismatchError(f"predict expects an NCHW input, got shape {np.shape(x)}")
     ref = next(module.parameters())
     was_training = module.training
     module.eval()

@@ -30,7 +30,6 @@ def test_reparameterize_deploy_is_a_no_op(name, model):
     assert d.deploy and d is not m and m.deploy is False
     before = be.export_state(d)
     assert be.reparameterize(d) is d
-    assert be.reparameterize(d, inplace=True) is d
     assert d.reparameterize() is d
     after = be.export_state(d)
     assert before.keys() == after.keys()

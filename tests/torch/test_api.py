@@ -30,11 +30,11 @@ def test_reparameterize_leaves_the_input_untouched() -> None:
     assert bt.reparameterize(deploy) is deploy and deploy.reparameterize() is deploy
 
 
-def test_reparameterize_inplace_and_modes() -> None:
+def test_reparameterize_modes() -> None:
     model = _mini().eval()
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     expected = bt.predict(model, x)
-    deploy = bt.reparameterize(model, inplace=True)
+    deploy = bt.reparameterize(model)
     assert not deploy.training
     np.testing.assert_allclose(bt.predict(deploy, x), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     block = bt.build_block(RepBlockSpec(4, 4)).train()
