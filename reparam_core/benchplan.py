@@ -76,7 +76,7 @@ class FastPath:
 class Bench(Protocol):
     name: str
 
-    def setup(self, threads: int | None) -> dict: ...          # versions, threads in use
+    def setup(self, threads: int | None) -> dict[str, Any]: ...          # versions, threads in use
     def matmul_gflops(self, n: int, repeats: int) -> float: ...
     def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> Any: ...
     def reparameterize(self, module: Any) -> Any: ...
@@ -103,7 +103,8 @@ class BackendBench:
         return copy.deepcopy(module)
 
     def export_state(self, module: Any) -> dict[str, np.ndarray]:
-        return self.api.export_state(module)
+        state: dict[str, np.ndarray] = self.api.export_state(module)
+        return state
 
 
 def gemm_gflops(fn: Fn, n: int, repeats: int) -> float:
@@ -138,13 +139,13 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def memory_probe(bench: Bench, model: str, form: str, config: BenchConfig) -> dict:
+def memory_probe(bench: Bench, model: str, form: str, config: BenchConfig) -> dict[str, Any]:
     """Peak resident memory of building `form` of `model`, loading its weights and running one
     batch, in MiB above the process's resident size before (framework imported, input made)."""
     bench.setup(config.threads)
     spec = get_spec(model)
     x = bench_input(config)
-    state = random_state(spec, "deploy" if form == "plain" else form, config.seed)
+    state = random_state(spec, "train" if form == "train" else "deploy", config.seed)
     reset_peak_rss()
     base = _status_kib("VmRSS")
     bench.predict(bench.build(model, form, state), x)
@@ -152,7 +153,7 @@ def memory_probe(bench: Bench, model: str, form: str, config: BenchConfig) -> di
     return {"baseline_mib": base / 1024, "peak_mib": peak / 1024, "delta_mib": (peak - base) / 1024}
 
 
-def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> dict:
+def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> dict[str, Any]:
     """memory_probe in a fresh `python -m module` so that no other form's memory is counted."""
     req = json.dumps({"model": model, "form": form, "config": asdict(config)})
     proc = subprocess.run([sys.executable, "-m", module, "--memory", req], capture_output=True,
@@ -160,12 +161,13 @@ def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> 
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    probe: dict[str, Any] = json.loads(lines[-1])
+    return probe
 
 
 # --------------------------------------------------------------------------- the plan
 
-def conversion(bench: Bench, train: Any, repeats: int) -> dict:
+def conversion(bench: Bench, train: Any, repeats: int) -> dict[str, Any]:
     """`reparameterize` vs `copy.deepcopy` of the same train-form model, in paired rounds."""
     times = interleaved_times({"reparameterize": lambda: bench.reparameterize(train),
                                "deepcopy": lambda: bench.deepcopy(train)}, repeats)
@@ -175,7 +177,7 @@ def conversion(bench: Bench, train: Any, repeats: int) -> dict:
 
 
 def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
-                stage: Callable[[str], None]) -> dict:
+                stage: Callable[[str], None]) -> dict[str, Any]:
     spec = get_spec(model)
     out: dict[str, Any] = {"params": {f: count_params(spec, f) for f in ("train", "deploy")},
                            "macs": {f: count_macs(spec, f, config.size) for f in ("train", "deploy")}}
@@ -210,7 +212,7 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
     stage(f"{model}: timing {len(fns)} forms x {config.repeats} rounds")
     times = interleaved_times(fns, config.repeats)
     out["forms"] = summarize(times, config.batch)
-    ratios = {"deploy_over_train": paired_ratio(times["train"], times["deploy"])}
+    ratios: dict[str, Any] = {"deploy_over_train": paired_ratio(times["train"], times["deploy"])}
     if "plain" in times:
         ratios["deploy_over_plain"] = paired_ratio(times["plain"], times["deploy"])
     deploy_fast = {k: paired_ratio(times["deploy"], times[k]) for k in fast if k.startswith("deploy/")}
@@ -232,7 +234,7 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
     return out
 
 
-def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dict], None]) -> dict:
+def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Every model of config through bench_model; returns the backend's whole result."""
     t0 = time.perf_counter()
     total = len(config.models) * (2 if config.conversion_only else 4) + 1
@@ -280,7 +282,7 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     args = parser.parse_args(argv)
     proto = _open_protocol()
 
-    def emit(obj: dict) -> None:
+    def emit(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
@@ -294,14 +296,14 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     return 0
 
 
-def run_child(cmd: Sequence[str], cwd: str | os.PathLike, name: str,
-              on_stage: Callable[[str], None]) -> dict:
+def run_child(cmd: Sequence[str], cwd: str | os.PathLike[str], name: str,
+              on_stage: Callable[[str], None]) -> dict[str, Any]:
     """The parent's end of the protocol: run `cmd` (a backend's `python -m ... CONFIG_JSON`) in
     `cwd`, pass each stage name to `on_stage` and return the result; BackendUnavailableError with
     the last lines of the child's stderr when it fails."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
-        result: dict | None = None
+        result: dict[str, Any] | None = None
         for line in proc.stdout or ():
             event = json.loads(line)
             if event["event"] == "stage":

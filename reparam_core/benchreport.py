@@ -16,7 +16,7 @@ from reparam_core.benchplan import GEMM_N
 from reparam_core.hardware import cpu_info
 
 
-def new_report(config: dict) -> dict[str, Any]:
+def new_report(config: dict[str, Any]) -> dict[str, Any]:
     """An empty report for `config` (a BenchConfig as a dict): today's date and this machine."""
     return {"date": datetime.date.today().isoformat(), "config": config,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -24,7 +24,7 @@ def new_report(config: dict) -> dict[str, Any]:
             "backends": {}, "unavailable": {}}
 
 
-def add_peak(report: dict) -> None:
+def add_peak(report: dict[str, Any]) -> None:
     """The machine's float32 peak as the best GEMM rate of any backend in this run
     (`best_gemm_gflops`, `best_gemm_backend`) and, per backend, model and form, the
     conv-equivalent GFLOP/s as a fraction of it (`of_best_gemm`)."""
@@ -51,7 +51,7 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"x{v:.2f}"
 
 
-def headline_table(report: dict) -> str:
+def headline_table(report: dict[str, Any]) -> str:
     """One row per backend and model: the ratios first, absolute figures after."""
     rows = [["backend", "model", "deploy/train", "deploy/plain", "best fast path", "x eager",
              "conv-equiv GFLOP/s", "of best GEMM", "int8/ORT fp32", "convert/copy", "convert s",
@@ -79,7 +79,7 @@ def headline_table(report: dict) -> str:
     return _table(rows)
 
 
-def forms_table(report: dict) -> str:
+def forms_table(report: dict[str, Any]) -> str:
     """Every timed form: its precision, images/s, ms per batch, conv-equivalent GFLOP/s, its
     fraction of the best GEMM rate of the run, the one-off compile/trace/profiling time of fast
     paths, and for reduced precision the top-1 agreement with the float32 deploy form."""
@@ -98,7 +98,7 @@ def forms_table(report: dict) -> str:
     return _table(rows)
 
 
-def footnote(report: dict) -> str:
+def footnote(report: dict[str, Any]) -> str:
     """What the figures mean, with this run's GEMM rates and CPU (a report with a peak)."""
     mm = ", ".join(f"{b} {r['gemm_gflops']:.0f}" for b, r in report["backends"].items())
     feats = [k for k, v in report["machine"]["cpu"]["features"].items() if v]
@@ -112,7 +112,7 @@ def footnote(report: dict) -> str:
             "graph (int8 is fast only with VNNI or AMX).")
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict[str, Any]) -> str:
     """The headline table, every timed form (unless conversion only) and the footnote."""
     parts = [headline_table(report)]
     if not report["config"]["conversion_only"]:
@@ -122,7 +122,7 @@ def format_report(report: dict) -> str:
 
 # --------------------------------------------------------------------------- chart
 
-def plot(report: dict, path: str | os.PathLike) -> None:
+def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Grouped bars: images/s per backend (groups) and form (bars), one panel per model."""
     import matplotlib
     matplotlib.use("Agg")

@@ -13,6 +13,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from reparam_core import ReparamError, get_spec
 from reparam_core.benchplan import BenchConfig, run_child, stage_count
@@ -38,7 +39,7 @@ def backend_python(backend: str) -> Path:
     return Path(sys.executable)
 
 
-def run_backend(backend: str, config: BenchConfig, bar: Progress) -> dict:
+def run_backend(backend: str, config: BenchConfig, bar: Progress) -> dict[str, Any]:
     """Run one backend's plan in its own process; its stage events advance the bar."""
     cmd = [str(backend_python(backend)), "-m", f"backends.{backend}.bench", json.dumps(asdict(config))]
     return run_child(cmd, ROOT, backend, lambda name: bar.stage(f"{backend}: {name}"))
