@@ -5,7 +5,9 @@ measurements that say where it loses the signal.
 quantizes weights per output channel (default) or per tensor, activations per tensor, both int8.
 `layer_reports` runs the float32 and the int8 graph on the same inputs and gives, for every conv
 (and gemm) of the int8 graph, the SQNR of its output against the float32 output of the same
-tensor, its float32 weight range and its calibrated activation range.
+tensor, its float32 weight range and its calibrated activation range. `measure_int8` puts it
+together: the int8 graph against the float32 graph on labelled (or unlabelled) images, whole model
+and per layer.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,7 +29,7 @@ METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 _QUANTIZED_SUFFIX = "_quantized"
 
 
-def onnx_input_name(path: str | os.PathLike) -> str:
+def onnx_input_name(path: str | os.PathLike[str]) -> str:
     """The name of the graph's (first) input."""
     import onnx
 
@@ -39,7 +41,7 @@ def _batches(name: str, x: np.ndarray, batch: int) -> Iterator[dict[str, np.ndar
         yield {name: np.ascontiguousarray(x[i:i + batch], np.float32)}
 
 
-def quantize_qdq(src: str | os.PathLike, calib: np.ndarray, *, method: Method = "minmax",
+def quantize_qdq(src: str | os.PathLike[str], calib: np.ndarray, *, method: Method = "minmax",
                  per_channel: bool = True, reduce_range: bool = False, batch: int = 16) -> bytes:
     """The bytes of `src` quantized to int8 in QDQ format (QuantizeLinear/DequantizeLinear
     around every conv and gemm), activation ranges calibrated on `calib` (N, C, H, W).
@@ -92,7 +94,7 @@ def quantize_qdq(src: str | os.PathLike, calib: np.ndarray, *, method: Method = 
         root.setLevel(level)
 
 
-def ort_session(model: str | os.PathLike | bytes, *, optimize: bool = True,
+def ort_session(model: str | os.PathLike[str] | bytes, *, optimize: bool = True,
                 threads: int | None = None) -> object:
     """An ONNX Runtime CPU session for a graph (a path or its bytes); `threads` sets the
     intra-op thread count (default: ONNX Runtime's, one per physical core)."""
@@ -108,7 +110,7 @@ def ort_session(model: str | os.PathLike | bytes, *, optimize: bool = True,
                                 providers=["CPUExecutionProvider"])
 
 
-def run_onnx(model: str | os.PathLike | bytes, x: np.ndarray, outputs: list[str] | None = None,
+def run_onnx(model: str | os.PathLike[str] | bytes, x: np.ndarray, outputs: list[str] | None = None,
              batch: int = 64, optimize: bool = True) -> list[np.ndarray]:
     """Run an ONNX graph (a path or its bytes) on NCHW `x` in batches; the named `outputs`
     (default: the graph's outputs), each concatenated over the batches.
@@ -136,7 +138,7 @@ class LayerReport:
     activation_min: float
     activation_max: float
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -171,7 +173,7 @@ def _weighted_layers(int8: object) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def layer_reports(fp32: str | os.PathLike, int8_bytes: bytes, x: np.ndarray,
+def layer_reports(fp32: str | os.PathLike[str], int8_bytes: bytes, x: np.ndarray,
                   calib: np.ndarray) -> list[LayerReport]:
     """Per conv/gemm of the int8 graph, in graph order: SQNR (dB) of its output on `x` against
     the float32 graph's same tensor, the float32 weight range, and the activation range the
@@ -208,5 +210,37 @@ def layer_reports(fp32: str | os.PathLike, int8_bytes: bytes, x: np.ndarray,
     return out
 
 
+def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """`got` (N, classes) against `ref` (float32 logits of the same inputs): the fraction of
+    inputs whose top-1 class agrees, the SQNR of `got` in dB, and with `labels` the top-1
+    accuracy of `got` (None without)."""
+    pred = got.argmax(1)
+    return {"agreement": float((ref.argmax(1) == pred).mean()), "logits_sqnr_db": sqnr_db(ref, got),
+            "top1": None if labels is None else float((pred == labels).mean())}
+
+
+def measure_int8(fp32: str | os.PathLike[str], y32: np.ndarray, int8: bytes, x: np.ndarray,
+                 labels: np.ndarray | None, calib: np.ndarray) -> dict[str, Any]:
+    """The int8 graph against the float32 graph `fp32`, whose logits on the NCHW images `x` are
+    `y32` (`run_onnx(fp32, x)`), on the same images (`labels` for top-1):
+    `fp32_top1`, `int8_top1` (None without labels), `agreement` and `logits_sqnr_db` with ONNX
+    Runtime's fused int8 kernels, the same two for the QDQ math (`run_onnx(optimize=False)`),
+    `bytes` of both graphs, the int8 graph's `ops` (op type -> count) and per conv/gemm `layers`
+    (layer_reports on the first 256 images, activation ranges on `calib`)."""
+    import onnx
+
+    fused = compare_logits(y32, run_onnx(int8, x)[0], labels)
+    qdq = compare_logits(y32, run_onnx(int8, x, optimize=False)[0])
+    ops: dict[str, int] = {}
+    for node in onnx.load_from_string(int8).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"fp32_top1": None if labels is None else float((y32.argmax(1) == labels).mean()),
+            "int8_top1": fused["top1"], "agreement": fused["agreement"],
+            "logits_sqnr_db": fused["logits_sqnr_db"], "logits_sqnr_db_qdq_math": qdq["logits_sqnr_db"],
+            "agreement_qdq_math": qdq["agreement"],
+            "bytes": {"fp32": os.path.getsize(fp32), "int8": len(int8)}, "ops": ops,
+            "layers": [lr.as_dict() for lr in layer_reports(fp32, int8, x[:256], calib)]}
+
+
 __all__ = ["METHODS", "Method", "quantize_qdq", "ort_session", "run_onnx", "LayerReport", "layer_reports",
-           "onnx_input_name"]
+           "onnx_input_name", "compare_logits", "measure_int8"]
