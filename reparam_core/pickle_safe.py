@@ -31,6 +31,7 @@ import pickle
 import pickletools
 import re
 from collections.abc import Callable
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -350,8 +351,6 @@ def safe_loads(data: bytes, source: str = "<bytes>",
         raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None
 
-
-from struct import error as struct_error  # noqa: E402
 
 __all__ = ["SafeUnpickler", "safe_loads", "prescan", "default_budget", "rebuild_tensor", "TorchStorageType",
            "TORCH_STORAGE_DTYPES", "TORCH_DTYPE_STORAGES"]

@@ -10,7 +10,7 @@ by tensor straight into its array (no second copy of the file in memory).
 
 The writer sorts keys, so the same state always gives the same bytes; `plan` computes the header
 and the offsets from (key, dtype, shape) alone, so a caller can write tensors one at a time
-(`write_tensor_at`) without holding them all (see scripts/convert.py).
+(`write_tensor_at`) without holding them all (see reparam_core.formats.write).
 """
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def megengine_timing(model: str, state: State, x: np.ndarray, artifact: Path,
 def write_checkpoints(spec, states: Mapping[str, State], ckpt_dir: Path) -> dict[str, dict]:
     """Every format x form, each written atomically and read back (bit-exact check)."""
     from reparam_core.atomic import atomic_write
-    from scripts.convert import encode, load_neutral
+    from reparam_core.formats import encode, load_neutral
 
     ext = {"torch": ".pth", "megengine": ".pkl", "flax": ".msgpack", "safetensors": ".safetensors"}
     out: dict[str, dict] = {}

@@ -25,11 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from reparam_core import ReparamError, get_spec
-from reparam_core import checkpoints as ckpt
 from reparam_core.atomic import atomic_write
+from reparam_core.formats import infer_num_classes, read_raw, to_neutral
 from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
-
-from .convert import _infer_num_classes, read_any
 
 
 @lru_cache(maxsize=1)
@@ -75,9 +73,9 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
         raise ReparamError(f"--reduce-range must be auto, on or off, got {reduce_range!r}")
     seven_bit = reduce_range == "on" or (reduce_range == "auto" and not has_int8_dot())
     spec = get_spec(model)
-    raw, fmt = read_any(src)
-    spec = get_spec(model, _infer_num_classes(raw, fmt, spec))
-    state, form, _ = ckpt.to_neutral(raw, spec, fmt, None, source=src)
+    raw, fmt = read_raw(src)
+    spec = get_spec(model, infer_num_classes(raw, fmt, spec))
+    state, form, _ = to_neutral(raw, spec, fmt, None, source=src)
     x_cal, _ = load_images(calib, "train", samples, mean, std)
     if eval_source is not None:
         x_eval, y_eval = load_images(eval_source, "test", None, mean, std)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from reparam_core import ShapeMismatchError, SpecError, check_state, describe, get_spec, strip_ignored
-from reparam_core.checkpoints import to_neutral
+from reparam_core.formats import to_neutral
 from reparam_core.nodes import Model
 
 from .blocks import M, RepModule, block_class, mge, neutral_state, write_state

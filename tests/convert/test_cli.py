@@ -9,7 +9,11 @@ import sys
 import numpy as np
 import pytest
 
+from backends.dispatch import predict_in
+from reparam_core import convert as pipeline
 from reparam_core import get_spec, random_state, safetensors_io
+from reparam_core.convert import convert
+from reparam_core.formats import encode, load_neutral, read_raw
 from scripts import convert as cv
 
 
@@ -84,8 +88,8 @@ def test_negative_variance(tmp_path, capsys, mini_train):
 
 @pytest.mark.parametrize("ext", ["safetensors", "pkl", "pth"])
 def test_truncated(tmp_path, capsys, mini_spec, mini_train, ext):
-    data = cv.encode(mini_spec, mini_train, "train", {"safetensors": "safetensors", "pkl": "megengine",
-                                                       "pth": "torch"}[ext])
+    data = encode(mini_spec, mini_train, "train", {"safetensors": "safetensors", "pkl": "megengine",
+                                                    "pth": "torch"}[ext])
     src = tmp_path / f"a.{ext}"
     src.write_bytes(data[: len(data) * 2 // 3])
     fails(tmp_path, capsys, [src, "--model", "RepVGG-mini"], str(src))
@@ -143,20 +147,21 @@ def test_existing_destination_kept(tmp_path, capsys, mini_train):
 
 def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    real = cv.reparameterize_state
+    real = pipeline.reparameterize_state
 
     def broken(spec, state):
         out = real(spec, state)
         out["linear.bias"] = out["linear.bias"] + 1.0
         return out
-    monkeypatch.setattr(cv, "reparameterize_state", broken)
+    monkeypatch.setattr(pipeline, "reparameterize_state", broken)
     fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-deploy", "--verify"],
           "verification failed", code=1)
 
 
 def test_verify_ok_and_report(tmp_path, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    report = cv.convert(src, tmp_path / "d.safetensors", "RepVGG-mini", to_deploy=True, verify=True)
+    report = convert(src, tmp_path / "d.safetensors", "RepVGG-mini", to_deploy=True, verify=True,
+                     predict=predict_in)
     assert (report["from_form"], report["to_form"], report["to_format"]) == ("train", "deploy",
                                                                             "safetensors")
     assert report["verify"]["max_rel_err"] <= 1e-4
@@ -190,15 +195,13 @@ def test_to_scheme_writes_foreign_names_and_reads_back(tmp_path, mini_spec, mini
                                                        fmt, first):
     """canonical -> foreign names on disk (the names another library loads) -> canonical again,
     values unchanged."""
-    from reparam_core import checkpoints as ck
-
     src = save(tmp_path / "a.safetensors", mini_train)
     dst = tmp_path / f"out.{fmt}"
     assert cv.main([src, str(dst), "--model", "RepVGG-mini", "--to-scheme", scheme, "-q"]) == 0
-    raw, _ = ck.read_raw(str(dst), {"pth": "torch", "pkl": "megengine"}.get(fmt, fmt))
+    raw, _ = read_raw(str(dst), {"pth": "torch", "pkl": "megengine"}.get(fmt, fmt))
     keys = list(raw)
     assert first in keys and "linear.weight" not in keys and "head.fc.weight" in keys
     assert len(keys) == len(mini_train)
-    back, form, _, found = cv.load_neutral(str(dst), mini_spec)
+    back, form, _, found = load_neutral(str(dst), mini_spec)
     assert form == "train" and found in (scheme, "timm", "mmpretrain")  # basecls == timm here
     assert all(np.array_equal(back[k], mini_train[k]) for k in mini_train)

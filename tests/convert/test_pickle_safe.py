@@ -10,8 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from reparam_core import checkpoints as ck
 from reparam_core.errors import CheckpointError, UnsafeFileError
+from reparam_core.formats import read_raw
 from reparam_core.pickle_safe import rebuild_tensor, safe_loads
 
 
@@ -58,7 +58,7 @@ def test_malicious_file_via_reader(tmp_path):
     path = tmp_path / "model.pkl"
     path.write_bytes(pickle.dumps({"stage0.x": _RunsCode(str(marker))}, protocol=4))
     with pytest.raises(UnsafeFileError, match=r"system from .*model\.pkl"):
-        ck.read_raw(path)
+        read_raw(path)
     assert not marker.exists()
 
 
@@ -69,7 +69,7 @@ def test_malicious_torch_zip(tmp_path):
         zf.writestr("archive/data.pkl", pickle.dumps(_RunsCode(str(marker)), protocol=2))
         zf.writestr("archive/byteorder", b"little")
     with pytest.raises(UnsafeFileError, match=r"refusing to load .*system"):
-        ck.read_raw(path)
+        read_raw(path)
     assert not marker.exists()
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from reparam_core import get_spec, oracle, random_state
-from scripts import convert as cv
+from reparam_core.convert import convert, verify_input
+from reparam_core.formats import encode, load_neutral
 
 CHAIN = [("m.pkl", "megengine"), ("m.msgpack", "flax"), ("m.safetensors", "safetensors"),
          ("back.pth", "torch")]
@@ -19,13 +20,13 @@ def test_chain_bit_exact(tmp_path, model):
     spec = get_spec(model, num_classes=10)
     state = random_state(spec, "train", seed=5)
     src = tmp_path / "m.pth"
-    src.write_bytes(cv.encode(spec, state, "train", "torch"))
+    src.write_bytes(encode(spec, state, "train", "torch"))
     for name, fmt in CHAIN:
-        report = cv.convert(src, tmp_path / name, model)
+        report = convert(src, tmp_path / name, model)
         assert (report["from_form"], report["to_form"], report["to_format"]) == ("train", "train", fmt)
         prev, src = src, tmp_path / name
         prev.unlink()  # keep the disk footprint to two copies
-    back, form, fmt, scheme = cv.load_neutral(str(src), spec)
+    back, form, fmt, scheme = load_neutral(str(src), spec)
     assert (form, fmt, scheme) == ("train", "torch", "canonical")
     assert list(back) == list(state)
     for k in state:
@@ -38,13 +39,13 @@ def test_deploy_matches_oracle(tmp_path, model, fmt):
     spec = get_spec(model, num_classes=10)
     state = random_state(spec, "train", seed=6)
     src = tmp_path / "t.safetensors"
-    src.write_bytes(cv.encode(spec, state, "train", "safetensors"))
+    src.write_bytes(encode(spec, state, "train", "safetensors"))
     dst = tmp_path / f"d.{ {'megengine': 'pkl', 'flax': 'msgpack', 'torch': 'pth', 'safetensors': 'st'}[fmt]}"
-    report = cv.convert(src, dst, model, to_deploy=True, to_format=fmt)
+    report = convert(src, dst, model, to_deploy=True, to_format=fmt)
     assert report["to_form"] == "deploy" and report["num_classes"] == 10
-    deployed, form, _, _ = cv.load_neutral(str(dst), spec, fmt)
+    deployed, form, _, _ = load_neutral(str(dst), spec, fmt)
     assert form == "deploy"
-    x = cv.verify_input(spec)
+    x = verify_input(spec)
     ref = oracle.forward(spec, state, x, "train")
     out = oracle.forward(spec, deployed, x, "deploy")
     assert np.max(np.abs(ref - out)) <= 1e-4 * np.max(np.abs(ref))

@@ -196,7 +196,7 @@ def reference(run, data):
 
 
 def test_checkpoints_load_back(run, reference):
-    from scripts.convert import load_neutral
+    from reparam_core.formats import load_neutral
 
     d, _, _ = run
     spec = get_spec(MODEL, 10)
@@ -219,7 +219,7 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
     from backends.flax import predict as flax_predict
     from reparam_core.layouts import flax_key
     from reparam_core.schema import state_schema
-    from scripts.convert import load_neutral
+    from reparam_core.formats import load_neutral
     from backends.megengine.remote import shared
 
     d, _, _ = run

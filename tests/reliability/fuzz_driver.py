@@ -7,7 +7,7 @@ Mutates valid RepVGG-mini (num_classes=10) checkpoints of every format (safetens
 MegEngine pickle, Flax msgpack) with hypothesis -- bit flips, truncation, inserted/deleted/
 overwritten bytes, deleted/renamed/duplicated keys, shape and dtype changes, NaN/Inf, and
 headers or records that claim terabytes -- and feeds every file to every reader (and a sample to
-scripts.convert.convert). An outcome is fine when it is a result or a ReparamError subclass with
+reparam_core.convert.convert). An outcome is fine when it is a result or a ReparamError subclass with
 a message; anything else (another exception type, an empty message, a per-case timeout, a
 MemoryError under the RLIMIT_AS cap set at start-up) is recorded as a failure in the JSON
 written to --out, together with the case counts.
@@ -37,12 +37,14 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from reparam_core import checkpoints as ck  # noqa: E402
-from reparam_core import get_spec, random_state, state_schema  # noqa: E402
+from reparam_core import get_spec, random_state, safetensors_io, state_schema  # noqa: E402
+from reparam_core.convert import convert  # noqa: E402
 from reparam_core.errors import ReparamError  # noqa: E402
+from reparam_core.formats import detect_format, read_raw, to_neutral  # noqa: E402
+from reparam_core.formats.flax_msgpack import read_flax_msgpack  # noqa: E402
+from reparam_core.formats.torch_zip import torch_pickle, torch_zip_bytes  # noqa: E402
 from reparam_core.fuse import reparameterize_state  # noqa: E402
 from reparam_core.layouts import flax_key, to_flax, to_megengine  # noqa: E402
-from scripts import convert as cv  # noqa: E402
 
 MODEL = "RepVGG-mini"
 SPEC = get_spec(MODEL, 10)
@@ -76,9 +78,9 @@ def _flax_pack(tree) -> bytes:
 def encode(fmt: str, state: dict, form: str, protocol: int) -> bytes:
     schema = SCHEMAS[form]
     if fmt == "safetensors":
-        return ck.safetensors_bytes(state)
+        return safetensors_io.dumps(state)
     if fmt == "torch":
-        return ck.torch_zip_bytes(state)
+        return torch_zip_bytes(state)
     if fmt == "megengine":
         out = {}
         for k, a in state.items():
@@ -241,7 +243,7 @@ def huge_zip(draw, data: bytes) -> bytes:
         # an archive whose single storage claims a terabyte through the zip64 fields
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("archive/data.pkl", ck._torch_pickle([("w", np.dtype("<f4"), (2**20, 2**20))]))
+            zf.writestr("archive/data.pkl", torch_pickle([("w", np.dtype("<f4"), (2**20, 2**20))]))
             zi = zipfile.ZipInfo("archive/data/0")
             with zf.open(zi, "w", force_zip64=True) as f:
                 f.write(b"\0" * 64)
@@ -252,13 +254,13 @@ def huge_zip(draw, data: bytes) -> bytes:
         shape = draw(st.sampled_from([(2**20, 2**20), (TB,), (10, 2**40), (0,), (3, 3)]))
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("archive/data.pkl", ck._torch_pickle([("w", np.dtype("<f4"), shape)]))
+            zf.writestr("archive/data.pkl", torch_pickle([("w", np.dtype("<f4"), shape)]))
             zf.writestr("archive/data/0", b"\0" * 36)
         return buf.getvalue()
     elif kind == "bomb":
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("archive/data.pkl", ck._torch_pickle([("w", np.dtype("<f4"), (2**26,))]))
+            zf.writestr("archive/data.pkl", torch_pickle([("w", np.dtype("<f4"), (2**26,))]))
             zf.writestr("archive/data/0", b"\0" * (2**28))  # 256 MiB of zeros, ~256 KiB deflated
         return buf.getvalue()
     return bytes(b)
@@ -425,13 +427,13 @@ class Recorder:
 
 
 def _read_flax(path: str):
-    return cv.read_flax_msgpack(path), "flax"
+    return read_flax_msgpack(path), "flax"
 
 
 READERS = {
-    "safetensors": lambda p: ck.read_raw(p, "safetensors"),
-    "torch": lambda p: ck.read_raw(p, "torch"),
-    "megengine": lambda p: ck.read_raw(p, "megengine"),
+    "safetensors": lambda p: read_raw(p, "safetensors"),
+    "torch": lambda p: read_raw(p, "torch"),
+    "megengine": lambda p: read_raw(p, "megengine"),
     "flax": _read_flax,
 }
 
@@ -451,13 +453,13 @@ def run_readers(rec: Recorder, workdir: str, per_format: int, derandomize: bool)
                 f.write(data)
             rec.current_sample = f"{fmt_} {len(data)} bytes head={data[:24]!r}"
             rec.cases[fmt_] += 1
-            rec.call(fmt_, "detect_format", ck.detect_format, path)
-            ok, got = rec.call(fmt_, "read_any", cv.read_any, path)
+            rec.call(fmt_, "detect_format", detect_format, path)
+            ok, got = rec.call(fmt_, "read_any", read_raw, path)
             rec.call(fmt_, f"reader[{fmt_}]", READERS[fmt_], path)
             rec.call(fmt_, f"reader[{other}]", READERS[other], path)
             if ok:
                 raw, f2 = got
-                ok2, neutral = rec.call(fmt_, "to_neutral", ck.to_neutral, raw, SPEC, f2,
+                ok2, neutral = rec.call(fmt_, "to_neutral", to_neutral, raw, SPEC, f2,
                                         None, path)
                 if ok2 and neutral[1] == "train":
                     rec.call(fmt_, "reparameterize_state", reparameterize_state, SPEC, neutral[0])
@@ -478,7 +480,7 @@ def run_convert(rec: Recorder, workdir: str, n: int, derandomize: bool) -> None:
             f.write(data)
         rec.current_sample = f"convert {fmt}->{to_fmt} {len(data)} bytes head={data[:24]!r}"
         rec.cases["convert"] += 1
-        rec.call("convert", "convert", cv.convert, src, dst, MODEL, to_deploy=deploy,
+        rec.call("convert", "convert", convert, src, dst, MODEL, to_deploy=deploy,
                  to_format=to_fmt, num_classes=nc, overwrite=True)
         for p in (src, dst):
             if os.path.exists(p):

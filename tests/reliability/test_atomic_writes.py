@@ -20,7 +20,7 @@ import pytest
 from _big import write_train_safetensors
 
 from reparam_core.atomic import clean_stale_temps, temp_name_pattern
-from scripts import convert as cv
+from reparam_core.convert import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "RepVGG-B1"
@@ -40,7 +40,7 @@ def b1(tmp_path_factory):
     src = d / "b1.safetensors"
     write_train_safetensors(MODEL, src)
     ref = d / "ref.safetensors"
-    cv.convert(src, ref, MODEL, to_deploy=True)
+    convert(src, ref, MODEL, to_deploy=True)
     return src, digest(ref)
 
 
@@ -94,7 +94,7 @@ def test_sigkill_leaves_nothing_or_a_complete_file(tmp_path, b1):
     for i in range(len(moments)):
         dst = tmp_path / f"out{i}.safetensors"
         if not dst.exists():
-            cv.convert(src, dst, MODEL, to_deploy=True)
+            convert(src, dst, MODEL, to_deploy=True)
             assert digest(dst) == ref
         assert not temps(tmp_path, dst)
     print(f"\nkill outcomes: {list(zip(moments, outcomes))}")
@@ -113,7 +113,7 @@ def test_existing_destination_untouched_or_replaced_whole(tmp_path, b1):
         kill_when(proc, tmp_path, dst, moment)
         data_ok = dst.read_bytes() == b"precious" or digest(dst) == ref
         assert data_ok, f"DST is neither the old nor the new file after a kill at {moment}"
-    cv.convert(src, dst, MODEL, to_deploy=True, overwrite=True)
+    convert(src, dst, MODEL, to_deploy=True, overwrite=True)
     assert digest(dst) == ref and not temps(tmp_path, dst)
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from reparam_core import get_spec, oracle, random_state, safetensors_io
+from reparam_core.convert import convert, verify_input
 from reparam_core.errors import CheckpointError
+from reparam_core.formats import load_neutral, read_raw
 from reparam_core.fuse import reparameterize_state
 from reparam_core.precision import PrecisionWarning
 from scripts import convert as cv
@@ -28,11 +30,11 @@ def test_byte_identical_outputs(tmp_path, model, fmt, deploy):
         if verify and fmt in ("torch", "flax", "megengine"):
             verify = False  # the backends are tested elsewhere; the oracle path is enough here
         dst = tmp_path / f"o{i}.{EXT[fmt]}"
-        rep = cv.convert(src, dst, model, to_deploy=deploy, verify=verify)
+        rep = convert(src, dst, model, to_deploy=deploy, verify=verify)
         outs.append(dst.read_bytes())
         assert rep["bytes"] == len(outs[-1])
     assert outs[0] == outs[1] == outs[2]
-    back, form, _, _ = cv.load_neutral(str(tmp_path / f"o0.{EXT[fmt]}"), spec)
+    back, form, _, _ = load_neutral(str(tmp_path / f"o0.{EXT[fmt]}"), spec)
     expect = random_state(spec, "train", seed=3)
     if deploy:
         expect = reparameterize_state(spec, expect)
@@ -44,8 +46,8 @@ def test_streaming_equals_verify_path_on_a_deep_model(tmp_path):
     spec = get_spec("RepVGG-A0", 10)
     src = tmp_path / "a0.safetensors"
     safetensors_io.save_file(random_state(spec, "train", seed=4), src)
-    cv.convert(src, tmp_path / "s.safetensors", "RepVGG-A0", to_deploy=True)
-    cv.convert(src, tmp_path / "v.safetensors", "RepVGG-A0", to_deploy=True, verify=True)
+    convert(src, tmp_path / "s.safetensors", "RepVGG-A0", to_deploy=True)
+    convert(src, tmp_path / "v.safetensors", "RepVGG-A0", to_deploy=True, verify=True)
     assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "v.safetensors").read_bytes()
 
 
@@ -55,7 +57,7 @@ def test_torch_output_is_ours_and_loads_in_torch(tmp_path):
     src = tmp_path / "src.safetensors"
     state = random_state(spec, "train", seed=5)
     safetensors_io.save_file(state, src)
-    cv.convert(src, tmp_path / "o.pth", "RepVGG-mini")
+    convert(src, tmp_path / "o.pth", "RepVGG-mini")
     loaded = torch.load(tmp_path / "o.pth", weights_only=True)
     assert list(loaded) == list(state)
     assert all(np.array_equal(loaded[k].numpy(), state[k]) for k in state)
@@ -68,16 +70,16 @@ def test_float16_output(tmp_path, fmt):
     src = tmp_path / "src.safetensors"
     safetensors_io.save_file(train, src)
     dst = tmp_path / f"h.{EXT[fmt]}"
-    rep = cv.convert(src, dst, "RepVGG-mini", to_deploy=True, dtype="float16")
+    rep = convert(src, dst, "RepVGG-mini", to_deploy=True, dtype="float16")
     assert rep["dtype"] == "float16" and not rep["precision"]["overflowed"]
     assert 0 < rep["precision"]["max_rel_err"] <= 2.0 ** -10
     again = tmp_path / f"h2.{EXT[fmt]}"
-    cv.convert(src, again, "RepVGG-mini", to_deploy=True, dtype="float16")
+    convert(src, again, "RepVGG-mini", to_deploy=True, dtype="float16")
     assert dst.read_bytes() == again.read_bytes()
-    raw, _ = cv.read_any(str(dst))
+    raw, _ = read_raw(str(dst))
     assert all(v.dtype == np.float16 for v in raw.values())
-    back, form, _, _ = cv.load_neutral(str(dst), spec)
-    x = cv.verify_input(spec)
+    back, form, _, _ = load_neutral(str(dst), spec)
+    x = verify_input(spec)
     ref = oracle.forward(spec, train, x, "train")
     out = oracle.forward(spec, back, x, "deploy")
     err = np.max(np.abs(ref - out)) / np.max(np.abs(ref))
@@ -89,14 +91,14 @@ def test_bfloat16_safetensors_and_refused_elsewhere(tmp_path):
     train = random_state(spec, "train", seed=7)
     src = tmp_path / "src.safetensors"
     safetensors_io.save_file(train, src)
-    rep = cv.convert(src, tmp_path / "b.safetensors", "RepVGG-mini", to_deploy=True,
-                     dtype="bfloat16", verify=True)
+    rep = convert(src, tmp_path / "b.safetensors", "RepVGG-mini", to_deploy=True,
+                  dtype="bfloat16", verify=True)
     assert rep["verify"]["max_rel_err"] <= rep["verify"]["tolerance"] == 5e-2
     assert 0 < rep["precision"]["max_rel_err"] <= 2.0 ** -7
     data = (tmp_path / "b.safetensors").read_bytes()
     assert b'"BF16"' in data
     with pytest.raises(CheckpointError, match="bfloat16 is only supported for safetensors"):
-        cv.convert(src, tmp_path / "b.pth", "RepVGG-mini", dtype="bfloat16")
+        convert(src, tmp_path / "b.pth", "RepVGG-mini", dtype="bfloat16")
     assert not (tmp_path / "b.pth").exists()
 
 
@@ -109,8 +111,8 @@ def test_float16_overflow_warns_and_reports(tmp_path, capsys):
     src = tmp_path / "src.safetensors"
     safetensors_io.save_file(train, src)
     with pytest.warns(PrecisionWarning, match="stage1.0.rbr_reparam"):
-        rep = cv.convert(src, tmp_path / "o.safetensors", "RepVGG-mini", to_deploy=True,
-                         dtype="float16")
+        rep = convert(src, tmp_path / "o.safetensors", "RepVGG-mini", to_deploy=True,
+                      dtype="float16")
     assert any(k.startswith("stage1.0.rbr_reparam") for k in rep["precision"]["overflowed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)

@@ -13,11 +13,13 @@ import zipfile
 
 import pytest
 
-from reparam_core import checkpoints as ck
+from reparam_core.convert import convert
 from reparam_core.errors import UnsafeFileError
+from reparam_core.formats import read_raw
+from reparam_core.formats.megengine_pickle import read_pickle
+from reparam_core.formats.torch_zip import read_torch
 from reparam_core.pickle_safe import safe_loads
 from scripts import cli
-from scripts import convert as cv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -95,16 +97,16 @@ def test_corpus_refused_by_every_reader(tmp_path):
         pth.write_bytes(torch_zip(data))
         calls = [
             ("safe_loads", lambda: safe_loads(data, str(pkl))),
-            ("read_raw(pkl)", lambda: ck.read_raw(pkl)),
-            ("read_pickle", lambda: ck.read_pickle(pkl)),
-            ("read_raw(pkl, torch)", lambda: ck.read_raw(pkl, "torch")),
-            ("read_any(pkl)", lambda: cv.read_any(str(pkl))),
-            ("read_raw(pth)", lambda: ck.read_raw(pth)),
-            ("read_torch", lambda: ck.read_torch(pth)),
-            ("read_any(pth)", lambda: cv.read_any(str(pth))),
-            ("convert(pkl)", lambda: cv.convert(pkl, tmp_path / "o.safetensors", "RepVGG-mini")),
-            ("convert(pth)", lambda: cv.convert(pth, tmp_path / "o.pkl", "RepVGG-mini",
-                                                to_deploy=True)),
+            ("read_raw(pkl)", lambda: read_raw(pkl)),
+            ("read_pickle", lambda: read_pickle(pkl)),
+            ("read_raw(pkl, torch)", lambda: read_raw(pkl, "torch")),
+            ("read_any(pkl)", lambda: read_raw(str(pkl))),
+            ("read_raw(pth)", lambda: read_raw(pth)),
+            ("read_torch", lambda: read_torch(pth)),
+            ("read_any(pth)", lambda: read_raw(str(pth))),
+            ("convert(pkl)", lambda: convert(pkl, tmp_path / "o.safetensors", "RepVGG-mini")),
+            ("convert(pth)", lambda: convert(pth, tmp_path / "o.pkl", "RepVGG-mini",
+                                             to_deploy=True)),
         ]
         for name, fn in calls:
             with pytest.raises(UnsafeFileError) as e:

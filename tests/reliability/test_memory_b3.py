@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 CHILD = r"""
 import json, sys
-from scripts import convert as cv
+from reparam_core.convert import convert
 from reparam_core import get_spec, state_schema
 
 def status(field):
@@ -35,7 +35,7 @@ try:
 except OSError:
     reset = False
 base = status("VmRSS")
-report = cv.convert(sys.argv[1], sys.argv[2], "RepVGG-B3", to_deploy=True)
+report = convert(sys.argv[1], sys.argv[2], "RepVGG-B3", to_deploy=True)
 print(json.dumps({"baseline": base, "peak": status("VmHWM"), "reset": reset,
                   "bytes": report["bytes"]}))
 """

@@ -1,0 +1,19 @@
+"""Checkpoint files without frameworks, one module per format; numpy and the standard library only.
+
+- `detect`: which format a file is in (`detect_format`, `format_from_extension`).
+- `torch_zip`: PyTorch zip checkpoints, read and written (legacy non-zip pickles are refused).
+- `megengine_pickle`: MegEngine pickles of numpy arrays, read and written.
+- `flax_msgpack`: Flax msgpack files, read and written; orbax directories, read (msgpack and
+  orbax are imported on first use).
+- safetensors: `reparam_core.safetensors_io`.
+- `tree`: nested checkpoint objects -> flat states (wrappers, `module.` prefixes).
+- `read`: any file -> raw state (`read_raw`) -> neutral state (`to_neutral`, `load_neutral`).
+- `write`: a neutral state -> any format (`encode`, streamed by `write_stream`).
+Atomic writing is `reparam_core.atomic`; the restricted unpickler is `reparam_core.pickle_safe`.
+"""
+from .detect import EXTENSIONS, FORMATS, detect_format, format_from_extension
+from .read import flax_to_canonical_keys, infer_num_classes, load_neutral, read_raw, to_neutral
+from .write import encode, write_stream
+
+__all__ = ["EXTENSIONS", "FORMATS", "detect_format", "format_from_extension", "flax_to_canonical_keys",
+           "infer_num_classes", "load_neutral", "read_raw", "to_neutral", "encode", "write_stream"]

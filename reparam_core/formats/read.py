@@ -1,0 +1,126 @@
+"""Reading any checkpoint: the format's reader (`read_raw`), then the neutral state (`to_neutral`).
+
+`read_raw` returns a flat `{key: np.ndarray}` in the file's own naming and layout; `to_neutral`
+maps the keys to canonical names (`keymaps`), converts layouts (`layouts`: MegEngine 5-D grouped
+kernels and `(1, C, 1, 1)` biases, Flax HWIO and `(in, out)` kernels) and validates the result
+against the spec (`check_state`): canonical keys, OIHW, float32.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+
+from .. import safetensors_io
+from ..errors import CheckpointError, ReparamError
+from ..keymaps import to_canonical
+from ..layouts import flax_key, from_flax, from_megengine
+from ..schema import FORMS, Form, TensorInfo, state_schema
+from ..specs import ModelSpec
+from ..state import check_state, strip_ignored
+from .detect import FORMATS, detect_format
+from .flax_msgpack import read_flax_msgpack, read_orbax
+from .megengine_pickle import read_pickle
+from .torch_zip import legacy_torch_error, read_torch
+from .tree import State, strip_module_prefix
+
+
+def read_raw(path: str | os.PathLike[str], fmt: str | None = None) -> tuple[State, str]:
+    """(flat state in the file's naming/layout, format) of any supported input: a safetensors,
+    torch zip, MegEngine pickle or Flax msgpack file, or an orbax directory (reported as `flax`).
+    `fmt` overrides detection (`detect_format`)."""
+    src = os.fspath(path)
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src}: no such file or directory")
+    fmt = fmt or detect_format(src)
+    if fmt == "orbax" or (fmt == "flax" and os.path.isdir(src)):
+        return read_orbax(src), "flax"
+    if fmt == "flax":
+        return read_flax_msgpack(src), fmt
+    if fmt == "safetensors":
+        state, _ = safetensors_io.load_file(src)
+        return strip_module_prefix(state), fmt
+    if fmt == "torch":
+        if not zipfile.is_zipfile(src):
+            return read_pickle(src), fmt  # refuses legacy torch with a clear message
+        return read_torch(src), fmt
+    if fmt == "torch-legacy":
+        raise legacy_torch_error(src)
+    if fmt == "megengine":
+        return read_pickle(src), fmt
+    raise CheckpointError(f"{src}: unknown format {fmt!r}; known: {', '.join(FORMATS)}, orbax")
+
+
+def _all_infos(spec: ModelSpec) -> dict[str, TensorInfo]:
+    out: dict[str, TensorInfo] = {}
+    for form in FORMS:
+        out.update(state_schema(spec, form))
+    return out
+
+
+def flax_to_canonical_keys(state: Mapping[str, np.ndarray], spec: ModelSpec) -> State:
+    """Flax keys (`...kernel`, `scale`, `mean`, `var`) -> canonical keys, layouts unchanged."""
+    inverse = {flax_key(k, info): k for k, info in _all_infos(spec).items()}
+    return {inverse.get(k, k): v for k, v in state.items()}
+
+
+def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: Form | None = None,
+               source: str = "checkpoint") -> tuple[State, Form, str]:
+    """A raw state -> (neutral state, form, key scheme). Keys are mapped to canonical names,
+    layouts converted by the schema and the result validated (`check_state`): errors name the
+    file and the offending keys."""
+    state = strip_ignored(raw)
+    if fmt == "flax":
+        state = flax_to_canonical_keys(state, spec)
+    state, scheme = to_canonical(state, spec, source=source)
+    infos = _all_infos(spec)
+    out: State = {}
+    for k in list(state):
+        a = np.asarray(state.pop(k))  # drop references as we go: the caller may free the raw state
+        info = infos.get(k)
+        if info is not None and fmt in ("megengine", "flax"):
+            conv = from_megengine if fmt == "megengine" else from_flax
+            try:
+                a = conv(a, info)
+            except (ValueError, IndexError, TypeError):
+                pass  # a wrong-sized tensor: check_state reports it with its shape
+        # cast only tensors the schema wants at exactly this shape: a hostile file cannot make
+        # us copy tensors that check_state is about to refuse anyway
+        if (info is not None and a.shape == info.shape and np.issubdtype(a.dtype, np.floating)
+                and a.dtype != np.float32):
+            a = a.astype(np.float32)
+        out[k] = a
+    found = check_state(spec, out, form, source=source)
+    schema = state_schema(spec, found)
+    return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in schema}, found, scheme
+
+
+def load_neutral(path: str | os.PathLike[str], spec: ModelSpec, fmt: str | None = None,
+                 form: Form | None = None) -> tuple[State, Form, str, str]:
+    """(neutral state, form, format, key scheme) of a checkpoint file for `spec`."""
+    src = os.fspath(path)
+    raw, fmt = read_raw(src, fmt)
+    state, form, scheme = to_neutral(raw, spec, fmt, form, source=src)
+    return state, form, fmt, scheme
+
+
+def infer_num_classes(raw: Mapping[str, np.ndarray], fmt: str, spec: ModelSpec) -> int:
+    """The classifier width stored in a raw checkpoint: rows of the torch/MegEngine
+    `(classes, features)` linear weight, columns of the Flax `(features, classes)` kernel;
+    `spec.num_classes` when the keys do not map or no classifier is found."""
+    state = flax_to_canonical_keys(raw, spec) if fmt == "flax" else dict(raw)
+    try:
+        state, _ = to_canonical(state, spec)
+    except ReparamError:
+        return spec.num_classes
+    for key in ("linear.weight", "classifier.weight"):
+        a = state.get(key)
+        if a is not None and np.ndim(a) == 2:
+            n = int(np.shape(a)[1] if fmt == "flax" else np.shape(a)[0])
+            return n if n >= 1 else spec.num_classes
+    return spec.num_classes
+
+
+__all__ = ["read_raw", "flax_to_canonical_keys", "to_neutral", "load_neutral", "infer_num_classes"]
