@@ -198,15 +198,5 @@ def from_canonical(state: Mapping[str, np.ndarray], spec: object,
     return apply_scheme(state, schemes[scheme], reverse=True)
 
 
-def all_schemes() -> list[str]:
-    """Every scheme name some family defines (for command-line choices)."""
-    from .specs import get_spec, list_models
-
-    names: dict[str, None] = {}
-    for model in list_models():
-        names.update(dict.fromkeys(schemes_for(get_spec(model))))
-    return list(names)
-
-
 __all__ = ["Rule", "Rules", "map_key", "apply_scheme", "schemes_for", "to_canonical",
-           "from_canonical", "all_schemes", "KeyNames", "key_names"]
+           "from_canonical", "KeyNames", "key_names"]

@@ -298,12 +298,6 @@ def in_form(spec: SpecLike, form: str) -> Description:
     return out  # type: ignore[return-value]
 
 
-def is_deploy(desc: Description) -> bool:
-    """Whether a description holds no Rep node (and no auxiliary head)."""
-    return not any(isinstance(n, Rep) for _, n in walk(desc)) and not (
-        isinstance(desc, Model) and desc.aux)
-
-
 def children(node: Node | Model | Aux) -> Iterator[Node]:
     """The nodes directly inside a composite node, in forward order."""
     if isinstance(node, (Block, Model, Aux)):
@@ -349,5 +343,5 @@ def rep_blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
 __all__ = ["Pair", "pair", "join_key", "Conv", "BN", "PadBN", "AvgPool", "Scale", "Act", "SE",
            "Linear", "GlobalPool", "Flatten", "Dropout", "Primitive", "Leaf", "Branch", "Rep",
            "Add", "Block", "Aux", "Node", "Model", "Description", "Describable", "SpecLike", "describe",
-           "to_deploy", "in_form", "is_deploy", "children", "walk", "blocks", "reps",
+           "to_deploy", "in_form", "children", "walk", "blocks", "reps",
            "rep_blocks"]

@@ -144,12 +144,6 @@ def native_array(value: np.ndarray, info: TensorInfo) -> np.ndarray:
                                 dtype=np.float32)
 
 
-def to_native(state: Mapping[str, np.ndarray],
-              schema: Mapping[str, TensorInfo]) -> dict[str, np.ndarray]:
-    """A neutral state (validated against `schema`) in MegEngine's `state_dict()` shapes."""
-    return {k: native_array(state[k], info) for k, info in schema.items()}
-
-
 def module_layout(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     """A canonical tensor in the shape it has on its MegEngine module: `state_dict()`'s shape,
     except BN tensors, which a BN module holds as (1, C, 1, 1)."""
@@ -356,6 +350,6 @@ class RepGhostBottleneck(RepModule):
 
 
 __all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply", "RULES",
-           "l2_term", "neutral_state", "native_array", "to_native", "module_layout",
+           "l2_term", "neutral_state", "native_array", "module_layout",
            "write_tensor", "write_state", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
            "RepGhostBottleneck"]
