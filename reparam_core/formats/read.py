@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import safetensors_io
 from ..errors import CheckpointError, ReparamError
-from ..keymaps import to_canonical
+from ..keymaps import key_names, to_canonical
 from ..layouts import flax_key, from_flax, from_megengine
 from ..schema import FORMS, Form, TensorInfo, state_schema
 from ..specs import ModelSpec
@@ -74,6 +74,7 @@ def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: F
     state = strip_ignored(raw)
     if fmt == "flax":
         state = flax_to_canonical_keys(state, spec)
+    keys = tuple(state)  # as the file names them: errors below quote these (keymaps.KeyNames)
     state, scheme = to_canonical(state, spec, source=source)
     infos = _all_infos(spec)
     out: State = {}
@@ -92,7 +93,7 @@ def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: F
                 and a.dtype != np.float32):
             a = a.astype(np.float32)
         out[k] = a
-    found = check_state(spec, out, form, source=source)
+    found = check_state(spec, out, form, source=source, names=key_names(keys, spec, scheme))
     schema = state_schema(spec, found)
     return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in schema}, found, scheme
 
