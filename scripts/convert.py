@@ -17,7 +17,6 @@ import sys
 
 from backends.dispatch import predict_in
 from reparam_core.convert import DTYPES, VERIFY_RTOL, convert
-from reparam_core.errors import ReparamError, VerificationError
 from reparam_core.formats import FORMATS
 from reparam_core.schema import FORMS
 
@@ -54,20 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
     stages = ["read", "check"] + (["fuse"] if args.to_deploy else []) + ["encode", "write"] + (
         ["verify"] if args.verify else [])
-    try:
-        with Progress(stages, enabled=None if not args.quiet else False) as progress:
-            report = convert(args.src, args.dst, args.model, to_deploy=args.to_deploy,
-                             from_format=args.from_format, to_format=args.to_format,
-                             from_form=args.from_form, num_classes=args.num_classes,
-                             verify=args.verify, predict=predict_in, overwrite=args.overwrite,
-                             stage=progress.stage,
-                             dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme)
-    except VerificationError as e:
-        print(f"reparam convert: error: {e}", file=sys.stderr)
-        return 1
-    except (ReparamError, OSError) as e:  # bad input: nothing was written
-        print(f"reparam convert: error: {e}", file=sys.stderr)
-        return 2
+    # errors (nothing is written then) become exit codes in scripts.cli
+    with Progress(stages, enabled=None if not args.quiet else False) as progress:
+        report = convert(args.src, args.dst, args.model, to_deploy=args.to_deploy,
+                         from_format=args.from_format, to_format=args.to_format,
+                         from_form=args.from_form, num_classes=args.num_classes,
+                         verify=args.verify, predict=predict_in, overwrite=args.overwrite,
+                         stage=progress.stage,
+                         dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
@@ -86,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reparam convert", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`reparam convert ARGV...`, exit status included (scripts.cli)."""
+    from scripts.cli import run_command
+
+    return run_command("convert", argv)
 
 
 if __name__ == "__main__":
