@@ -228,15 +228,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        rep = quantize_checkpoint(args.src, args.dst, args.model, calib=args.calib,
-                                  samples=args.samples, method=args.method,
-                                  per_channel=not args.per_tensor, eval_source=args.eval_source,
-                                  overwrite=args.overwrite, mean=args.mean, std=args.std,
-                                  reduce_range=args.reduce_range, torch_pt2e=args.torch_pt2e)
-    except (ReparamError, OSError) as e:
-        print(f"reparam quantize: error: {e}", file=sys.stderr)
-        return 2
+    # errors (nothing is written then) become exit codes in scripts.cli
+    rep = quantize_checkpoint(args.src, args.dst, args.model, calib=args.calib,
+                              samples=args.samples, method=args.method,
+                              per_channel=not args.per_tensor, eval_source=args.eval_source,
+                              overwrite=args.overwrite, mean=args.mean, std=args.std,
+                              reduce_range=args.reduce_range, torch_pt2e=args.torch_pt2e)
     print(format_report(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
@@ -246,9 +243,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reparam quantize", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`reparam quantize ARGV...`, exit status included (scripts.cli)."""
+    from scripts.cli import run_command
+
+    return run_command("quantize", argv)
 
 
 if __name__ == "__main__":
