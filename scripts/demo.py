@@ -616,14 +616,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reparam demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ReparamError as e:
-        print(f"reparam demo: error: {e}", file=sys.stderr)
-        return 2
+    """`reparam demo ARGV...`, exit status included (scripts.cli)."""
+    from scripts.cli import run_command
+
+    return run_command("demo", argv)
 
 
 if __name__ == "__main__":
