@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from reparam_core import CheckpointError
+from reparam_core.errors import VerificationError
 
 VERIFY_RTOL = 1e-5
 
@@ -41,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     if err is not None:
         print(f"verify: max relative error {err:.3g} (tolerance {VERIFY_RTOL:g})")
-        if err > VERIFY_RTOL:
-            print(f"verification FAILED: {args.dst} not written")
-            return 1
+        if err > VERIFY_RTOL:  # exit 1 (scripts.cli)
+            raise VerificationError(f"{args.dst} not written: the fused graph's max relative error "
+                                    f"{err:.3g} is above {VERIFY_RTOL:g}")
     print(f"wrote {args.dst}")
     return 0

@@ -131,3 +131,22 @@ def test_verification_failure_exits_1(tmp_path, capsys, monkeypatch) -> None:
     status, _, err = _reparam(capsys, ["convert", str(src), str(tmp_path / "b.safetensors"), "-m",
                                        "RepVGG-mini", "--verify"])
     assert status == 1 and err.strip() == "reparam convert: error: outputs differ: max relative error 1 > 1e-4"
+
+
+def test_fuse_verification_failure_exits_1_without_output(tmp_path, capsys, monkeypatch) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    import backends.onnx as bo
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])])
+    src = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    monkeypatch.setattr(bo, "verify", lambda a, b: 0.5)
+    status, out, err = _reparam(capsys, ["fuse", str(src), str(tmp_path / "fused.onnx"), "--verify"])
+    assert status == 1 and "verify: max relative error 0.5" in out
+    assert err.strip().splitlines() == [f"reparam fuse: error: {tmp_path / 'fused.onnx'} not written: the fused "
+                                        "graph's max relative error 0.5 is above 1e-05"]
+    assert not (tmp_path / "fused.onnx").exists()
