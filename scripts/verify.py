@@ -12,7 +12,7 @@ import time
 
 from parity_tests.cases import block_matrix, model_cases
 from parity_tests.harness import BACKENDS, FORMS, Case, CaseResult, make_runners, run_case
-from reparam_core import ReparamError
+from reparam_core.errors import ArgumentError, BackendUnavailableError, VerificationError
 from reparam_core.specs import resolve_model_name
 
 from .progress import Progress
@@ -53,9 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     bad = [b for b in args.backends if b not in BACKENDS]
     if bad:
-        raise ReparamError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
+        raise ArgumentError(f"unknown backend {bad[0]!r}; choose from {', '.join(BACKENDS)}")
     cases = select_cases(args.models, not args.no_blocks, args.size)
     runners, unavailable = make_runners(tuple(args.backends))
+    if not runners:
+        raise BackendUnavailableError("no backend can run here: " + "; ".join(
+            f"{name}: {why}" for name, why in unavailable.items()))
     for name, why in unavailable.items():
         print(f"{name}: unavailable ({why})", file=sys.stderr)
     results: list[CaseResult] = []
@@ -68,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
     forms = FORMS if args.artifacts else FORMS[:2]
     print(format_table(results, list(runners), forms))
     cells = [(r.case.name, b, f, e) for r in results for (b, f), e in r.errors.items()]
-    worst = max(cells, key=lambda c: c[3] / next(r.tolerance for r in results if r.case.name == c[0]))
-    print(f"\nworst cell: {worst[0]} {worst[1]}/{worst[2]} rel err {worst[3]:.2e}; "
-          f"{len(cells)} cells, {len(results)} cases in {total:.1f} s")
+    if cells:  # none when every run failed
+        worst = max(cells, key=lambda c: c[3] / next(r.tolerance for r in results if r.case.name == c[0]))
+        print(f"\nworst cell: {worst[0]} {worst[1]}/{worst[2]} rel err {worst[3]:.2e}; "
+              f"{len(cells)} cells, {len(results)} cases in {total:.1f} s")
     for r in results:
         for b, msg in r.failures.items():
             print(f"FAILED {r.case.name} [{b}]: {msg}", file=sys.stderr)
@@ -78,4 +82,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"seconds": total, "unavailable": unavailable,
                        "cases": [r.to_json() for r in results]}, f, indent=1)
-    return 0 if all(r.ok for r in results) and not unavailable else 1
+    failed = [r.case.name for r in results if not r.ok]
+    if failed:  # exit 1 (scripts.cli)
+        raise VerificationError(f"{len(failed)} of {len(results)} case(s) failed or exceed their "
+                                f"tolerance: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
+    if unavailable:  # exit 2: the check could not run everywhere it was asked to
+        raise BackendUnavailableError(f"not verified in {', '.join(unavailable)} (unavailable here)")
+    return 0

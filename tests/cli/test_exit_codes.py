@@ -150,3 +150,16 @@ def test_fuse_verification_failure_exits_1_without_output(tmp_path, capsys, monk
     assert err.strip().splitlines() == [f"reparam fuse: error: {tmp_path / 'fused.onnx'} not written: the fused "
                                         "graph's max relative error 0.5 is above 1e-05"]
     assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_verify_above_tolerance_exits_1_after_the_table(tmp_path, capsys, monkeypatch) -> None:
+    import scripts.verify as vf
+    from parity_tests.harness import CaseResult
+
+    monkeypatch.setattr(vf, "run_case", lambda case, runners, artifacts=False: CaseResult(
+        case, tolerance=1e-5, oracle_seconds=0.0, errors={("torch", "train"): 0.5}))
+    status, out, err = _reparam(capsys, ["verify", "--models", "RepVGG-mini", "--no-blocks", "--backends",
+                                         "torch", "--json", str(tmp_path / "v.json")])
+    assert status == 1 and "RepVGG-mini" in out and (tmp_path / "v.json").exists()
+    assert err.strip().splitlines()[-1] == ("reparam verify: error: 1 of 1 case(s) failed or exceed their "
+                                            "tolerance: RepVGG-mini")
