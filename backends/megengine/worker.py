@@ -24,6 +24,8 @@ import platform
 import sys
 import time
 
+from reparam_core.errors import ArgumentError, SpecError
+
 
 def _open_protocol():
     """Keep the original stdout for replies; send fd 1 (and sys.stdout) to stderr."""
@@ -40,14 +42,14 @@ def _build(req: dict):
 
     form = req.get("form", "train")
     if form not in ("train", "deploy"):
-        raise ValueError(f"form must be 'train' or 'deploy', got {form!r}")
+        raise SpecError(f"form must be 'train' or 'deploy', got {form!r}")
     deploy = form == "deploy"
     if req.get("model"):
         return model_from_spec(get_spec(req["model"], int(req.get("num_classes", 1000))),
                                deploy=deploy)
     if req.get("block"):
         return build_block(block_spec_from_dict(req["block"]), deploy=deploy)
-    raise ValueError("request needs a 'model' name or a 'block' spec")
+    raise SpecError("request needs a 'model' name or a 'block' spec")
 
 
 def _loaded(req: dict):
@@ -97,7 +99,7 @@ def handle(req: dict) -> dict:
         return _export_traced(req)
     if op == "shutdown":
         return {}
-    raise ValueError(f"unknown op {op!r}; expected ping, predict, export_traced or shutdown")
+    raise ArgumentError(f"unknown op {op!r}; expected ping, predict, export_traced or shutdown")
 
 
 def main() -> int:
@@ -112,7 +114,7 @@ def main() -> int:
         try:
             req = json.loads(line)
             if not isinstance(req, dict):
-                raise ValueError("a request must be a JSON object")
+                raise ArgumentError("a request must be a JSON object")
             op = req.get("op")
             reply = {"ok": True, **handle(req)}
             if op in ("predict", "export_traced"):
