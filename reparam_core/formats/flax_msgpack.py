@@ -57,7 +57,7 @@ def flax_msgpack_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: F
             payload = msgpack.packb((list(obj.shape), obj.dtype.name, obj.tobytes("C")),
                                     use_bin_type=True)
             return msgpack.ExtType(_MSGPACK_NDARRAY, payload)
-        raise TypeError(f"cannot serialize {type(obj).__name__}")
+        raise CheckpointError(f"cannot write a {type(obj).__name__} into a Flax msgpack file")
 
     data: bytes = msgpack.packb(tree, default=default, use_bin_type=True)
     return data
