@@ -32,7 +32,7 @@ def mge_python() -> Path:
 class MgeWorker:
     """One MegEngine worker process. Use as a context manager, or `shared()` for a reused one."""
 
-    def __init__(self, python: str | os.PathLike | None = None) -> None:
+    def __init__(self, python: str | os.PathLike[str] | None = None) -> None:
         exe = Path(python) if python else mge_python()
         if not exe.exists():
             raise errors.BackendUnavailableError(
@@ -46,7 +46,7 @@ class MgeWorker:
         self.info = self.request(op="ping")
 
     # -- protocol
-    def request(self, **req: Any) -> dict:
+    def request(self, **req: Any) -> dict[str, Any]:
         if self._proc.poll() is not None:
             raise errors.BackendUnavailableError(f"MegEngine worker has exited: {self._log_tail()}")
         stdin, stdout = self._proc.stdin, self._proc.stdout
@@ -57,7 +57,7 @@ class MgeWorker:
         line = stdout.readline()
         if not line:
             raise errors.BackendUnavailableError(f"MegEngine worker died: {self._log_tail()}")
-        reply = json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
         if not reply.get("ok"):
             cls = getattr(errors, reply.get("type", ""), None)
             if not (isinstance(cls, type) and issubclass(cls, errors.ReparamError)):
@@ -79,7 +79,7 @@ class MgeWorker:
         return path
 
     @staticmethod
-    def _target(model: str | None, block: BlockSpec | None, num_classes: int) -> dict:
+    def _target(model: str | None, block: BlockSpec | None, num_classes: int) -> dict[str, Any]:
         if (model is None) == (block is None):
             raise errors.ArgumentError("give exactly one of model= and block=")
         return {"model": model, "num_classes": num_classes,
@@ -88,7 +88,7 @@ class MgeWorker:
     # -- operations
     def predict(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, form: str = "train",
                 model: str | None = None, block: BlockSpec | None = None, num_classes: int = 1000,
-                reparameterize: bool = False, return_state: bool = False, fastrun: bool = False):
+                reparameterize: bool = False, return_state: bool = False, fastrun: bool = False) -> Any:
         """Build the module in `form`, load `state`, optionally re-parameterize, predict on x
         (`fastrun`: with MegEngine's profiled kernels). Returns y, or (y, exported neutral state
         of the final module) with return_state."""
@@ -97,9 +97,9 @@ class MgeWorker:
                      state=self._put("in-state", state), input=self._put("x", {"x": x}),
                      output=out, export_state=exported, **self._target(model, block, num_classes))
         y = load_file(out)[0]["y"]
-        return (y, load_file(exported)[0]) if return_state else y
+        return (y, load_file(exported)[0]) if exported is not None else y
 
-    def export_traced(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, artifact: str | os.PathLike,
+    def export_traced(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, artifact: str | os.PathLike[str],
                       form: str = "train", model: str | None = None, block: BlockSpec | None = None,
                       num_classes: int = 1000, fastrun: bool = False) -> np.ndarray:
         """Trace the deploy form into a `.mge` file and return the artifact's output on x (run
@@ -110,6 +110,24 @@ class MgeWorker:
                      input=self._put("x", {"x": x}), artifact=str(artifact), output=out,
                      **self._target(model, block, num_classes))
         return load_file(out)[0]["y"]
+
+    def run_traced(self, artifact: str | os.PathLike[str], x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
+        """The output of a traced `.mge` artifact on NCHW x (any batch)."""
+        out = self._path("y")
+        self.request(op="run_traced", artifact=os.fspath(artifact), input=self._put("x", {"x": x}),
+                     output=out, fastrun=fastrun)
+        return load_file(out)[0]["y"]
+
+    def time_forms(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, repeats: int,
+                   model: str | None = None, block: BlockSpec | None = None, num_classes: int = 1000,
+                   warmup: int = 1, fastrun: bool = False) -> dict[str, list[float]]:
+        """Seconds per call of the train form (loaded with the train-form `state`) and of its
+        deploy form (re-parameterized in MegEngine), each predicting on x, timed in `repeats`
+        interleaved rounds after `warmup` untimed ones: {"train": [...], "deploy": [...]}."""
+        reply = self.request(op="time", form="train", repeats=repeats, warmup=warmup, fastrun=fastrun,
+                             state=self._put("in-state", state), input=self._put("x", {"x": x}),
+                             **self._target(model, block, num_classes))
+        return {k: [float(t) for t in v] for k, v in reply["times"].items()}
 
     def close(self) -> None:
         if self._proc.poll() is None:

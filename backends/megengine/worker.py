@@ -13,6 +13,13 @@ channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all p
   {"op": "export_traced", "model"/"block"/"num_classes"/"form", "state", "input",
    "artifact": path of the .mge, "output": path, "fastrun": bool (run it with profiled kernels)}
      -> {"ok": true, "form": "deploy", "seconds": float}; the artifact's output on input -> output
+  {"op": "run_traced", "artifact": path of a .mge, "input": path, "output": path, "fastrun": bool}
+     -> {"ok": true, "seconds": float}; the artifact's output on input -> output
+  {"op": "time", "model"/"block"/"num_classes", "form": "train", "state", "input",
+   "repeats": int, "warmup": int (default 1), "fastrun": bool}
+     -> {"ok": true, "times": {"train": [s, ...], "deploy": [s, ...]}, "seconds": float}: the
+     loaded train form and its re-parameterized deploy form each predict on input, in interleaved
+     rounds (reparam_core.timing.interleaved_times; `warmup` untimed rounds first)
   {"op": "shutdown"} -> {"ok": true}, then exit.
 Errors: {"ok": false, "type": exception class name, "error": message}; the worker keeps serving.
 """
@@ -23,11 +30,12 @@ import os
 import platform
 import sys
 import time
+from typing import IO, Any
 
 from reparam_core.errors import ArgumentError, SpecError
 
 
-def _open_protocol():
+def _open_protocol() -> IO[str]:
     """Keep the original stdout for replies; send fd 1 (and sys.stdout) to stderr."""
     sys.stdout.flush()
     proto_fd = os.dup(1)
@@ -36,7 +44,7 @@ def _open_protocol():
     return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
 
 
-def _build(req: dict):
+def _build(req: dict[str, Any]) -> Any:
     from backends.megengine import build_block, model_from_spec
     from reparam_core import block_spec_from_dict, get_spec
 
@@ -52,7 +60,7 @@ def _build(req: dict):
     raise SpecError("request needs a 'model' name or a 'block' spec")
 
 
-def _loaded(req: dict):
+def _loaded(req: dict[str, Any]) -> tuple[Any, Any]:
     from backends.megengine import load_state
     from reparam_core.safetensors_io import load_file
 
@@ -63,7 +71,7 @@ def _loaded(req: dict):
     return module, x
 
 
-def _predict(req: dict) -> dict:
+def _predict(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import export_state, predict, reparameterize
     from reparam_core.safetensors_io import save_file
 
@@ -77,7 +85,7 @@ def _predict(req: dict) -> dict:
     return {"form": "deploy" if module.deploy else "train"}
 
 
-def _export_traced(req: dict) -> dict:
+def _export_traced(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import export_traced, run_traced
     from reparam_core.safetensors_io import save_file
 
@@ -88,18 +96,45 @@ def _export_traced(req: dict) -> dict:
     return {"form": "deploy"}
 
 
-def handle(req: dict) -> dict:
+def _run_traced(req: dict[str, Any]) -> dict[str, Any]:
+    from backends.megengine import run_traced
+    from reparam_core.safetensors_io import load_file, save_file
+
+    x = load_file(req["input"])[0]["x"]
+    save_file({"y": run_traced(req["artifact"], x, fastrun=bool(req.get("fastrun", False)))},
+              req["output"])
+    return {}
+
+
+def _time(req: dict[str, Any]) -> dict[str, Any]:
+    from backends.megengine import predict, reparameterize
+    from reparam_core.timing import interleaved_times
+
+    if req.get("form", "train") != "train":
+        raise SpecError("time: the state must be of the train form (its deploy form is made here)")
+    train, x = _loaded(req)
+    deploy = reparameterize(train)
+    fast = bool(req.get("fastrun", False))
+    times = interleaved_times({"train": lambda: predict(train, x, fastrun=fast),
+                               "deploy": lambda: predict(deploy, x, fastrun=fast)},
+                              int(req["repeats"]), warmup=int(req.get("warmup", 1)))
+    return {"times": times}
+
+
+_OPS = {"predict": _predict, "export_traced": _export_traced, "run_traced": _run_traced,
+        "time": _time}
+
+
+def handle(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     if op == "ping":
         import megengine
         return {"megengine": megengine.__version__, "python": platform.python_version()}
-    if op == "predict":
-        return _predict(req)
-    if op == "export_traced":
-        return _export_traced(req)
+    if op in _OPS:
+        return _OPS[op](req)
     if op == "shutdown":
         return {}
-    raise ArgumentError(f"unknown op {op!r}; expected ping, predict, export_traced or shutdown")
+    raise ArgumentError(f"unknown op {op!r}; expected ping, {', '.join(_OPS)} or shutdown")
 
 
 def main() -> int:
@@ -117,7 +152,7 @@ def main() -> int:
                 raise ArgumentError("a request must be a JSON object")
             op = req.get("op")
             reply = {"ok": True, **handle(req)}
-            if op in ("predict", "export_traced"):
+            if op in _OPS:
                 reply["seconds"] = round(time.perf_counter() - t0, 6)
         except Exception as e:
             reply = {"ok": False, "type": type(e).__name__, "error": str(e)}
