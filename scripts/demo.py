@@ -356,8 +356,6 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
     model = spec.name  # an alias (repvgg_a0) names files and requests by the registry name
     out_dir = Path(out)
     ckpt_dir, art_dir = out_dir / "checkpoints", out_dir / "deploy"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    art_dir.mkdir(parents=True, exist_ok=True)
 
     import torch
 
@@ -384,6 +382,8 @@ def run_demo(*, out: str | os.PathLike = "demo-out", epochs: int = DEFAULT_EPOCH
         torch_train, history, train_info = train(model, data, epochs=epochs, seed=seed, quiet=quiet)
     torch_train.eval()
     t = mark("train", t)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no folder behind
+    art_dir.mkdir(parents=True, exist_ok=True)
     if save_asset and not no_train:
         path = asset_path(model)
         path.parent.mkdir(parents=True, exist_ok=True)
