@@ -21,6 +21,7 @@ import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from reparam_core import ReparamError, get_spec
 from reparam_core.atomic import atomic_write
 from reparam_core.formats import infer_num_classes, read_raw, to_neutral
 from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
+from reparam_core.quantreport import format_report, plot_layers
 
 
 @lru_cache(maxsize=1)
@@ -57,14 +59,14 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
                         eval_source: str | None = None, overwrite: bool = False,
                         reduce_range: str = "auto", torch_pt2e: bool = False,
                         mean: tuple[float, ...] = IMAGENET_MEAN,
-                        std: tuple[float, ...] = IMAGENET_STD) -> dict:
+                        std: tuple[float, ...] = IMAGENET_STD) -> dict[str, Any]:
     """Quantize checkpoint `src` of `model` to `dst` (int8 ONNX); returns the report. Raises
     ReparamError subclasses on bad input, before anything is written. `reduce_range`: 'on'
     (7-bit weights), 'off', or 'auto' (on where this CPU has no VNNI/AMX int8 dot product).
     `torch_pt2e`: also quantize with torchao's PT2E X86 Inductor flow and report its agreement
     (eager: the quantization's math; Inductor's int8 kernels need torch.compile)."""
     import backends.torch as bt
-    from backends.onnx import layer_reports, quantize_qdq, run_onnx
+    from backends.onnx.quantize import compare_logits, measure_int8, quantize_qdq, run_onnx
     from reparam_core.hardware import cpu_features, cpu_model, has_int8_dot
 
     if os.path.exists(dst) and not overwrite:
@@ -98,16 +100,7 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
         int8 = quantize_qdq(fp32, x_cal, method=method, per_channel=per_channel,  # type: ignore[arg-type]
                             reduce_range=seven_bit)
         y32, = run_onnx(fp32, x_eval)
-        y8, = run_onnx(int8, x_eval)
-        y8_math, = run_onnx(int8, x_eval, optimize=False)
-        layers = layer_reports(fp32, int8, x_eval[:256], x_cal)
-        fp32_bytes = os.path.getsize(fp32)
-    import onnx
-
-    ops: dict[str, int] = {}
-    for node in onnx.load_from_string(int8).graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    p32, p8 = y32.argmax(1), y8.argmax(1)
+        measured = measure_int8(fp32, y32, int8, x_eval, y_eval, x_cal)
     report = {
         "src": src, "dst": dst, "model": spec.name, "form": form, "num_classes": spec.num_classes,
         "calibration": {"source": calib, "samples": int(len(x_cal)), "method": method},
@@ -115,85 +108,16 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
         "weight_bits": 7 if seven_bit else 8, "reduce_range": reduce_range,
         "cpu": {"model": cpu_model(), **cpu_features()},
         "format": "QDQ int8 (ONNX Runtime)", "eval": eval_source or f"{calib} (calibration set)",
-        "n_eval": int(len(x_eval)),
-        "fp32_top1": float((p32 == y_eval).mean()) if y_eval is not None else None,
-        "int8_top1": float((p8 == y_eval).mean()) if y_eval is not None else None,
-        "agreement": float((p32 == p8).mean()),
-        "logits_sqnr_db": _sqnr(y32, y8),
-        "logits_sqnr_db_qdq_math": _sqnr(y32, y8_math),
-        "agreement_qdq_math": float((p32 == y8_math.argmax(1)).mean()),
-        "bytes": {"fp32": fp32_bytes, "int8": len(int8)}, "ops": ops,
-        "layers": [lr.as_dict() for lr in layers],
-    }
+        "n_eval": int(len(x_eval)), **measured}
     if torch_pt2e:
         from backends.torch.quantize import pt2e_int8, run_batches
 
-        yq = run_batches(pt2e_int8(module, x_cal), x_eval)
-        report["torch_pt2e"] = {
-            "quantizer": "torchao X86InductorQuantizer (PT2E), eager", "agreement":
-            float((p32 == yq.argmax(1)).mean()), "logits_sqnr_db": _sqnr(y32, yq),
-            "int8_top1": float((yq.argmax(1) == y_eval).mean()) if y_eval is not None else None}
+        pt2e = compare_logits(y32, run_batches(pt2e_int8(module, x_cal), x_eval), y_eval)
+        report["torch_pt2e"] = {"quantizer": "torchao X86InductorQuantizer (PT2E), eager",
+                                "agreement": pt2e["agreement"], "logits_sqnr_db": pt2e["logits_sqnr_db"],
+                                "int8_top1": pt2e["top1"]}
     atomic_write(dst, int8, overwrite=overwrite)
     return report
-
-
-def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
-    from reparam_core.precision import sqnr_db
-
-    return sqnr_db(ref, got)
-
-
-def plot_layers(reports: dict[str, dict], path: str) -> None:
-    """SQNR per layer, one bar series per report (e.g. per-channel and per-tensor, or two
-    models), to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = next(iter(reports.values()))
-    names = [lr["name"] for lr in first["layers"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) * len(reports)), 4.0))
-    width = 0.8 / len(reports)
-    for i, (label, rep) in enumerate(reports.items()):
-        values = [min(lr["sqnr_db"], 99.0) for lr in rep["layers"]]
-        ax.bar(np.arange(len(values)) + i * width, values, width, label=label)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=60, ha="right",
-                  fontsize=7)
-    ax.set_ylabel("SQNR of int8 vs float32 (dB)")
-    ax.set_title(f"{first['model']}: per-layer SQNR ({first['calibration']['method']} "
-                 f"calibration, {first['calibration']['samples']} images)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def format_report(rep: dict) -> str:
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
-    lines = [f"{rep['model']} int8 ({rep['weights']} {rep['weight_bits']}-bit weights, "
-             f"{rep['calibration']['method']} "
-             f"calibration on {rep['calibration']['samples']} images) -> {rep['dst']}",
-             f"top-1 fp32 {pct(rep['fp32_top1'])}  int8 {pct(rep['int8_top1'])}  agreement "
-             f"{pct(rep['agreement'])} on {rep['n_eval']} images; logits SQNR "
-             f"{rep['logits_sqnr_db']:.1f} dB; size {rep['bytes']['fp32'] / 1e6:.2f} MB -> "
-             f"{rep['bytes']['int8'] / 1e6:.2f} MB (ONNX Runtime int8 kernels on this CPU)",
-             f"QDQ math (unfused): agreement {pct(rep['agreement_qdq_math'])}, logits SQNR "
-             f"{rep['logits_sqnr_db_qdq_math']:.1f} dB; per layer (QDQ math):",
-             f"{'layer':<28}{'SQNR dB':>9}{'w min':>9}{'w max':>9}{'act min':>9}{'act max':>9}"]
-    lines += [f"{lr['name'][:27]:<28}{lr['sqnr_db']:>9.1f}{lr['weight_min']:>9.3f}"
-              f"{lr['weight_max']:>9.3f}{lr['activation_min']:>9.2f}{lr['activation_max']:>9.2f}"
-              for lr in rep["layers"]]
-    if rep.get("torch_pt2e"):
-        t = rep["torch_pt2e"]
-        lines.insert(3, f"torch PT2E (torchao X86 Inductor quantizer, eager): top-1 "
-                        f"{pct(t['int8_top1'])}, agreement {pct(t['agreement'])}, logits SQNR "
-                        f"{t['logits_sqnr_db']:.1f} dB")
-    return "\n".join(lines)
 
 
 def _floats(text: str) -> tuple[float, ...]:
