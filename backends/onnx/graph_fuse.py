@@ -46,6 +46,10 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
 
 
+Shape = tuple[int | None, ...]
+"""A tensor shape from shape inference (None: a dimension it could not fix)."""
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -70,7 +74,7 @@ class _Graph:
                          default=17)
         self._fold_constants()
         inferred = onnx.shape_inference.infer_shapes(model)
-        self.shapes: dict[str, tuple] = {}
+        self.shapes: dict[str, Shape] = {}
         for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
             dims = vi.type.tensor_type.shape.dim
             self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
@@ -80,7 +84,7 @@ class _Graph:
     def _bypass_identities(self) -> None:
         g = self.model.graph
         outputs = {o.name for o in g.output}
-        rename = {}
+        rename: dict[str, str] = {}
         keep = []
         for n in g.node:
             if n.op_type == "Identity" and n.output[0] not in outputs:
@@ -120,7 +124,11 @@ class _Graph:
              for o in n.output if o])
         ref = ReferenceEvaluator(helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", self.opset)]))
-        return ref.run(None, {i: self.values[i] for i in inputs})
+        outs = ref.run(None, {i: self.values[i] for i in inputs})
+        if not isinstance(outs, list):  # a dict only with intermediate=True
+            raise FusionError(f"evaluating {n.op_type} {n.name}: the reference evaluator returned "
+                              f"{type(outs).__name__}, not a list of outputs")
+        return outs
 
     def index(self) -> None:
         g = self.model.graph
@@ -181,11 +189,12 @@ class _Pass:
             return [Stage(conv, params)], None, n.input[0]
         if op == "BatchNormalization":
             vals = [g.const(i) for i in n.input[1:5]]
-            if any(v is None for v in vals) or a.get("training_mode", 0):
+            consts = [v for v in vals if v is not None]
+            if len(consts) != len(vals) or a.get("training_mode", 0):
                 return None, f"BatchNormalization {n.name} is in training mode", None
             if len(n.output) > 1 and any(g.uses[o] for o in n.output[1:] if o):
                 return None, f"BatchNormalization {n.name} outputs running statistics", None
-            scale, bias, mean, var = vals
+            scale, bias, mean, var = consts
             node = BN("", scale.shape[0], float(a.get("epsilon", 1e-5)))
             return [Stage(node, {"weight": scale, "bias": bias, "running_mean": mean,
                                  "running_var": var})], None, n.input[0]
@@ -215,15 +224,14 @@ class _Pass:
             return None, None, None
         return None, None, None
 
-    def pad_bn(self, add: onnx.NodeProto) -> tuple[list[Stage] | None, str | None,
-                                                   list[onnx.NodeProto]]:
+    def pad_bn(self, add: onnx.NodeProto) -> tuple[list[Stage], str, list[onnx.NodeProto]] | None:
         """`pre -> Sub c -> Pad p (zeros, spatial, symmetric) -> Add c`, where `pre` is a conv
         whose bias is c or a BN whose BN(0) is c: the conv (without bias) and a PadBN, or the
         BN as a PadBN (Diverse Branch Block's BN-and-pad): (stages, the tensor `pre` reads, the
-        nodes consumed)."""
+        nodes consumed); None when `add` is no such pattern."""
         g = self.g
         if add.op_type != "Add" or len(add.input) != 2:
-            return None, None, []
+            return None
         for pi, ci in ((0, 1), (1, 0)):
             pad, c = g.producer.get(add.input[pi]), g.const(add.input[ci])
             if pad is None or c is None or pad.op_type != "Pad" or g.uses[pad.output[0]] != 1:
@@ -234,19 +242,22 @@ class _Pass:
             value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
             if (sub is None or sub.op_type != "Sub" or pads is None or mode not in
                     (b"constant", "constant") or (value is not None and np.any(value != 0))
-                    or g.uses[sub.output[0]] != 1 or g.const(sub.input[1]) is None):
+                    or g.uses[sub.output[0]] != 1):
+                continue
+            shift = g.const(sub.input[1])
+            if shift is None:
                 continue
             p = [int(v) for v in pads.reshape(-1)]
             if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or len(set(p[2:4] + p[6:8])) != 1:
                 continue
             cv = _per_channel(c, None)
-            if cv is None or not np.array_equal(g.const(sub.input[1]), c):
+            if cv is None or not np.array_equal(shift, c):
                 continue
             pre = g.producer.get(sub.input[0])
             if pre is None or g.uses[pre.output[0]] != 1:
                 continue
             st, _, x = self.stage(pre)
-            if not st or len(st) != 1:
+            if not st or len(st) != 1 or x is None:
                 continue
             node, prm = st[0].node, st[0].params
             tol = 1e-6 * max(float(np.abs(cv).max()), 1e-30)
@@ -263,7 +274,7 @@ class _Pass:
                 if np.abs(zero - cv).max() <= tol:
                     return ([Stage(PadBN("", node.channels, p[2], node.eps), prm)], x,
                             [add, pad, sub, pre])
-        return None, None, []
+        return None
 
     # ---------------------------------------------------------------- branches and sums
 
@@ -275,14 +286,15 @@ class _Pass:
         name, why = term, None
         while g.uses[name] == 1 and name in g.producer:
             n = g.producer[name]
-            padded, x, consumed = self.pad_bn(n)
-            if padded is not None:
+            found = self.pad_bn(n)
+            if found is not None:
+                padded, src, consumed = found
                 nodes += consumed
                 stages += padded[::-1]
-                name = x
+                name = src
                 continue
             st, reason, x = self.stage(n)
-            if st is None:
+            if st is None or x is None:
                 why = reason
                 break
             nodes.append(n)
@@ -397,7 +409,7 @@ class _Pass:
             if n is None or n.op_type != "Conv":
                 continue
             head, _, src = self.stage(n)
-            if head is None:
+            if head is None or src is None:
                 continue
             chain, last, nodes = list(head), n, []
             while self.g.uses[last.output[0]] == 1:
@@ -438,7 +450,7 @@ class _Pass:
         graph.initializer.extend(keep_init)
 
 
-def _same_shape(a: tuple | None, b: tuple | None) -> bool:
+def _same_shape(a: Shape | None, b: Shape | None) -> bool:
     """False only when both shapes are known and differ (a broadcasting Add)."""
     if a is None or b is None:
         return True

@@ -59,6 +59,7 @@ def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     ref = next(module.parameters())
     was_training = module.training
     module.eval()
+    y: torch.Tensor
     try:
         with torch.inference_mode():
             y = module(torch.as_tensor(np.asarray(x, np.float32), device=ref.device,

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from reparam_core import (
     Add,
@@ -34,9 +35,9 @@ from reparam_core import (
 )
 from reparam_core.fusion import identity_kernel
 from reparam_core.l2 import L2Terms, custom_l2_penalty, l2_terms
-from reparam_core.nodes import Description, Node, rep_blocks
+from reparam_core.nodes import Description, Node, SpecLike, rep_blocks
 
-from .layers import LEAF_FUNCTIONS, LEAF_MODULES, Plan, Step, add, call, dropout, rep, run, submodule
+from .layers import LEAF_FUNCTIONS, LEAF_MODULES, ModuleLeaf, Plan, Step, add, call, dropout, rep, run, submodule
 
 Tensor = torch.Tensor
 
@@ -61,23 +62,37 @@ def numpy_state(module: nn.Module) -> dict[str, np.ndarray]:
 _CLASSES: dict[str, type[RepModule]] = {}
 
 
-def _bn_scale(bn: nn.Module) -> Tensor:
-    """gamma / sqrt(var + eps), detached, shaped to broadcast over a kernel's output axis."""
+def _bn_scale(block: nn.Module, path: str) -> Tensor:
+    """gamma / sqrt(var + eps) of the BN at `path`, detached, shaped to broadcast over a kernel's
+    output axis."""
+    bn = block.get_submodule(path)
+    if not isinstance(bn, _BatchNorm) or bn.running_var is None:
+        raise SpecError(f"{path}: the custom L2 needs a BatchNorm with running statistics there, "
+                        f"got {type(bn).__name__}")
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(-1, 1, 1, 1)
+
+
+def _conv_weight(block: nn.Module, path: str) -> Tensor:
+    """The weight of the conv at `path`."""
+    conv = block.get_submodule(path)
+    if not isinstance(conv, nn.Conv2d):
+        raise SpecError(f"{path}: the custom L2 needs a Conv2d there, got {type(conv).__name__}")
+    return conv.weight
 
 
 def _block_l2(block: nn.Module, t: L2Terms) -> Tensor:
     """The custom L2 of one re-parameterizable block module (see reparam_core.l2)."""
-    k3 = block.get_submodule(t.dense_conv).weight
-    k1 = block.get_submodule(t.one_conv).weight
+    k3, k1 = _conv_weight(block, t.dense_conv), _conv_weight(block, t.one_conv)
     ch, cw = t.centre
     centre = k3[:, :, ch:ch + 1, cw:cw + 1]
-    t3, t1 = _bn_scale(block.get_submodule(t.dense_bn)), _bn_scale(block.get_submodule(t.one_bn))
+    t3, t1 = _bn_scale(block, t.dense_bn), _bn_scale(block, t.one_bn)
+    penalty: Tensor
     if t.identity_bn is None:
-        return custom_l2_penalty(k3, centre, k1, t3, t1)
-    ident = torch.from_numpy(identity_kernel(t.out_channels, t.groups, 1)).to(k3)
-    return custom_l2_penalty(k3, centre, k1, t3, t1, ident,
-                             _bn_scale(block.get_submodule(t.identity_bn)))
+        penalty = custom_l2_penalty(k3, centre, k1, t3, t1)
+    else:
+        ident = torch.from_numpy(identity_kernel(t.out_channels, t.groups, 1)).to(k3)
+        penalty = custom_l2_penalty(k3, centre, k1, t3, t1, ident, _bn_scale(block, t.identity_bn))
+    return penalty
 
 
 class RepModule(nn.Module):
@@ -96,7 +111,7 @@ class RepModule(nn.Module):
         if "kind" in vars(cls):
             _CLASSES.setdefault(cls.kind, cls)
 
-    def __init__(self, spec: object, deploy: bool = False) -> None:
+    def __init__(self, spec: SpecLike, deploy: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.deploy = bool(deploy)
@@ -145,17 +160,17 @@ class RepModule(nn.Module):
             return add, tuple(self._chain(b) for b in node.branches)
         if isinstance(node, Dropout):
             return dropout, node.p
-        if type(node) in LEAF_MODULES:
+        if isinstance(node, ModuleLeaf) and type(node) in LEAF_MODULES:
             return submodule, self._leaf(node)
         if type(node) in LEAF_FUNCTIONS:
             return call, LEAF_FUNCTIONS[type(node)](node)
         raise SpecError(f"{self.desc.kind}: the torch backend has no rule for a "
                         f"{type(node).__name__} node ({node!r})")
 
-    def _leaf(self, node: Node) -> str:
+    def _leaf(self, node: ModuleLeaf) -> str:
         """Register the native module of a parameterised leaf at its name; returns the name."""
-        self._place(node.name, LEAF_MODULES[type(node)](node))  # type: ignore[union-attr]
-        return node.name  # type: ignore[union-attr]
+        self._place(node.name, LEAF_MODULES[type(node)](node))
+        return node.name
 
     def _aux_heads(self, heads: tuple[Aux, ...]) -> dict[int, tuple[tuple[str, Plan], ...]]:
         """The auxiliary heads by the index of the top-level block step they read."""
@@ -220,16 +235,27 @@ class RepModule(nn.Module):
         ("" for this module itself), in forward order, read from the spec's train form (so a
         model lists the same units in either form)."""
         desc = in_form(self.spec, "train")
-        own = [("", self)] if isinstance(desc, Block) and any(
+        units: list[tuple[str, RepModule]] = [("", self)] if isinstance(desc, Block) and any(
             isinstance(n, Rep) for n in desc.body) else []
-        return own + [(path, self.get_submodule(path)) for path, _ in rep_blocks(desc)]
+        for path, _ in rep_blocks(desc):
+            unit = self.get_submodule(path)
+            if not isinstance(unit, RepModule):
+                raise ReparamError(f"{type(self).__name__}: the block at {path!r} was replaced by a "
+                                   f"{type(unit).__name__}, not a reparam block module")
+            units.append((path, unit))
+        return units
 
     def custom_l2(self) -> Tensor:
         """RepVGGplus' custom L2 summed over every re-parameterizable unit, identity branch
         included (train form only; reparam_core.l2.custom_l2_penalty)."""
         self._train_form_only("custom_l2 is defined")
-        return torch.stack([_block_l2(block, l2_terms(block.desc))
-                            for _, block in self.rep_blocks()]).sum()
+        terms = []
+        for path, block in self.rep_blocks():
+            if not isinstance(block.desc, Block):  # a unit is a Block by construction (rep_blocks)
+                raise SpecError(f"{path!r}: a re-parameterizable unit must be a block, got a "
+                                f"{type(block.desc).__name__}")
+            terms.append(_block_l2(block, l2_terms(block.desc)))
+        return torch.stack(terms).sum()
 
 
 def block_class(kind: str) -> type[RepModule]:
@@ -280,7 +306,7 @@ class RepGhostBottleneck(RepModule):
     absent_as_none = ("se",)
 
 
-def build_block(spec: object, *, deploy: bool = False) -> RepModule:
+def build_block(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     """A block module from its spec (or description), in train (default) or deploy form."""
     return block_class(block_kind(spec))(spec, deploy=deploy)
 

@@ -10,7 +10,7 @@ from .api import reparameterize
 from .blocks import RepModule
 
 
-def export_onnx(model: RepModule, path: str | os.PathLike, input_shape: tuple[int, ...] = (1, 3, 224, 224),
+def export_onnx(model: RepModule, path: str | os.PathLike[str], input_shape: tuple[int, ...] = (1, 3, 224, 224),
                 opset: int = 17, dynamic_batch: bool = False) -> str:
     """Write the deploy form of `model` (reparameterized first when given a train-form model; the
     input is left untouched) to `path` as ONNX with the TorchScript exporter, in inference mode.

@@ -49,7 +49,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (PadBatchNorm, ChannelScale)) or super().is_leaf_module(m, qualname)
 
-    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -101,7 +102,9 @@ BN_ARGS = {F.batch_norm: ("input", "running_mean", "running_var", "weight", "bia
 BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
-def _args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
+def _args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name: the defaults, then the positional and keyword arguments
+    (fx arguments of any type; each rule checks the ones it reads)."""
     out = dict(defaults)
     out.update(zip(names, node.args))
     out.update(node.kwargs)
@@ -110,7 +113,7 @@ def _args(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
 
 def _is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADDS
-            and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2)
+            and bool(node.kwargs.get("alpha", 1) == 1) and len(node.args) == 2)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -122,6 +125,12 @@ class _Stage:
 
     node: fx.Node
     core: Stage
+
+
+Found = tuple[_Stage | None, str | None, fx.Node | None]
+"""What a graph node computes as a branch primitive: (stage, None, input) — stage None for a
+pass-through; (None, reason, None) for a primitive that cannot be fused; (None, None, None) for
+no primitive."""
 
 
 class _Pass:
@@ -168,13 +177,16 @@ class _Pass:
 
     # ---------------------------------------------------------------- primitives
 
-    def stage(self, n: fx.Node) -> tuple[_Stage | None, str | None, fx.Node | None]:
+    def stage(self, n: fx.Node) -> Found:
         """The branch primitive computed by graph node n: (stage, None, input) — stage None for
         a pass-through (identity, eval dropout); (None, reason, None) when n looks like a
-        primitive that cannot be fused; (None, None, None) when it is no primitive."""
+        primitive that cannot be fused; (None, None, None) when it is no primitive (also when
+        it reads no graph tensor)."""
         if n.op == "call_module":
             m = self.modules[n.target]
             x = n.args[0] if n.args else None
+            if not isinstance(x, fx.Node):
+                return None, None, None
             if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
                 return None, None, x
             if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d:
@@ -199,59 +211,67 @@ class _Pass:
             w, b = self.const(a["weight"]), self.const(a["bias"])
             if w is None or (a["bias"] is not None and b is None):
                 return None, f"conv {n.name} has weights computed from the input", None
+            if not isinstance(a["input"], fx.Node):
+                return None, None, None
             return self._conv(n, a["input"], w, b, a["stride"], a["padding"], a["dilation"],
                               a["groups"], "zeros")
         if n.target in BN_ARGS:
             a = _args(n, BN_ARGS[n.target], BN_DEFAULTS)
-            vals = [self.const(a[k]) for k in ("running_mean", "running_var", "weight", "bias")]
-            if vals[0] is None or vals[1] is None:
+            mean, var, weight, bias = (self.const(a[k]) for k in ("running_mean", "running_var",
+                                                                  "weight", "bias"))
+            if mean is None or var is None:
                 return None, f"BN {n.name} has no running statistics", None
-            return self._bn(n, a["input"], *vals, a["eps"], bool(a["training"]))
+            if not isinstance(a["input"], fx.Node):
+                return None, None, None
+            return self._bn(n, a["input"], mean, var, weight, bias, a["eps"], bool(a["training"]))
         if n.target in POOLS:
             a = _args(n, POOL_ARGS, POOL_DEFAULTS)
+            if not isinstance(a["input"], fx.Node):
+                return None, None, None
             return self._pool(n, a["input"], a["kernel_size"], a["stride"] or a["kernel_size"],
                               a["padding"], a["ceil_mode"], a["count_include_pad"],
                               a["divisor_override"])
         if n.target in MULS and len(n.args) == 2:
             for x, c in (n.args, n.args[::-1]):
-                if isinstance(x, fx.Node) and self.const(x) is None and self.const(c) is not None:
-                    return self._scale(n, x, self.const(c))
+                cv = self.const(c)
+                if isinstance(x, fx.Node) and self.const(x) is None and cv is not None:
+                    return self._scale(n, x, cv)
         return None, None, None
 
-    def _conv(self, n: fx.Node, x: Any, w: Tensor, b: Tensor | None, stride: Any, padding: Any,
-              dilation: Any, groups: int, mode: str) -> tuple:
-        k = tuple(w.shape[2:])
+    def _conv(self, n: fx.Node, x: fx.Node, w: Tensor, b: Tensor | None, stride: Any,
+              padding: Any, dilation: Any, groups: int, mode: str) -> Found:
         d = _pair_arg(dilation)
         if mode != "zeros" or w.dim() != 4:
             return None, f"conv {n.name} is not a zero-padded 2-D conv", None
+        k = (w.shape[2], w.shape[3])
         if isinstance(padding, str):
             if padding == "same" and any(di * (ki - 1) % 2 for di, ki in zip(d, k)):
                 return None, f"conv {n.name}: padding='same' is asymmetric for this kernel", None
             padding = (0, 0) if padding == "valid" else tuple(di * (ki - 1) // 2
                                                               for di, ki in zip(d, k))
-        geo = dict(kernel=k, stride=_pair_arg(stride), padding=_pair_arg(padding), dilation=d,
-                   groups=int(groups), bias=b is not None)
         cin, cout = w.shape[1] * int(groups), w.shape[0]
+        conv = Conv("", cin, cout, kernel=k, stride=_pair_arg(stride), padding=_pair_arg(padding),
+                    dilation=d, groups=int(groups), bias=b is not None)
         params = {"weight": w.detach().cpu().numpy()}
         if b is not None:
             params["bias"] = b.detach().cpu().numpy()
-        return _Stage(n, Stage(Conv("", cin, cout, **geo), params)), None, x
+        return _Stage(n, Stage(conv, params)), None, x
 
-    def _bn(self, n: fx.Node, x: Any, mean: Tensor | None, var: Tensor | None,
+    def _bn(self, n: fx.Node, x: fx.Node, mean: Tensor | None, var: Tensor | None,
             weight: Tensor | None, bias: Tensor | None, eps: float, training: bool,
-            pad: int = 0) -> tuple:
+            pad: int = 0) -> Found:
         if training or mean is None or var is None:
             return None, f"BN {n.name} is in training mode (batch statistics)", None
         c = mean.shape[0]
-        params = {"running_mean": mean, "running_var": var,
-                  "weight": torch.ones(c) if weight is None else weight,
-                  "bias": torch.zeros(c) if bias is None else bias}
-        params = {k: v.detach().cpu().numpy() for k, v in params.items()}
+        tensors = {"running_mean": mean, "running_var": var,
+                   "weight": torch.ones(c) if weight is None else weight,
+                   "bias": torch.zeros(c) if bias is None else bias}
+        params = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
         node = PadBN("", c, pad, float(eps)) if pad else BN("", c, float(eps))
         return _Stage(n, Stage(node, params)), None, x
 
-    def _pool(self, n: fx.Node, x: Any, kernel: Any, stride: Any, padding: Any, ceil: bool,
-              count_pad: bool, divisor: Any) -> tuple:
+    def _pool(self, n: fx.Node, x: fx.Node, kernel: Any, stride: Any, padding: Any, ceil: bool,
+              count_pad: bool, divisor: Any) -> Found:
         k, s, p = _pair_arg(kernel), _pair_arg(stride), _pair_arg(padding)
         if ceil or divisor is not None or (not count_pad and p != (0, 0)):
             return None, f"avg pool {n.name} uses ceil_mode, a divisor or excludes padding", None
@@ -259,7 +279,7 @@ class _Pass:
             return None, f"avg pool {n.name} is not square", None
         return _Stage(n, Stage(AvgPool(k[0], s[0], p[0]), {})), None, x
 
-    def _scale(self, n: fx.Node, x: Any, c: Tensor) -> tuple:
+    def _scale(self, n: fx.Node, x: fx.Node, c: Tensor) -> Found:
         shape = self.shape(x)
         if shape is None or len(shape) != 4 or c.numel() != shape[1] or tuple(c.shape) not in (
                 (shape[1], 1, 1), (1, shape[1], 1, 1)):
@@ -278,10 +298,10 @@ class _Pass:
         while isinstance(n, fx.Node) and len(n.users) == 1:
             padded = self.pad_bn(n)
             if padded is not None:
-                st_pad, x, consumed = padded
+                st_pad, src, consumed = padded
                 nodes += consumed
                 stages.append(st_pad)
-                n = x
+                n = src
                 continue
             st, reason, x = self.stage(n)
             if x is None:
@@ -310,13 +330,14 @@ class _Pass:
             if (not isinstance(sub, fx.Node) or sub.target not in SUBS or len(sub.users) != 1
                     or mode != "constant" or value not in (None, 0, 0.0)
                     or not isinstance(amount, (list, tuple)) or len(amount) != 4
-                    or len(set(amount)) != 1 or self.const(sub.args[1]) is None
-                    or not torch.equal(self.const(sub.args[1]), cv)):
+                    or len(set(amount)) != 1):
                 continue
-            bn = sub.args[0]
-            st, _, x = self.stage(bn) if isinstance(bn, fx.Node) and len(bn.users) == 1 else (
-                None, None, None)
-            if st is None or not isinstance(st.core.node, BN):
+            shift, bn, width = self.const(sub.args[1]), sub.args[0], amount[0]
+            if (shift is None or not torch.equal(shift, cv) or not isinstance(width, int)
+                    or not isinstance(bn, fx.Node) or len(bn.users) != 1):
+                continue
+            st, _, x = self.stage(bn)
+            if st is None or x is None or not isinstance(st.core.node, BN):
                 continue
             node, prm = st.core.node, st.core.params
             zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
@@ -325,7 +346,7 @@ class _Pass:
             if want.shape != zero.shape or np.abs(zero - want).max() > 1e-6 * max(
                     float(np.abs(want).max()), 1e-30):
                 continue
-            core = Stage(PadBN("", node.channels, int(amount[0]), node.eps), prm)
+            core = Stage(PadBN("", node.channels, width, node.eps), prm)
             return _Stage(add, core), x, [add, pad, sub, bn]
         return None
 
@@ -393,7 +414,12 @@ class _Pass:
              nodes: list[fx.Node], where: str) -> bool:
         """Build the core's Rep; on success replace `last` (and a BN after it) by one conv."""
         post = self.post_bn(last)
-        cin, cout = self.shape(source)[1], self.shape(last)[1]
+        source_shape, last_shape = self.shape(source), self.shape(last)
+        if source_shape is None or last_shape is None:
+            self.report_left.append(LeftAlone(where, f"no recorded tensor shape for {source.name} "
+                                                     f"or {last.name}"))
+            return False
+        cin, cout = source_shape[1], last_shape[1]
         try:
             fused, (kernel, bias) = fuse_branches([[st.core for st in b] for b in branches],
                                                   cin, cout, None if post is None else post.core)
@@ -406,6 +432,8 @@ class _Pass:
         conv = nn.Conv2d(cin, cout, fused.kernel, fused.stride, fused.padding, fused.dilation,
                          fused.groups, bias=True)
         _, dtype, device = self.meta[end]
+        if conv.bias is None:  # impossible: built with bias=True
+            raise FusionError(f"{name}: nn.Conv2d(bias=True) has no bias")
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
             conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
@@ -443,7 +471,8 @@ class _Pass:
             if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
                 continue
             head, _, src = self.stage(x)
-            if head is None or not isinstance(head.core.node, Conv) or len(x.users) != 1:
+            if (head is None or src is None or not isinstance(head.core.node, Conv)
+                    or len(x.users) != 1):
                 continue
             self.fuse(x, src, [[head]], [x], n.name)
 
@@ -456,7 +485,7 @@ def _pair_arg(v: Any) -> Pair:
 
 
 def _what(n: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if n.op == "call_module":
+    if n.op == "call_module" and isinstance(n.target, str):
         return f"module {type(modules[n.target]).__name__}"
     if n.op == "call_function":
         return f"function {getattr(n.target, '__name__', n.target)}"
@@ -480,7 +509,10 @@ def fuse(module: nn.Module, example_input: Tensor) -> fx.GraphModule:
         gm.delete_submodule(target)
     gm.graph.lint()
     gm.recompile()
-    gm.fuse_report = FuseReport(f"captured with {how}", p.report_fused, p.report_left)
+    report = FuseReport(f"captured with {how}", p.report_fused, p.report_left)
+    # torch types a module's unknown attributes (__getattr__/__setattr__) as Tensor | Module; at
+    # runtime any other value is stored as a plain attribute
+    gm.fuse_report = report  # type: ignore[assignment]
     return gm
 
 

@@ -74,6 +74,9 @@ class PadBatchNorm(nn.BatchNorm2d):
     statistics, detached (Diverse Branch Block's BNAndPadLayer, its BN parameters held
     directly)."""
 
+    running_mean: Tensor  # always tracked (track_running_stats=True): never None here
+    running_var: Tensor
+
     def __init__(self, channels: int, pad: int, eps: float = 1e-5) -> None:
         super().__init__(channels, eps=eps)
         self.pad = pad
@@ -92,6 +95,8 @@ class IdentityPlusConv2d(nn.Conv2d):
     the stored weight is the difference from the identity). The offset is a non-persistent
     buffer: the state keys are nn.Conv2d's."""
 
+    identity: Tensor  # registered as a buffer in __init__
+
     def __init__(self, node: Conv) -> None:
         super().__init__(node.in_channels, node.out_channels, node.kernel, node.stride,
                          node.padding, node.dilation, node.groups, bias=node.bias)
@@ -100,7 +105,8 @@ class IdentityPlusConv2d(nn.Conv2d):
                              persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.weight + self.identity.to(self.weight), self.bias)
+        y: Tensor = self._conv_forward(x, self.weight + self.identity.to(self.weight), self.bias)
+        return y
 
 
 def _conv(node: Conv) -> nn.Module:
@@ -110,7 +116,10 @@ def _conv(node: Conv) -> nn.Module:
                      node.padding, node.dilation, node.groups, bias=node.bias)
 
 
-LEAF_MODULES: dict[type, Callable[[Any], nn.Module]] = {
+ModuleLeaf = Conv | BN | PadBN | Scale | SE | Linear
+"""The parameterised leaves (each one native module at the leaf's name)."""
+
+LEAF_MODULES: dict[type[ModuleLeaf], Callable[[Any], nn.Module]] = {
     Conv: _conv,
     BN: lambda n: nn.BatchNorm2d(n.channels, eps=n.eps),
     PadBN: lambda n: PadBatchNorm(n.channels, n.pad, n.eps),
@@ -157,7 +166,8 @@ def call(owner: nn.Module, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 def submodule(owner: nn.Module, x: Tensor, path: str) -> Tensor:
     """The owner's submodule at `path` (a parameterised leaf or a nested block)."""
-    return owner.get_submodule(path)(x)
+    y: Tensor = owner.get_submodule(path)(x)
+    return y
 
 
 def dropout(owner: nn.Module, x: Tensor, p: float) -> Tensor:
@@ -179,6 +189,6 @@ def rep(owner: nn.Module, x: Tensor, arg: tuple[tuple[Plan, ...], bool, str | No
     return y if bn is None else owner.get_submodule(bn)(y)
 
 
-__all__ = ["Plan", "Step", "ACT_FNS", "SqueezeExcite", "ChannelScale", "PadBatchNorm",
+__all__ = ["Plan", "Step", "ModuleLeaf", "ACT_FNS", "SqueezeExcite", "ChannelScale", "PadBatchNorm",
            "IdentityPlusConv2d",
            "LEAF_MODULES", "LEAF_FUNCTIONS", "run", "call", "submodule", "dropout", "add", "rep"]

@@ -18,9 +18,10 @@ from torch import nn
 from reparam_core.errors import BackendUnavailableError
 
 from .api import reparameterize
+from .blocks import RepModule
 
 
-def pt2e_int8(module: nn.Module, calib: np.ndarray, batch: int = 16) -> nn.Module:
+def pt2e_int8(module: RepModule, calib: np.ndarray, batch: int = 16) -> nn.Module:
     """The deploy form of `module` quantized with torchao's PT2E X86 Inductor quantizer,
     calibrated on `calib` (N, C, H, W float32). BackendUnavailableError without torchao."""
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only extensions, absent here
@@ -29,7 +30,7 @@ def pt2e_int8(module: nn.Module, calib: np.ndarray, batch: int = 16) -> nn.Modul
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as e:
         raise BackendUnavailableError(f"torchao is not installed ({e}); pip install torchao") from None
-    deploy = reparameterize(module).eval()  # type: ignore[arg-type]
+    deploy = reparameterize(module).eval()
     example = torch.from_numpy(np.ascontiguousarray(calib[:2], np.float32))
     program = torch.export.export(deploy, (example,),
                                   dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
@@ -39,7 +40,8 @@ def pt2e_int8(module: nn.Module, calib: np.ndarray, batch: int = 16) -> nn.Modul
     with torch.no_grad():
         for i in range(0, len(calib), batch):
             prepared(torch.from_numpy(np.ascontiguousarray(calib[i:i + batch], np.float32)))
-    return convert_pt2e(prepared)
+    quantized: nn.Module = convert_pt2e(prepared)  # torchao is untyped here
+    return quantized
 
 
 def run_batches(module: nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
