@@ -157,7 +157,7 @@ def schemes_for(spec: object) -> dict[str, Rules]:
 def _known_keys(spec: object) -> set[str]:
     known: set[str] = set()
     for form in FORMS:
-        known |= set(state_schema(spec, form))  # type: ignore[arg-type]
+        known |= set(state_schema(spec, form))
     return known
 
 

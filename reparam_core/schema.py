@@ -72,18 +72,18 @@ def node_schema(node: Node | Aux, prefix: str = "") -> Schema:
     out: Schema = {}
     if isinstance(node, Rep):
         for branch in node.branches:
-            for n in branch:
-                out.update(node_schema(n, prefix))
+            for leaf in branch:
+                out.update(node_schema(leaf, prefix))
         if node.bn is not None:
             out.update(node_schema(node.bn, prefix))
     elif isinstance(node, Add):
         for chain in node.branches:
-            for n in chain:
-                out.update(node_schema(n, prefix))
+            for item in chain:
+                out.update(node_schema(item, prefix))
     elif isinstance(node, (Block, Aux)):
         inner = join_key(prefix, node.name) if isinstance(node, Block) else prefix
-        for n in node.body:
-            out.update(node_schema(n, inner))
+        for child in node.body:
+            out.update(node_schema(child, inner))
     return out
 
 
@@ -96,8 +96,8 @@ def schema_of(desc: Description, prefix: str = "") -> Schema:
             out.update(node_schema(n, prefix))
         return out
     out = {}
-    for n in (*desc.body, *desc.aux):
-        out.update(node_schema(n, prefix))
+    for top in (*desc.body, *desc.aux):
+        out.update(node_schema(top, prefix))
     return out
 
 

@@ -7,8 +7,9 @@ names) follow the official PyTorch code.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from typing import Any
 
 from .errors import SpecError, UnknownModelError
 from .families import mobileone, qarepvgg, repghost, repvgg
@@ -71,11 +72,11 @@ def block_kind(spec: object) -> str:
     return describe(spec).kind  # type: ignore[arg-type]
 
 
-_BLOCK_KINDS: dict[str, type] = {"repblock": RepBlockSpec, "ghost_module": RepGhostModuleSpec,
-                                 "ghost_bottleneck": RepGhostBottleneckSpec}
+_BLOCK_KINDS: dict[str, type[RepBlockSpec] | type[RepGhostModuleSpec] | type[RepGhostBottleneckSpec]] = {
+    "repblock": RepBlockSpec, "ghost_module": RepGhostModuleSpec, "ghost_bottleneck": RepGhostBottleneckSpec}
 
 
-def block_spec_to_dict(spec: object) -> dict:
+def block_spec_to_dict(spec: object) -> dict[str, Any]:
     """A block spec as JSON-able data with its kind (for the MegEngine worker and JSON reports):
     the spec's fields for the registered kinds, else its description (any family, any official
     class: reparam_core.nodes_io)."""
@@ -88,7 +89,7 @@ def block_spec_to_dict(spec: object) -> dict:
     return {"kind": "description", "description": description_to_data(desc)}
 
 
-def block_spec_from_dict(data: dict) -> BlockSpec | Block:
+def block_spec_from_dict(data: Mapping[str, Any]) -> BlockSpec | Block:
     data = dict(data)
     kind = data.pop("kind", None)
     if kind == "description":
