@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,11 @@ from .imagefolder import DataError, decode_image, scan_image_folder
 from .l2 import l2_terms
 from .nodes import in_form, join_key, rep_blocks
 from .specs import block_kind
+from .state import check_state, strip_ignored
 
 SPLIT_SEED = 0          # the train/validation split never depends on --seed
 VAL_FRACTION = 0.2
+AUX_WEIGHT = 0.1        # RepVGGplus: weight of each auxiliary head's loss next to the main head's
 DIGITS = "digits"       # --data digits: scikit-learn's bundled 8x8 digits, upsampled
 CROP_SCALE = (0.35, 1.0)  # random resized crop: area fraction (small images: not ImageNet's 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -75,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     image_size: int = 32
+    init: str | None = None  # a neutral train-form state to start from (else seeded random init)
 
     @property
     def base_lr(self) -> float:
@@ -321,6 +324,50 @@ def is_digits(data: str) -> bool:
     return data == DIGITS
 
 
+def check_supported(cfg: TrainConfig, processes: int) -> None:
+    """TrainError naming the setting a framework's trainer does not have: MegEngine trains in
+    one process, in float32; the Flax trainer starts from its own seeded initialisation."""
+    if cfg.framework == "megengine":
+        if processes > 1:
+            raise TrainError("--nproc/--nnodes: MegEngine trains in one process here "
+                             "(megengine.distributed needs CUDA GPUs: on CPU its launcher does not start)")
+        if cfg.amp:
+            raise TrainError("--amp bf16: the MegEngine trainer runs in float32 (MegEngine's "
+                             "autocast is float16 on CUDA only)")
+    if cfg.framework == "flax" and cfg.init:
+        raise TrainError("--init: the Flax trainer starts from its seeded initialisation "
+                         "(--init is for PyTorch and MegEngine)")
+
+
+def initial_state(cfg: TrainConfig, spec: object) -> dict[str, np.ndarray] | None:
+    """The neutral train-form state of `cfg.init` (canonical keys, OIHW), checked against the
+    model's schema (CheckpointError / ShapeMismatchError name the file), or None without --init.
+    The same file gives every framework the same starting weights (seeded initialisations
+    differ between frameworks)."""
+    if cfg.init is None:
+        return None
+    if not os.path.isfile(cfg.init):
+        raise CheckpointError(f"--init: no file {cfg.init}")
+    state = strip_ignored(safetensors_io.load_file(cfg.init)[0])
+    check_state(spec, state, "train", source=f"--init {cfg.init}")
+    return state
+
+
+def save_dataset(path: str | os.PathLike, data: Dataset) -> None:
+    """The whole Dataset (images, labels, split, normalisation) as one safetensors file, for a
+    trainer in another interpreter (the MegEngine environment has no scikit-learn or Pillow)."""
+    arrays = {"images": data.images, "labels": data.labels, "train_idx": data.train_idx,
+              "val_idx": data.val_idx, "mean": data.mean, "std": data.std}
+    save_arrays(path, arrays, {"classes": json.dumps(list(data.classes)), "source": data.source})
+
+
+def read_dataset(path: str | os.PathLike) -> Dataset:
+    """The Dataset written by save_dataset."""
+    a, meta = safetensors_io.load_file(path)
+    return Dataset(a["images"], a["labels"], tuple(json.loads(meta["classes"])), a["train_idx"],
+                   a["val_idx"], a["mean"], a["std"], meta["source"])
+
+
 # --------------------------------------------------------------------------- checkpoints, metrics
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -443,6 +490,52 @@ def local_batches(cfg: TrainConfig, sched: Schedule, data: Dataset, start: int, 
         yield step, epoch, k, learning_rate(cfg.base_lr, step, sched), x, y, time.perf_counter() - t0
 
 
+@dataclass
+class Resumed:
+    """Where a run continues: the checkpoint's arrays (empty for a fresh run), the first step,
+    the partial epoch's sums and the metrics records of the finished epochs."""
+
+    arrays: dict[str, np.ndarray]
+    start: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resume_point(cfg: TrainConfig, sched: Schedule, resume: bool) -> Resumed:
+    """The checkpoint of OUT (load_checkpoint: same settings) and the metrics lines of the
+    epochs it has finished, when `resume`; a fresh start otherwise."""
+    if not resume:
+        return Resumed({})
+    out = Path(cfg.out)
+    arrays, progress = load_checkpoint(out / CHECKPOINT, cfg)
+    start = int(progress["step"])
+    records = [r for r in read_metrics(out / METRICS) if r["epoch"] <= start // sched.steps_per_epoch]
+    return Resumed(arrays, start, EpochSums(**progress["sums"]), records)
+
+
+def is_epoch_end(sched: Schedule, step: int) -> bool:
+    """Whether step `step` (0-based) ends an epoch (or the run)."""
+    return (step + 1) % sched.steps_per_epoch == 0 or step == sched.total - 1
+
+
+def log_epoch(cfg: TrainConfig, records: list[dict[str, Any]], record: dict[str, Any],
+              on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+    """Append an epoch's record, rewrite the metrics file, report it."""
+    records.append(record)
+    write_metrics(Path(cfg.out) / METRICS, records)
+    if on_epoch:
+        on_epoch(record)
+
+
+def checkpoint(cfg: TrainConfig, steps_done: int, arrays: Mapping[str, np.ndarray], sums: EpochSums,
+               end_of_epoch: bool) -> None:
+    """OUT/checkpoint.safetensors after `steps_done` steps; the epoch's sums are kept when the
+    checkpoint is written mid-epoch (SIGTERM), so the resumed epoch's figures cover all of it."""
+    kept = EpochSums() if end_of_epoch else sums
+    save_checkpoint(Path(cfg.out) / CHECKPOINT, arrays,
+                    {"step": steps_done, "config": cfg.fingerprint(), "sums": vars(kept)})
+
+
 def epoch_record(epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping[str, float],
                  world: int) -> dict[str, Any]:
     """One line of the metrics file (train loss/accuracy over the epoch's images on every
@@ -464,7 +557,9 @@ def metadata(cfg: TrainConfig, data: Dataset, framework: str) -> dict[str, str]:
 __all__ = ["TrainConfig", "TrainError", "Schedule", "make_schedule", "learning_rate",
            "custom_l2_kernels", "has_aux_heads", "decays", "Dataset", "crop_resize", "stratified_split",
            "make_dataset", "load_digits", "load_image_folder", "load_dataset", "sample_box",
-           "batch", "epoch_order", "rank_indices", "is_digits", "write_bytes", "save_arrays",
+           "batch", "epoch_order", "rank_indices", "is_digits", "check_supported", "initial_state",
+           "save_dataset", "read_dataset", "Resumed", "resume_point", "is_epoch_end", "log_epoch",
+           "checkpoint", "AUX_WEIGHT", "write_bytes", "save_arrays",
            "save_checkpoint", "load_checkpoint", "read_metrics", "write_metrics", "write_final",
            "StopFlag", "EpochSums", "steps_of", "epoch_record", "metadata", "CHECKPOINT",
            "METRICS", "SPLIT_SEED", "VAL_FRACTION", "DIGITS"]

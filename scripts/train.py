@@ -1,11 +1,12 @@
 """`reparam train`: train the multi-branch (train) form on the bundled digits or an image folder,
-in PyTorch (one process, or torch.distributed.run with --nproc / --nnodes) or Flax (data
-parallel over the local devices), then write the neutral safetensors of both forms.
+in PyTorch (one process, or torch.distributed.run with --nproc / --nnodes), Flax (data
+parallel over the local devices) or MegEngine (one process, in .venv-mge), then write the neutral
+safetensors of both forms.
 
-    reparam train --model RepVGG-mini --data digits|DIR --out DIR [--framework torch|flax]
+    reparam train --model RepVGG-mini --data digits|DIR --out DIR [--framework torch|flax|megengine]
         [--epochs N | --max-steps N] [--global-batch B] [--lr LR] [--wd WD]
         [--label-smoothing S] [--warmup-epochs E] [--ema DECAY] [--clip NORM] [--amp bf16]
-        [--sync-bn] [--seed S] [--no-augment] [--image-size S] [--nproc N]
+        [--sync-bn] [--seed S] [--no-augment] [--image-size S] [--init STATE] [--nproc N]
         [--nnodes N --node-rank R --rdzv-endpoint HOST:PORT] [--resume]
 
 OUT gets checkpoint.safetensors (each epoch end and on SIGTERM; --resume continues from it),
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data", default=tr.DIGITS, metavar="digits|DIR",
       help="'digits' (bundled) or an image folder DIR/<class>/<image>")
     a("--out", required=True, metavar="DIR", help="output folder (created)")
-    a("--framework", choices=("torch", "flax"), default="torch")
+    a("--framework", choices=("torch", "flax", "megengine"), default="torch")
     steps = parser.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=int, default=d.epochs, metavar="N")
     steps.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=d.seed)
     a("--no-augment", action="store_true", help="no random resized crop / flip")
     a("--image-size", type=int, default=d.image_size, metavar="S")
+    a("--init", default=None, metavar="STATE",
+      help="start from this neutral train-form safetensors (PyTorch, MegEngine)")
     a("--nproc", type=int, default=1, metavar="N", help="processes per node (torchrun)")
     a("--nnodes", type=int, default=1, metavar="N")
     a("--node-rank", type=int, default=0, metavar="R")
@@ -71,7 +74,8 @@ def config(args: argparse.Namespace) -> tr.TrainConfig:
         global_batch=args.global_batch, lr=args.lr, wd=args.wd,
         label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs, ema=args.ema,
         clip=args.clip, amp=args.amp, sync_bn=args.sync_bn, seed=args.seed,
-        augment=not args.no_augment, image_size=args.image_size)
+        augment=not args.no_augment, image_size=args.image_size,
+        init=os.path.abspath(args.init) if args.init else None)
 
 
 def worker_argv(cfg: tr.TrainConfig, resume: bool) -> list[str]:
@@ -82,12 +86,20 @@ def worker_argv(cfg: tr.TrainConfig, resume: bool) -> list[str]:
             "--seed", str(cfg.seed), "--image-size", str(cfg.image_size)]
     argv += (["--max-steps", str(cfg.max_steps)] if cfg.max_steps is not None
              else ["--epochs", str(cfg.epochs)])
-    for flag, value in (("--lr", cfg.lr), ("--ema", cfg.ema), ("--clip", cfg.clip), ("--amp", cfg.amp)):
+    for flag, value in (("--lr", cfg.lr), ("--ema", cfg.ema), ("--clip", cfg.clip), ("--amp", cfg.amp),
+                        ("--init", cfg.init)):
         if value is not None:
             argv += [flag, str(value)]
     argv += [flag for flag, on in (("--sync-bn", cfg.sync_bn), ("--no-augment", not cfg.augment),
                                    ("--resume", resume)) if on]
     return argv
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the repository on PYTHONPATH (for torchrun's workers and the
+    MegEngine trainer)."""
+    path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
 def torchrun_command(args: argparse.Namespace, cfg: tr.TrainConfig) -> list[str]:
@@ -140,22 +152,28 @@ def run(args: argparse.Namespace) -> int:
     if cfg.global_batch % max(args.nproc * args.nnodes, 1):
         raise tr.TrainError(f"--global-batch {cfg.global_batch} is not divisible by "
                             f"{args.nproc * args.nnodes} processes")
+    tr.check_supported(cfg, args.nproc * args.nnodes)
+    tr.initial_state(cfg, get_spec(cfg.model, len(data.classes)))  # a bad --init: exit 2 here
     if args.resume:  # a missing checkpoint or one of other settings: exit 2 before starting
         tr.load_checkpoint(Path(cfg.out) / tr.CHECKPOINT, cfg)
     distributed = args.nproc > 1 or args.nnodes > 1
     if cfg.framework == "torch" and distributed and _LAUNCHER_ENV not in os.environ:
-        path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-        return subprocess.run(torchrun_command(args, cfg), cwd=ROOT, env=env).returncode
+        return subprocess.run(torchrun_command(args, cfg), cwd=ROOT, env=_child_env()).returncode
     if cfg.framework == "flax" and args.nproc > 1:
         raise tr.TrainError("--nproc: Flax uses every local device in one process "
                             "(XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
+    backend: Any
     if cfg.framework == "flax":
         from backends.flax import train as backend
         if args.nnodes > 1:
             backend.initialize_hosts(args.rdzv_endpoint or "", args.nnodes, args.node_rank)
+    elif cfg.framework == "megengine":
+        from backends.megengine.remote import mge_python
+        from reparam_core.train_process import ProcessTrainer
+
+        backend = ProcessTrainer(mge_python(), "backends.megengine.train", ROOT, _child_env())
     else:
-        from backends.torch import train as backend  # type: ignore[no-redef]
+        from backends.torch import train as backend
     if os.environ.get("RANK", str(args.node_rank)) == "0":  # rank 0 / host 0 writes
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     bar = _Bar(f"train {cfg.model}")

@@ -25,12 +25,12 @@ from torch import nn
 from reparam_core import training as tr
 from reparam_core.errors import CheckpointError
 
-from .api import export_state
+from .api import export_state, load_state
 from .blocks import RepModule
 from .layers import PadBatchNorm
 from .models import create_model
 
-AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss next to the main head's
+AUX_WEIGHT = tr.AUX_WEIGHT
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, float, float], None]
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -192,6 +192,9 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=len(data.classes)).to(device).train()
     spec = model.spec
+    init = tr.initial_state(cfg, spec)
+    if init is not None:
+        load_state(model, init)
     if cfg.sync_bn and world > 1:
         convert_sync_bn(model)
     l2_kernels = tr.custom_l2_kernels(spec)
@@ -201,20 +204,16 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     opt = _optimizer(model, cfg, l2_kernels)
     ema = _float_state(model) if cfg.ema else None
     ema_model = copy.deepcopy(model) if cfg.ema else None
-    start, sums, records = 0, tr.EpochSums(), []
+    point = tr.resume_point(cfg, sched, resume)
     if resume:
-        arrays, progress = tr.load_checkpoint(out / tr.CHECKPOINT, cfg)
-        _restore(arrays, model, opt, ema, device)
-        start = int(progress["step"])
-        if rank == 0:
-            sums = tr.EpochSums(**progress["sums"])
-        records = [r for r in tr.read_metrics(out / tr.METRICS)
-                   if r["epoch"] <= start // sched.steps_per_epoch]
+        _restore(point.arrays, model, opt, ema, device)
+    start, records = point.start, point.records
+    sums = point.sums if rank == 0 else tr.EpochSums()  # the partial epoch's sums are rank 0's
     x_val, y_val = data.val()
     stop = tr.StopFlag()
     done, stopped = start, False
     try:
-        for step, epoch, k, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, world):
+        for step, epoch, _, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, world):
             t0 = time.perf_counter() - prep_s
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -243,7 +242,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             done = step + 1
             if rank == 0 and on_step:
                 on_step(done, sched.total, main_loss, len(yb) * world)
-            end_of_epoch = k == sched.steps_per_epoch - 1 or step == sched.total - 1
+            end_of_epoch = tr.is_epoch_end(sched, step)
             stopped = bool(_reduce([float(stop.requested)], world)[0]) and step < sched.total - 1
             if end_of_epoch or stopped:
                 loss_s, correct, seen = _reduce([sums.loss, sums.correct, sums.seen], world)
@@ -254,15 +253,10 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                     if ema_model is not None and ema is not None:
                         ema_model.load_state_dict({**ema_model.state_dict(), **ema})
                         val["val_acc_ema"] = _evaluate(ema_model, x_val, y_val, device)[1]
-                    records.append(tr.epoch_record(epoch, step + 1, glob, lr, val, world))
-                    tr.write_metrics(out / tr.METRICS, records)
-                    if on_epoch:
-                        on_epoch(records[-1])
+                    tr.log_epoch(cfg, records, tr.epoch_record(epoch, step + 1, glob, lr, val, world),
+                                 on_epoch)
                 if rank == 0:
-                    kept = tr.EpochSums() if end_of_epoch else glob
-                    tr.save_checkpoint(out / tr.CHECKPOINT, _checkpoint_arrays(model, opt, ema),
-                                       {"step": step + 1, "config": cfg.fingerprint(),
-                                        "sums": vars(kept)})
+                    tr.checkpoint(cfg, step + 1, _checkpoint_arrays(model, opt, ema), glob, end_of_epoch)
                 sums = tr.EpochSums()
                 if world > 1:
                     dist.barrier()
