@@ -141,8 +141,8 @@ def _validate_request(dst: str, from_format: str | None, to_format: str, dtype: 
     return half
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str, *, to_deploy: bool = False,
-            from_format: str | None = None, to_format: str | None = None,
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str, *,
+            to_deploy: bool = False, from_format: str | None = None, to_format: str | None = None,
             from_form: Form | None = None, num_classes: int | None = None,
             verify: bool = False, predict: Predict = oracle_predict, overwrite: bool = False,
             stage: Callable[[str], None] | None = None, dtype: str | None = None,
@@ -171,11 +171,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
     fuse = to_deploy and src_form == "train"
     out_form: Form = "deploy" if fuse else src_form
     schema = state_schema(spec, out_form)
-    report: dict[str, Any] = {"src": src, "dst": dst, "model": spec.name, "num_classes": spec.num_classes,
-                    "from_format": fmt, "to_format": to_format, "from_form": src_form,
-                    "to_form": out_form, "scheme": scheme, "to_scheme": to_scheme,
-                    "tensors": len(schema), "bytes": None,
-                    "dtype": half or "float32", "precision": None, "verify": None}
+    report: dict[str, Any] = {
+        "src": src, "dst": dst, "model": spec.name, "num_classes": spec.num_classes, "from_format": fmt,
+        "to_format": to_format, "from_form": src_form, "to_form": out_form, "scheme": scheme,
+        "to_scheme": to_scheme, "tensors": len(schema), "bytes": None, "dtype": half or "float32",
+        "precision": None, "verify": None}
 
     tensors: Iterable[tuple[str, Any]]
     if verify:  # keep the source state for the comparison: fuse the whole state at once
