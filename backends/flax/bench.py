@@ -17,13 +17,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from flax import nnx
+from jaxlib import version as jaxlib_version
 
 from backends import flax as bf
 from backends.flax import layers as bf_layers
-from reparam_core import get_spec, state_schema
+from reparam_core import SpecError, get_spec, state_schema
 from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.layouts import to_flax
 from reparam_core.plain import plain_layers
@@ -47,12 +47,16 @@ class PlainNet(nnx.Module):
                      use_bias=True, rngs=rngs,
                      conv_general_dilated=bf_layers.conv_general_dilated) for p in layers])
         self.acts = tuple(p.act for p in layers)
-        self.linear = nnx.Linear(spec.num_features, spec.num_classes, rngs=rngs)
+        classes, features = state_schema(spec, "deploy")["linear.weight"].shape
+        self.linear = nnx.Linear(features, classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for conv, act in zip(self.convs, self.acts):
             x = ACTS[act](conv(x))
         return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+FlaxModel = PlainNet | bf.RepModule  # what build returns: the plain reference or one of ours
 
 
 def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
@@ -61,19 +65,21 @@ def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
     spec = get_spec(model)
     schema = state_schema(spec, "deploy")
 
-    def value(key: str) -> jax.Array:
-        return jnp.asarray(to_flax(np.asarray(state[key], np.float32), schema[key]))
+    def put(param: nnx.Param[jax.Array] | None, key: str) -> None:
+        if param is None:
+            raise SpecError(f"{model}: the plain network has no parameter for {key!r}")
+        param.set_value(jnp.asarray(to_flax(np.asarray(state[key], np.float32), schema[key])))
 
     net = nnx.eval_shape(lambda: PlainNet(model, rngs=nnx.Rngs(0)))
     for p, conv in zip(plain_layers(spec), net.convs):
-        conv.kernel.set_value(value(f"{p.key}.weight"))
-        conv.bias.set_value(value(f"{p.key}.bias"))
-    net.linear.kernel.set_value(value("linear.weight"))
-    net.linear.bias.set_value(value("linear.bias"))
+        put(conv.kernel, f"{p.key}.weight")
+        put(conv.bias, f"{p.key}.bias")
+    put(net.linear.kernel, "linear.weight")
+    put(net.linear.bias, "linear.bias")
     return net
 
 
-def inference(module: nnx.Module) -> nnx.Module:
+def inference(module: FlaxModel) -> FlaxModel:
     """Our models in inference mode (a view sharing the variables); PlainNet has no mode."""
     return module if isinstance(module, PlainNet) else bf.inference_view(module)
 
@@ -87,10 +93,10 @@ class FlaxBench(BackendBench):
     name = "flax"
     api = bf
 
-    def setup(self, threads: int | None) -> dict:
+    def setup(self, threads: int | None) -> dict[str, Any]:
         # XLA's CPU thread pool is sized at import (all schedulable cores) and cannot be changed
         # afterwards, so a requested count is recorded but not applied.
-        env: dict[str, Any] = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        env: dict[str, Any] = {"jax": jax.__version__, "jaxlib": jaxlib_version.__version__,
                                "flax": flax.__version__, "python": sys.version.split()[0],
                                "threads": f"XLA default (all {len(os.sched_getaffinity(0))} cores)"}
         if threads:
@@ -103,27 +109,28 @@ class FlaxBench(BackendBench):
         dot = jax.jit(jnp.dot)
         return gemm_gflops(lambda: dot(a, b).block_until_ready(), n, repeats)
 
-    def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> nnx.Module:
+    def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> FlaxModel:
         if form == "plain":
             return plain_model(model, state)
         return bf.load_state(bf.empty_model(model, deploy=form == "deploy"), state)
 
-    def predict(self, module: nnx.Module, x: np.ndarray) -> np.ndarray:
+    def predict(self, module: FlaxModel, x: np.ndarray) -> np.ndarray:
         if isinstance(module, PlainNet):
             return np.asarray(module(nhwc(x)), np.float32)
         return bf.predict(module, x)
 
-    def forward(self, module: nnx.Module, x: np.ndarray) -> Callable[[], jax.Array]:
+    def forward(self, module: FlaxModel, x: np.ndarray) -> Callable[[], jax.Array]:
         view, xj = inference(module), nhwc(x)
         return lambda: view(xj).block_until_ready()
 
-    def _jit(self, module: nnx.Module, x: np.ndarray) -> FastPath:
+    def _jit(self, module: FlaxModel, x: np.ndarray) -> FastPath:
         """The whole model as one jax.jit; compile_s is the first call (trace + compile + run)."""
         graphdef, state = nnx.split(inference(module))
 
         @jax.jit
-        def fwd(state: nnx.State, x: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, state)(x)
+        def fwd(state: nnx.State[Any, Any], x: jax.Array) -> jax.Array:
+            y: jax.Array = nnx.merge(graphdef, state)(x)
+            return y
 
         xj = nhwc(x)
         t0 = time.perf_counter()
@@ -132,7 +139,7 @@ class FlaxBench(BackendBench):
         return FastPath(lambda: fwd(state, xj).block_until_ready(), np.asarray(y, np.float32),
                         compile_s)
 
-    def fast_paths(self, modules: Mapping[str, nnx.Module], x: np.ndarray,
+    def fast_paths(self, modules: Mapping[str, FlaxModel], x: np.ndarray,
                    config: BenchConfig) -> dict[str, FastPath]:
         return {f"{form}/jit": self._jit(modules[form], x)
                 for form in ("deploy", "train", "plain") if form in modules}

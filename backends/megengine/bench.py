@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import megengine as mge
 import megengine.functional as F
@@ -37,6 +38,7 @@ from megengine.jit import trace
 from backends import megengine as bm  # imports MegEngine with its CUDA probing noise swallowed
 from backends.megengine.blocks import write_tensor
 from backends.megengine.export import TracedGraph
+from backends.megengine.fastrun import fastrun  # not bm.fastrun: once imported, that name is the submodule
 from reparam_core import get_spec, state_schema
 from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.plain import plain_layers
@@ -50,7 +52,7 @@ def _eval(module: M.Module) -> M.Module:
     return module
 
 
-class PlainNet(M.Module):
+class PlainNet(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """linear(flatten(avg_pool(features(x)))) with `features` a Sequential of Conv2d/activation."""
 
     def __init__(self, features: list[M.Module], pool: M.Module, linear: M.Linear) -> None:
@@ -79,10 +81,13 @@ def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
         write(conv.weight, f"{p.key}.weight")
         write(conv.bias, f"{p.key}.bias")
         layers += [conv, ACTS[p.act]()]
-    head = M.Linear(spec.num_features, spec.num_classes)
+    classes, features = schema["linear.weight"].shape
+    head = M.Linear(features, classes)
     write(head.weight, "linear.weight")
     write(head.bias, "linear.bias")
-    return _eval(PlainNet(layers, M.AdaptiveAvgPool2d(1), head))
+    net = PlainNet(layers, M.AdaptiveAvgPool2d(1), head)
+    net.eval()
+    return net
 
 
 def _timed_call(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
@@ -96,7 +101,7 @@ class MegEngineBench(BackendBench):
     name = "megengine"
     api = bm
 
-    def setup(self, threads: int | None) -> dict:
+    def setup(self, threads: int | None) -> dict[str, Any]:
         """Make `multithread<threads>` (default: all cores) the default device; versions."""
         n = threads or os.cpu_count() or 1
         mge.set_default_device(f"multithread{n}")
@@ -120,7 +125,8 @@ class MegEngineBench(BackendBench):
         return _eval(bm.load_state(bm.create_model(model, deploy=form == "deploy"), state))
 
     def predict(self, module: M.Module, x: np.ndarray) -> np.ndarray:
-        return bm.predict(module, x)
+        y: np.ndarray = bm.predict(module, x)
+        return y
 
     def forward(self, module: M.Module, x: np.ndarray) -> Callable[[], np.ndarray]:
         """Eager eval-mode forward; `.numpy()` of the output waits for the whole computation."""
@@ -131,12 +137,13 @@ class MegEngineBench(BackendBench):
     def _traced(self, module: M.Module, x: np.ndarray) -> FastPath:
         _eval(module)
 
-        @trace(symbolic=True, capture_as_const=True)
         def infer(data: mge.Tensor) -> mge.Tensor:
             return module(data)
 
+        traced = trace(symbolic=True, capture_as_const=True)(infer)  # trace is untyped: no decorator
+
         xt = mge.tensor(np.ascontiguousarray(x, np.float32))
-        fn = lambda: infer(xt).numpy()  # noqa: E731
+        fn = lambda: traced(xt).numpy()  # noqa: E731
         y, compile_s = _timed_call(fn)  # the first call traces and compiles the graph
         return FastPath(fn, y, compile_s)
 
@@ -154,7 +161,7 @@ class MegEngineBench(BackendBench):
         forward = self.forward(module, x)
 
         def fn() -> np.ndarray:
-            with bm.fastrun():
+            with fastrun():
                 return forward()
         y, profile_s = _timed_call(fn)  # the first call profiles every new conv shape
         return FastPath(fn, y, profile_s)

@@ -15,19 +15,20 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from backends import torch as bt
-from reparam_core import get_spec
+from reparam_core import get_spec, state_schema
 from reparam_core.benchplan import INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.plain import plain_layers
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
+Net = Callable[[torch.Tensor], torch.Tensor]  # a module or its torch.compile'd form
 
 
 def plain_model(model: str, state: Mapping[str, np.ndarray]) -> nn.Sequential:
@@ -43,16 +44,24 @@ def plain_model(model: str, state: Mapping[str, np.ndarray]) -> nn.Sequential:
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     for field in ("weight", "bias"):
         weights[f"{len(layers)}.{field}"] = state[f"linear.{field}"]
-    net = nn.Sequential(*layers, nn.Linear(spec.num_features, spec.num_classes))
+    classes, features = state_schema(spec, "deploy")["linear.weight"].shape
+    net = nn.Sequential(*layers, nn.Linear(features, classes))
     net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()})
     return net.eval()
+
+
+def _channels_last(module: nn.Module) -> nn.Module:
+    """A copy of `module` with its weights in channels_last memory format."""
+    out = copy.deepcopy(module)
+    out.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place; not in torch's stubs
+    return out
 
 
 class TorchBench(BackendBench):
     name = "torch"
     api = bt
 
-    def setup(self, threads: int | None) -> dict:
+    def setup(self, threads: int | None) -> dict[str, Any]:
         if threads:
             torch.set_num_threads(threads)
         return {"torch": torch.__version__, "python": sys.version.split()[0],
@@ -69,18 +78,20 @@ class TorchBench(BackendBench):
 
     def predict(self, module: nn.Module, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module.eval()(torch.from_numpy(x)).numpy()
+            y: np.ndarray = module.eval()(torch.from_numpy(x)).numpy()
+        return y
 
-    def forward(self, module: nn.Module, x: np.ndarray, channels_last: bool = False) -> Any:
+    def forward(self, module: Net, x: np.ndarray, channels_last: bool = False) -> Callable[[], torch.Tensor]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         xt = torch.from_numpy(x).contiguous(memory_format=fmt)
 
         def fn() -> torch.Tensor:
             with torch.inference_mode():
-                return module(xt)
+                y: torch.Tensor = module(xt)
+            return y
         return fn
 
-    def _fast(self, module: nn.Module, x: np.ndarray, channels_last: bool) -> FastPath:
+    def _fast(self, module: Net, x: np.ndarray, channels_last: bool) -> FastPath:
         t0 = time.perf_counter()
         fn = self.forward(module, x, channels_last)
         y = fn().float().numpy()  # the first call compiles a torch.compile'd module
@@ -88,18 +99,18 @@ class TorchBench(BackendBench):
 
     def fast_paths(self, modules: Mapping[str, nn.Module], x: np.ndarray,
                    config: BenchConfig) -> dict[str, FastPath]:
-        cl = lambda m: copy.deepcopy(m).to(memory_format=torch.channels_last)  # noqa: E731
-        out = {"deploy/channels_last": self._fast(cl(modules["deploy"]), x, True)}
+        out = {"deploy/channels_last": self._fast(_channels_last(modules["deploy"]), x, True)}
         if "plain" in modules:
-            out["plain/channels_last"] = self._fast(cl(modules["plain"]), x, True)
+            out["plain/channels_last"] = self._fast(_channels_last(modules["plain"]), x, True)
         if config.compile:
             out["deploy/compile"] = self._fast(torch.compile(modules["deploy"]), x, False)
             out["deploy/compile+channels_last"] = self._fast(
-                torch.compile(cl(modules["deploy"])), x, True)
+                torch.compile(_channels_last(modules["deploy"])), x, True)
         if config.bf16:
             out["deploy/bf16-autocast"] = self._bf16(modules["deploy"], x)
         if config.onnxruntime:
-            out.update(self._onnxruntime(modules["deploy"], x))
+            # the deploy form is one of ours (build), what export_onnx takes
+            out.update(self._onnxruntime(cast(bt.RepModule, modules["deploy"]), x))
         return out
 
     def _bf16(self, module: nn.Module, x: np.ndarray) -> FastPath:
@@ -109,12 +120,13 @@ class TorchBench(BackendBench):
 
         def fn() -> torch.Tensor:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                return module(xt)
+                y: torch.Tensor = module(xt)
+            return y
         t0 = time.perf_counter()
         y = fn().float().numpy()
         return FastPath(fn, y, time.perf_counter() - t0, "bfloat16")
 
-    def _onnxruntime(self, module: nn.Module, x: np.ndarray) -> dict[str, FastPath]:
+    def _onnxruntime(self, module: bt.RepModule, x: np.ndarray) -> dict[str, FastPath]:
         """The deploy form exported to ONNX and run by ONNX Runtime with torch's thread count:
         float32 as exported, and int8 (QDQ, weights per output channel, 7-bit where the CPU has
         no VNNI/AMX int8 dot product) calibrated on `x`. first-call s: export (+ quantization)
@@ -140,7 +152,8 @@ def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> F
     feed = {sess.get_inputs()[0].name: x}  # type: ignore[attr-defined]
 
     def fn() -> np.ndarray:
-        return sess.run(None, feed)[0]  # type: ignore[attr-defined]
+        y: np.ndarray = sess.run(None, feed)[0]  # type: ignore[attr-defined]
+        return y
     y = np.asarray(fn(), np.float32)
     return FastPath(fn, y, time.perf_counter() - t0, precision)
 
