@@ -109,4 +109,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
     if args.plot and not config.conversion_only and report["backends"]:
         plot(report, args.plot)
-    return 1 if report["unavailable"] else 0
+    if report["unavailable"]:  # exit 2 (scripts.cli), after the table and files of what did run
+        raise BackendUnavailableError(f"not benchmarked in {', '.join(report['unavailable'])} "
+                                      "(unavailable here; the reason is above)")
+    return 0

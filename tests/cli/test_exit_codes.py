@@ -179,3 +179,17 @@ def test_verify_above_tolerance_exits_1_after_the_table(tmp_path, capsys, monkey
     assert status == 1 and "RepVGG-mini" in out and (tmp_path / "v.json").exists()
     assert err.strip().splitlines()[-1] == ("reparam verify: error: 1 of 1 case(s) failed or exceed their "
                                             "tolerance: RepVGG-mini")
+
+
+def test_bench_with_a_backend_unavailable_exits_2(capsys, monkeypatch) -> None:
+    import scripts.bench as bench
+    from reparam_core.errors import BackendUnavailableError
+
+    def unavailable(backend, config, bar):
+        raise BackendUnavailableError(f"{backend} is not installed here")
+
+    monkeypatch.setattr(bench, "run_backend", unavailable)
+    status, _, err = _reparam(capsys, ["bench", "--models", "RepVGG-mini", "--backends", "torch"])
+    assert status == 2 and "torch: unavailable: torch is not installed here" in err
+    assert err.strip().splitlines()[-1] == ("reparam bench: error: not benchmarked in torch (unavailable here; "
+                                            "the reason is above)")
