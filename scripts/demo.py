@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from reparam_core import ReparamError, count_params, get_spec
-from reparam_core.errors import BackendUnavailableError, CheckpointError
+from reparam_core.errors import BackendUnavailableError, CheckpointError, VerificationError
 from reparam_core.safetensors_io import load_file, save_file
 
 from reparam_core.timing import interleaved_throughput, paired_ratio, summarize
@@ -612,7 +612,9 @@ def run(args: argparse.Namespace) -> int:
                        no_train=args.no_train, plot=not getattr(args, "no_plot", False),
                        save_asset=getattr(args, "save_asset", False))
     print(format_table(summary))
-    return 0 if summary["all_identical"]["all"] else 1
+    if not summary["all_identical"]["all"]:  # exit 1 (scripts.cli), after the table
+        raise VerificationError("some predictions differ from the trained PyTorch model (see the table)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
