@@ -452,7 +452,7 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
     rest = separable[1:] if first is not None else separable
     box = _box(rest, whole, f.kernel) if first is not None else f.kernel
     ph, pw = (f.kernel[0] - box[0]) // 2, (f.kernel[1] - box[1]) // 2
-    centre = (slice(ph, ph + box[0]), slice(pw, pw + box[1]))
+    window = (slice(None), slice(None), slice(ph, ph + box[0]), slice(pw, pw + box[1]))  # the centred box
     axis = 1 if kernel.strides[1] > kernel.strides[0] else 0
     step = max(1, CHUNK_ELEMENTS * shape[axis] // max(1, math.prod(shape)))
 
@@ -467,14 +467,14 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
             np.multiply(w, s4, out=out, casting="same_kind")
             if box == (0, 0):
                 return
-            k_box = np.multiply(w[(slice(None), slice(None), *centre)], s4)
+            k_box = np.multiply(w[window], s4)
         else:
             k_box = np.zeros(out.shape)
         for sep in rest:
             _add_separable(k_box, sep, rep, params, prefix, part)
         for k, _ in whole:
             _add_centred(k_box, k[part])
-        out[(slice(None), slice(None), *centre)] = k_box
+        out[window] = k_box
 
     _map_rows(fuse_part, shape[axis], step)
     return kernel, bias

@@ -159,8 +159,8 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
         key = join_key(prefix, node.name)
         y = batch_norm(x, p, key, node.eps)
         q = node.pad
-        out = np.broadcast_to(bn_of_zero(p, key, node.eps).reshape(1, -1, 1, 1),
-                              (y.shape[0], y.shape[1], y.shape[2] + 2 * q, y.shape[3] + 2 * q)).copy()
+        out: F64 = np.broadcast_to(bn_of_zero(p, key, node.eps).reshape(1, -1, 1, 1),
+                                   (y.shape[0], y.shape[1], y.shape[2] + 2 * q, y.shape[3] + 2 * q)).copy()
         out[:, :, q:q + y.shape[2], q:q + y.shape[3]] = y
         return out
     if isinstance(node, AvgPool):

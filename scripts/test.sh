@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every test: sets up both environments first (idempotent), lints (ruff), then, side by side,
+# Run every test: sets up both environments first (idempotent), lints (ruff), checks types (mypy), then, side by side,
 #   .venv-mge (Python 3.10, numpy 1.26): reparam_core tests + the MegEngine backend suite
 #   .venv     (Python 3.11, numpy 2):    reparam_core tests + torch, flax, backends (all 3 backends,
 #                                         MegEngine through its worker), convert, bench, demo and
@@ -12,9 +12,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_envs.sh || exit 1
 
-# Fast checks first: lint (ruff, configured in pyproject.toml) fails in seconds, before any suite.
+# Fast checks first, before any suite: lint (ruff) and types (mypy), both configured in
+# pyproject.toml; style fails in seconds, types in about a minute.
 echo "== lint: ruff check ."
 .venv/bin/ruff check . || exit 1
+echo "== types: mypy (strict on reparam_core; backends, scripts, parity_tests checked)"
+.venv/bin/python -m mypy || exit 1
 
 # Second lane, beside the main one (the MegEngine suite is shorter): .venv-mge's suite, then the
 # trainer's tests (.venv; their torchrun/XLA subprocesses use one OpenMP thread each).

@@ -68,7 +68,7 @@ def quantize_qdq(src: str | os.PathLike[str], calib: np.ndarray, *, method: Meth
         raise ReparamError("no calibration inputs")
     name = onnx_input_name(src)
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self._it = _batches(name, calib, batch)
 
