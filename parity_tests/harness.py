@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from reparam_core import ReparamError, get_spec, random_state
+from reparam_core import ReparamError, SpecError, get_spec, random_state
 from reparam_core.oracle import block_forward, forward
 from reparam_core.specs import BlockSpec, block_spec_to_dict
 
@@ -58,6 +58,8 @@ class Case:
     def oracle(self, state: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         if self.model:
             return forward(self.spec, state, x, "train")
+        if self.block is None:
+            raise SpecError(f"case {self.name}: neither a model nor a block")
         return block_forward(self.block, state, x, "train")
 
     def describe(self) -> dict:
@@ -121,13 +123,13 @@ class MegEngineRunner:
 
     def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool,
             workdir: Path) -> dict[str, np.ndarray]:
-        target = dict(model=case.model, block=case.block, num_classes=case.num_classes)
-        out = {"train": self.worker.predict(state=state, x=x, form="train", **target),
-               "deploy": self.worker.predict(state=state, x=x, form="train", reparameterize=True,
-                                             **target)}
+        w, m, b, n = self.worker, case.model, case.block, case.num_classes
+        out = {"train": w.predict(state=state, x=x, form="train", model=m, block=b, num_classes=n),
+               "deploy": w.predict(state=state, x=x, form="train", reparameterize=True, model=m, block=b,
+                                   num_classes=n)}
         if artifacts:
-            out["artifact"] = self.worker.export_traced(state=state, x=x, form="train",
-                                                        artifact=workdir / f"{case.name}.mge", **target)
+            out["artifact"] = w.export_traced(state=state, x=x, form="train", artifact=workdir / f"{case.name}.mge",
+                                              model=m, block=b, num_classes=n)
         return out
 
 
@@ -197,5 +199,5 @@ def run_case(case: Case, runners: dict[str, Runner], artifacts: bool = False) ->
                 outputs[(name, form)] = y
                 result.errors[(name, form)] = rel_err(y, ref)
     for (a, b) in itertools.combinations(sorted(outputs), 2):
-        result.pairwise[(*a, *b)] = rel_err(outputs[a], outputs[b])
+        result.pairwise[a + b] = rel_err(outputs[a], outputs[b])
     return result

@@ -76,7 +76,7 @@ def test_random_block(runners: dict, missing_backends: dict, pytestconfig) -> No
     require_backends(runners, missing_backends, pytestconfig)
 
     # a third of the profile: 100 random blocks in CI, 1000 with --slow
-    @settings(max_examples=settings.default.max_examples // 3)
+    @settings(max_examples=settings().max_examples // 3)
     @given(case=random_block_cases())
     def random_block(case: Case) -> None:
         check(run_case(case, runners), runners)
