@@ -77,7 +77,7 @@ def default_budget(nbytes: int) -> int:
     return 4 * int(nbytes) + 64 * 1024 * 1024
 
 
-def rebuild_tensor(storage: Any, storage_offset: int, size: tuple, stride: tuple,
+def rebuild_tensor(storage: Any, storage_offset: int, size: tuple[int, ...], stride: tuple[int, ...],
                    requires_grad: bool = False, backward_hooks: Any = None,
                    metadata: Any = None, *, budget: _Budget | None = None) -> np.ndarray:
     """`torch._utils._rebuild_tensor_v2` for numpy: the strided view of the storage, copied
@@ -183,7 +183,8 @@ def _reconstruct(subtype: Any, shape: Any = (0,), dtype: Any = b"b") -> np.ndarr
             not isinstance(v, int) or not 0 <= v <= 1 for v in shape) or dtype not in (b"b", "b"):
         raise CheckpointError(f"refusing numpy _reconstruct with shape {str(shape)[:40]} and "
                               f"dtype {str(dtype)[:20]} (numpy writes (0,) and b'b')")
-    return _numpy_reconstruct()(np.ndarray, shape, dtype)
+    empty: np.ndarray = _numpy_reconstruct()(np.ndarray, shape, dtype)
+    return empty
 
 
 def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C", *,
@@ -201,7 +202,8 @@ def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C", *,
     if budget is not None:
         budget.charge(len(raw))
     try:
-        return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order=order)
+        array: np.ndarray = np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if order == "F" else "C")
+        return array
     except ValueError as e:
         raise CheckpointError(f"malformed array record: {e}") from None
 
@@ -216,22 +218,23 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
     return _numpy_scalar()(dtype, data)
 
 
-def _numpy_attr(path: str) -> Callable:
+def _numpy_attr(path: str) -> Callable[..., Any]:
     """A numpy internal by dotted path, trying numpy 2 (`numpy._core`) and 1.x (`numpy.core`)."""
     mod: Any = np
     for part in path.split("."):
         mod = getattr(mod, part)
-    return mod
+    fn: Callable[..., Any] = mod
+    return fn
 
 
-def _numpy_reconstruct() -> Callable:
+def _numpy_reconstruct() -> Callable[..., Any]:
     try:
         return _numpy_attr("_core.multiarray._reconstruct")
     except AttributeError:  # pragma: no cover - numpy 1.x without the _core alias
         return _numpy_attr("core.multiarray._reconstruct")
 
 
-def _numpy_scalar() -> Callable:
+def _numpy_scalar() -> Callable[..., Any]:
     try:
         return _numpy_attr("_core.multiarray.scalar")
     except AttributeError:  # pragma: no cover
@@ -269,11 +272,12 @@ def _allowed() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-def _dtype_class(cls: Any) -> Callable:
+def _dtype_class(cls: Any) -> Callable[..., np.dtype]:
     def make(*args: Any) -> np.dtype:
         if args:
             raise CheckpointError(f"refusing numpy.dtypes.{cls.__name__} with arguments")
-        return cls()
+        dtype: np.dtype = cls()
+        return dtype
     return make
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -47,7 +47,11 @@ class BFloat16:
         return (self.values.view(np.uint32) >> 16).astype("<u2").tobytes()
 
 
-def _entry_dtype(a) -> tuple[str, int]:
+Tensor = np.ndarray | BFloat16  # what a writer takes per key
+Entry = tuple[str, tuple[int, ...], int, int]  # a header entry: dtype name, shape, begin, end
+
+
+def _entry_dtype(a: Tensor) -> tuple[str, int]:
     if isinstance(a, BFloat16):
         return BF16, 2
     dt = np.dtype(a.dtype)
@@ -61,18 +65,18 @@ def plan(entries: Iterable[tuple[str, str, tuple[int, ...]]],
          metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """(the file's first 8 + N bytes, {key: (absolute begin, end)}) for tensors given as
     (key, safetensors dtype name, shape); keys are laid out in sorted order (as `dumps`)."""
-    header: dict = {}
+    header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    sizes = {}
+    sizes: dict[str, tuple[str, list[int], int]] = {}
     for key, dt, shape in entries:
         item = 2 if dt == BF16 else np.dtype(_DTYPES[dt]).itemsize
         sizes[key] = (dt, list(shape), math.prod(shape) * item)
     offset = 0
     rel = {}
     for key in sorted(sizes):
-        dt, shape, n = sizes[key]
-        header[key] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + n]}
+        dt, dims, n = sizes[key]
+        header[key] = {"dtype": dt, "shape": dims, "data_offsets": [offset, offset + n]}
         rel[key] = (offset, offset + n)
         offset += n
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -81,17 +85,17 @@ def plan(entries: Iterable[tuple[str, str, tuple[int, ...]]],
     return head, {k: (len(head) + b, len(head) + e) for k, (b, e) in rel.items()}
 
 
-def _raw(key: str, a) -> bytes:
+def _raw(key: str, a: Tensor) -> bytes:
     if isinstance(a, BFloat16):
         return a.tobytes()
-    a = np.ascontiguousarray(a)
-    dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    arr = np.ascontiguousarray(a)
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if dt not in _NAMES:
-        raise CheckpointError(f"cannot write {key}: dtype {a.dtype} is not supported")
-    return a.astype(dt, copy=False).tobytes()
+        raise CheckpointError(f"cannot write {key}: dtype {arr.dtype} is not supported")
+    return arr.astype(dt, copy=False).tobytes()
 
 
-def write_tensor_at(f: BinaryIO, position: int, key: str, a) -> None:
+def write_tensor_at(f: BinaryIO, position: int, key: str, a: Tensor) -> None:
     """Write one tensor's bytes at its planned absolute position."""
     f.seek(position)
     f.write(_raw(key, a))
@@ -109,13 +113,13 @@ def dumps(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = 
     return head + b"".join(_raw(k, state[k]) for k in sorted(state))
 
 
-def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict, dict[str, str]]:
+def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict[str, Entry], dict[str, str]]:
     """Validate a header: {key: (numpy dtype or BF16, shape, begin, end)} sorted by offset."""
     def bad(msg: str) -> CheckpointError:
         return CheckpointError(f"{source}: not a valid safetensors file: {msg}")
 
-    def no_duplicates(pairs):
-        seen: dict = {}
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
         for k, v in pairs:
             if k in seen:
                 raise bad(f"key {k!r} appears twice in the header")
@@ -131,7 +135,7 @@ def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict, dict[s
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise bad("__metadata__ is not an object of strings")
-    out = {}
+    out: dict[str, Entry] = {}
     for key, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"entry {key!r} is malformed")
@@ -165,17 +169,19 @@ def _header_length(first8: bytes, total: int, source: str) -> int:
     if total < 8 or len(first8) < 8:
         raise CheckpointError(f"{source}: not a valid safetensors file: {total} bytes is too "
                               "short for a header")
-    (n,) = struct.unpack("<Q", first8[:8])
+    n: int = struct.unpack("<Q", first8[:8])[0]
     if n > min(total - 8, _MAX_HEADER):
         raise CheckpointError(f"{source}: not a valid safetensors file: header declares {n} bytes "
                               f"but the file has {total - 8} after the length")
     return n
 
 
-def _decode(dt: str, shape: tuple, raw) -> np.ndarray:
+def _decode(dt: str, shape: tuple[int, ...], raw: bytes | memoryview) -> np.ndarray:
     if dt == BF16:
-        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return np.frombuffer(raw, dtype=_DTYPES[dt]).reshape(shape).copy()
+        widened: np.ndarray = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        return widened.reshape(shape)
+    array: np.ndarray = np.frombuffer(raw, dtype=_DTYPES[dt]).reshape(shape).copy()
+    return array
 
 
 def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -187,13 +193,13 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], 
     return out, meta
 
 
-def save_file(state: Mapping[str, np.ndarray], path: str | os.PathLike,
+def save_file(state: Mapping[str, np.ndarray], path: str | os.PathLike[str],
               metadata: Mapping[str, str] | None = None) -> None:
     with open(path, "wb") as f:
         f.write(dumps(state, metadata))
 
 
-def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a file tensor by tensor (peak memory: the tensors themselves plus the header)."""
     source = os.fspath(path)
     try:
@@ -209,7 +215,7 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
                     got = out[key].size * 2
                 else:
                     arr = np.empty(shape, dtype=_DTYPES[dt])
-                    got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if arr.size else 0
+                    got = f.readinto(arr.reshape(-1).view(np.uint8).data) if arr.size else 0
                     out[key] = arr
                 if got != e - b:
                     raise CheckpointError(f"{source}: not a valid safetensors file: tensor {key!r} "
