@@ -44,4 +44,15 @@ def predict_in(fmt: str, spec: ModelSpec, state: State, form: Form, x: np.ndarra
     raise CheckpointError(f"cannot run format {fmt!r}")
 
 
-__all__ = ["predict_in"]
+def read_orbax(path: str) -> State:
+    """`backends.flax.orbax_io.read_orbax`, imported on first use (it needs orbax and JAX)."""
+    try:
+        orbax_io = importlib.import_module("backends.flax.orbax_io")
+    except ImportError as e:
+        raise BackendUnavailableError(f"reading an orbax directory needs backends.flax ({e}); "
+                                      "use the .venv environment") from None
+    state: State = orbax_io.read_orbax(path)
+    return state
+
+
+__all__ = ["predict_in", "read_orbax"]

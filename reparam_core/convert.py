@@ -39,7 +39,15 @@ import numpy as np
 from . import keymaps, oracle, safetensors_io
 from .atomic import atomic_write_stream
 from .errors import CheckpointError, VerificationError
-from .formats import FORMATS, format_from_extension, infer_num_classes, load_neutral, read_raw, to_neutral
+from .formats import (
+    FORMATS,
+    DirectoryReader,
+    format_from_extension,
+    infer_num_classes,
+    load_neutral,
+    read_raw,
+    to_neutral,
+)
 from .formats.write import Entry, write_stream
 from .fuse import iter_deploy_state, reparameterize_state
 from .precision import HalfDtype, PrecisionWarning, cast_state
@@ -146,13 +154,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
             from_form: Form | None = None, num_classes: int | None = None,
             verify: bool = False, predict: Predict = oracle_predict, overwrite: bool = False,
             stage: Callable[[str], None] | None = None, dtype: str | None = None,
-            to_scheme: str = "canonical") -> dict[str, Any]:
+            to_scheme: str = "canonical", read_orbax: DirectoryReader | None = None) -> dict[str, Any]:
     """Convert checkpoint `src` of `model` to `dst`; returns a report dict. Raises ReparamError
     subclasses (nothing is written then; VerificationError when verification failed). `dtype`:
     None/"float32", "float16" or "bfloat16" (fused in float64, rounded once; see the module
     docstring). `to_scheme`: write the keys under another implementation's names (`timm`,
     `mmpretrain`, `basecls`; see keymaps). `verify` runs both sides through `predict`; `stage`
-    is called with each stage's name (read, check, fuse, encode, write, verify) as it starts."""
+    is called with each stage's name (read, check, fuse, encode, write, verify) as it starts.
+    `read_orbax` reads an orbax directory `src` (see `formats.read_raw`)."""
     src, dst = os.fspath(src), os.fspath(dst)
     stage = stage or (lambda name: None)
     # unknown names and num_classes < 1 fail first
@@ -162,7 +171,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
     keymaps.from_canonical({}, spec, to_scheme)  # an unknown scheme fails before any work
 
     stage("read")
-    raw, fmt = read_raw(src, from_format)
+    raw, fmt = read_raw(src, from_format, read_orbax=read_orbax)
     if num_classes is None:
         spec = get_spec(model, infer_num_classes(raw, fmt, spec))
     stage("check")

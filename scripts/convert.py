@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from backends.dispatch import predict_in
+from backends.dispatch import predict_in, read_orbax
 from reparam_core.convert import DTYPES, VERIFY_RTOL, convert
 from reparam_core.formats import FORMATS
 from reparam_core.schema import FORMS
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                          from_form=args.from_form, num_classes=args.num_classes,
                          verify=args.verify, predict=predict_in, overwrite=args.overwrite,
                          stage=progress.stage,
-                         dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme)
+                         dtype=getattr(args, "dtype", None), to_scheme=args.to_scheme,
+                         read_orbax=read_orbax)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:

@@ -3,8 +3,8 @@
 - `detect`: which format a file is in (`detect_format`, `format_from_extension`).
 - `torch_zip`: PyTorch zip checkpoints, read and written (legacy non-zip pickles are refused).
 - `megengine_pickle`: MegEngine pickles of numpy arrays, read and written.
-- `flax_msgpack`: Flax msgpack files, read and written; orbax directories, read (msgpack and
-  orbax are imported on first use).
+- `flax_msgpack`: Flax msgpack files, read and written (msgpack imported on first use); orbax
+  directories need JAX and are read by `backends.flax.orbax_io.read_orbax`, passed to `read_raw`.
 - safetensors: `reparam_core.safetensors_io`.
 - `tree`: nested checkpoint objects -> flat states (wrappers, `module.` prefixes).
 - `read`: any file -> raw state (`read_raw`) -> neutral state (`to_neutral`, `load_neutral`).
@@ -12,8 +12,8 @@
 Atomic writing is `reparam_core.atomic`; the restricted unpickler is `reparam_core.pickle_safe`.
 """
 from .detect import EXTENSIONS, FORMATS, detect_format, format_from_extension
-from .read import flax_to_canonical_keys, infer_num_classes, load_neutral, read_raw, to_neutral
+from .read import DirectoryReader, flax_to_canonical_keys, infer_num_classes, load_neutral, read_raw, to_neutral
 from .write import encode, write_stream
 
 __all__ = ["EXTENSIONS", "FORMATS", "detect_format", "format_from_extension", "flax_to_canonical_keys",
-           "infer_num_classes", "load_neutral", "read_raw", "to_neutral", "encode", "write_stream"]
+           "DirectoryReader", "infer_num_classes", "load_neutral", "read_raw", "to_neutral", "encode", "write_stream"]

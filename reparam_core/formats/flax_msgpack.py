@@ -1,18 +1,16 @@
-"""Flax checkpoints without Flax: msgpack files (read and written) and orbax directories (read).
+"""Flax checkpoints without Flax: msgpack files, read and written.
 
 A msgpack file is in `flax.serialization` encoding: a nested dict of the NNX state keyed by Flax
 keys (HWIO conv kernels, `(in, out)` linear kernels, BN `scale`/`bias`/`mean`/`var`; see
-`layouts`), each array an ext type 1 record `(shape, dtype name, C-order bytes)`. An orbax
-checkpoint directory that restores to a plain pytree of arrays is accepted as input. Readers
-return flat Flax keys; `read.to_neutral(..., fmt="flax")` maps them to canonical ones.
+`layouts`), each array an ext type 1 record `(shape, dtype name, C-order bytes)`. The reader
+returns flat Flax keys; `read.to_neutral(..., fmt="flax")` maps them to canonical ones. (Orbax
+directories need orbax, and so JAX: `backends.flax.orbax_io.read_orbax` reads them.)
 
-msgpack (pure Python) and orbax are imported on first use; a missing one raises
-BackendUnavailableError.
+msgpack (pure Python) is imported on first use; a missing one raises BackendUnavailableError.
 """
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,40 +94,14 @@ def read_flax_msgpack(path: str) -> State:
             raise CheckpointError(f"{path}: msgpack file declares more data than memory allows") from None
         raise CheckpointError(f"{path}: corrupt or truncated msgpack file "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
-    return _strip_value_leaves(flatten_arrays(unwrap(tree, path), path))
+    return strip_value_leaves(flatten_arrays(unwrap(tree, path), path))
 
 
-def _strip_value_leaves(state: State) -> State:
+def strip_value_leaves(state: State) -> State:
     """NNX states saved as pure dicts may end every path in `.value`; drop it."""
     if state and all(k.endswith(".value") for k in state):
         return {k[: -len(".value")]: v for k, v in state.items()}
     return state
 
 
-def read_orbax(path: str) -> State:
-    """An orbax checkpoint directory holding a plain pytree of arrays -> flat state in Flax keys
-    (list/tuple nodes are keyed by their index)."""
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError:
-        raise BackendUnavailableError("reading an orbax checkpoint directory needs "
-                                      "orbax-checkpoint (the .venv environment)") from None
-    try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable orbax checkpoint "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
-
-    def to_np(obj: Any) -> Any:
-        if isinstance(obj, Mapping):
-            return {str(k): to_np(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return {str(i): to_np(v) for i, v in enumerate(obj)}
-        if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-            return np.asarray(obj)
-        return obj
-
-    return _strip_value_leaves(flatten_arrays(unwrap(to_np(tree), path), path))
-
-
-__all__ = ["flax_msgpack_bytes", "read_flax_msgpack", "read_orbax"]
+__all__ = ["flax_msgpack_bytes", "read_flax_msgpack", "strip_value_leaves"]

@@ -9,33 +9,40 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from .. import safetensors_io
-from ..errors import CheckpointError, ReparamError
+from ..errors import BackendUnavailableError, CheckpointError, ReparamError
 from ..keymaps import key_names, to_canonical
 from ..layouts import flax_key, from_flax, from_megengine
 from ..schema import FORMS, Form, TensorInfo, state_schema
 from ..specs import ModelSpec
 from ..state import check_state, strip_ignored
 from .detect import FORMATS, detect_format
-from .flax_msgpack import read_flax_msgpack, read_orbax
+from .flax_msgpack import read_flax_msgpack
 from .megengine_pickle import read_pickle
 from .torch_zip import legacy_torch_error, read_torch
 from .tree import State, strip_module_prefix
 
+DirectoryReader = Callable[[str], State]
 
-def read_raw(path: str | os.PathLike[str], fmt: str | None = None) -> tuple[State, str]:
+
+def read_raw(path: str | os.PathLike[str], fmt: str | None = None, *,
+             read_orbax: DirectoryReader | None = None) -> tuple[State, str]:
     """(flat state in the file's naming/layout, format) of any supported input: a safetensors,
     torch zip, MegEngine pickle or Flax msgpack file, or an orbax directory (reported as `flax`).
-    `fmt` overrides detection (`detect_format`)."""
+    `fmt` overrides detection (`detect_format`). Orbax needs JAX, which the core does not import:
+    pass `backends.flax.orbax_io.read_orbax` as `read_orbax` to accept orbax directories."""
     src = os.fspath(path)
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
     fmt = fmt or detect_format(src)
     if fmt == "orbax" or (fmt == "flax" and os.path.isdir(src)):
+        if read_orbax is None:
+            raise BackendUnavailableError(f"{src}: an orbax checkpoint directory is read with orbax "
+                                          "(backends.flax.orbax_io.read_orbax, the .venv environment)")
         return read_orbax(src), "flax"
     if fmt == "flax":
         return read_flax_msgpack(src), fmt
