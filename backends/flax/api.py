@@ -1,6 +1,9 @@
 """The backend surface shared by every framework: reparameterize, neutral state in/out, predict."""
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -8,7 +11,7 @@ from flax import nnx
 from reparam_core import ReparamError, ShapeMismatchError
 from reparam_core.nodes import Model
 
-from .blocks import RepModule
+from .blocks import RepModule, SegmentFn
 from .state import export_state, load_native_state, load_state, native_state
 
 
@@ -40,7 +43,7 @@ def is_block(module: RepModule) -> bool:
 
 
 @nnx.jit(static_argnums=0)
-def _apply(fn, mods, x: jnp.ndarray) -> jnp.ndarray:
+def _apply(fn: SegmentFn, mods: Any, x: jax.Array) -> jax.Array:
     return fn(mods, x)
 
 

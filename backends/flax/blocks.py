@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reparam_core import ReparamError, block_kind
+from reparam_core import ReparamError, SpecError, block_kind
 from reparam_core.fusion import identity_kernel
 from reparam_core.l2 import L2Terms, custom_l2_penalty, l2_terms
 from reparam_core.layouts import to_flax
-from reparam_core.nodes import Block, Dropout, Model, Rep, describe, in_form, rep_blocks
+from reparam_core.nodes import Block, Dropout, Model, Rep, SpecLike, describe, in_form, rep_blocks
 from reparam_core.schema import TensorInfo
 
 from .interpret import DROPOUT, Chain, apply, module_at, module_paths, run, scope_body, scope_nodes, set_module
@@ -43,14 +43,16 @@ from .state import (
 )
 
 _MODE_ATTRS = ("use_running_average", "deterministic")
-Segment = tuple[Callable[[Any, jax.Array], jax.Array], Any]
+SegmentFn = Callable[[Any, jax.Array], jax.Array]  # (modules, x) -> y
+Segment = tuple[SegmentFn, Any]
 
 
-Parts = tuple[dict[str, nnx.Variable], dict[str, nnx.Module]]
+Parts = tuple[dict[str, nnx.Variable[Any]], dict[str, nnx.Module]]
 
 
 def _call(module: nnx.Module, x: jax.Array) -> jax.Array:
-    return module(x)
+    y: jax.Array = module(x)  # an nnx.Module's call is untyped
+    return y
 
 
 def _carry_modes_and_rngs(old: Parts, new: Parts) -> None:
@@ -70,24 +72,37 @@ def _carry_modes_and_rngs(old: Parts, new: Parts) -> None:
                     setattr(module, attr, value)
 
 
-def _bn_t(bn: BatchNorm) -> jax.Array:
-    """gamma / sqrt(var + eps), detached."""
+def _kernel(block: nnx.Module, path: str) -> jax.Array:
+    """The kernel of the conv at `path` in `block`."""
+    conv = module_at(block, path)
+    if not isinstance(conv, nnx.Conv):
+        raise SpecError(f"custom L2: {path} is a {type(conv).__name__}, not a conv")
+    kernel: jax.Array = conv.kernel[...]
+    return kernel
+
+
+def _bn_t(block: nnx.Module, path: str) -> jax.Array:
+    """gamma / sqrt(var + eps) of the BN at `path` in `block`, detached."""
+    bn = module_at(block, path)
+    if not isinstance(bn, BatchNorm):
+        raise SpecError(f"custom L2: {path} is a {type(bn).__name__}, not a BN")
     return jax.lax.stop_gradient(bn.scale[...] / jnp.sqrt(bn.var[...] + bn.eps))
 
 
 def _block_l2(block: nnx.Module, t: L2Terms) -> jax.Array:
     """The custom L2 of one block from its own arrays (HWIO: t broadcasts over the last axis)."""
-    k3 = module_at(block, t.dense_conv).kernel[...]
-    k1 = module_at(block, t.one_conv).kernel[...]
+    k3, k1 = _kernel(block, t.dense_conv), _kernel(block, t.one_conv)
     h, w = t.centre
     centre = k3[h:h + 1, w:w + 1]
-    t3, t1 = _bn_t(module_at(block, t.dense_bn)), _bn_t(module_at(block, t.one_bn))
+    t3, t1 = _bn_t(block, t.dense_bn), _bn_t(block, t.one_bn)
     if t.identity_bn is None:
-        return custom_l2_penalty(k3, centre, k1, t3, t1)
+        l2: jax.Array = custom_l2_penalty(k3, centre, k1, t3, t1)
+        return l2
     ident_oihw = identity_kernel(t.out_channels, t.groups, 1, dtype=np.float32)
     info = TensorInfo(ident_oihw.shape, "conv.weight", t.groups)
     ident = jnp.asarray(to_flax(ident_oihw, info), dtype=k3.dtype)
-    return custom_l2_penalty(k3, centre, k1, t3, t1, ident, _bn_t(module_at(block, t.identity_bn)))
+    l2 = custom_l2_penalty(k3, centre, k1, t3, t1, ident, _bn_t(block, t.identity_bn))
+    return l2
 
 
 class RepModule(nnx.Module):
@@ -97,7 +112,7 @@ class RepModule(nnx.Module):
 
     kind: ClassVar[str | None] = None
 
-    def __init__(self, spec: Any, deploy: bool = False, *, rngs: nnx.Rngs | None = None) -> None:
+    def __init__(self, spec: SpecLike, deploy: bool = False, *, rngs: nnx.Rngs | None = None) -> None:
         desc = in_form(spec, "deploy" if deploy else "train")
         if self.kind is not None and desc.kind != self.kind:
             raise ReparamError(f"{type(self).__name__} builds {self.kind!r}, but this spec "
@@ -133,7 +148,7 @@ class RepModule(nnx.Module):
         for is_block, group in itertools.groupby(self.desc.body, lambda n: isinstance(n, Block)):
             nodes = tuple(group)
             if is_block:
-                segs += [(_call, self._get(b.name)) for b in nodes]
+                segs += [(_call, self._get(b.name)) for b in nodes if isinstance(b, Block)]
             else:
                 segs.append((Chain(nodes), {p: self._get(p) for p in module_paths(nodes)}))
         return segs
@@ -191,6 +206,8 @@ _CLASSES: dict[str, type[RepModule]] = {}
 
 def named(cls: type[RepModule]) -> type[RepModule]:
     """Register a named class as the class of its `kind`."""
+    if cls.kind is None:
+        raise ReparamError(f"{cls.__name__} names no kind")
     _CLASSES[cls.kind] = cls
     return cls
 
@@ -205,13 +222,16 @@ def block_class(kind: str) -> type[RepModule]:
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cls: type[RepModule], spec: Any, deploy: bool) -> tuple[nnx.GraphDef, nnx.State]:
+def _abstract(cls: type[RepModule], spec: SpecLike, deploy: bool
+              ) -> tuple[nnx.GraphDef[RepModule], nnx.State[Any, Any]]:
     return nnx.split(nnx.eval_shape(lambda: cls(spec, deploy=deploy, rngs=nnx.Rngs(0))))
 
 
-def abstract_module(cls: type[RepModule], spec: Any, deploy: bool) -> RepModule:
+def abstract_module(cls: type[RepModule], spec: SpecLike, deploy: bool) -> RepModule:
     """`cls(spec, deploy)` built abstractly (nnx.eval_shape: every variable a shape placeholder),
     from a per-spec cache: fresh Variables each call."""
+    if not isinstance(spec, Hashable):
+        raise SpecError(f"the build cache needs a hashable spec, got {type(spec).__name__}")
     graphdef, state = _abstract(cls, spec, bool(deploy))
     return nnx.merge(graphdef, state, copy=True)
 
@@ -256,14 +276,14 @@ class RepGhostBottleneck(RepModule):
     kind = "RepGhostBottleneck"
 
 
-def empty_block(spec: Any, *, deploy: bool = False) -> RepModule:
+def empty_block(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     """A block built abstractly (nnx.eval_shape: nothing initialised) for `load_state` to fill."""
     block = abstract_module(block_class(block_kind(spec)), spec, deploy)
     fill_abstract_other_variables(block)
     return block
 
 
-def build_block(spec: Any, *, deploy: bool = False, rngs: nnx.Rngs | None = None) -> RepModule:
+def build_block(spec: SpecLike, *, deploy: bool = False, rngs: nnx.Rngs | None = None) -> RepModule:
     """A block module from its spec, in train (default) or deploy form, with fresh weights
     (built abstractly and filled by state.fresh_state seeded from `rngs`, like create_model)."""
     block = empty_block(spec, deploy=deploy)
@@ -271,5 +291,5 @@ def build_block(spec: Any, *, deploy: bool = False, rngs: nnx.Rngs | None = None
 
 
 __all__ = ["RepModule", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
-           "RepGhostBottleneck", "Segment", "named", "block_class", "abstract_module",
+           "RepGhostBottleneck", "Segment", "SegmentFn", "named", "block_class", "abstract_module",
            "build_block", "empty_block"]

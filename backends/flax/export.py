@@ -17,7 +17,7 @@ from .api import inference_view, is_block, reparameterize
 from .blocks import RepModule
 
 
-def export_stablehlo(model: RepModule, path: str | os.PathLike,
+def export_stablehlo(model: RepModule, path: str | os.PathLike[str],
                      input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> str:
     """Write the deploy form of `model` (reparameterized first when given a train-form model;
     the input is left untouched) in inference mode to `path` as a serialized jax.export artifact
@@ -31,20 +31,22 @@ def export_stablehlo(model: RepModule, path: str | os.PathLike,
         y = m(jnp.transpose(x, (0, 2, 3, 1)))
         return jnp.transpose(y, (0, 3, 1, 2)) if block else y
 
-    exported = jax.export.export(jax.jit(forward))(
-        jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    # jax leaves ShapeDtypeStruct.__init__ (and Exported.call, below) unannotated
+    signature = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)  # type: ignore[no-untyped-call]
+    exported = jax.export.export(jax.jit(forward))(signature)
     with open(path, "wb") as f:
         f.write(exported.serialize())
     return os.fspath(path)
 
 
-def load_stablehlo(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+def load_stablehlo(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.ndarray]:
     """A callable NCHW float32 numpy -> numpy from an artifact written by export_stablehlo."""
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
 
     def call(x: np.ndarray) -> np.ndarray:
-        return np.asarray(exported.call(jnp.asarray(np.asarray(x, np.float32))))
+        y = exported.call(jnp.asarray(np.asarray(x, np.float32)))  # type: ignore[no-untyped-call]
+        return np.asarray(y)
 
     call.exported = exported  # type: ignore[attr-defined]
     return call

@@ -21,7 +21,7 @@ from flax import nnx
 from reparam_core import SpecError
 from reparam_core.nodes import Act, Add, AvgPool, Block, Dropout, Flatten, GlobalPool, Model, Node, Rep, children
 
-from .layers import ACTIVATIONS, LEAF_TYPES, avg_pool, flatten, global_pool
+from .layers import ACTIVATIONS, LEAF_TYPES, Leaf, avg_pool, flatten, global_pool
 
 DROPOUT = "dropout"
 Lookup = Callable[[str], nnx.Module]
@@ -78,14 +78,10 @@ def run(nodes: Iterable[Node], x: jax.Array, get: Lookup) -> jax.Array:
     return x
 
 
-def _module(node, x: jax.Array, get: Lookup) -> jax.Array:
-    return get(node.name)(x)
-
-
 def _rep(node: Rep, x: jax.Array, get: Lookup) -> jax.Array:
     outs = [run(branch, x, get) for branch in node.branches]
     y = jnp.concatenate(outs, axis=-1) if node.combine == "concat" else sum(outs[1:], outs[0])
-    return y if node.bn is None else get(node.bn.name)(y)
+    return y if node.bn is None else _module(node.bn, y, get)
 
 
 def _add(node: Add, x: jax.Array, get: Lookup) -> jax.Array:
@@ -93,24 +89,31 @@ def _add(node: Add, x: jax.Array, get: Lookup) -> jax.Array:
     return sum(outs[1:], outs[0])
 
 
-RULES: dict[type, Callable[..., jax.Array]] = {
-    **{t: _module for t in (*LEAF_TYPES, Block)},
-    Act: lambda node, x, get: ACTIVATIONS[node.fn](x),
-    AvgPool: lambda node, x, get: avg_pool(x, node),
-    GlobalPool: lambda node, x, get: global_pool(x),
-    Flatten: lambda node, x, get: flatten(x),
-    Dropout: lambda node, x, get: get(DROPOUT)(x, node.p),
-    Rep: _rep,
-    Add: _add,
-}
+def _module(node: Leaf | Block, x: jax.Array, get: Lookup) -> jax.Array:
+    y: jax.Array = get(node.name)(x)  # an nnx.Module's call is untyped
+    return y
 
 
 def apply(node: Node, x: jax.Array, get: Lookup) -> jax.Array:
     """The apply rule of the node's type; parameterised leaves and blocks are `get(name)`."""
-    rule = RULES.get(type(node))
-    if rule is None:
-        raise SpecError(f"the flax backend has no apply rule for {type(node).__name__}")
-    return rule(node, x, get)
+    if isinstance(node, (*LEAF_TYPES, Block)):
+        return _module(node, x, get)
+    if isinstance(node, Act):
+        return ACTIVATIONS[node.fn](x)
+    if isinstance(node, AvgPool):
+        return avg_pool(x, node)
+    if isinstance(node, GlobalPool):
+        return global_pool(x)
+    if isinstance(node, Flatten):
+        return flatten(x)
+    if isinstance(node, Dropout):
+        out: jax.Array = get(DROPOUT)(x, node.p)  # the scope's DropoutStream
+        return out
+    if isinstance(node, Rep):
+        return _rep(node, x, get)
+    if isinstance(node, Add):
+        return _add(node, x, get)
+    raise SpecError(f"the flax backend has no apply rule for {type(node).__name__}")
 
 
 @dataclass(frozen=True)
@@ -125,4 +128,4 @@ class Chain:
 
 
 __all__ = ["DROPOUT", "Lookup", "module_at", "set_module", "scope_body", "scope_nodes",
-           "module_paths", "run", "apply", "RULES", "Chain"]
+           "module_paths", "run", "apply", "Chain"]

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
-from reparam_core import nodes
+from reparam_core import ShapeMismatchError, nodes
 from reparam_core.fusion import identity_offset
 from reparam_core.layouts import oihw_to_hwio
 
@@ -46,7 +47,7 @@ class BatchNorm(nnx.Module):
     """
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = FLAX_BN_MOMENTUM,
-                 use_running_average: bool = False, dtype=jnp.float32) -> None:
+                 use_running_average: bool = False, dtype: DTypeLike = jnp.float32) -> None:
         self.num_features = num_features
         self.eps = float(eps)
         self.momentum = float(momentum)
@@ -157,7 +158,7 @@ def shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     ho, wo = _out_size(h, kh, sh, padding[0], dh), _out_size(wd, kw, sw, padding[1], dw)
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     wg = w.reshape(kh, kw, cg, groups, out // groups)
-    acc = None
+    acc: jax.Array | None = None
     for i in range(kh):
         for j in range(kw):
             start = (0, i * dh, j * dw, 0)
@@ -166,6 +167,8 @@ def shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
             for q in range(cg):
                 term = tap[..., q:q + 1] * wg[i, j, q]
                 acc = term if acc is None else acc + term
+    if acc is None:
+        raise ShapeMismatchError(f"shifted_conv: a kernel of shape {w.shape} has no tap")
     return acc.reshape(n, ho, wo, out)
 
 
@@ -190,7 +193,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: jax.lax.ConvDimensionNumbers | None = None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision: jax.lax.PrecisionLike = None, **kwargs) -> jax.Array:
+                         precision: jax.lax.PrecisionLike = None, **kwargs: Any) -> jax.Array:
     """jax.lax.conv_general_dilated with the path of `conv_path` for 2-D NHWC/HWIO convolutions
     with explicit padding and no input dilation (what `conv` builds); everything else, and any
     extra option (preferred_element_type, out_sharding), goes to XLA's convolution unchanged."""
@@ -207,11 +210,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         return xla()
     args = (tuple(window_strides), tuple(tuple(p) for p in padding),
             tuple(rhs_dilation or (1, 1)), feature_group_count)
-    return shifted_conv(lhs, rhs, *args) if path == "shift" else split_conv(lhs, rhs, *args,
-                                                                            precision)
+    y: jax.Array = (shifted_conv(lhs, rhs, *args) if path == "shift"
+                    else split_conv(lhs, rhs, *args, precision))  # jax.jit's wrapper returns Any
+    return y
 
 
-def _conv_plus(offset: np.ndarray, lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+def _conv_plus(offset: np.ndarray, lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     """`conv_general_dilated` with the kernel `rhs + offset` (HWIO)."""
     return conv_general_dilated(lhs, rhs + jnp.asarray(offset, rhs.dtype), *args, **kwargs)
 
@@ -254,8 +258,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def avg_pool(x: jax.Array, node: nodes.AvgPool) -> jax.Array:
     """k x k average pooling of NHWC x with zero padding counted (count_include_pad)."""
     k, s, p = node.kernel, node.stride, node.padding
-    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
-                                  (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+    total: jax.Array = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
+                                             (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
     return total / (k * k)
 
 

@@ -10,26 +10,31 @@ writes copy a canonical tensor into the canonical-layout view of a fresh Flax-la
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.typing import PathParts
 
 from reparam_core import CheckpointError, ReparamError, ShapeMismatchError, check_state
 from reparam_core.fuse import iter_deploy_state
 from reparam_core.layouts import flax_key, from_flax
-from reparam_core.nodes import Block, Description, Model
+from reparam_core.nodes import Block, Description, Model, SpecLike
 from reparam_core.schema import Schema, TensorInfo, schema_for, schema_of
 
+if TYPE_CHECKING:  # blocks imports this module
+    from .blocks import RepModule
 
-def _path_key(path: tuple) -> str:
+
+def _path_key(path: PathParts) -> str:
     return ".".join(str(p) for p in path)
 
 
-def graph_parts(module: nnx.Module) -> tuple[dict[str, nnx.Variable], dict[str, nnx.Module]]:
+def graph_parts(module: nnx.Module) -> tuple[dict[str, nnx.Variable[Any]], dict[str, nnx.Module]]:
     """Every variable and every module below `module` by joined path, in one traversal."""
-    vs: dict[str, nnx.Variable] = {}
+    vs: dict[str, nnx.Variable[Any]] = {}
     mods: dict[str, nnx.Module] = {}
     for path, node in nnx.iter_graph(module):
         if isinstance(node, nnx.Variable):
@@ -40,12 +45,12 @@ def graph_parts(module: nnx.Module) -> tuple[dict[str, nnx.Variable], dict[str, 
 
 
 def variables(module: nnx.Module, types: tuple[type, ...] = (nnx.Param, nnx.BatchStat)
-              ) -> dict[str, nnx.Variable]:
+              ) -> dict[str, nnx.Variable[Any]]:
     """The live variables of `module` of the given types by joined path (Flax keys)."""
     return {k: v for k, v in graph_parts(module)[0].items() if isinstance(v, types)}
 
 
-def other_variables(module: nnx.Module) -> dict[str, nnx.Variable]:
+def other_variables(module: nnx.Module) -> dict[str, nnx.Variable[Any]]:
     """Every variable that is neither a Param nor a BatchStat (e.g. dropout RNG streams)."""
     return {k: v for k, v in graph_parts(module)[0].items()
             if not isinstance(v, (nnx.Param, nnx.BatchStat))}
@@ -58,7 +63,7 @@ def fill_abstract_other_variables(module: nnx.Module, seed: int = 0) -> None:
         val = var.get_value()
         if not isinstance(val, jax.ShapeDtypeStruct):
             continue
-        if jax.dtypes.issubdtype(val.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(val.dtype, jax.dtypes.prng_key):
             var.set_value(jax.random.key(seed + i))
         else:
             var.set_value(jnp.zeros(val.shape, val.dtype))
@@ -102,12 +107,12 @@ def _canonical_view(a: np.ndarray, info: TensorInfo) -> np.ndarray:
     """A native tensor as a canonical-layout VIEW (no copy): HWIO kernels as transposed OIHW
     views, linear kernels transposed; the inverse of layouts.to_flax."""
     if info.kind == "conv.weight":
-        return a.transpose(3, 2, 0, 1)
-    return a.T if info.kind == "linear.weight" else a
+        return np.transpose(a, (3, 2, 0, 1))
+    return np.transpose(a) if info.kind == "linear.weight" else a
 
 
-def load_state(module: nnx.Module, state: Mapping[str, np.ndarray], *,
-               validate: bool = True) -> nnx.Module:
+def load_state(module: RepModule, state: Mapping[str, np.ndarray], *,
+               validate: bool = True) -> RepModule:
     """Load a neutral state (canonical keys, OIHW) into `module` in place and return it.
     `*num_batches_tracked` entries are ignored; the state is validated first (check_state
     against the module's spec) and errors name the offending key. `validate=False` is for
@@ -159,11 +164,12 @@ def _native_copy(key: str, canonical: np.ndarray, info: TensorInfo,
         raise ShapeMismatchError(f"{key} has shape {canonical.shape}; this module needs "
                                  f"{view.shape}")
     _copy_tiled(view, canonical)
-    return jax.device_put(native, may_alias=True)
+    out: jax.Array = jax.device_put(native, may_alias=True)
+    return out
 
 
-def load_fused_state(spec: object, train: Mapping[str, nnx.Variable],
-                     deploy: Mapping[str, nnx.Variable]) -> None:
+def load_fused_state(spec: SpecLike, train: Mapping[str, nnx.Variable[Any]],
+                     deploy: Mapping[str, nnx.Variable[Any]]) -> None:
     """Fill the deploy-form variables `deploy` (by Flax key, abstract) with the core's deploy
     state (reparam_core.fuse.iter_deploy_state, streamed) of the train-form variables `train`
     of `spec`, with no layout transpose on the fused path: the core reads every tensor as a
@@ -180,7 +186,7 @@ def load_fused_state(spec: object, train: Mapping[str, nnx.Variable],
 
     def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         native = _host_buffer((shape[2], shape[3], shape[1], shape[0]), np.dtype(dtype))
-        view = native.transpose(3, 2, 0, 1)
+        view = np.transpose(native, (3, 2, 0, 1))
         allocated.append((view, native))
         return view
 
@@ -221,7 +227,7 @@ def seed_from(rngs: nnx.Rngs | None) -> int:
     return int(np.asarray(jax.random.key_data(key)).ravel()[-1])
 
 
-def load_native_state(module: nnx.Module, native: Mapping[str, np.ndarray]) -> nnx.Module:
+def load_native_state(module: RepModule, native: Mapping[str, np.ndarray]) -> RepModule:
     """Load a state saved by `native_state` (Flax keys, HWIO) into `module` in place."""
     schema = module_schema(module)
     expected = {flax_key(k, info): info for k, info in schema.items()}

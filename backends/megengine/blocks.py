@@ -19,9 +19,9 @@ spec), so it converts, exports and loads like a standalone block.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import reduce
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -30,15 +30,15 @@ from reparam_core.fuse import reparameterize_state
 from reparam_core.fusion import identity_kernel
 from reparam_core.l2 import custom_l2_penalty, l2_terms
 from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine
-from reparam_core.nodes import Add, Aux, Block, Model, Node, Rep, children, in_form, rep_blocks
+from reparam_core.nodes import Add, Aux, Block, Description, Model, Node, Rep, SpecLike, children, in_form, rep_blocks
 from reparam_core.schema import Form, schema_of
 
-from .layers import FUNCTIONAL, LEAF_MODULES, F, M, Tensor, leaf_module, mge
+from .layers import FREE_LEAVES, PARAM_LEAVES, F, M, Tensor, functional, leaf_module, mge
 
 # --------------------------------------------------------------------------- module tree
 
 
-class Scope(M.Module):
+class Scope(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """A name scope of a module path (`rbr_dense` holding `conv` and `bn`, `stage1` holding
     `0`, `1`, ...): children by attribute name, numeric ones also by index (`scope[0]`)."""
 
@@ -93,11 +93,6 @@ def run(module: RepModule, nodes: tuple[Node, ...], x: Tensor) -> Tensor:
     return x
 
 
-def _call(module: RepModule, node, x: Tensor) -> Tensor:
-    """A parameterised leaf or a nested block: the child module at its path."""
-    return module.module_at(node.name)(x)
-
-
 def _rep(module: RepModule, node: Rep, x: Tensor) -> Tensor:
     outs = [run(module, branch, x) for branch in node.branches]
     y = F.concat(outs, axis=1) if node.combine == "concat" else reduce(operator.add, outs)
@@ -108,19 +103,18 @@ def _add(module: RepModule, node: Add, x: Tensor) -> Tensor:
     return reduce(operator.add, [run(module, branch, x) for branch in node.branches])
 
 
-RULES: dict[type, Callable[[RepModule, object, Tensor], Tensor]] = {
-    **{t: _call for t in LEAF_MODULES}, Block: _call, Rep: _rep, Add: _add}
-
-
 def apply(module: RepModule, node: Node, x: Tensor) -> Tensor:
-    """One node on x: a parameter-free rule (layers.FUNCTIONAL) or a rule of RULES."""
-    functional = FUNCTIONAL.get(type(node))
-    if functional is not None:
+    """One node on x: a parameter-free rule (layers.functional), a Rep or Add of chains, or the
+    child module at the path of a parameterised leaf or a nested block."""
+    if isinstance(node, FREE_LEAVES):
         return functional(node, x, module.training)
-    rule = RULES.get(type(node))
-    if rule is None:
-        raise SpecError(f"the MegEngine backend has no rule for {type(node).__name__}")
-    return rule(module, node, x)
+    if isinstance(node, Rep):
+        return _rep(module, node, x)
+    if isinstance(node, Add):
+        return _add(module, node, x)
+    if isinstance(node, (*PARAM_LEAVES, Block)):
+        return module.module_at(node.name)(x)
+    raise SpecError(f"the MegEngine backend has no rule for {type(node).__name__}")
 
 
 # --------------------------------------------------------------------------- states
@@ -181,19 +175,22 @@ def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str =
 _CLASSES: dict[str, type[RepModule]] = {}
 
 
-class RepModule(M.Module):
+class RepModule(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """A block or model built from its description: `spec`, a fixed form (`deploy`) and `desc`
     (the description in that form). Subclasses name the official class they stand for in
     `kind` and refuse a spec of another kind."""
 
     kind: ClassVar[str] = ""
+    spec: SpecLike
+    deploy: bool
+    desc: Description
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("kind"):
             _CLASSES.setdefault(cls.kind, cls)
 
-    def __init__(self, spec: object, deploy: bool = False, *, empty: bool = False) -> None:
+    def __init__(self, spec: SpecLike, deploy: bool = False, *, empty: bool = False) -> None:
         """`empty=True` draws no random initial values and gives convs 0-element weights: for
         `_holding`, which sets every tensor right after."""
         super().__init__()
@@ -205,10 +202,10 @@ class RepModule(M.Module):
         self.deploy = bool(deploy)
         self.desc = desc
         for node in owned_nodes(desc):
-            child = (block_class(node.kind)(node, self.deploy, empty=empty)
-                     if isinstance(node, Block) else leaf_module(node, empty))
-            if child is not None:
-                place(self, node.name, child)
+            if isinstance(node, Block):
+                place(self, node.name, block_class(node.kind)(node, self.deploy, empty=empty))
+            elif isinstance(node, PARAM_LEAVES):
+                place(self, node.name, leaf_module(node, empty))
 
     @property
     def form(self) -> Form:
@@ -247,8 +244,9 @@ class RepModule(M.Module):
 
     def rep_blocks(self) -> list[tuple[str, RepModule]]:
         """The re-parameterizable blocks (innermost blocks holding a Rep), with their module
-        paths; the module itself ('') when it holds a Rep directly."""
-        own = [("", self)] if any(isinstance(n, Rep) for n in self.desc.body) else []
+        paths; the module itself ('') when it is a block holding a Rep directly."""
+        own = ([("", self)] if isinstance(self.desc, Block)
+               and any(isinstance(n, Rep) for n in self.desc.body) else [])
         return own + [(path, self.module_at(path)) for path, _ in rep_blocks(self.desc)]
 
     def custom_l2(self) -> Tensor:
@@ -271,7 +269,7 @@ class RepModule(M.Module):
         return dst
 
     @classmethod
-    def _holding(cls, spec: object, state: Mapping[str, np.ndarray],
+    def _holding(cls, spec: SpecLike, state: Mapping[str, np.ndarray],
                  deploy: bool) -> RepModule:
         """A module of this class holding a complete neutral `state` of its form (trusted: the
         core's fused state), built `empty`; every tensor is then a new MegEngine tensor made
@@ -287,6 +285,8 @@ class RepModule(M.Module):
 
 def l2_term(block: RepModule) -> Tensor:
     """One block's custom L2 on its own (differentiable) MegEngine tensors."""
+    if not isinstance(block.desc, Block):
+        raise SpecError(f"custom L2: {block.desc.kind} is a model; the L2 is taken per block")
     t = l2_terms(block.desc)
     k3 = block.module_at(t.dense_conv).weight
     k1 = block.module_at(t.one_conv).weight
@@ -349,7 +349,7 @@ class RepGhostBottleneck(RepModule):
     kind = "RepGhostBottleneck"
 
 
-__all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply", "RULES",
+__all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply",
            "l2_term", "neutral_state", "native_array", "module_layout",
            "write_tensor", "write_state", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
            "RepGhostBottleneck"]

@@ -6,15 +6,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .blocks import RepModule
 from .fastrun import fastrun as _fastrun
 from .fastrun import profile_graph
-from .layers import mge
+from .layers import Tensor, mge
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "output"
 
 
-def export_traced(model, path: str | os.PathLike, input_shape: Sequence[int] = (1, 3, 224, 224)) -> str:
+def export_traced(model: RepModule, path: str | os.PathLike[str],
+                  input_shape: Sequence[int] = (1, 3, 224, 224)) -> str:
     """Trace the DEPLOY form of `model` (reparameterized first if needed; the input is not
     modified) with jit.trace(symbolic=True, capture_as_const=True) and dump it to `path`.
     Input var `data`, output var `output`. Returns the path."""
@@ -24,12 +26,12 @@ def export_traced(model, path: str | os.PathLike, input_shape: Sequence[int] = (
     was_training = deploy.training
     deploy.eval()
     try:
-        @trace(symbolic=True, capture_as_const=True)
-        def infer(data):
+        def infer(data: Tensor) -> Tensor:
             return deploy(data)
 
-        infer(mge.tensor(np.zeros(tuple(input_shape), np.float32)))
-        infer.dump(os.fspath(path), arg_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+        traced = trace(symbolic=True, capture_as_const=True)(infer)  # trace is untyped: no decorator
+        traced(mge.tensor(np.zeros(tuple(input_shape), np.float32)))
+        traced.dump(os.fspath(path), arg_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     finally:
         deploy.train(was_training)
     return os.fspath(path)
@@ -41,7 +43,7 @@ class TracedGraph:
     happens on the first `run` of each input shape; the choices persist across processes, see
     backends.megengine.fastrun)."""
 
-    def __init__(self, path: str | os.PathLike, *, fastrun: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fastrun: bool = False) -> None:
         from megengine.core.tensor import megbrain_graph as G
         from megengine.utils.comp_graph_tools import convert_inputs, convert_outputs
 
@@ -66,7 +68,7 @@ class TracedGraph:
         return np.asarray(out.get(OUTPUT_NAME, next(iter(out.values()))), np.float32)
 
 
-def run_traced(path: str | os.PathLike, x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
+def run_traced(path: str | os.PathLike[str], x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
     """Run a dumped .mge artifact on an NCHW float32 input (`fastrun`: see TracedGraph)."""
     return TracedGraph(path, fastrun=fastrun).run(x)
 

@@ -12,6 +12,7 @@ batch variance (n/(n-1)), as torch does, so running statistics match torch's ste
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .quiet import import_megengine
 mge = import_megengine()
 import megengine.functional as F  # noqa: E402
 import megengine.module as M  # noqa: E402
+from megengine import Tensor  # noqa: E402
 
 from reparam_core import SpecError  # noqa: E402
 from reparam_core.fusion import identity_offset  # noqa: E402
@@ -29,7 +31,11 @@ from reparam_core.schema import conv_entries  # noqa: E402
 
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
 
-Tensor = mge.Tensor
+# The leaves that own a native module, and those computed by a parameter-free rule.
+ParamLeaf = Conv | BN | PadBN | Scale | SE | Linear
+PARAM_LEAVES = (Conv, BN, PadBN, Scale, SE, Linear)
+FreeLeaf = AvgPool | Act | GlobalPool | Flatten | Dropout
+FREE_LEAVES = (AvgPool, Act, GlobalPool, Flatten, Dropout)
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -53,7 +59,7 @@ def batch_norm(channels: int, eps: float) -> M.BatchNorm2d:
     return M.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
 
 
-class PaddedBatchNorm(M.BatchNorm2d):
+class PaddedBatchNorm(M.BatchNorm2d):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """BN, then `pad` pixels on every side filled with BN(0) per channel (running statistics,
     detached: Diverse Branch Block's BNAndPadLayer)."""
 
@@ -70,7 +76,7 @@ class PaddedBatchNorm(M.BatchNorm2d):
         return F.nn.pad(y, width) + border * bn_zero
 
 
-class ChannelScale(M.Module):
+class ChannelScale(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """y[c] = weight[c] x[c]; parameter `weight` of shape (C,)."""
 
     def __init__(self, channels: int) -> None:
@@ -81,12 +87,12 @@ class ChannelScale(M.Module):
         return x * F.reshape(self.weight, (1, -1, 1, 1))
 
 
-class EmptyInit:
+class EmptyInit(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """Mixin for a MegEngine layer whose constructor allocates and randomly initialises its
     weights: `empty=True` draws nothing and (convs) allocates 0-element placeholders instead,
     for a module whose every tensor is set right after (`RepModule._holding`)."""
 
-    def __init__(self, *args, empty: bool = False, **kwargs) -> None:
+    def __init__(self, *args: Any, empty: bool = False, **kwargs: Any) -> None:
         self._empty = empty
         super().__init__(*args, **kwargs)
         self._empty = False
@@ -96,7 +102,7 @@ class EmptyInit:
             super().reset_parameters()
 
 
-class Conv2d(EmptyInit, M.Conv2d):
+class Conv2d(EmptyInit, M.Conv2d):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """M.Conv2d (`empty=True`: 0-element weight and bias placeholders, no random init)."""
 
     def _infer_weight_shape(self) -> tuple[int, ...]:
@@ -106,11 +112,11 @@ class Conv2d(EmptyInit, M.Conv2d):
         return (0,) if self._empty else super()._infer_bias_shape()
 
 
-class LinearLayer(EmptyInit, M.Linear):
+class LinearLayer(EmptyInit, M.Linear):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """M.Linear (`empty=True`: zero weights, no random init)."""
 
 
-class SqueezeExcite(M.Module):
+class SqueezeExcite(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
     """x * gate(expand(relu(reduce(mean_hw(x))))): 1x1 convs with bias under the official child
     names of the SE node (`down`/`up`, `conv_reduce`/`conv_expand`)."""
 
@@ -151,22 +157,20 @@ def conv2d(node: Conv, empty: bool = False) -> Conv2d:
                   bias=node.bias, empty=empty)
 
 
-# Parameterised leaves: (node, empty) -> native module.
-LEAF_MODULES: dict[type, Callable[..., M.Module]] = {
-    Conv: conv2d,
-    BN: lambda n, empty: batch_norm(n.channels, n.eps),
-    PadBN: lambda n, empty: PaddedBatchNorm(n.channels, n.pad, n.eps),
-    Scale: lambda n, empty: ChannelScale(n.channels),
-    SE: SqueezeExcite,
-    Linear: lambda n, empty: LinearLayer(n.in_features, n.out_features, empty=empty),
-}
-
-
-def leaf_module(node: object, empty: bool = False) -> M.Module | None:
-    """The native module of a parameterised leaf (None for every other node); `empty=True`
-    skips the random initial values (see EmptyInit)."""
-    build = LEAF_MODULES.get(type(node))
-    return build(node, empty) if build is not None else None
+def leaf_module(node: ParamLeaf, empty: bool = False) -> M.Module:
+    """The native module of a parameterised leaf; `empty=True` skips the random initial values
+    (see EmptyInit)."""
+    if isinstance(node, Conv):
+        return conv2d(node, empty)
+    if isinstance(node, BN):
+        return batch_norm(node.channels, node.eps)
+    if isinstance(node, PadBN):
+        return PaddedBatchNorm(node.channels, node.pad, node.eps)
+    if isinstance(node, Scale):
+        return ChannelScale(node.channels)
+    if isinstance(node, SE):
+        return SqueezeExcite(node, empty)
+    return LinearLayer(node.in_features, node.out_features, empty=empty)
 
 
 def global_pool(x: Tensor) -> Tensor:
@@ -178,16 +182,21 @@ def avg_pool(node: AvgPool, x: Tensor) -> Tensor:
     return F.avg_pool2d(x, node.kernel, node.stride, node.padding, mode="average")
 
 
-# Parameter-free leaves: (node, input, training) -> output.
-FUNCTIONAL: dict[type, Callable[[object, Tensor, bool], Tensor]] = {
-    AvgPool: lambda n, x, training: avg_pool(n, x),
-    Act: lambda n, x, training: activation(n.fn)(x),
-    GlobalPool: lambda n, x, training: global_pool(x),
-    Flatten: lambda n, x, training: F.flatten(x, 1),
-    Dropout: lambda n, x, training: F.nn.dropout(x, n.p, training=training),
-}
+def functional(node: FreeLeaf, x: Tensor, training: bool) -> Tensor:
+    """A parameter-free leaf on x (Dropout is active only when `training`)."""
+    if isinstance(node, AvgPool):
+        return avg_pool(node, x)
+    if isinstance(node, Act):
+        return activation(node.fn)(x)
+    if isinstance(node, GlobalPool):
+        return global_pool(x)
+    if isinstance(node, Flatten):
+        return F.flatten(x, 1)
+    return F.nn.dropout(x, node.p, training=training)
+
 
 __all__ = ["BN_MOMENTUM", "ACTIVATIONS", "activation", "batch_norm", "PaddedBatchNorm",
            "ChannelScale", "EmptyInit", "Conv2d", "IdentityPlusConv2d", "LinearLayer", "SqueezeExcite", "conv2d",
-           "LEAF_MODULES", "leaf_module", "global_pool", "avg_pool", "hard_sigmoid", "FUNCTIONAL",
+           "ParamLeaf", "PARAM_LEAVES", "FreeLeaf", "FREE_LEAVES", "leaf_module", "global_pool", "avg_pool",
+           "hard_sigmoid", "functional",
            "mge", "F", "M", "Tensor"]

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 # The CUDA banner and probe lines. The banner's frame lines are "info: +++++..." and
 # "info: + <text> +"; the text lines mention CUDA/NVIDIA or point to the help forum.
@@ -67,8 +68,9 @@ def quiet_fd2() -> Iterator[None]:
 _READY = False
 
 
-def import_megengine():
-    """Import MegEngine and run its first op with the CUDA noise swallowed; returns the module."""
+def import_megengine() -> Any:
+    """Import MegEngine and run its first op with the CUDA noise swallowed; returns the module
+    (Any: MegEngine has no type information in the checked environment)."""
     global _READY
     if _READY:
         import megengine
