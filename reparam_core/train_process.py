@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from . import errors
 from . import training as tr
@@ -36,7 +36,7 @@ TrainFunction = Callable[..., dict[str, Any]]
 class EventWriter:
     """The child's side: events as prefixed JSON lines on `stream`, flushed at once."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
 
     def emit(self, event: str, **payload: Any) -> None:
@@ -82,7 +82,7 @@ class ProcessTrainer:
     """The parent's side: `train(cfg, data, resume=, on_step=, on_epoch=)` as the in-process
     trainers, run by `python -m module` in another interpreter."""
 
-    def __init__(self, python: str | os.PathLike, module: str, cwd: str | os.PathLike,
+    def __init__(self, python: str | os.PathLike[str], module: str, cwd: str | os.PathLike[str],
                  env: dict[str, str] | None = None) -> None:
         self.python, self.module, self.cwd, self.env = Path(python), module, cwd, env
 
@@ -113,10 +113,11 @@ class ProcessTrainer:
         if final.get("event") != "summary":
             raise errors.BackendUnavailableError(f"the {self.module} process exited with status {rc} "
                                                  "without a summary (its messages are above)")
-        return final["summary"]
+        summary: dict[str, Any] = final["summary"]
+        return summary
 
     @staticmethod
-    def _follow(stream: TextIO | None, on_step: StepCallback | None,
+    def _follow(stream: IO[str] | None, on_step: StepCallback | None,
                 on_epoch: EpochCallback | None) -> dict[str, Any]:
         """Dispatch the child's events until its stdout closes; the last summary or error."""
         final: dict[str, Any] = {}

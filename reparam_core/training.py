@@ -329,8 +329,9 @@ def check_supported(cfg: TrainConfig, processes: int) -> None:
     one process, in float32; the Flax trainer starts from its own seeded initialisation."""
     if cfg.framework == "megengine":
         if processes > 1:
-            raise TrainError("--nproc/--nnodes: MegEngine trains in one process here "
-                             "(megengine.distributed needs CUDA GPUs: on CPU its launcher does not start)")
+            raise TrainError("--nproc/--nnodes: MegEngine trains in one process here (megengine."
+                             "distributed takes GPU devices with NCCL/RCCL only; on CPU its process "
+                             "group refuses to start)")
         if cfg.amp:
             raise TrainError("--amp bf16: the MegEngine trainer runs in float32 (MegEngine's "
                              "autocast is float16 on CUDA only)")
@@ -353,7 +354,7 @@ def initial_state(cfg: TrainConfig, spec: object) -> dict[str, np.ndarray] | Non
     return state
 
 
-def save_dataset(path: str | os.PathLike, data: Dataset) -> None:
+def save_dataset(path: str | os.PathLike[str], data: Dataset) -> None:
     """The whole Dataset (images, labels, split, normalisation) as one safetensors file, for a
     trainer in another interpreter (the MegEngine environment has no scikit-learn or Pillow)."""
     arrays = {"images": data.images, "labels": data.labels, "train_idx": data.train_idx,
@@ -361,7 +362,7 @@ def save_dataset(path: str | os.PathLike, data: Dataset) -> None:
     save_arrays(path, arrays, {"classes": json.dumps(list(data.classes)), "source": data.source})
 
 
-def read_dataset(path: str | os.PathLike) -> Dataset:
+def read_dataset(path: str | os.PathLike[str]) -> Dataset:
     """The Dataset written by save_dataset."""
     a, meta = safetensors_io.load_file(path)
     return Dataset(a["images"], a["labels"], tuple(json.loads(meta["classes"])), a["train_idx"],

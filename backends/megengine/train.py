@@ -15,8 +15,9 @@ trainers; without it the model starts from MegEngine's own initialisation seeded
 Checkpoints hold neutral arrays (canonical keys, OIHW shapes): `model.KEY`, the momentum
 buffers `opt.KEY`, the EMA `ema.KEY`.
 
-megengine.distributed is not used: its launcher starts one process per GPU and its collective
-communication (NCCL) needs CUDA, so on a CPU-only machine only one process trains.
+megengine.distributed is not used: in 1.13 its process group accepts GPU devices (gpu, cuda,
+rocm) with NCCL/RCCL only; on CPU `init_process_group` raises "cpu is not a valid distributed
+device type" (and "xpu ..." for the default device), so one process trains.
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     opt, params = _optimizer(model, cfg, l2_kernels)
     gm = mge.autodiff.GradManager().attach(list(params.values()))
     ema = {k: F.copy(t) for k, t in _tensors(model).items()} if cfg.ema else None
+    ema_weight = 1.0 - (cfg.ema or 0.0)  # ema <- ema + (1 - decay) (now - ema), as torch's lerp_
     ema_model = create_model(cfg.model, num_classes=len(data.classes)) if cfg.ema else None
     point = tr.resume_point(cfg, sched, resume)
     if resume:
@@ -138,7 +140,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             opt.step().clear_grad()
             if ema is not None:
                 for key, v in _tensors(model).items():
-                    ema[key] = ema[key] + (1.0 - cfg.ema) * (v.detach() - ema[key])
+                    ema[key] = ema[key] + ema_weight * (v.detach() - ema[key])
             main_loss = float(losses["main"].item())
             sums.add(main_loss, int((outs["main"].numpy().argmax(1) == yb).sum()), len(yb))
             sums.seconds += time.perf_counter() - t0
