@@ -154,3 +154,11 @@ def test_unsupported_settings_exit_2(tmp_path, flags, named) -> None:
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("framework, named", [("megengine", "--init: no file"), ("flax", "--init: the Flax trainer")])
+def test_init_refused_before_start(tmp_path, framework, named) -> None:
+    proc = run_train(tmp_path / "x", "--framework", framework, "--max-steps", "1",
+                     "--init", str(tmp_path / "missing.safetensors"), check=False)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
