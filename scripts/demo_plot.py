@@ -10,8 +10,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.gridspec import SubplotSpec
 
 FRAMEWORKS = (("torch", "PyTorch"), ("megengine", "MegEngine"), ("flax", "Flax"))
 ARTIFACTS = (("artifact/onnx", "ONNX"), ("artifact/mge", ".mge"), ("artifact/stablehlo", "StableHLO"))
@@ -23,7 +29,7 @@ def _fmt_int(n: float) -> str:
     return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
 
 
-def _accuracy_panel(ax, s: dict) -> None:
+def _accuracy_panel(ax: Axes, s: dict[str, Any]) -> None:
     res = s["results"]
     width = 0.36
     xs, labels = [], []
@@ -74,7 +80,7 @@ def _accuracy_panel(ax, s: dict) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def _throughput_panel(ax, s: dict) -> None:
+def _throughput_panel(ax: Axes, s: dict[str, Any]) -> None:
     tp = s["throughput"]
     width = 0.38
     top = max(max(t["train_images_per_s"], t["deploy_images_per_s"]) for t in tp.values())
@@ -103,7 +109,7 @@ def _throughput_panel(ax, s: dict) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def _training_panel(ax, s: dict) -> None:
+def _training_panel(ax: Axes, s: dict[str, Any]) -> None:
     hist = s["training"].get("history") or []
     ax.set_title("Training (PyTorch, train form)", fontsize=12, fontweight="bold", loc="left")
     ax.spines[["top"]].set_visible(False)
@@ -139,7 +145,7 @@ def _training_panel(ax, s: dict) -> None:
             f"{info.get('seconds', 0):.1f} s", transform=ax.transAxes, fontsize=8, color=GREY)
 
 
-def _gallery(fig, gs, s: dict, images: np.ndarray | None) -> None:
+def _gallery(fig: Figure, gs: SubplotSpec, s: dict[str, Any], images: np.ndarray | None) -> None:
     g = s["gallery"]
     n = len(g["labels"])
     cols = min(n, 8)
@@ -171,7 +177,7 @@ def _gallery(fig, gs, s: dict, images: np.ndarray | None) -> None:
                       fontsize=8.5, color=GREY if agree else BAD_C, labelpad=2)
 
 
-def plot_summary(summary: dict, path: str | os.PathLike, images: np.ndarray | None = None) -> str:
+def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], images: np.ndarray | None = None) -> str:
     """Draw the summary figure to `path` (PNG). `images`: the raw 8x8 test images indexed by test
     position (else they are reloaded from sklearn by dataset index). Returns the path."""
     import matplotlib

@@ -1,38 +1,42 @@
 """`reparam demo --quantize`: RepVGG against QARepVGG in int8, measured.
 
 Trains each model (default RepVGG-mini and QARepVGG-mini, the same size) with the demo's recipe
-and seed on the digits, then quantizes each deploy form with ONNX Runtime (200 calibration
-digits from the training split) with per-channel and per-tensor weights, and compares float32
-and int8 on the 360 test digits: top-1, agreement and SQNR, per model and per layer.
-Writes DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx,
+(`reparam train`'s trainer, scripts/demo_train.py) and seed on the digits, then quantizes each
+deploy form with ONNX Runtime (200 calibration digits from the training split) with per-channel
+and per-tensor weights, and compares float32 and int8 on the 359 test digits: top-1, agreement
+and SQNR, per model and per layer. Writes DIR/train/<model>/ (the trainer's files),
+DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx,
 DIR/quantize.json and DIR/summary.png (per-layer SQNR side by side).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from reparam_core.digits import load_digits_split
 from reparam_core.safetensors_io import save_file
 
+from .demo_train import train_model
 from .quantize import quantize_checkpoint
 
 GRANULARITIES = ("per-channel", "per-tensor")
+Results = dict[str, dict[str, dict[str, Any]]]  # model -> granularity -> quantize report
 
 
 def compare(out: str, models: tuple[str, ...], *, epochs: int, seed: int, samples: int = 200,
-            quiet: bool = False) -> dict:
+            quiet: bool = False) -> Results:
     """Train, quantize and measure every model; returns {model: {granularity: report}}."""
     from backends.torch import export_state
-
-    from .demo import Digits, train
 
     root = Path(out)
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     (root / "int8").mkdir(parents=True, exist_ok=True)
-    data = Digits()
-    results: dict[str, dict[str, dict]] = {}
+    data = load_digits_split()
+    results: Results = {}
     for model in models:
-        module, _, _ = train(model, data, epochs=epochs, seed=seed, quiet=quiet)
+        module, _, _ = train_model(model, data, root / "train" / model, epochs=epochs, seed=seed,
+                                   quiet=quiet)
         ckpt = root / "checkpoints" / f"{model}-digits.safetensors"
         save_file(export_state(module), str(ckpt), metadata={"model": model, "form": "train"})
         results[model] = {
@@ -44,7 +48,7 @@ def compare(out: str, models: tuple[str, ...], *, epochs: int, seed: int, sample
     return results
 
 
-def format_comparison(results: dict[str, dict[str, dict]]) -> str:
+def format_comparison(results: Results) -> str:
     head = (f"{'model':<16}{'weights':<13}{'bits':>5}{'fp32 top-1':>11}{'int8 top-1':>11}"
             f"{'agree':>8}{'logit SQNR':>11}{'min layer SQNR':>16}")
     lines = [head, "-" * len(head)]
@@ -57,7 +61,7 @@ def format_comparison(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(results: dict[str, dict[str, dict]], path: str) -> None:
+def plot_comparison(results: Results, path: str) -> None:
     """Per-layer SQNR, one panel per weight granularity, one bar series per model."""
     import matplotlib
 

@@ -34,9 +34,9 @@ from reparam_core.quantreport import format_report, plot_layers
 
 @lru_cache(maxsize=1)
 def _digits() -> object:
-    from .demo import Digits
+    from reparam_core.digits import load_digits_split
 
-    return Digits()
+    return load_digits_split()
 
 
 def load_images(source: str, split: str, limit: int | None, mean: tuple[float, ...],

@@ -1,4 +1,5 @@
 """`reparam demo` end to end: one-epoch runs into temporary directories (~15 s each on 2 cores).
+The test split is reparam_core.training's fixed split of the digits (359 images).
 
 Checks every file the demo writes (checkpoints read back in their own frameworks, deploy
 artifacts run in their own runtimes), that all frameworks, forms and artifacts predict the same
@@ -53,8 +54,8 @@ def run(runs):
 
 @pytest.fixture(scope="module")
 def data():
-    from scripts.demo import Digits
-    return Digits()
+    from reparam_core.digits import load_digits_split
+    return load_digits_split()
 
 
 # --------------------------------------------------------------------------- summary / table
@@ -62,7 +63,7 @@ def data():
 def test_summary_figures(run):
     d, s, _ = run
     spec = get_spec(MODEL, 10)
-    assert s["model"] == MODEL and s["data"]["n_test"] == 360 and s["data"]["n_train"] == 1437
+    assert s["model"] == MODEL and s["data"]["n_test"] == 359 and s["data"]["n_train"] == 1438
     assert s["params"] == {"train": count_params(spec, "train"), "deploy": count_params(spec, "deploy")}
     assert s["params"]["deploy"] < s["params"]["train"]
     assert set(s["results"]) == set(RESULT_KEYS)
@@ -70,12 +71,12 @@ def test_summary_figures(run):
     for fw in ("torch", "megengine", "flax"):
         tp = s["throughput"][fw]
         assert tp["repeats"] >= 5 and len(tp["train_runs_s"]) == len(tp["deploy_runs_s"]) == tp["repeats"]
-        assert tp["batch"] == s["data"]["n_test"] == 360
+        assert tp["batch"] == s["data"]["n_test"] == 359
         # every figure recomputed here from the raw per-round timings, with the test's own median
         for form in FORMS:
             runs_s = tp[f"{form}_runs_s"]
             assert all(t > 0 for t in runs_s), (fw, form, runs_s)
-            ips = 360 / statistics.median(runs_s)
+            ips = 359 / statistics.median(runs_s)
             assert tp[f"{form}_images_per_s"] == pytest.approx(ips, rel=1e-12), (fw, form)
             assert s["results"][f"{fw}/{form}"]["images_per_s"] == pytest.approx(ips, rel=1e-12)
         ratios = sorted(t / d for t, d in zip(tp["train_runs_s"], tp["deploy_runs_s"]))
@@ -93,7 +94,7 @@ def test_throughput_figures_from_a_fixed_clock(monkeypatch):
     ratio (2.95), so a helper computing either of those fails."""
     from types import SimpleNamespace
 
-    from scripts import timing
+    from reparam_core import timing
 
     clock = [0.0]
     calls: list[str] = []
@@ -121,8 +122,8 @@ def test_all_predictions_identical(run):
     _, s, _ = run
     for key in RESULT_KEYS:
         r = s["results"][key]
-        assert r["n"] == 360
-        assert r["same_predictions"] == 360 and r["identical"], key
+        assert r["n"] == 359
+        assert r["same_predictions"] == 359 and r["identical"], key
         assert r["accuracy"] == s["results"]["torch/train"]["accuracy"], key
         assert r["max_abs_logit_diff"] < LOGIT_ATOL, key
     assert s["all_identical"] == {"all": True, "deploy_all_frameworks": True, "frameworks": True}
@@ -140,7 +141,7 @@ def test_terminal_table(run):
     rows = lines[header + 2: header + 2 + len(RESULT_KEYS)]
     for row, name in zip(rows, ("PyTorch", "PyTorch", "MegEngine", "MegEngine", "Flax", "Flax",
                                 "ONNX", "traced .mge", "StableHLO")):
-        assert row.startswith(name) and "360/360" in row
+        assert row.startswith(name) and "359/359" in row
     acc = f"{s['results']['torch/train']['accuracy']:.2%}"
     assert all(acc in row for row in rows)
     assert "identical predictions in every framework" in stdout
@@ -217,10 +218,10 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
 
     from backends.flax import empty_model, load_native_state
     from backends.flax import predict as flax_predict
+    from backends.megengine.remote import shared
+    from reparam_core.formats import load_neutral
     from reparam_core.layouts import flax_key
     from reparam_core.schema import state_schema
-    from reparam_core.formats import load_neutral
-    from backends.megengine.remote import shared
 
     d, _, _ = run
     spec = get_spec(MODEL, 10)
@@ -288,9 +289,8 @@ def test_shipped_checkpoint(data):
     """assets/demo holds a trained train-form checkpoint that `--no-train` uses: >= 95% on the
     fixed test split, and small."""
     from backends.torch import create_model, load_state, predict
-    from scripts.demo import asset_path
 
-    path = asset_path(MODEL)
+    path = ROOT / "assets" / "demo" / f"{MODEL}-digits.safetensors"
     assert path.is_file() and path.stat().st_size < 4 * 2**20
     state, meta = load_file(path)
     assert meta["model"] == MODEL and meta["form"] == "train"
@@ -302,12 +302,12 @@ def test_shipped_checkpoint(data):
 
 
 def test_split_is_fixed_and_disjoint(data):
-    from scripts.demo import Digits
+    from reparam_core.digits import load_digits_split
 
     assert len(set(data.train_idx) & set(data.test_idx)) == 0
     assert len(data.train_idx) + len(data.test_idx) == 1797
-    assert np.array_equal(Digits().test_idx, data.test_idx)
-    assert data.x_test.shape == (360, 3, 32, 32) and data.x_test.dtype == np.float32
+    assert np.array_equal(load_digits_split().test_idx, data.test_idx)
+    assert data.x_test.shape == (359, 3, 32, 32) and data.x_test.dtype == np.float32
     assert sorted(np.bincount(data.y_test)) [0] >= 35  # stratified: every class ~36 times
 
 
@@ -338,7 +338,7 @@ def test_quantize_mode_compares_both_models_at_both_granularities(tmp_path: Path
     for model, by_g in results.items():
         assert list(by_g) == ["per-channel", "per-tensor"]
         for g, r in by_g.items():
-            assert r["weights"] == g and r["n_eval"] == 360 and r["calibration"]["samples"] == 200
+            assert r["weights"] == g and r["n_eval"] == 359 and r["calibration"]["samples"] == 200
             assert 0.5 <= r["agreement"] <= 1 and np.isfinite(r["logits_sqnr_db"])
             assert len(r["layers"]) == 8  # 7 convs and the linear of the mini layout
             assert (tmp_path / "int8" / f"{model}-{g}.onnx").stat().st_size < r["bytes"]["fp32"] / 3

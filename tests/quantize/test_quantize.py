@@ -20,9 +20,9 @@ from scripts import quantize as qz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MINI = os.path.join(ROOT, "assets", "demo", "RepVGG-mini-digits.safetensors")
-# Measured on the trained demo model with 200 calibration digits, evaluated on the 360 test
-# digits (this machine, no VNNI: 7-bit weights): per channel 99.7% agreement, per tensor 91.9%
-# (8-bit weights on the QDQ math: 100% / 96.1%). The thresholds leave about 3 and 6 points.
+# Measured on the trained demo model with 200 calibration digits, evaluated on the 359 test
+# digits (this machine, no VNNI: 7-bit weights): per channel 99.7% agreement, per tensor 98.9%
+# (8-bit weights on the QDQ math: 99.4% / 99.7%). The thresholds leave about 3 and 14 points.
 MIN_AGREEMENT = {"per-channel": 0.97, "per-tensor": 0.85}
 
 
@@ -60,10 +60,10 @@ def test_quantized_demo_model(tmp_path, capsys, granularity):
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["QuantizeLinear"] >= 8 and ops["DequantizeLinear"] >= 16 and ops["Conv"] == 7
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["weights"] == granularity and rep["n_eval"] == 360
+    assert rep["weights"] == granularity and rep["n_eval"] == 359
     assert rep["agreement"] >= MIN_AGREEMENT[granularity]
     assert rep["agreement_qdq_math"] >= MIN_AGREEMENT[granularity]
-    assert rep["fp32_top1"] == pytest.approx(0.9889, abs=0.006)  # the demo model's accuracy
+    assert rep["fp32_top1"] == pytest.approx(0.9861, abs=0.006)  # the demo model's accuracy
     assert rep["int8_top1"] >= rep["fp32_top1"] - (1 - MIN_AGREEMENT[granularity])
     deploy = to_deploy(describe(get_spec("RepVGG-mini", 10)))
     layers = [k[:-len(".weight")] for k, info in schema_of(deploy).items()
