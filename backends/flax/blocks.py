@@ -51,8 +51,7 @@ Parts = tuple[dict[str, nnx.Variable[Any]], dict[str, nnx.Module]]
 
 
 def _call(module: nnx.Module, x: jax.Array) -> jax.Array:
-    y: jax.Array = module(x)  # an nnx.Module's call is untyped
-    return y
+    return module(x)
 
 
 def _carry_modes_and_rngs(old: Parts, new: Parts) -> None:
@@ -77,8 +76,7 @@ def _kernel(block: nnx.Module, path: str) -> jax.Array:
     conv = module_at(block, path)
     if not isinstance(conv, nnx.Conv):
         raise SpecError(f"custom L2: {path} is a {type(conv).__name__}, not a conv")
-    kernel: jax.Array = conv.kernel[...]
-    return kernel
+    return conv.kernel[...]
 
 
 def _bn_t(block: nnx.Module, path: str) -> jax.Array:
@@ -96,13 +94,11 @@ def _block_l2(block: nnx.Module, t: L2Terms) -> jax.Array:
     centre = k3[h:h + 1, w:w + 1]
     t3, t1 = _bn_t(block, t.dense_bn), _bn_t(block, t.one_bn)
     if t.identity_bn is None:
-        l2: jax.Array = custom_l2_penalty(k3, centre, k1, t3, t1)
-        return l2
+        return custom_l2_penalty(k3, centre, k1, t3, t1)
     ident_oihw = identity_kernel(t.out_channels, t.groups, 1, dtype=np.float32)
     info = TensorInfo(ident_oihw.shape, "conv.weight", t.groups)
     ident = jnp.asarray(to_flax(ident_oihw, info), dtype=k3.dtype)
-    l2 = custom_l2_penalty(k3, centre, k1, t3, t1, ident, _bn_t(block, t.identity_bn))
-    return l2
+    return custom_l2_penalty(k3, centre, k1, t3, t1, ident, _bn_t(block, t.identity_bn))
 
 
 class RepModule(nnx.Module):

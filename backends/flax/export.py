@@ -31,9 +31,8 @@ def export_stablehlo(model: RepModule, path: str | os.PathLike[str],
         y = m(jnp.transpose(x, (0, 2, 3, 1)))
         return jnp.transpose(y, (0, 3, 1, 2)) if block else y
 
-    # jax leaves ShapeDtypeStruct.__init__ (and Exported.call, below) unannotated
-    signature = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)  # type: ignore[no-untyped-call]
-    exported = jax.export.export(jax.jit(forward))(signature)
+    exported = jax.export.export(jax.jit(forward))(
+        jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
     with open(path, "wb") as f:
         f.write(exported.serialize())
     return os.fspath(path)
@@ -45,8 +44,7 @@ def load_stablehlo(path: str | os.PathLike[str]) -> Callable[[np.ndarray], np.nd
         exported = jax.export.deserialize(bytearray(f.read()))
 
     def call(x: np.ndarray) -> np.ndarray:
-        y = exported.call(jnp.asarray(np.asarray(x, np.float32)))  # type: ignore[no-untyped-call]
-        return np.asarray(y)
+        return np.asarray(exported.call(jnp.asarray(np.asarray(x, np.float32))))
 
     call.exported = exported  # type: ignore[attr-defined]
     return call

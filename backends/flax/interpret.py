@@ -90,8 +90,7 @@ def _add(node: Add, x: jax.Array, get: Lookup) -> jax.Array:
 
 
 def _module(node: Leaf | Block, x: jax.Array, get: Lookup) -> jax.Array:
-    y: jax.Array = get(node.name)(x)  # an nnx.Module's call is untyped
-    return y
+    return get(node.name)(x)
 
 
 def apply(node: Node, x: jax.Array, get: Lookup) -> jax.Array:
@@ -107,8 +106,7 @@ def apply(node: Node, x: jax.Array, get: Lookup) -> jax.Array:
     if isinstance(node, Flatten):
         return flatten(x)
     if isinstance(node, Dropout):
-        out: jax.Array = get(DROPOUT)(x, node.p)  # the scope's DropoutStream
-        return out
+        return get(DROPOUT)(x, node.p)
     if isinstance(node, Rep):
         return _rep(node, x, get)
     if isinstance(node, Add):

@@ -210,9 +210,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         return xla()
     args = (tuple(window_strides), tuple(tuple(p) for p in padding),
             tuple(rhs_dilation or (1, 1)), feature_group_count)
-    y: jax.Array = (shifted_conv(lhs, rhs, *args) if path == "shift"
-                    else split_conv(lhs, rhs, *args, precision))  # jax.jit's wrapper returns Any
-    return y
+    return shifted_conv(lhs, rhs, *args) if path == "shift" else split_conv(lhs, rhs, *args,
+                                                                            precision)
 
 
 def _conv_plus(offset: np.ndarray, lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
@@ -258,8 +257,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def avg_pool(x: jax.Array, node: nodes.AvgPool) -> jax.Array:
     """k x k average pooling of NHWC x with zero padding counted (count_include_pad)."""
     k, s, p = node.kernel, node.stride, node.padding
-    total: jax.Array = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
-                                             (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
+                                  (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
     return total / (k * k)
 
 

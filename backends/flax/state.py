@@ -164,8 +164,7 @@ def _native_copy(key: str, canonical: np.ndarray, info: TensorInfo,
         raise ShapeMismatchError(f"{key} has shape {canonical.shape}; this module needs "
                                  f"{view.shape}")
     _copy_tiled(view, canonical)
-    out: jax.Array = jax.device_put(native, may_alias=True)
-    return out
+    return jax.device_put(native, may_alias=True)
 
 
 def load_fused_state(spec: SpecLike, train: Mapping[str, nnx.Variable[Any]],

@@ -38,7 +38,7 @@ from .layers import FREE_LEAVES, PARAM_LEAVES, F, M, Tensor, functional, leaf_mo
 # --------------------------------------------------------------------------- module tree
 
 
-class Scope(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class Scope(M.Module):
     """A name scope of a module path (`rbr_dense` holding `conv` and `bn`, `stage1` holding
     `0`, `1`, ...): children by attribute name, numeric ones also by index (`scope[0]`)."""
 
@@ -175,7 +175,7 @@ def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str =
 _CLASSES: dict[str, type[RepModule]] = {}
 
 
-class RepModule(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class RepModule(M.Module):
     """A block or model built from its description: `spec`, a fixed form (`deploy`) and `desc`
     (the description in that form). Subclasses name the official class they stand for in
     `kind` and refuse a spec of another kind."""

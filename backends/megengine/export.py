@@ -26,12 +26,12 @@ def export_traced(model: RepModule, path: str | os.PathLike[str],
     was_training = deploy.training
     deploy.eval()
     try:
+        @trace(symbolic=True, capture_as_const=True)
         def infer(data: Tensor) -> Tensor:
             return deploy(data)
 
-        traced = trace(symbolic=True, capture_as_const=True)(infer)  # trace is untyped: no decorator
-        traced(mge.tensor(np.zeros(tuple(input_shape), np.float32)))
-        traced.dump(os.fspath(path), arg_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+        infer(mge.tensor(np.zeros(tuple(input_shape), np.float32)))
+        infer.dump(os.fspath(path), arg_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     finally:
         deploy.train(was_training)
     return os.fspath(path)

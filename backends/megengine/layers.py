@@ -59,7 +59,7 @@ def batch_norm(channels: int, eps: float) -> M.BatchNorm2d:
     return M.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
 
 
-class PaddedBatchNorm(M.BatchNorm2d):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class PaddedBatchNorm(M.BatchNorm2d):
     """BN, then `pad` pixels on every side filled with BN(0) per channel (running statistics,
     detached: Diverse Branch Block's BNAndPadLayer)."""
 
@@ -76,7 +76,7 @@ class PaddedBatchNorm(M.BatchNorm2d):  # type: ignore[misc]  # MegEngine is unty
         return F.nn.pad(y, width) + border * bn_zero
 
 
-class ChannelScale(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class ChannelScale(M.Module):
     """y[c] = weight[c] x[c]; parameter `weight` of shape (C,)."""
 
     def __init__(self, channels: int) -> None:
@@ -87,7 +87,7 @@ class ChannelScale(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any
         return x * F.reshape(self.weight, (1, -1, 1, 1))
 
 
-class EmptyInit(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class EmptyInit(M.Module):
     """Mixin for a MegEngine layer whose constructor allocates and randomly initialises its
     weights: `empty=True` draws nothing and (convs) allocates 0-element placeholders instead,
     for a module whose every tensor is set right after (`RepModule._holding`)."""
@@ -102,7 +102,7 @@ class EmptyInit(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to
             super().reset_parameters()
 
 
-class Conv2d(EmptyInit, M.Conv2d):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class Conv2d(EmptyInit, M.Conv2d):
     """M.Conv2d (`empty=True`: 0-element weight and bias placeholders, no random init)."""
 
     def _infer_weight_shape(self) -> tuple[int, ...]:
@@ -112,11 +112,11 @@ class Conv2d(EmptyInit, M.Conv2d):  # type: ignore[misc]  # MegEngine is untyped
         return (0,) if self._empty else super()._infer_bias_shape()
 
 
-class LinearLayer(EmptyInit, M.Linear):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class LinearLayer(EmptyInit, M.Linear):
     """M.Linear (`empty=True`: zero weights, no random init)."""
 
 
-class SqueezeExcite(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class SqueezeExcite(M.Module):
     """x * gate(expand(relu(reduce(mean_hw(x))))): 1x1 convs with bias under the official child
     names of the SE node (`down`/`up`, `conv_reduce`/`conv_expand`)."""
 

@@ -70,7 +70,7 @@ _READY = False
 
 def import_megengine() -> Any:
     """Import MegEngine and run its first op with the CUDA noise swallowed; returns the module
-    (Any: MegEngine has no type information in the checked environment)."""
+    (Any: MegEngine is untyped to mypy, and `mge.optimizer.SGD` and the like serve as types)."""
     global _READY
     if _READY:
         import megengine
