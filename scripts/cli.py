@@ -3,8 +3,8 @@
 The exit status is decided here, once, for every subcommand: errors are printed as one line on
 stderr, without a traceback; 2 for bad input (a ReparamError, a file that cannot be read or
 written, a bad argument), 1 for a check that ran and failed (VerificationError), 130 when
-interrupted, 141 when stdout is closed early (as SIGPIPE would). A script run on its own (`python -m scripts.convert ...`) goes through here too
-(run_command).
+interrupted, 141 when stdout is closed early (as SIGPIPE would). A script run on its own
+(`python -m scripts.convert ...`) goes through here too (run_command).
 """
 from __future__ import annotations
 
