@@ -21,7 +21,7 @@ _HOME = {
     **dict.fromkeys(["RepConv", "RepGhostBottleneck", "RepGhostModule", "RepModule", "RepVGGBlock",
                      "RepVGGplusBlock", "block_class"], "blocks"),
     **dict.fromkeys(["TracedGraph", "export_traced", "run_traced"], "export"),
-    "fastrun": "fastrun",
+    "fastrun": "profiling",
     "BN_MOMENTUM": "layers",
     **dict.fromkeys(["RepGhostNet", "RepVGG", "RepVGGplus"], "models"),
     **dict.fromkeys(["quiet_fd2", "import_megengine"], "quiet"),

@@ -11,7 +11,7 @@ from reparam_core.formats import to_neutral
 from reparam_core.nodes import Model
 
 from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
-from .fastrun import fastrun as _fastrun
+from .profiling import fastrun as _fastrun
 
 
 def build_block(spec: object, *, deploy: bool = False) -> RepModule:
@@ -65,7 +65,7 @@ def export_state(module: RepModule) -> dict[str, np.ndarray]:
 def predict(module: M.Module, x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
     """Inference (BN running stats, no dropout, no grad) on an NCHW float32 array -> numpy.
     The module's training flag is restored afterwards. `fastrun=True`: algorithms chosen by
-    profiling on this machine (backends.megengine.fastrun; the first call of a new shape pays
+    profiling on this machine (backends.megengine.profiling; the first call of a new shape pays
     the profiling, the choices persist across processes); outputs equal the default's within
     float rounding."""
     x = np.ascontiguousarray(x, dtype=np.float32)

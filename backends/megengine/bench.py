@@ -5,7 +5,7 @@ Forms: train and deploy (our blocks, eager, eval mode) and the plain reference (
 reparam_core.plain and loaded with the deploy form's weights). Fast paths: each form as a
 `jit.trace(symbolic=True, capture_as_const=True)` graph; `compile_s` is its first (tracing) call.
 With `mge_fastrun` (`reparam bench --mge-fastrun`) also the deploy form with MegEngine's profiled
-kernels (backends.megengine.fastrun): `deploy/fastrun` (eager, every call inside `fastrun()`) and
+kernels (backends.megengine.profiling): `deploy/fastrun` (eager, every call inside `fastrun()`) and
 `deploy/traced+fastrun` (the exported .mge artifact loaded with every operator's strategy set to
 PROFILE); their `compile_s` is the first call, which profiles every new convolution shape (once
 per machine: the choices persist in MegEngine's cache file), kept out of the timed rounds.
@@ -38,7 +38,7 @@ from megengine.jit import trace
 from backends import megengine as bm  # imports MegEngine with its CUDA probing noise swallowed
 from backends.megengine.blocks import write_tensor
 from backends.megengine.export import TracedGraph
-from backends.megengine.fastrun import fastrun  # not bm.fastrun: once imported, that name is the submodule
+from backends.megengine.profiling import fastrun
 from reparam_core import get_spec, state_schema
 from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 from reparam_core.plain import plain_layers

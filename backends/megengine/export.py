@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .blocks import RepModule
-from .fastrun import fastrun as _fastrun
-from .fastrun import profile_graph
 from .layers import Tensor, mge
+from .profiling import fastrun as _fastrun
+from .profiling import profile_graph
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "output"
@@ -41,7 +41,7 @@ class TracedGraph:
     """A dumped .mge artifact loaded and compiled once (MegEngine's GraphInference steps), with
     every operator's algorithm strategy set to PROFILE first when `fastrun` (the profiling then
     happens on the first `run` of each input shape; the choices persist across processes, see
-    backends.megengine.fastrun)."""
+    backends.megengine.profiling)."""
 
     def __init__(self, path: str | os.PathLike[str], *, fastrun: bool = False) -> None:
         from megengine.core.tensor import megbrain_graph as G

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,12 +83,9 @@ def _buffers(opt: mge.optimizer.SGD, params: dict[str, Tensor]) -> dict[str, Ten
             if "momentum_buffer" in opt._state.get(p, {})}
 
 
-def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray, batch: int = 256) -> tuple[float, float]:
+def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on the validation split, BN running statistics."""
-    logits = np.concatenate([predict(model, x[i:i + batch]) for i in range(0, len(y), batch)])
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean())
+    return tr.evaluate(lambda xb: predict(model, xb), x, y)
 
 
 def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
@@ -162,13 +158,9 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             sums = tr.EpochSums()
             if stopped:
                 break
-        summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": 0, "world": 1,
-                                   "records": records}
-        if not stopped:
-            final = _neutral(ema, schema) if ema is not None else export_state(model)
-            summary["files"] = tr.write_final(Path(cfg.out), spec, final,
-                                              tr.metadata(cfg, data, "megengine"))
-        return summary
+        return tr.summarize(cfg, data, spec, "megengine", steps=done, stopped=stopped, rank=0, world=1,
+                            records=records,
+                            final_state=lambda: _neutral(ema, schema) if ema is not None else export_state(model))
     finally:
         stop.restore()
 
