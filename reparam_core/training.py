@@ -1,4 +1,5 @@
-"""The framework-free half of `reparam train`, shared by the PyTorch and Flax trainers: data
+"""The framework-free half of `reparam train`, shared by the PyTorch, Flax and MegEngine
+trainers: data
 (digits or an image folder, a fixed stratified split, augmentation and normalisation in numpy),
 the recipe (SGD + Nesterov, cosine schedule with warm-up, which weights decay), the sample order
 of every step on any number of processes, checkpoints, the metrics file and the final neutral
@@ -32,7 +33,7 @@ from .errors import CheckpointError, ReparamError
 from .fuse import reparameterize_state
 from .imagefolder import DataError, decode_image, scan_image_folder
 from .l2 import l2_terms
-from .nodes import in_form, join_key, rep_blocks
+from .nodes import SpecLike, in_form, join_key, rep_blocks
 from .specs import block_kind
 from .state import check_state, strip_ignored
 
@@ -136,7 +137,7 @@ def learning_rate(base: float, step: int, sched: Schedule) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * (step - sched.warmup) / span))
 
 
-def custom_l2_kernels(spec: object) -> set[str]:
+def custom_l2_kernels(spec: SpecLike) -> set[str]:
     """Canonical keys of the kernels RepVGGplus' custom L2 regularises (the kxk and 1x1 conv of
     every re-parameterizable block); empty for models without it (every model but RepVGGplus)."""
     if block_kind(spec) != "RepVGGplus":
@@ -149,7 +150,7 @@ def custom_l2_kernels(spec: object) -> set[str]:
     return out
 
 
-def has_aux_heads(spec: object) -> bool:
+def has_aux_heads(spec: SpecLike) -> bool:
     """Whether the train form has auxiliary classifier heads (RepVGGplus)."""
     return bool(getattr(in_form(spec, "train"), "aux", ()))
 
@@ -213,7 +214,8 @@ def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], size:
     y0, y1, fy = taps(top, bh, h)
     x0, x1, fx = taps(left, bw, w)
     rows = image[y0] * (1 - fy)[:, None, None] + image[y1] * fy[:, None, None]
-    return (rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]).astype(np.float32)
+    out: np.ndarray = (rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]).astype(np.float32)
+    return out
 
 
 def stratified_split(labels: np.ndarray, fraction: float = VAL_FRACTION,
@@ -254,7 +256,7 @@ def load_digits(size: int = 32) -> Dataset:
                        tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits")
 
 
-def load_image_folder(root: str | os.PathLike, size: int = 32) -> Dataset:
+def load_image_folder(root: str | os.PathLike[str], size: int = 32) -> Dataset:
     """Every image of ROOT/<class>/*, decoded to RGB and resized (bilinear) to size x size.
     DataError names the folder or the file at fault (missing folder, empty class, a file that
     does not decode)."""
@@ -326,7 +328,7 @@ def is_digits(data: str) -> bool:
 
 def check_supported(cfg: TrainConfig, processes: int) -> None:
     """TrainError naming the setting a framework's trainer does not have: MegEngine trains in
-    one process, in float32; the Flax trainer starts from its own seeded initialisation."""
+    one process; MegEngine and Flax train in float32 (--amp is PyTorch's)."""
     if cfg.framework == "megengine":
         if processes > 1:
             raise TrainError("--nproc/--nnodes: MegEngine trains in one process here (megengine."
@@ -335,12 +337,11 @@ def check_supported(cfg: TrainConfig, processes: int) -> None:
         if cfg.amp:
             raise TrainError("--amp bf16: the MegEngine trainer runs in float32 (MegEngine's "
                              "autocast is float16 on CUDA only)")
-    if cfg.framework == "flax" and cfg.init:
-        raise TrainError("--init: the Flax trainer starts from its seeded initialisation "
-                         "(--init is for PyTorch and MegEngine)")
+    if cfg.framework == "flax" and cfg.amp:
+        raise TrainError("--amp bf16: the Flax trainer runs in float32 (PyTorch only)")
 
 
-def initial_state(cfg: TrainConfig, spec: object) -> dict[str, np.ndarray] | None:
+def initial_state(cfg: TrainConfig, spec: SpecLike) -> dict[str, np.ndarray] | None:
     """The neutral train-form state of `cfg.init` (canonical keys, OIHW), checked against the
     model's schema (CheckpointError / ShapeMismatchError name the file), or None without --init.
     The same file gives every framework the same starting weights (seeded initialisations
@@ -371,7 +372,7 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
 
 # --------------------------------------------------------------------------- checkpoints, metrics
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data` atomically (temp file, fsync, rename), with the umask's mode
     (atomic_write's temp files are private)."""
     atomic_write(os.fspath(path), data, overwrite=True)
@@ -380,20 +381,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def save_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
                 meta: Mapping[str, str]) -> None:
     """A safetensors file written atomically, replacing `path`."""
     write_bytes(path, safetensors_io.dumps(arrays, meta))
 
 
-def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
+def save_checkpoint(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
                     progress: Mapping[str, Any]) -> None:
     """The training state (`arrays`: model, optimizer, EMA; `progress`: step, config
     fingerprint, partial-epoch sums) as one safetensors file, written atomically."""
     save_arrays(path, arrays, {_META_KEY: json.dumps(progress, sort_keys=True)})
 
 
-def load_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> tuple[dict[str, np.ndarray],
+def load_checkpoint(path: str | os.PathLike[str], cfg: TrainConfig) -> tuple[dict[str, np.ndarray],
                                                                         dict[str, Any]]:
     """(arrays, progress) of a checkpoint written by save_checkpoint for the same settings;
     CheckpointError when there is none or it was made with other settings."""
@@ -410,7 +411,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: TrainConfig) -> tuple[dict[str
     return arrays, progress
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a metrics file (JSON lines); [] when it does not exist."""
     if not os.path.isfile(path):
         return []
@@ -418,16 +419,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_metrics(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+def write_metrics(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
     """Replace the metrics file atomically with `records`, one JSON object per line."""
     write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
 
-def write_final(out: Path, spec: object, state: Mapping[str, np.ndarray],
+def write_final(out: Path, spec: SpecLike, state: Mapping[str, np.ndarray],
                 meta: Mapping[str, str]) -> dict[str, str]:
     """`MODEL-train.safetensors` (the trained neutral state) and `MODEL-deploy.safetensors`
     (re-parameterized by the core, float64 algebra); returns their paths by form."""
-    name = spec.name
+    name = in_form(spec, "train").name
     paths = {form: os.fspath(out / f"{name}-{form}.safetensors") for form in ("train", "deploy")}
     train = {k: np.asarray(v, np.float32) for k, v in state.items()
              if not k.endswith("num_batches_tracked")}
@@ -548,6 +549,31 @@ def epoch_record(epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping
             "processes": world}
 
 
+def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+             batch: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the logits `predict` gives for x (N, C, H, W), in
+    batches of `batch`, against labels y (N,): with z = logits - max, log p = z - log sum exp z
+    (float64), loss = -mean log p[i, y_i]."""
+    logits = np.concatenate([predict(x[i:i + batch]) for i in range(0, len(x), batch)])
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean())
+
+
+def summarize(cfg: TrainConfig, data: Dataset, spec: SpecLike, framework: str, *, steps: int,
+              stopped: bool, rank: int, world: int, records: list[dict[str, Any]],
+              final_state: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """What a trainer returns: `steps` done, `stopped` (by SIGTERM), this process' `rank`, the
+    `world` size, the metrics `records`; rank 0 of a finished run also writes the final neutral
+    files (write_final of final_state(), the trained weights: the EMA's with --ema) and lists
+    them under `files`."""
+    summary: dict[str, Any] = {"steps": steps, "stopped": stopped, "rank": rank, "world": world,
+                               "records": records}
+    if rank == 0 and not stopped:
+        summary["files"] = write_final(Path(cfg.out), spec, final_state(), metadata(cfg, data, framework))
+    return summary
+
+
 def metadata(cfg: TrainConfig, data: Dataset, framework: str) -> dict[str, str]:
     """The metadata of the final neutral files."""
     return {"model": cfg.model, "format": "pt", "producer": f"reparam train ({framework})",
@@ -562,5 +588,5 @@ __all__ = ["TrainConfig", "TrainError", "Schedule", "make_schedule", "learning_r
            "save_dataset", "read_dataset", "Resumed", "resume_point", "is_epoch_end", "log_epoch",
            "checkpoint", "AUX_WEIGHT", "write_bytes", "save_arrays",
            "save_checkpoint", "load_checkpoint", "read_metrics", "write_metrics", "write_final",
-           "StopFlag", "EpochSums", "steps_of", "epoch_record", "metadata", "CHECKPOINT",
+           "StopFlag", "EpochSums", "steps_of", "epoch_record", "evaluate", "summarize", "metadata", "CHECKPOINT",
            "METRICS", "SPLIT_SEED", "VAL_FRACTION", "DIGITS"]

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-augment", action="store_true", help="no random resized crop / flip")
     a("--image-size", type=int, default=d.image_size, metavar="S")
     a("--init", default=None, metavar="STATE",
-      help="start from this neutral train-form safetensors (PyTorch, MegEngine)")
+      help="start from this neutral train-form safetensors (every framework)")
     a("--nproc", type=int, default=1, metavar="N", help="processes per node (torchrun)")
     a("--nnodes", type=int, default=1, metavar="N")
     a("--node-rank", type=int, default=0, metavar="R")

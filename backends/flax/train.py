@@ -8,20 +8,20 @@ contiguous part of every global batch (jax.make_array_from_process_local_data).
 
 The recipe is reparam_core.training's, as in the PyTorch trainer: weight decay added to the
 gradient of >= 2-D weights (minus the custom-L2 kernels), then Nesterov momentum (optax.trace,
-PyTorch's SGD recursion), then -lr; label smoothing (optax.smooth_labels). Process 0 writes the
-files.
+PyTorch's SGD recursion), then -lr; label smoothing (optax.smooth_labels). `cfg.init` (a neutral
+train-form state) gives the same starting weights as the other trainers; without it the model
+starts from its nnx.Rngs(cfg.seed) initialisation. Process 0 writes the files.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optax  # type: ignore[import-untyped]  # optax 0.2 ships no py.typed
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -31,10 +31,10 @@ from reparam_core.layouts import flax_key
 from reparam_core.schema import state_schema
 
 from .api import predict
+from .blocks import RepModule
 from .models import create_model
-from .state import export_state
+from .state import export_state, load_state
 
-AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss (as the PyTorch trainer)
 StepCallback = Callable[[int, int, float, float], None]
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -65,18 +65,6 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> ja
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), target).mean()
 
 
-def _evaluate(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) from validation logits."""
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), labels].mean()), float((logits.argmax(1) == labels).mean())
-
-
-def _logits(model: nnx.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Inference logits of the validation split, in batches."""
-    return np.concatenate([predict(model, x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 def _flat(tree: Any, prefix: str) -> dict[str, np.ndarray]:
     return {f"{prefix}.{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(tree))}
 
@@ -97,19 +85,20 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
           ) -> dict[str, Any]:
     """Train `cfg.model` (train form) on `data` over every JAX device; same files and summary
     as backends.torch.train.train."""
-    if cfg.amp:
-        raise tr.TrainError("--amp bf16: the Flax trainer runs in float32 (PyTorch only)")
     devices = jax.devices()
     world, rank, hosts = len(devices), jax.process_index(), jax.process_count()
+    tr.check_supported(cfg, hosts)
     if cfg.global_batch % world:
         raise tr.TrainError(f"--global-batch {cfg.global_batch} is not divisible by the {world} "
                             "devices")
     mesh = Mesh(np.asarray(devices), ("data",))
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    out = Path(cfg.out)
     sched = tr.make_schedule(cfg, len(data.train_idx))
     model = create_model(cfg.model, num_classes=len(data.classes), rngs=nnx.Rngs(cfg.seed))
     spec = model.spec
+    init = tr.initial_state(cfg, spec)
+    if init is not None:
+        load_state(model, init)
     schema = state_schema(spec, "train")
     l2_kernels = {flax_key(k, schema[k]) for k in tr.custom_l2_kernels(spec)}
     aux = tr.has_aux_heads(spec)
@@ -119,52 +108,58 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                      optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0))
     opt_state = tx.init(params)
     ema = (params, stats) if cfg.ema else None
-    start, sums, records = 0, tr.EpochSums(), []
+    decay = cfg.ema or 0.0  # ema <- decay * ema + (1 - decay) * now
+    point = tr.resume_point(cfg, sched, resume)
     if resume:
-        arrays, progress = tr.load_checkpoint(out / tr.CHECKPOINT, cfg)
-        nnx.update(model, _unflat(arrays, "params", params), _unflat(arrays, "stats", stats))
-        opt_state = _unflat(arrays, "opt", opt_state)
+        nnx.update(model, _unflat(point.arrays, "params", params), _unflat(point.arrays, "stats", stats))
+        opt_state = _unflat(point.arrays, "opt", opt_state)
         if ema is not None:
-            ema = _unflat(arrays, "ema", ema)
-        start, sums = int(progress["step"]), tr.EpochSums(**progress["sums"])
-        records = [r for r in tr.read_metrics(out / tr.METRICS)
-                   if r["epoch"] <= start // sched.steps_per_epoch]
+            ema = _unflat(point.arrays, "ema", ema)
+    start, sums, records = point.start, point.sums, point.records
     nnx.update(model, jax.device_put(nnx.state(model), replicated))
     opt_state, ema = jax.device_put((opt_state, ema), replicated)
 
-    def loss_fn(m: nnx.Module, x: jax.Array, y: jax.Array):
+    def loss_fn(m: RepModule, x: jax.Array, y: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         outs = m.forward_with_aux(x) if aux else {"main": m(x)}
         losses = {h: _cross_entropy(v, y, cfg.label_smoothing) for h, v in outs.items()}
-        loss = losses["main"] + AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
+        loss = losses["main"] + tr.AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
         if l2_kernels:
             loss = loss + 0.5 * cfg.wd * m.custom_l2()
         return loss, (losses["main"], (outs["main"].argmax(-1) == y).sum())
 
     @nnx.jit
-    def step_fn(m: nnx.Module, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array):
+    def step_fn(m: RepModule, opt: Any, e: Any, x: jax.Array, y: jax.Array,
+                lr: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
         grads, (main, correct) = nnx.grad(loss_fn, has_aux=True)(m, x, y)
         p = nnx.state(m, nnx.Param)
         updates, opt = tx.update(grads, opt, p)
         nnx.update(m, jax.tree.map(lambda a, u: a - lr * u, p, updates))
         if e is not None:
             now = (nnx.state(m, nnx.Param), nnx.state(m, nnx.BatchStat))
-            e = jax.tree.map(lambda a, b: cfg.ema * a + (1.0 - cfg.ema) * b, e, now)
+            e = jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, e, now)
         return opt, e, main, correct
 
     x_val, y_val = data.val()
     stop = tr.StopFlag()
     done, stopped = start, False
 
-    def host_model(p: Any, s: Any) -> nnx.Module:
+    def host_model(p: Any, s: Any) -> RepModule:
         """A copy of the model on the host with parameters p and batch statistics s."""
-        graphdef, _, _, other = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        return nnx.merge(graphdef, jax.device_get(p), jax.device_get(s), jax.device_get(other))
+        graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        other = jax.device_get(states[2:])  # the variables that are neither parameters nor statistics
+        copy: RepModule = nnx.merge(graphdef, jax.device_get(p), jax.device_get(s), *other)
+        return copy
+
+    def val_figures(p: Any, s: Any) -> tuple[float, float]:
+        """(loss, accuracy) on the validation split with parameters p and batch statistics s."""
+        host = host_model(p, s)
+        return tr.evaluate(lambda xb: predict(host, xb), x_val, y_val)
 
     def current() -> tuple[Any, Any]:
         return nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
 
     try:
-        for step, epoch, k, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, hosts):
+        for step, epoch, _, lr, xb, yb, prep_s in tr.local_batches(cfg, sched, data, start, rank, hosts):
             t0 = time.perf_counter() - prep_s
             x = jax.make_array_from_process_local_data(sharded, xb.transpose(0, 2, 3, 1))
             y = jax.make_array_from_process_local_data(sharded, yb.astype(np.int32))
@@ -175,38 +170,29 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             done = step + 1
             if rank == 0 and on_step:
                 on_step(done, sched.total, main_loss, cfg.global_batch)
-            end_of_epoch = k == sched.steps_per_epoch - 1 or step == sched.total - 1
+            end_of_epoch = tr.is_epoch_end(sched, step)
             stopped = stop.requested and step < sched.total - 1
             if not (end_of_epoch or stopped):
                 continue
             if rank == 0 and end_of_epoch:
-                val_loss, val_acc = _evaluate(_logits(host_model(*current()), x_val), y_val)
+                val_loss, val_acc = val_figures(*current())
                 val = {"val_loss": val_loss, "val_acc": val_acc}
                 if ema is not None:
-                    val["val_acc_ema"] = _evaluate(_logits(host_model(*ema), x_val), y_val)[1]
-                records.append(tr.epoch_record(epoch, step + 1, sums, lr, val, world))
-                tr.write_metrics(out / tr.METRICS, records)
-                if on_epoch:
-                    on_epoch(records[-1])
+                    val["val_acc_ema"] = val_figures(*ema)[1]
+                tr.log_epoch(cfg, records, tr.epoch_record(epoch, done, sums, lr, val, world), on_epoch)
             if rank == 0:
                 params, stats = current()
                 arrays = {**_flat(params, "params"), **_flat(stats, "stats"), **_flat(opt_state, "opt"),
                           **(_flat(ema, "ema") if ema is not None else {})}
-                kept = tr.EpochSums() if end_of_epoch else sums
-                tr.save_checkpoint(out / tr.CHECKPOINT, arrays,
-                                   {"step": step + 1, "config": cfg.fingerprint(), "sums": vars(kept)})
+                tr.checkpoint(cfg, done, arrays, sums, end_of_epoch)
             sums = tr.EpochSums()
             if stopped:
                 break
-        summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": rank,
-                                   "world": world, "records": records}
-        if rank == 0 and not stopped:
-            final = host_model(*(ema if ema is not None else current()))
-            summary["files"] = tr.write_final(out, spec, export_state(final),
-                                              tr.metadata(cfg, data, "flax"))
-        return summary
+        return tr.summarize(cfg, data, spec, "flax", steps=done, stopped=stopped, rank=rank, world=world,
+                            records=records,
+                            final_state=lambda: export_state(host_model(*(ema if ema is not None else current()))))
     finally:
         stop.restore()
 
 
-__all__ = ["train", "initialize_hosts", "AUX_WEIGHT"]
+__all__ = ["train", "initialize_hosts"]

@@ -13,7 +13,6 @@ import copy
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,6 @@ from .blocks import RepModule
 from .layers import PadBatchNorm
 from .models import create_model
 
-AUX_WEIGHT = tr.AUX_WEIGHT
 Tensor = torch.Tensor
 StepCallback = Callable[[int, int, float, float], None]
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -40,13 +38,13 @@ class _SumAllReduce(torch.autograd.Function):
     """Sum over processes, differentiable: the gradient of a sum is the sum of the gradients."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -61,14 +59,18 @@ class DistBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        count, momentum = self.num_batches_tracked, self.momentum
+        if self.running_mean is None or self.running_var is None or count is None or momentum is None:
+            raise tr.TrainError("--sync-bn: a BatchNorm without running statistics or with a cumulative "
+                                "average (momentum None) has no synchronised version here")
         n = x.numel() // x.shape[1] * dist.get_world_size()
         mean = _SumAllReduce.apply(x.sum((0, 2, 3), dtype=torch.float64)) / n
         centred = x - mean.to(x.dtype).view(1, -1, 1, 1)
         var = _SumAllReduce.apply(centred.double().square().sum((0, 2, 3))) / n
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
-            self.running_var.lerp_((var * (n / max(n - 1, 1))).to(x.dtype), self.momentum)
+            count.add_(1)
+            self.running_mean.lerp_(mean.to(x.dtype), momentum)
+            self.running_var.lerp_((var * (n / max(n - 1, 1))).to(x.dtype), momentum)
         scale = self.weight * torch.rsqrt(var + self.eps).to(x.dtype)
         return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
@@ -174,8 +176,17 @@ def _restore(arrays: dict[str, np.ndarray], model: nn.Module, opt: torch.optim.S
     for name, p in model.named_parameters():
         if f"opt.{name}" in arrays:
             opt.state[p]["momentum_buffer"] = torch.from_numpy(arrays[f"opt.{name}"]).to(device)
-    for k in ema or {}:
-        ema[k].copy_(torch.from_numpy(arrays[f"ema.{k}"]))
+    if ema is not None:
+        for k, v in ema.items():
+            v.copy_(torch.from_numpy(arrays[f"ema.{k}"]))
+
+
+def _final_state(model: RepModule, ema: dict[str, Tensor] | None) -> dict[str, np.ndarray]:
+    """The trained neutral state: the model's, with the EMA's weights and statistics under --ema."""
+    final = copy.deepcopy(model)
+    if ema is not None:
+        final.load_state_dict({**final.state_dict(), **ema})
+    return export_state(final)
 
 
 def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
@@ -185,7 +196,6 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     cfg.out: checkpoint, metrics, final neutral states of both forms). `stopped` is True when
     SIGTERM ended the run early (a checkpoint was written; continue with resume=True)."""
     rank, world, device = _setup()
-    out = Path(cfg.out)
     sched = tr.make_schedule(cfg, len(data.train_idx))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -203,6 +213,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
         forward = nn.parallel.DistributedDataParallel(forward)
     opt = _optimizer(model, cfg, l2_kernels)
     ema = _float_state(model) if cfg.ema else None
+    ema_weight = 1.0 - (cfg.ema or 0.0)  # ema <- ema + (1 - decay) (now - ema)
     ema_model = copy.deepcopy(model) if cfg.ema else None
     point = tr.resume_point(cfg, sched, resume)
     if resume:
@@ -223,7 +234,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                 outs = forward(x)
                 losses = {h: F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing)
                           for h, o in outs.items()}
-            loss = losses["main"] + AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
+            loss = losses["main"] + tr.AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
             if l2_kernels:
                 loss = loss + 0.5 * cfg.wd * model.custom_l2()
             opt.zero_grad(set_to_none=True)
@@ -235,7 +246,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                 with torch.no_grad():
                     for key, v in model.state_dict().items():
                         if key in ema:
-                            ema[key].lerp_(v.float(), 1.0 - cfg.ema)
+                            ema[key].lerp_(v.float(), ema_weight)
             main_loss = float(losses["main"].detach())
             sums.add(main_loss, int((outs["main"].argmax(1) == y).sum()), len(yb))
             sums.seconds += time.perf_counter() - t0
@@ -262,15 +273,8 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                     dist.barrier()
                 if stopped:
                     break
-        summary: dict[str, Any] = {"steps": done, "stopped": stopped, "rank": rank,
-                                   "world": world, "records": records}
-        if rank == 0 and not stopped:
-            final = copy.deepcopy(model)
-            if ema is not None:
-                final.load_state_dict({**final.state_dict(), **ema})
-            summary["files"] = tr.write_final(out, spec, export_state(final),
-                                              tr.metadata(cfg, data, "torch"))
-        return summary
+        return tr.summarize(cfg, data, spec, "torch", steps=done, stopped=stopped, rank=rank, world=world,
+                            records=records, final_state=lambda: _final_state(model, ema))
     finally:
         stop.restore()
         torch.use_deterministic_algorithms(previous)
@@ -278,4 +282,4 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             dist.destroy_process_group()
 
 
-__all__ = ["train", "DistBatchNorm2d", "convert_sync_bn", "AUX_WEIGHT"]
+__all__ = ["train", "DistBatchNorm2d", "convert_sync_bn"]

@@ -15,6 +15,9 @@ from reparam_core.safetensors_io import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "RepVGG-mini"
+# from an --init state: 2 steps without augmentation (recipe lr with warm-up, weight decay, label
+# smoothing, Nesterov momentum, EMA)
+INIT_STEPS = ("--max-steps", "2", "--global-batch", "16", "--no-augment", "--ema", "0.5")
 
 
 def command(out: Path, *args: str) -> list[str]:
