@@ -8,19 +8,20 @@ import numpy as np
 
 from reparam_core import ShapeMismatchError, SpecError, check_state, describe, get_spec, strip_ignored
 from reparam_core.formats import to_neutral
-from reparam_core.nodes import Model
+from reparam_core.nodes import Model, SpecLike
+from reparam_core.specs import ModelSpec
 
 from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
 from .profiling import fastrun as _fastrun
 
 
-def build_block(spec: object, *, deploy: bool = False) -> RepModule:
+def build_block(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     """A block module of the class of its kind (RepVGGBlock, RepConv, RepVGGplusBlock,
     RepGhostModule, RepGhostBottleneck, or one made for a new kind)."""
     return block_class(describe(spec).kind)(spec, deploy)
 
 
-def model_from_spec(spec: object, *, deploy: bool = False) -> RepModule:
+def model_from_spec(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     """A model module (RepVGG, RepVGGplus, RepGhostNet, ...) from a model spec."""
     desc = describe(spec)
     if not isinstance(desc, Model):
@@ -48,9 +49,10 @@ def load_state(module: RepModule, state: Mapping[str, np.ndarray]) -> RepModule:
     `*num_batches_tracked` keys are ignored; the state is validated against reparam_core's schema
     (CheckpointError / ShapeMismatchError name the key). Returns the module."""
     state = strip_ignored(dict(state))
-    if isinstance(module.desc, Model):  # key maps (basecls, ...) and MegEngine shapes: the core
-        state, _, _ = to_neutral(state, module.spec, "megengine", form=module.form,
-                                 source="state")
+    spec = module.spec
+    if isinstance(spec, ModelSpec):  # a model: key maps
+        # (basecls, ...) and MegEngine shapes, through the core
+        state, _, _ = to_neutral(state, spec, "megengine", form=module.form, source="state")
     else:
         check_state(module.spec, state, module.form)
     write_state(module, state)

@@ -52,7 +52,7 @@ def _eval(module: M.Module) -> M.Module:
     return module
 
 
-class PlainNet(M.Module):  # type: ignore[misc]  # MegEngine is untyped: Any to mypy
+class PlainNet(M.Module):
     """linear(flatten(avg_pool(features(x)))) with `features` a Sequential of Conv2d/activation."""
 
     def __init__(self, features: list[M.Module], pool: M.Module, linear: M.Linear) -> None:
