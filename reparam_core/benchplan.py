@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 import numpy as np
 
 from reparam_core import count_macs, count_params, get_spec, random_state
 from reparam_core.errors import BackendUnavailableError
 from reparam_core.plain import has_plain_reference
+from reparam_core.protocol import open_protocol
 from reparam_core.timing import interleaved_times, paired_ratio, summarize
 
 Fn = Callable[[], Any]
@@ -260,15 +261,6 @@ def stage_count(config: BenchConfig) -> int:
 
 # --------------------------------------------------------------------------- process entry
 
-def _open_protocol() -> TextIO:
-    """Keep the original stdout for the protocol; send fd 1 (and sys.stdout) to stderr."""
-    sys.stdout.flush()
-    proto_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
-
-
 def config_from_json(data: Mapping[str, Any]) -> BenchConfig:
     data = dict(data)
     data["models"] = tuple(data.get("models", BenchConfig.models))
@@ -280,7 +272,7 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
     parser.add_argument("config", nargs="?", default="{}", help="BenchConfig as JSON")
     parser.add_argument("--memory", metavar="PROBE_JSON", help="run one memory probe")
     args = parser.parse_args(argv)
-    proto = _open_protocol()
+    proto = open_protocol()
 
     def emit(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")

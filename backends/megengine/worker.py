@@ -26,22 +26,13 @@ Errors: {"ok": false, "type": exception class name, "error": message}; the worke
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
-from typing import IO, Any
+from typing import Any
 
 from reparam_core.errors import ArgumentError, SpecError
-
-
-def _open_protocol() -> IO[str]:
-    """Keep the original stdout for replies; send fd 1 (and sys.stdout) to stderr."""
-    sys.stdout.flush()
-    proto_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
+from reparam_core.protocol import open_protocol
 
 
 def _build(req: dict[str, Any]) -> Any:
@@ -138,7 +129,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    proto = _open_protocol()
+    proto = open_protocol()
     from backends.megengine.quiet import import_megengine
     import_megengine()
     for line in sys.stdin:
