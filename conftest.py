@@ -3,22 +3,31 @@
 backend (torch, flax, or MegEngine through its worker in .venv-mge) cannot start here (never
 under CI=true). Registered here, not in parity_tests/conftest.py, so that the option is known
 to every pytest run that scripts/test.sh passes its arguments to."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("slow", max_examples=3000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "slow", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="long hypothesis profile and slow tests")
-    parser.addoption("--allow-missing-backend", action="store_true",
-                     help="parity matrix: skip (not fail) when a backend is unavailable; "
-                          "ignored under CI=true")
+    parser.addoption(
+        "--allow-missing-backend",
+        action="store_true",
+        help="parity matrix: skip (not fail) when a backend is unavailable; ignored under CI=true",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,6 +6,7 @@ the MegEngine worker process (`backends.megengine.remote.MgeWorker`, its own Pyt
 (no framework of its own) through the float64 oracle. Backends are imported on first use, so this
 module imports in any environment; a missing one raises BackendUnavailableError.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,9 @@ def predict_in(fmt: str, spec: ModelSpec, state: State, form: Form, x: np.ndarra
         try:
             backend = importlib.import_module(f"backends.{fmt}")
         except ImportError as e:
-            raise BackendUnavailableError(f"--verify for {fmt} needs backends.{fmt} and its "
-                                          f"framework ({e}); use the .venv environment") from None
+            raise BackendUnavailableError(
+                f"--verify for {fmt} needs backends.{fmt} and its framework ({e}); use the .venv environment"
+            ) from None
         model = backend.create_model(spec.name, num_classes=spec.num_classes, deploy=form == "deploy")
         backend.load_state(model, state)
         return np.asarray(backend.predict(model, x))
@@ -36,11 +38,11 @@ def predict_in(fmt: str, spec: ModelSpec, state: State, form: Form, x: np.ndarra
         try:
             remote = importlib.import_module("backends.megengine.remote")
         except ImportError as e:
-            raise BackendUnavailableError(f"--verify for megengine needs the MegEngine worker "
-                                          f"client backends.megengine.remote ({e})") from None
+            raise BackendUnavailableError(
+                f"--verify for megengine needs the MegEngine worker client backends.megengine.remote ({e})"
+            ) from None
         with remote.MgeWorker() as w:
-            return np.asarray(w.predict(model=spec.name, form=form, state=state, x=x,
-                                        num_classes=spec.num_classes))
+            return np.asarray(w.predict(model=spec.name, form=form, state=state, x=x, num_classes=spec.num_classes))
     raise CheckpointError(f"cannot run format {fmt!r}")
 
 
@@ -49,8 +51,9 @@ def read_orbax(path: str) -> State:
     try:
         orbax_io = importlib.import_module("backends.flax.orbax_io")
     except ImportError as e:
-        raise BackendUnavailableError(f"reading an orbax directory needs backends.flax ({e}); "
-                                      "use the .venv environment") from None
+        raise BackendUnavailableError(
+            f"reading an orbax directory needs backends.flax ({e}); use the .venv environment"
+        ) from None
     state: State = orbax_io.read_orbax(path)
     return state
 

@@ -6,6 +6,7 @@ float64 oracle (random weights and BN statistics, 1x3x32x32, 10 classes). A repo
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/fuse_registry.py [--models A,B] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,22 +43,35 @@ def model_row(name: str, tmp: str) -> dict:
     train_path = os.path.join(tmp, f"{name}-train.onnx")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(x),), train_path, input_names=["input"],
-                          output_names=["output"], opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(x),),
+            train_path,
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=17,
+            dynamo=False,
+        )
     train = bo.load(train_path)
     deploy = bo.load(bt.export_onnx(model, os.path.join(tmp, f"{name}-deploy.onnx"), x.shape))
     fused, report = bo.fuse_model(train)
     torch_fused = bt.fuse(model, torch.from_numpy(x))
     with torch.no_grad():
         y_torch = torch_fused(torch.from_numpy(x)).double().numpy()
-    return {"model": name, "ops_train": sum(bo.op_histogram(train).values()),
-            "ops_fused": sum(bo.op_histogram(fused).values()),
-            "ops_deploy": sum(bo.op_histogram(deploy).values()),
-            "same_histogram": bo.op_histogram(fused) == bo.op_histogram(deploy),
-            "onnx_sums_fused": len(report.fused), "onnx_left": len(report.left),
-            "onnx_rel_err": rel_err(_ort(fused.SerializeToString(), x), want),
-            "torch_convs": _convs(torch_fused), "deploy_convs": _convs(bt.reparameterize(model)),
-            "torch_rel_err": rel_err(y_torch, want), "tolerance": model_tolerance(spec)}
+    return {
+        "model": name,
+        "ops_train": sum(bo.op_histogram(train).values()),
+        "ops_fused": sum(bo.op_histogram(fused).values()),
+        "ops_deploy": sum(bo.op_histogram(deploy).values()),
+        "same_histogram": bo.op_histogram(fused) == bo.op_histogram(deploy),
+        "onnx_sums_fused": len(report.fused),
+        "onnx_left": len(report.left),
+        "onnx_rel_err": rel_err(_ort(fused.SerializeToString(), x), want),
+        "torch_convs": _convs(torch_fused),
+        "deploy_convs": _convs(bt.reparameterize(model)),
+        "torch_rel_err": rel_err(y_torch, want),
+        "tolerance": model_tolerance(spec),
+    }
 
 
 def main() -> None:
@@ -67,18 +81,22 @@ def main() -> None:
     a = p.parse_args()
     torch.set_grad_enabled(False)
     rows = []
-    print("| model | ONNX ops train -> fused (deploy export) | same histogram | sums fused / left "
-          "| ONNX rel err | torch convs fused (deploy) | torch rel err | tolerance |")
+    print(
+        "| model | ONNX ops train -> fused (deploy export) | same histogram | sums fused / left "
+        "| ONNX rel err | torch convs fused (deploy) | torch rel err | tolerance |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="reparam-fuse-") as tmp:
         for name in a.models:
             r = model_row(name, tmp)
             rows.append(r)
-            print(f"| {name} | {r['ops_train']} -> {r['ops_fused']} ({r['ops_deploy']}) | "
-                  f"{'yes' if r['same_histogram'] else 'NO'} | {r['onnx_sums_fused']} / "
-                  f"{r['onnx_left']} | {r['onnx_rel_err']:.1e} | {r['torch_convs']} "
-                  f"({r['deploy_convs']}) | {r['torch_rel_err']:.1e} | {r['tolerance']:.0e} |",
-                  flush=True)
+            print(
+                f"| {name} | {r['ops_train']} -> {r['ops_fused']} ({r['ops_deploy']}) | "
+                f"{'yes' if r['same_histogram'] else 'NO'} | {r['onnx_sums_fused']} / "
+                f"{r['onnx_left']} | {r['onnx_rel_err']:.1e} | {r['torch_convs']} "
+                f"({r['deploy_convs']}) | {r['torch_rel_err']:.1e} | {r['tolerance']:.0e} |",
+                flush=True,
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -4,6 +4,7 @@ ratios (reparam_core/timing.py). A benchmark, not a test.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/fuse_speed.py [--model RepVGG-A0] [--batch 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,16 @@ def main() -> None:
     torch.set_grad_enabled(False)
     with torch.device("meta"):
         model = bt.create_model(a.model)
-    model = bt.load_state(model.to_empty(device="cpu"),
-                          random_state(get_spec(a.model), "train", 0)).eval()
+    model = bt.load_state(model.to_empty(device="cpu"), random_state(get_spec(a.model), "train", 0)).eval()
     x = torch.randn(a.batch, 3, a.size, a.size)
     fused = bt.fuse(model, x[:1]).eval()
     deploy = bt.reparameterize(model).eval()
-    times = interleaved_times({"fuse": lambda: fused(x), "deploy": lambda: deploy(x)},
-                              a.repeats)
+    times = interleaved_times({"fuse": lambda: fused(x), "deploy": lambda: deploy(x)}, a.repeats)
     ratio = paired_ratio(times["fuse"], times["deploy"])
-    print(f"{a.model} batch {a.batch} {a.size}x{a.size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {a.repeats} interleaved rounds")
+    print(
+        f"{a.model} batch {a.batch} {a.size}x{a.size}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {a.repeats} interleaved rounds"
+    )
     for k, v in times.items():
         print(f"  {k:7s} median {statistics.median(v) * 1e3:8.1f} ms")
     print(f"  fuse / deploy time ratio (median of per-round ratios): {ratio:.3f}")

@@ -1,4 +1,5 @@
 """The cases of the parity matrix: every registered model, the block matrix, random blocks."""
+
 from __future__ import annotations
 
 from hypothesis import strategies as st
@@ -10,8 +11,10 @@ from .harness import Case
 
 def model_cases(size: int = 64) -> list[Case]:
     """Every model in the registry at 1x3xSxS (RepVGG-mini at 32, its design size)."""
-    return [Case(name, (1, 3, 32, 32) if name == "RepVGG-mini" else (1, 3, size, size), model=name)
-            for name in list_models()]
+    return [
+        Case(name, (1, 3, 32, 32) if name == "RepVGG-mini" else (1, 3, size, size), model=name)
+        for name in list_models()
+    ]
 
 
 def block_matrix() -> list[Case]:
@@ -33,8 +36,11 @@ def block_matrix() -> list[Case]:
         Case("repvgg-k3-extra-pad", (1, 4, 6, 6), block=RepBlockSpec(4, 4, padding=2)),
         Case("repvgg-stride2-even", (1, 8, 16, 16), block=RepBlockSpec(8, 8, stride=2)),
         Case("repconv-silu", (1, 8, 9, 9), block=RepBlockSpec(8, 8, act="silu", naming="repconv", eps=1e-3)),
-        Case("repconv-g2-s2", (1, 8, 13, 11), block=RepBlockSpec(8, 16, stride=2, groups=2, act="silu",
-                                                                 naming="repconv", eps=1e-3)),
+        Case(
+            "repconv-g2-s2",
+            (1, 8, 13, 11),
+            block=RepBlockSpec(8, 16, stride=2, groups=2, act="silu", naming="repconv", eps=1e-3),
+        ),
         Case("repconv-depthwise", (1, 8, 7, 7), block=RepBlockSpec(8, 8, groups=8, act="silu", naming="repconv")),
         Case("ghost-module", (1, 8, 9, 9), block=RepGhostModuleSpec(8, 12)),
         Case("ghost-module-linear", (1, 8, 8, 8), block=RepGhostModuleSpec(8, 8, relu=False)),
@@ -50,60 +56,100 @@ def block_matrix() -> list[Case]:
 # constructor arguments, input N x C x H x W). Groups, stride 2, in != out, kernel 5, the
 # optional parts (SE, last BN, kept post-BN, identity-based 1x1, depthwise DBB).
 OFFICIAL_BLOCKS: list[tuple[str, str, dict, tuple[int, int, int, int]]] = [
-    ("official-repvgg", "RepVGGBlock", dict(in_channels=8, out_channels=8, kernel_size=3,
-                                            padding=1), (2, 8, 9, 7)),
-    ("official-repvgg-se-g2-s2", "RepVGGBlock", dict(in_channels=16, out_channels=32,
-     kernel_size=3, stride=2, padding=1, groups=2, use_se=True), (1, 16, 10, 10)),
+    ("official-repvgg", "RepVGGBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), (2, 8, 9, 7)),
+    (
+        "official-repvgg-se-g2-s2",
+        "RepVGGBlock",
+        dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1, groups=2, use_se=True),
+        (1, 16, 10, 10),
+    ),
     ("official-repconv", "RepConv", dict(c1=8, c2=8), (1, 8, 9, 9)),
-    ("official-repconv-s2-g4-noact", "RepConv", dict(c1=8, c2=16, s=2, g=4, act=False),
-     (1, 8, 11, 8)),
+    ("official-repconv-s2-g4-noact", "RepConv", dict(c1=8, c2=16, s=2, g=4, act=False), (1, 8, 11, 8)),
     ("official-repghost", "RepGhostModule", dict(inp=8, oup=12), (1, 8, 9, 9)),
-    ("official-repghost-identity-dw5-s2", "RepGhostModule", dict(
-        inp=8, oup=8, kernel_size=3, dw_size=5, stride=2, relu=False, reparam_identity=True),
-     (1, 8, 12, 12)),
-    ("official-qarepvgg-v2", "QARepVGGBlockV2", dict(in_channels=8, out_channels=8,
-                                                     kernel_size=3, padding=1), (2, 8, 9, 7)),
-    ("official-qarepvgg-v2-g2-s2", "QARepVGGBlockV2", dict(
-        in_channels=8, out_channels=16, kernel_size=3, stride=2, padding=1, groups=2),
-     (1, 8, 11, 11)),
-    ("official-yolov6-qarep", "yolov6.QARepVGGBlock", dict(in_channels=8, out_channels=8,
-                                                            groups=4), (1, 8, 9, 9)),
-    ("official-yolov6-qarep-keep-bn-s2", "yolov6.QARepVGGBlock", dict(
-        in_channels=8, out_channels=12, stride=2, keep_post_bn=True), (1, 8, 10, 10)),
-    ("official-yolov6-qarep-v2", "yolov6.QARepVGGBlockV2", dict(in_channels=8, out_channels=8),
-     (2, 8, 9, 7)),
-    ("official-yolov6-qarep-v2-keep-bn-g2", "yolov6.QARepVGGBlockV2", dict(
-        in_channels=8, out_channels=8, groups=2, keep_post_bn=True), (1, 8, 8, 8)),
-    ("official-dbb", "DiverseBranchBlock", dict(in_channels=8, out_channels=8, kernel_size=3,
-                                                padding=1), (2, 8, 9, 7)),
-    ("official-dbb-k5-s2-g2", "DiverseBranchBlock", dict(
-        in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=2, groups=2),
-     (1, 8, 12, 11)),
-    ("official-dbb-depthwise-relu", "DiverseBranchBlock", dict(
-        in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8, nonlinear="relu"),
-     (1, 8, 9, 9)),
-    ("official-dbb-internal-s2", "DiverseBranchBlock", dict(
-        in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1,
-        internal_channels_1x1_3x3=6), (1, 4, 10, 10)),
-    ("official-acb", "ACBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
-     (2, 8, 9, 7)),
-    ("official-acb-k5-s2-g4-pad3", "ACBlock", dict(
-        in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=3, groups=4),
-     (1, 8, 11, 12)),
-    ("official-acb-last-bn", "ACBlock", dict(in_channels=8, out_channels=12, kernel_size=3,
-                                             padding=1, use_last_bn=True), (1, 8, 9, 9)),
+    (
+        "official-repghost-identity-dw5-s2",
+        "RepGhostModule",
+        dict(inp=8, oup=8, kernel_size=3, dw_size=5, stride=2, relu=False, reparam_identity=True),
+        (1, 8, 12, 12),
+    ),
+    (
+        "official-qarepvgg-v2",
+        "QARepVGGBlockV2",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+        (2, 8, 9, 7),
+    ),
+    (
+        "official-qarepvgg-v2-g2-s2",
+        "QARepVGGBlockV2",
+        dict(in_channels=8, out_channels=16, kernel_size=3, stride=2, padding=1, groups=2),
+        (1, 8, 11, 11),
+    ),
+    ("official-yolov6-qarep", "yolov6.QARepVGGBlock", dict(in_channels=8, out_channels=8, groups=4), (1, 8, 9, 9)),
+    (
+        "official-yolov6-qarep-keep-bn-s2",
+        "yolov6.QARepVGGBlock",
+        dict(in_channels=8, out_channels=12, stride=2, keep_post_bn=True),
+        (1, 8, 10, 10),
+    ),
+    ("official-yolov6-qarep-v2", "yolov6.QARepVGGBlockV2", dict(in_channels=8, out_channels=8), (2, 8, 9, 7)),
+    (
+        "official-yolov6-qarep-v2-keep-bn-g2",
+        "yolov6.QARepVGGBlockV2",
+        dict(in_channels=8, out_channels=8, groups=2, keep_post_bn=True),
+        (1, 8, 8, 8),
+    ),
+    ("official-dbb", "DiverseBranchBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), (2, 8, 9, 7)),
+    (
+        "official-dbb-k5-s2-g2",
+        "DiverseBranchBlock",
+        dict(in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=2, groups=2),
+        (1, 8, 12, 11),
+    ),
+    (
+        "official-dbb-depthwise-relu",
+        "DiverseBranchBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8, nonlinear="relu"),
+        (1, 8, 9, 9),
+    ),
+    (
+        "official-dbb-internal-s2",
+        "DiverseBranchBlock",
+        dict(in_channels=4, out_channels=8, kernel_size=3, stride=2, padding=1, internal_channels_1x1_3x3=6),
+        (1, 4, 10, 10),
+    ),
+    ("official-acb", "ACBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1), (2, 8, 9, 7)),
+    (
+        "official-acb-k5-s2-g4-pad3",
+        "ACBlock",
+        dict(in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=3, groups=4),
+        (1, 8, 11, 12),
+    ),
+    (
+        "official-acb-last-bn",
+        "ACBlock",
+        dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, use_last_bn=True),
+        (1, 8, 9, 9),
+    ),
 ]
 # The ones the parity matrix runs: one per class.
-PARITY_OFFICIAL = ("official-repvgg", "official-repconv", "official-repghost-identity-dw5-s2",
-                   "official-qarepvgg-v2", "official-yolov6-qarep-keep-bn-s2",
-                   "official-yolov6-qarep-v2", "official-dbb-k5-s2-g2",
-                   "official-acb-k5-s2-g4-pad3")
+PARITY_OFFICIAL = (
+    "official-repvgg",
+    "official-repconv",
+    "official-repghost-identity-dw5-s2",
+    "official-qarepvgg-v2",
+    "official-yolov6-qarep-keep-bn-s2",
+    "official-yolov6-qarep-v2",
+    "official-dbb-k5-s2-g2",
+    "official-acb-k5-s2-g4-pad3",
+)
 
 
 def official_cases() -> list[Case]:
     """Every OFFICIAL_BLOCKS entry as a parity Case (the spec official_block returns)."""
-    return [Case(name, shape, block=official_block(cls, **kwargs))  # type: ignore[arg-type]
-            for name, cls, kwargs, shape in OFFICIAL_BLOCKS]
+    return [
+        Case(name, shape, block=official_block(cls, **kwargs))  # type: ignore[arg-type]
+        for name, cls, kwargs, shape in OFFICIAL_BLOCKS
+    ]
 
 
 @st.composite
@@ -116,12 +162,20 @@ def random_block_cases(draw) -> Case:
     k = draw(st.sampled_from([1, 3, 5]))
     d = draw(st.integers(1, 2)) if k > 1 else 1
     se = draw(st.sampled_from(["none", "none", "pre", "post"]))
-    spec = RepBlockSpec(cin, cout, k, draw(st.sampled_from([1, 2])), d, g,
-                        padding=d * (k - 1) // 2 + draw(st.sampled_from([0, 0, 1])), se=se,
-                        se_channels=draw(st.integers(1, 4)) if se != "none" else 0,
-                        conv_bias=draw(st.booleans()), act=draw(st.sampled_from(["relu", "silu"])),
-                        eps=draw(st.sampled_from([1e-5, 1e-3])),
-                        naming=draw(st.sampled_from(["repvgg", "repconv"])))
+    spec = RepBlockSpec(
+        cin,
+        cout,
+        k,
+        draw(st.sampled_from([1, 2])),
+        d,
+        g,
+        padding=d * (k - 1) // 2 + draw(st.sampled_from([0, 0, 1])),
+        se=se,
+        se_channels=draw(st.integers(1, 4)) if se != "none" else 0,
+        conv_bias=draw(st.booleans()),
+        act=draw(st.sampled_from(["relu", "silu"])),
+        eps=draw(st.sampled_from([1e-5, 1e-3])),
+        naming=draw(st.sampled_from(["repvgg", "repconv"])),
+    )
     h, w = draw(st.integers(d * (k - 1) + 1, 12)), draw(st.integers(d * (k - 1) + 1, 12))
-    return Case("random", (draw(st.integers(1, 2)), cin, h, w), block=spec,
-                seed=draw(st.integers(0, 2**16)))
+    return Case("random", (draw(st.integers(1, 2)), cin, h, w), block=spec, seed=draw(st.integers(0, 2**16)))

@@ -4,6 +4,7 @@
 What a missing backend means (a failure, or with `--allow-missing-backend` a skip) is decided in
 test_parity.py; the option itself is registered in the repository-root conftest.py.
 """
+
 from __future__ import annotations
 
 import pytest

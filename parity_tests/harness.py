@@ -5,6 +5,7 @@ every other output.
 torch and flax run in this process; MegEngine runs in `.venv-mge` through the worker
 (backends.megengine.remote), started once and reused.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -74,8 +75,7 @@ class Case:
 class Runner(Protocol):
     name: str
 
-    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool,
-            workdir: Path) -> dict[str, np.ndarray]:
+    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool, workdir: Path) -> dict[str, np.ndarray]:
         """Outputs by form: 'train', 'deploy' and (with artifacts) 'artifact'."""
 
 
@@ -91,8 +91,7 @@ class InProcessRunner:
             return self.api.create_model(case.model, num_classes=case.num_classes)
         return self.api.build_block(case.block)
 
-    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool,
-            workdir: Path) -> dict[str, np.ndarray]:
+    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool, workdir: Path) -> dict[str, np.ndarray]:
         train = self._build(case)
         self.api.load_state(train, state)
         out = {"train": self.api.predict(train, x)}
@@ -121,23 +120,26 @@ class MegEngineRunner:
 
         self.worker = shared()
 
-    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool,
-            workdir: Path) -> dict[str, np.ndarray]:
+    def run(self, case: Case, state: dict, x: np.ndarray, artifacts: bool, workdir: Path) -> dict[str, np.ndarray]:
         w, m, b, n = self.worker, case.model, case.block, case.num_classes
-        out = {"train": w.predict(state=state, x=x, form="train", model=m, block=b, num_classes=n),
-               "deploy": w.predict(state=state, x=x, form="train", reparameterize=True, model=m, block=b,
-                                   num_classes=n)}
+        out = {
+            "train": w.predict(state=state, x=x, form="train", model=m, block=b, num_classes=n),
+            "deploy": w.predict(state=state, x=x, form="train", reparameterize=True, model=m, block=b, num_classes=n),
+        }
         if artifacts:
-            out["artifact"] = w.export_traced(state=state, x=x, form="train", artifact=workdir / f"{case.name}.mge",
-                                              model=m, block=b, num_classes=n)
+            out["artifact"] = w.export_traced(
+                state=state, x=x, form="train", artifact=workdir / f"{case.name}.mge", model=m, block=b, num_classes=n
+            )
         return out
 
 
 def make_runners(names: tuple[str, ...] = BACKENDS) -> tuple[dict[str, Runner], dict[str, str]]:
     """The runners that can start here, and the reason for each that cannot."""
-    makers: dict[str, Callable[[], Runner]] = {"torch": lambda: InProcessRunner("torch"),
-                                               "flax": lambda: InProcessRunner("flax"),
-                                               "megengine": MegEngineRunner}
+    makers: dict[str, Callable[[], Runner]] = {
+        "torch": lambda: InProcessRunner("torch"),
+        "flax": lambda: InProcessRunner("flax"),
+        "megengine": MegEngineRunner,
+    }
     runners, unavailable = {}, {}
     for name in names:
         try:
@@ -171,12 +173,17 @@ class CaseResult:
         return not self.failures and all(e <= self.tolerance for e in self.errors.values())
 
     def to_json(self) -> dict:
-        return {"case": self.case.describe(), "tolerance": self.tolerance, "ok": self.ok,
-                "cells": [{"backend": b, "form": f, "rel_err": e} for (b, f), e in self.errors.items()],
-                "pairwise": [{"a": f"{a}/{fa}", "b": f"{b}/{fb}", "rel_err": e}
-                             for (a, fa, b, fb), e in self.pairwise.items()],
-                "seconds": {"oracle": self.oracle_seconds, **self.seconds},
-                "failures": self.failures}
+        return {
+            "case": self.case.describe(),
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+            "cells": [{"backend": b, "form": f, "rel_err": e} for (b, f), e in self.errors.items()],
+            "pairwise": [
+                {"a": f"{a}/{fa}", "b": f"{b}/{fb}", "rel_err": e} for (a, fa, b, fb), e in self.pairwise.items()
+            ],
+            "seconds": {"oracle": self.oracle_seconds, **self.seconds},
+            "failures": self.failures,
+        }
 
 
 def run_case(case: Case, runners: dict[str, Runner], artifacts: bool = False) -> CaseResult:
@@ -198,6 +205,6 @@ def run_case(case: Case, runners: dict[str, Runner], artifacts: bool = False) ->
             for form, y in got.items():
                 outputs[(name, form)] = y
                 result.errors[(name, form)] = rel_err(y, ref)
-    for (a, b) in itertools.combinations(sorted(outputs), 2):
+    for a, b in itertools.combinations(sorted(outputs), 2):
         result.pairwise[a + b] = rel_err(outputs[a], outputs[b])
     return result

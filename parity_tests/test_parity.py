@@ -7,6 +7,7 @@ that do start, pass `--allow-missing-backend`: each case is then checked on thos
 reported as SKIPPED (naming what is missing and why), never as passed. Under CI (`CI=true`) the
 option is ignored and a missing backend is always a failure.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,11 +30,9 @@ def require_backends(runners: dict, missing: dict[str, str], config: pytest.Conf
     if not missing:
         return
     if strict():
-        pytest.fail(f"backends unavailable under CI (a missing backend is a failure): "
-                    f"{_missing_reason(missing)}")
+        pytest.fail(f"backends unavailable under CI (a missing backend is a failure): {_missing_reason(missing)}")
     if not config.getoption("--allow-missing-backend"):
-        pytest.fail(f"backends unavailable: {_missing_reason(missing)} "
-                    f"(pass --allow-missing-backend to skip instead)")
+        pytest.fail(f"backends unavailable: {_missing_reason(missing)} (pass --allow-missing-backend to skip instead)")
     if not runners:
         pytest.skip(f"no backend available: {_missing_reason(missing)}")
 
@@ -41,8 +40,10 @@ def require_backends(runners: dict, missing: dict[str, str], config: pytest.Conf
 def skip_if_partial(runners: dict, missing: dict[str, str]) -> None:
     """After a case passed on the available backends: a partial matrix is a skip, not a pass."""
     if missing:
-        pytest.skip(f"checked only on {', '.join(sorted(runners))}; missing "
-                    f"{_missing_reason(missing)} (--allow-missing-backend)")
+        pytest.skip(
+            f"checked only on {', '.join(sorted(runners))}; missing "
+            f"{_missing_reason(missing)} (--allow-missing-backend)"
+        )
 
 
 def check(result: CaseResult, runners: dict) -> None:

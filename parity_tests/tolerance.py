@@ -13,6 +13,7 @@ Every output is compared with the float64 oracle as  max|y - y_oracle| / max|y_o
   form; `reparam verify` prints the margin (2026-12-02: worst model cell 1.5e-6, bounds
   2e-5..8e-5), so a regression that loosens precision fails there, not a widened bound.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ is removed and the destination is as it was. Temp files of processes that were k
 by the next write to the same destination. Used by `reparam convert` and the trainer's
 checkpoints; numpy-free, framework-free.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,16 +60,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write(dst: str, data: bytes, *, overwrite: bool = False,
-                 check: Callable[[str], None] | None = None) -> None:
+def atomic_write(dst: str, data: bytes, *, overwrite: bool = False, check: Callable[[str], None] | None = None) -> None:
     """Write `data` to `dst` via a temp file in the same directory (fsync, then rename). `check`
     runs on the temp file before it becomes `dst`. Without `overwrite` an existing `dst` is never
     touched; on any failure the temp file is removed and `dst` is as it was."""
     atomic_write_stream(dst, lambda f: f.write(data), overwrite=overwrite, check=check)
 
 
-def atomic_write_stream(dst: str, write: Callable[[BinaryIO], Any], *, overwrite: bool = False,
-                        check: Callable[[str], None] | None = None) -> int:
+def atomic_write_stream(
+    dst: str, write: Callable[[BinaryIO], Any], *, overwrite: bool = False, check: Callable[[str], None] | None = None
+) -> int:
     """`atomic_write` with a writer callback `write(f)` (f: a seekable binary file); returns the
     number of bytes of `dst`."""
     directory = os.path.dirname(os.path.abspath(dst))
@@ -79,8 +80,7 @@ def atomic_write_stream(dst: str, write: Callable[[BinaryIO], Any], *, overwrite
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
     clean_stale_temps(dst)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.{os.getpid()}-",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+b") as f:
             write(f)

@@ -17,6 +17,7 @@ its original stdout (`{"event": "stage", ...}` while it runs, then `{"event": "r
 memory probe instead. `run_child` is the parent's end: it starts the child and reads the lines.
 numpy and the standard library only (runs in .venv and in .venv-mge).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,12 @@ class BenchConfig:
     convert_repeats: int = 3
     threads: int | None = None
     seed: int = 0
-    compile: bool = True          # the slow-to-build fast paths (torch.compile)
+    compile: bool = True  # the slow-to-build fast paths (torch.compile)
     conversion_only: bool = False
     memory: bool = True
-    mge_fastrun: bool = False     # MegEngine's profiled kernels as extra fast paths
-    onnxruntime: bool = True      # torch side: the deploy form in ONNX Runtime, float32 and int8
-    bf16: bool = True             # torch side: the deploy form under CPU bf16 autocast
+    mge_fastrun: bool = False  # MegEngine's profiled kernels as extra fast paths
+    onnxruntime: bool = True  # torch side: the deploy form in ONNX Runtime, float32 and int8
+    bf16: bool = True  # torch side: the deploy form under CPU bf16 autocast
 
 
 @dataclass
@@ -77,16 +78,15 @@ class FastPath:
 class Bench(Protocol):
     name: str
 
-    def setup(self, threads: int | None) -> dict[str, Any]: ...          # versions, threads in use
+    def setup(self, threads: int | None) -> dict[str, Any]: ...  # versions, threads in use
     def matmul_gflops(self, n: int, repeats: int) -> float: ...
     def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> Any: ...
     def reparameterize(self, module: Any) -> Any: ...
     def deepcopy(self, module: Any) -> Any: ...
     def export_state(self, module: Any) -> dict[str, np.ndarray]: ...
     def predict(self, module: Any, x: np.ndarray) -> np.ndarray: ...
-    def forward(self, module: Any, x: np.ndarray) -> Fn: ...   # eager, synchronous
-    def fast_paths(self, modules: Mapping[str, Any], x: np.ndarray,
-                   config: BenchConfig) -> dict[str, FastPath]: ...
+    def forward(self, module: Any, x: np.ndarray) -> Fn: ...  # eager, synchronous
+    def fast_paths(self, modules: Mapping[str, Any], x: np.ndarray, config: BenchConfig) -> dict[str, FastPath]: ...
 
 
 class BackendBench:
@@ -110,7 +110,7 @@ class BackendBench:
 
 def gemm_gflops(fn: Fn, n: int, repeats: int) -> float:
     """GFLOP/s of `fn`, a synchronous float32 n x n x n matrix product: 2 n^3 / median time."""
-    return 2 * n ** 3 / float(np.median(interleaved_times({"gemm": fn}, repeats)["gemm"])) / 1e9
+    return 2 * n**3 / float(np.median(interleaved_times({"gemm": fn}, repeats)["gemm"])) / 1e9
 
 
 def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
@@ -125,6 +125,7 @@ def bench_input(config: BenchConfig) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- memory
+
 
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
@@ -157,8 +158,9 @@ def memory_probe(bench: Bench, model: str, form: str, config: BenchConfig) -> di
 def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> dict[str, Any]:
     """memory_probe in a fresh `python -m module` so that no other form's memory is counted."""
     req = json.dumps({"model": model, "form": form, "config": asdict(config)})
-    proc = subprocess.run([sys.executable, "-m", module, "--memory", req], capture_output=True,
-                          text=True, cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--memory", req], capture_output=True, text=True, cwd=os.getcwd()
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -168,20 +170,28 @@ def memory_in_child(module: str, model: str, form: str, config: BenchConfig) -> 
 
 # --------------------------------------------------------------------------- the plan
 
+
 def conversion(bench: Bench, train: Any, repeats: int) -> dict[str, Any]:
     """`reparameterize` vs `copy.deepcopy` of the same train-form model, in paired rounds."""
-    times = interleaved_times({"reparameterize": lambda: bench.reparameterize(train),
-                               "deepcopy": lambda: bench.deepcopy(train)}, repeats)
-    return {"reparameterize_s": float(np.median(times["reparameterize"])),
-            "deepcopy_s": float(np.median(times["deepcopy"])),
-            "ratio": paired_ratio(times["reparameterize"], times["deepcopy"]), "runs_s": times}
+    times = interleaved_times(
+        {"reparameterize": lambda: bench.reparameterize(train), "deepcopy": lambda: bench.deepcopy(train)}, repeats
+    )
+    return {
+        "reparameterize_s": float(np.median(times["reparameterize"])),
+        "deepcopy_s": float(np.median(times["deepcopy"])),
+        "ratio": paired_ratio(times["reparameterize"], times["deepcopy"]),
+        "runs_s": times,
+    }
 
 
-def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
-                stage: Callable[[str], None]) -> dict[str, Any]:
+def bench_model(
+    bench: Bench, model: str, config: BenchConfig, module: str, stage: Callable[[str], None]
+) -> dict[str, Any]:
     spec = get_spec(model)
-    out: dict[str, Any] = {"params": {f: count_params(spec, f) for f in ("train", "deploy")},
-                           "macs": {f: count_macs(spec, f, config.size) for f in ("train", "deploy")}}
+    out: dict[str, Any] = {
+        "params": {f: count_params(spec, f) for f in ("train", "deploy")},
+        "macs": {f: count_macs(spec, f, config.size) for f in ("train", "deploy")},
+    }
     stage(f"{model}: conversion")
     train = bench.build(model, "train", random_state(spec, "train", config.seed))
     out["conversion"] = conversion(bench, train, config.convert_repeats)
@@ -198,16 +208,21 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
     fast = bench.fast_paths(modules, x, config)
     exact = {k: f for k, f in fast.items() if f.precision == "float32"}
     low = {k: f for k, f in fast.items() if f.precision != "float32"}
-    out["check_rel_err_vs_deploy"] = {k: rel_err(y, outputs["deploy"])
-                                      for k, y in {**outputs, **{k: f.output for k, f in exact.items()}}.items()
-                                      if not k.startswith("train")}
+    out["check_rel_err_vs_deploy"] = {
+        k: rel_err(y, outputs["deploy"])
+        for k, y in {**outputs, **{k: f.output for k, f in exact.items()}}.items()
+        if not k.startswith("train")
+    }
     out["check_rel_err_vs_deploy"]["train"] = rel_err(outputs["train"], outputs["deploy"])
     out["precision"] = {k: f.precision for k, f in fast.items()}
     if low:  # reduced precision: how far from float32, not a correctness check
         out["low_precision_vs_deploy"] = {
-            k: {"rel_err": rel_err(f.output, outputs["deploy"]),
-                "top1_agreement": float((f.output.argmax(1) == outputs["deploy"].argmax(1)).mean())}
-            for k, f in low.items()}
+            k: {
+                "rel_err": rel_err(f.output, outputs["deploy"]),
+                "top1_agreement": float((f.output.argmax(1) == outputs["deploy"].argmax(1)).mean()),
+            }
+            for k, f in low.items()
+        }
     out["compile_s"] = {k: f.compile_s for k, f in fast.items()}
     fns.update({k: f.fn for k, f in fast.items()})
     stage(f"{model}: timing {len(fns)} forms x {config.repeats} rounds")
@@ -227,8 +242,9 @@ def bench_model(bench: Bench, model: str, config: BenchConfig, module: str,
         ratios["int8_over_ort_fp32"] = paired_ratio(times[ORT_PATH], times[INT8_PATH])
     out["ratios"] = ratios
     out["conv_equiv_gflops"] = {
-        k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"] * config.batch
-        / v["median_s"] / 1e9 for k, v in out["forms"].items()}
+        k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"] * config.batch / v["median_s"] / 1e9
+        for k, v in out["forms"].items()
+    }
     if config.memory:
         stage(f"{model}: memory")
         out["memory"] = {f: memory_in_child(module, model, f, config) for f in modules}
@@ -245,8 +261,11 @@ def run_plan(bench: Bench, config: BenchConfig, module: str, emit: Callable[[dic
         emit({"event": "stage", "backend": bench.name, "name": name, "done": done[0], "total": total})
         done[0] += 1
 
-    result: dict[str, Any] = {"backend": bench.name, "config": asdict(config),
-                              "environment": bench.setup(config.threads)}
+    result: dict[str, Any] = {
+        "backend": bench.name,
+        "config": asdict(config),
+        "environment": bench.setup(config.threads),
+    }
     stage("GEMM rate")
     result["gemm_gflops"] = bench.matmul_gflops(GEMM_N, max(config.repeats, 3))
     result["models"] = {m: bench_model(bench, m, config, module, stage) for m in config.models}
@@ -260,6 +279,7 @@ def stage_count(config: BenchConfig) -> int:
 
 
 # --------------------------------------------------------------------------- process entry
+
 
 def config_from_json(data: Mapping[str, Any]) -> BenchConfig:
     data = dict(data)
@@ -283,13 +303,13 @@ def main(make_bench: Callable[[], Bench], module: str, argv: list[str] | None = 
         req = json.loads(args.memory)
         emit(memory_probe(bench, req["model"], req["form"], config_from_json(req["config"])))
     else:
-        emit({"event": "result", "result": run_plan(bench, config_from_json(json.loads(args.config)),
-                                                     module, emit)})
+        emit({"event": "result", "result": run_plan(bench, config_from_json(json.loads(args.config)), module, emit)})
     return 0
 
 
-def run_child(cmd: Sequence[str], cwd: str | os.PathLike[str], name: str,
-              on_stage: Callable[[str], None]) -> dict[str, Any]:
+def run_child(
+    cmd: Sequence[str], cwd: str | os.PathLike[str], name: str, on_stage: Callable[[str], None]
+) -> dict[str, Any]:
     """The parent's end of the protocol: run `cmd` (a backend's `python -m ... CONFIG_JSON`) in
     `cwd`, pass each stage name to `on_stage` and return the result; BackendUnavailableError with
     the last lines of the child's stderr when it fails."""
@@ -306,11 +326,26 @@ def run_child(cmd: Sequence[str], cwd: str | os.PathLike[str], name: str,
         if proc.returncode != 0 or result is None:
             err.seek(0)
             tail = err.read().strip().splitlines()[-15:]
-            raise BackendUnavailableError(f"{name} benchmark failed (exit {proc.returncode}):\n"
-                                          + "\n".join(tail))
+            raise BackendUnavailableError(f"{name} benchmark failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return result
 
 
-__all__ = ["GEMM_N", "ORT_PATH", "INT8_PATH", "BenchConfig", "FastPath", "Bench", "BackendBench",
-           "gemm_gflops", "rel_err", "bench_input", "memory_probe", "memory_in_child", "run_plan",
-           "stage_count", "main", "config_from_json", "run_child"]
+__all__ = [
+    "GEMM_N",
+    "ORT_PATH",
+    "INT8_PATH",
+    "BenchConfig",
+    "FastPath",
+    "Bench",
+    "BackendBench",
+    "gemm_gflops",
+    "rel_err",
+    "bench_input",
+    "memory_probe",
+    "memory_in_child",
+    "run_plan",
+    "stage_count",
+    "main",
+    "config_from_json",
+    "run_child",
+]

@@ -6,6 +6,7 @@ the umask's mode, then reads each file back through the format detection and key
 `reparam convert` uses: the state read must be the state written, bit for bit, with the same form
 and format (CheckpointError otherwise). numpy and the standard library only.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ from .training import write_bytes
 SUFFIX = {"torch": ".pth", "megengine": ".pkl", "flax": ".msgpack", "safetensors": ".safetensors"}
 
 
-def write_every_format(spec: ModelSpec, states: Mapping[Form, Mapping[str, np.ndarray]],
-                       folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+def write_every_format(
+    spec: ModelSpec, states: Mapping[Form, Mapping[str, np.ndarray]], folder: str | os.PathLike[str]
+) -> dict[str, dict[str, Any]]:
     """Every form of `states` (form -> neutral state) in every format of SUFFIX under `folder`;
     returns {"FORMAT/FORM": {path, format, form, bytes, read_back_exact}}."""
     out: dict[str, dict[str, Any]] = {}
@@ -34,12 +36,21 @@ def write_every_format(spec: ModelSpec, states: Mapping[Form, Mapping[str, np.nd
             path = Path(folder) / f"{spec.name}-{form}{suffix}"
             write_bytes(path, encode(spec, dict(state), form, fmt))
             back, back_form, back_fmt, _ = load_neutral(path, spec)
-            exact = (back_form == form and back_fmt == fmt and set(back) == set(state)
-                     and all(np.array_equal(back[k], state[k]) for k in state))
+            exact = (
+                back_form == form
+                and back_fmt == fmt
+                and set(back) == set(state)
+                and all(np.array_equal(back[k], state[k]) for k in state)
+            )
             if not exact:
                 raise CheckpointError(f"{path}: reading it back does not give the state written")
-            out[f"{fmt}/{form}"] = {"path": os.fspath(path), "format": fmt, "form": form,
-                                    "bytes": path.stat().st_size, "read_back_exact": exact}
+            out[f"{fmt}/{form}"] = {
+                "path": os.fspath(path),
+                "format": fmt,
+                "form": form,
+                "bytes": path.stat().st_size,
+                "read_back_exact": exact,
+            }
     return out
 
 

@@ -27,6 +27,7 @@ nothing is written. The core runs no framework: the default `predict` is the flo
 every format, and `backends.dispatch.predict_in` runs each side in the framework owning its
 format (what the CLI passes).
 """
+
 from __future__ import annotations
 
 import os
@@ -97,6 +98,7 @@ def _fused_stream(spec: ModelSpec, state: State, compute64: bool) -> Iterator[tu
     streaming fusion (bit-identical to reparameterize_state). Every source tensor is removed
     from `state` once it is no longer needed, so the caller can stream the output and keep the
     peak memory near one copy of the model."""
+
     def get(key: str) -> np.ndarray:
         return state[key].astype(np.float64) if compute64 else state[key]
 
@@ -126,15 +128,18 @@ class _Caster:
 
     def finish(self) -> dict[str, Any]:
         if self.overflowed:
-            warnings.warn(f"{len(self.overflowed)} tensor(s) overflow {self.dtype} after fusion "
-                          f"(stored as inf): {', '.join(self.overflowed[:5])}", PrecisionWarning,
-                          stacklevel=3)
-        return {"dtype": self.dtype, "max_rel_err": self.max_rel_err,
-                "overflowed": list(self.overflowed)}
+            warnings.warn(
+                f"{len(self.overflowed)} tensor(s) overflow {self.dtype} after fusion "
+                f"(stored as inf): {', '.join(self.overflowed[:5])}",
+                PrecisionWarning,
+                stacklevel=3,
+            )
+        return {"dtype": self.dtype, "max_rel_err": self.max_rel_err, "overflowed": list(self.overflowed)}
 
 
-def _validate_request(dst: str, from_format: str | None, to_format: str, dtype: str | None,
-                      overwrite: bool) -> HalfDtype | None:
+def _validate_request(
+    dst: str, from_format: str | None, to_format: str, dtype: str | None, overwrite: bool
+) -> HalfDtype | None:
     """Refuse a bad request before any file is read; the half dtype asked for (None: float32)."""
     if from_format is not None and from_format not in FORMATS + ("orbax",):
         raise CheckpointError(f"unknown input format {from_format!r}; choose from {', '.join(FORMATS)}")
@@ -142,19 +147,33 @@ def _validate_request(dst: str, from_format: str | None, to_format: str, dtype: 
         raise CheckpointError(f"unknown output format {to_format!r}; choose from {', '.join(FORMATS)}")
     half = _half(dtype)
     if half == "bfloat16" and to_format != "safetensors":
-        raise CheckpointError("--dtype bfloat16 is only supported for safetensors output (numpy "
-                              "has no bfloat16 type); use --dtype float16 or a .safetensors DST")
+        raise CheckpointError(
+            "--dtype bfloat16 is only supported for safetensors output (numpy "
+            "has no bfloat16 type); use --dtype float16 or a .safetensors DST"
+        )
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
     return half
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str, *,
-            to_deploy: bool = False, from_format: str | None = None, to_format: str | None = None,
-            from_form: Form | None = None, num_classes: int | None = None,
-            verify: bool = False, predict: Predict = oracle_predict, overwrite: bool = False,
-            stage: Callable[[str], None] | None = None, dtype: str | None = None,
-            to_scheme: str = "canonical", read_orbax: DirectoryReader | None = None) -> dict[str, Any]:
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    model: str,
+    *,
+    to_deploy: bool = False,
+    from_format: str | None = None,
+    to_format: str | None = None,
+    from_form: Form | None = None,
+    num_classes: int | None = None,
+    verify: bool = False,
+    predict: Predict = oracle_predict,
+    overwrite: bool = False,
+    stage: Callable[[str], None] | None = None,
+    dtype: str | None = None,
+    to_scheme: str = "canonical",
+    read_orbax: DirectoryReader | None = None,
+) -> dict[str, Any]:
     """Convert checkpoint `src` of `model` to `dst`; returns a report dict. Raises ReparamError
     subclasses (nothing is written then; VerificationError when verification failed). `dtype`:
     None/"float32", "float16" or "bfloat16" (fused in float64, rounded once; see the module
@@ -181,18 +200,29 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
     out_form: Form = "deploy" if fuse else src_form
     schema = state_schema(spec, out_form)
     report: dict[str, Any] = {
-        "src": src, "dst": dst, "model": spec.name, "num_classes": spec.num_classes, "from_format": fmt,
-        "to_format": to_format, "from_form": src_form, "to_form": out_form, "scheme": scheme,
-        "to_scheme": to_scheme, "tensors": len(schema), "bytes": None, "dtype": half or "float32",
-        "precision": None, "verify": None}
+        "src": src,
+        "dst": dst,
+        "model": spec.name,
+        "num_classes": spec.num_classes,
+        "from_format": fmt,
+        "to_format": to_format,
+        "from_form": src_form,
+        "to_form": out_form,
+        "scheme": scheme,
+        "to_scheme": to_scheme,
+        "tensors": len(schema),
+        "bytes": None,
+        "dtype": half or "float32",
+        "precision": None,
+        "verify": None,
+    }
 
     tensors: Iterable[tuple[str, Any]]
     if verify:  # keep the source state for the comparison: fuse the whole state at once
         out = state
         if fuse:
             stage("fuse")
-            out = reparameterize_state(spec, {k: v.astype(np.float64) for k, v in state.items()}
-                                       if half else state)
+            out = reparameterize_state(spec, {k: v.astype(np.float64) for k, v in state.items()} if half else state)
         stage("encode")
         tensors = ((k, out[k]) for k in schema)
     else:
@@ -211,15 +241,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
         stage("verify")
         written, wform, _, _ = load_neutral(tmp, spec, to_format, out_form)
         x = verify_input(spec)
-        err = relative_error(predict(fmt, spec, state, src_form, x),
-                             predict(to_format, spec, written, wform, x))
+        err = relative_error(predict(fmt, spec, state, src_form, x), predict(to_format, spec, written, wform, x))
         tol = VERIFY_RTOL_HALF[half] if half else VERIFY_RTOL
-        report["verify"] = {"max_rel_err": err, "tolerance": tol, "input": list(x.shape),
-                            "source": f"{fmt}/{src_form}", "destination": f"{to_format}/{wform}"}
+        report["verify"] = {
+            "max_rel_err": err,
+            "tolerance": tol,
+            "input": list(x.shape),
+            "source": f"{fmt}/{src_form}",
+            "destination": f"{to_format}/{wform}",
+        }
         if not err <= tol:
-            raise VerificationError(f"verification failed: {fmt} ({src_form}) and {to_format} ({wform}) "
-                                    f"outputs differ by {err:.3g} relative (> {tol:g}); "
-                                    f"{dst} was not written")
+            raise VerificationError(
+                f"verification failed: {fmt} ({src_form}) and {to_format} ({wform}) "
+                f"outputs differ by {err:.3g} relative (> {tol:g}); "
+                f"{dst} was not written"
+            )
 
     def write(f: BinaryIO) -> None:
         stage("write")
@@ -227,10 +263,17 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str
         if caster is not None:
             report["precision"] = caster.finish()
 
-    report["bytes"] = atomic_write_stream(dst, write, overwrite=overwrite,
-                                          check=check if verify else None)
+    report["bytes"] = atomic_write_stream(dst, write, overwrite=overwrite, check=check if verify else None)
     return report
 
 
-__all__ = ["DTYPES", "VERIFY_RTOL", "VERIFY_RTOL_HALF", "Predict", "verify_input", "oracle_predict",
-           "relative_error", "convert"]
+__all__ = [
+    "DTYPES",
+    "VERIFY_RTOL",
+    "VERIFY_RTOL_HALF",
+    "Predict",
+    "verify_input",
+    "oracle_predict",
+    "relative_error",
+    "convert",
+]

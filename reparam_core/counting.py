@@ -1,4 +1,5 @@
 """Parameter and multiply-accumulate counts from a description alone, no framework needed."""
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,11 @@ def _out(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
 
 def _conv_out(c: Conv, shape: Shape) -> Shape:
     _, h, w = shape
-    return (c.out_channels,
-            _out(h, c.kernel[0], c.stride[0], c.padding[0], c.dilation[0]),
-            _out(w, c.kernel[1], c.stride[1], c.padding[1], c.dilation[1]))
+    return (
+        c.out_channels,
+        _out(h, c.kernel[0], c.stride[0], c.padding[0], c.dilation[0]),
+        _out(w, c.kernel[1], c.stride[1], c.padding[1], c.dilation[1]),
+    )
 
 
 def node_macs(node: Node, shape: Shape) -> tuple[int, Shape]:
@@ -41,16 +44,20 @@ def node_macs(node: Node, shape: Shape) -> tuple[int, Shape]:
     identity branches count zero."""
     if isinstance(node, Conv):
         out = _conv_out(node, shape)
-        return out[1] * out[2] * node.out_channels * (node.in_channels // node.groups) \
-            * node.kernel[0] * node.kernel[1], out
+        return out[1] * out[2] * node.out_channels * (node.in_channels // node.groups) * node.kernel[0] * node.kernel[
+            1
+        ], out
     if isinstance(node, SE):
         return 2 * node.channels * node.hidden, shape
     if isinstance(node, Linear):
         return node.in_features * node.out_features, (node.out_features, 1, 1)
     if isinstance(node, AvgPool):
         c, h, w = shape
-        return 0, (c, _out(h, node.kernel, node.stride, node.padding, 1),
-                   _out(w, node.kernel, node.stride, node.padding, 1))
+        return 0, (
+            c,
+            _out(h, node.kernel, node.stride, node.padding, 1),
+            _out(w, node.kernel, node.stride, node.padding, 1),
+        )
     if isinstance(node, PadBN):
         c, h, w = shape
         return 0, (c, h + 2 * node.pad, w + 2 * node.pad)
@@ -90,6 +97,7 @@ def count_macs(spec: SpecLike, form: Form, size: int = 224) -> int:
 def conv_depth(spec: SpecLike) -> int:
     """Convs on the longest path of the deploy form before its global pool (the head and SE
     convs do not count): the depth that float32 rounding errors compound over."""
+
     def depth(nodes: tuple[Node, ...]) -> tuple[int, bool]:
         total = 0
         for n in nodes:
@@ -105,4 +113,5 @@ def conv_depth(spec: SpecLike) -> int:
             elif isinstance(n, Add):
                 total += max(depth(b)[0] for b in n.branches)
         return total, False
+
     return depth(in_form(spec, "deploy").body)[0]

@@ -4,6 +4,7 @@ fixed stratified split, normalised with the training split's mean and std), with
 augmentation. Its held-out split (the trainer's validation split) is called `test` here: `reparam
 demo` and `reparam quantize --eval digits` score on it, and nothing trains on it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,7 @@ class DigitsSplit:
         """The dataset's description (source, sizes, split seed, mean/std) with the test split's
         size as `n_test` and the input shape."""
         d = self.dataset
-        return {**d.describe(), "n_test": int(len(self.y_test)), "stratified": True,
-                "input_shape": [3, d.size, d.size]}
+        return {**d.describe(), "n_test": int(len(self.y_test)), "stratified": True, "input_shape": [3, d.size, d.size]}
 
 
 def load_digits_split(size: int = 32) -> DigitsSplit:

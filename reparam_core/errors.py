@@ -3,6 +3,7 @@
 Every error carries the thing at fault (a file, a key, a shape or a value) in its message, so the
 CLI can print it without a traceback and exit non-zero.
 """
+
 from __future__ import annotations
 
 

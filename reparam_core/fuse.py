@@ -15,6 +15,7 @@ channels), and a BN after the sum folds in last. `check_rep` refuses every descr
 this is not exactly the function of the branches (alignment, strides, groups, padding that a
 bias would leak into). Everything is computed in float64 and rounded once.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,40 +76,48 @@ def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | 
     pending_pad = 0
     for node in branch:
         if isinstance(node, (Conv, AvgPool)):
-            kernel, stride, padding = ((node.kernel, node.stride, node.padding)
-                                       if isinstance(node, Conv) else
-                                       (pair(node.kernel), pair(node.stride), pair(node.padding)))
+            kernel, stride, padding = (
+                (node.kernel, node.stride, node.padding)
+                if isinstance(node, Conv)
+                else (pair(node.kernel), pair(node.stride), pair(node.padding))
+            )
             dilation = node.dilation if isinstance(node, Conv) else (1, 1)
             if isinstance(node, Conv):
                 if node.in_channels != channels:
-                    raise FusionError(f"{where}: conv {node.name!r} reads {node.in_channels} "
-                                      f"channels, the branch has {channels} there")
+                    raise FusionError(
+                        f"{where}: conv {node.name!r} reads {node.in_channels} "
+                        f"channels, the branch has {channels} there"
+                    )
                 if node.groups != f.groups:
-                    raise FusionError(f"{where}: conv {node.name!r} has groups={node.groups}, "
-                                      f"the fused conv groups={f.groups}")
+                    raise FusionError(
+                        f"{where}: conv {node.name!r} has groups={node.groups}, the fused conv groups={f.groups}"
+                    )
                 channels = node.out_channels
-            if geo is not None and (geo.kernel != (1, 1) or geo.stride != (1, 1)
-                                    or geo.padding != (0, 0)):
-                raise FusionError(f"{where}: only a 1x1, stride-1, unpadded stage can come "
-                                  "before another conv or pool in a branch")
+            if geo is not None and (geo.kernel != (1, 1) or geo.stride != (1, 1) or geo.padding != (0, 0)):
+                raise FusionError(
+                    f"{where}: only a 1x1, stride-1, unpadded stage can come before another conv or pool in a branch"
+                )
             if padding != (0, 0) and bias_so_far:
-                raise FusionError(f"{where}: the padding of {_stage_name(node)} would pad a "
-                                  "biased value with zeros; put a PadBN before it")
+                raise FusionError(
+                    f"{where}: the padding of {_stage_name(node)} would pad a "
+                    "biased value with zeros; put a PadBN before it"
+                )
             if pending_pad and padding != (0, 0):
-                raise FusionError(f"{where}: a PadBN pads already; the stage after it must have "
-                                  "padding 0")
-            geo = _Geometry(kernel, stride, (padding[0] + pending_pad, padding[1] + pending_pad),
-                            dilation)
+                raise FusionError(f"{where}: a PadBN pads already; the stage after it must have padding 0")
+            geo = _Geometry(kernel, stride, (padding[0] + pending_pad, padding[1] + pending_pad), dilation)
             pending_pad = 0
             bias_so_far = bias_so_far or (isinstance(node, Conv) and node.bias)
         elif isinstance(node, (BN, PadBN, Scale)):
             if node.channels != channels:
-                raise FusionError(f"{where}: {type(node).__name__} {node.name!r} has "
-                                  f"{node.channels} channels, the branch has {channels} there")
+                raise FusionError(
+                    f"{where}: {type(node).__name__} {node.name!r} has "
+                    f"{node.channels} channels, the branch has {channels} there"
+                )
             if isinstance(node, PadBN):
                 if bias_so_far:
-                    raise FusionError(f"{where}: PadBN {node.name!r} must follow a bias-free "
-                                      "stage (it pads with BN(0))")
+                    raise FusionError(
+                        f"{where}: PadBN {node.name!r} must follow a bias-free stage (it pads with BN(0))"
+                    )
                 pending_pad += node.pad
             bias_so_far = bias_so_far or isinstance(node, (BN, PadBN))
         else:
@@ -127,24 +136,28 @@ def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
     where = f"branch {index} of the Rep fused into {f.name!r}"
     if geo is None:  # identity: the centre tap must read x at the output pixel
         if f.in_channels != f.out_channels or f.stride != (1, 1):
-            raise FusionError(f"{where}: an identity branch needs in == out channels and stride "
-                              f"1, got {f.in_channels} -> {f.out_channels}, stride {f.stride}")
+            raise FusionError(
+                f"{where}: an identity branch needs in == out channels and stride "
+                f"1, got {f.in_channels} -> {f.out_channels}, stride {f.stride}"
+            )
         geo = _Geometry((1, 1), (1, 1), (0, 0), f.dilation)
     if geo.stride != f.stride:
         raise FusionError(f"{where}: stride {geo.stride} differs from the fused conv's {f.stride}")
     for axis in (0, 1):
         k, big, d = geo.kernel[axis], f.kernel[axis], f.dilation[axis]
         if k > 1 and geo.dilation[axis] != d:
-            raise FusionError(f"{where}: dilation {geo.dilation} differs from the fused conv's "
-                              f"{f.dilation}")
+            raise FusionError(f"{where}: dilation {geo.dilation} differs from the fused conv's {f.dilation}")
         if k > big or (big - k) % 2:
-            raise FusionError(f"{where}: a {geo.kernel[0]}x{geo.kernel[1]} kernel cannot be "
-                              f"centred in {f.kernel[0]}x{f.kernel[1]}")
+            raise FusionError(
+                f"{where}: a {geo.kernel[0]}x{geo.kernel[1]} kernel cannot be centred in {f.kernel[0]}x{f.kernel[1]}"
+            )
         want = f.padding[axis] - d * (big - k) // 2
         if geo.padding[axis] != want:
-            raise FusionError(f"{where}: padding {geo.padding} does not line up with the fused "
-                              f"{f.kernel[0]}x{f.kernel[1]} conv (padding {f.padding}, dilation "
-                              f"{f.dilation}): it must be {want} on axis {axis}")
+            raise FusionError(
+                f"{where}: padding {geo.padding} does not line up with the fused "
+                f"{f.kernel[0]}x{f.kernel[1]} conv (padding {f.padding}, dilation "
+                f"{f.dilation}): it must be {want} on axis {axis}"
+            )
 
 
 def check_rep(rep: Rep) -> None:
@@ -153,8 +166,7 @@ def check_rep(rep: Rep) -> None:
     if not rep.branches:
         raise FusionError(f"the Rep fused into {f.name!r} has no branch")
     if f.plus_identity:
-        raise FusionError(f"the fused conv {f.name!r} of a Rep stores its whole kernel: "
-                          "plus_identity must be False")
+        raise FusionError(f"the fused conv {f.name!r} of a Rep stores its whole kernel: plus_identity must be False")
     outs = []
     for i, branch in enumerate(rep.branches):
         geo, channels = _branch_geometry(branch, rep, i)
@@ -162,21 +174,23 @@ def check_rep(rep: Rep) -> None:
         outs.append(channels)
     total = sum(outs) if rep.combine == "concat" else None
     if rep.combine == "sum" and any(c != f.out_channels for c in outs):
-        raise FusionError(f"the branches of {f.name!r} give {outs} channels; the fused conv "
-                          f"has {f.out_channels}")
+        raise FusionError(f"the branches of {f.name!r} give {outs} channels; the fused conv has {f.out_channels}")
     if rep.combine == "concat" and (total != f.out_channels or f.groups != 1):
-        raise FusionError(f"the concatenated branches of {f.name!r} give {total} channels "
-                          f"(groups {f.groups}); the fused conv has {f.out_channels}, groups 1")
+        raise FusionError(
+            f"the concatenated branches of {f.name!r} give {total} channels "
+            f"(groups {f.groups}); the fused conv has {f.out_channels}, groups 1"
+        )
     if rep.bn is not None and rep.bn.channels != f.out_channels:
-        raise FusionError(f"the BN {rep.bn.name!r} after the sum has {rep.bn.channels} channels; "
-                          f"the fused conv has {f.out_channels}")
+        raise FusionError(
+            f"the BN {rep.bn.name!r} after the sum has {rep.bn.channels} channels; the fused conv has {f.out_channels}"
+        )
 
 
 # --------------------------------------------------------------------------- the rule
 
+
 def _bn_rows(params: Params, prefix: str, name: str, rows: slice) -> tuple[np.ndarray, ...]:
-    return tuple(np.asarray(params[join_key(prefix, f"{name}.{f}")][rows], np.float64)
-                 for f in BN_FIELDS)
+    return tuple(np.asarray(params[join_key(prefix, f"{name}.{f}")][rows], np.float64) for f in BN_FIELDS)
 
 
 def _fold_bn(k: np.ndarray, b: np.ndarray, bn: tuple[np.ndarray, ...], eps: float) -> KernelBias:
@@ -194,8 +208,7 @@ def _row_separable(branch: Branch) -> bool:
     """Whether each output channel of the branch depends on its own rows only (at most one
     conv or pool, and it comes first; a plus_identity conv is computed whole)."""
     stages = [i for i, n in enumerate(branch) if isinstance(n, (Conv, AvgPool))]
-    return stages in ([], [0]) and not any(isinstance(n, Conv) and n.plus_identity
-                                           for n in branch)
+    return stages in ([], [0]) and not any(isinstance(n, Conv) and n.plus_identity for n in branch)
 
 
 def _check_shape(a: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -212,8 +225,7 @@ def _param(params: Params, key: str, shape: tuple[int, ...], rows: slice) -> np.
     return np.asarray(a[rows], np.float64)
 
 
-def _compose(kb: KernelBias | None, w: np.ndarray, c: np.ndarray, groups: int,
-             rows: slice) -> KernelBias:
+def _compose(kb: KernelBias | None, w: np.ndarray, c: np.ndarray, groups: int, rows: slice) -> KernelBias:
     """A conv stage (w, c) after what came before: itself first, transform III after a 1x1."""
     if kb is None:
         return w, c
@@ -221,8 +233,9 @@ def _compose(kb: KernelBias | None, w: np.ndarray, c: np.ndarray, groups: int,
     return np.asarray(k[rows], np.float64), np.asarray(b[rows], np.float64)
 
 
-def branch_kernel_bias(branch: Branch, rep: Rep, params: Params, prefix: str = "",
-                       rows: slice = slice(None)) -> KernelBias:
+def branch_kernel_bias(
+    branch: Branch, rep: Rep, params: Params, prefix: str = "", rows: slice = slice(None)
+) -> KernelBias:
     """The (kernel, bias) of one branch in float64, output channels `rows` only (rows must be
     all for a branch that is not row-separable). Kernel (rows, C/g, kh, kw) unpadded."""
     f = rep.fused
@@ -235,8 +248,11 @@ def branch_kernel_bias(branch: Branch, rep: Rep, params: Params, prefix: str = "
             w = _param(params, join_key(prefix, f"{node.name}.weight"), shape, r)
             if node.plus_identity:
                 w = w + identity_offset(node.out_channels, node.groups, node.kernel, rows=r)
-            c = (_param(params, join_key(prefix, f"{node.name}.bias"), (node.out_channels,), r)
-                 if node.bias else np.zeros(w.shape[0]))
+            c = (
+                _param(params, join_key(prefix, f"{node.name}.bias"), (node.out_channels,), r)
+                if node.bias
+                else np.zeros(w.shape[0])
+            )
             kb = _compose(kb, w, c, f.groups, rows)
             channels = node.out_channels
         elif isinstance(node, AvgPool):
@@ -261,7 +277,7 @@ def _add_centred(total: np.ndarray, k: np.ndarray) -> None:
     """total[:, :, centred window] += k (kernel sizes differ by even amounts, checked before)."""
     ph = (total.shape[2] - k.shape[2]) // 2
     pw = (total.shape[3] - k.shape[3]) // 2
-    total[:, :, ph:ph + k.shape[2], pw:pw + k.shape[3]] += k
+    total[:, :, ph : ph + k.shape[2], pw : pw + k.shape[3]] += k
 
 
 CHUNK_ELEMENTS = 1 << 18  # kernel elements fused per step: the float64 temporaries stay in cache
@@ -286,8 +302,7 @@ def _map_rows(fn: Callable[[slice], None], n: int, step: int) -> None:
         return
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                   thread_name_prefix="reparam-fuse")
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="reparam-fuse")
     for _ in _POOL.map(fn, slices):  # re-raises the first error of any slice
         pass
 
@@ -338,21 +353,20 @@ def _separable(branch: Branch, rep: Rep, params: Params, prefix: str) -> _Separa
     head = branch[0] if branch and isinstance(branch[0], (Conv, AvgPool)) else None
     s, shift = _affine(branch[1:] if head is not None else branch, params, prefix, out_ch)
     if isinstance(head, Conv) and head.bias:
-        shift = shift + s * _param(params, join_key(prefix, f"{head.name}.bias"), (out_ch,),
-                                   slice(None))
+        shift = shift + s * _param(params, join_key(prefix, f"{head.name}.bias"), (out_ch,), slice(None))
     return _Separable(head, s, shift)
 
 
-def _rows_view(params: Params, key: str, shape: tuple[int, ...], part: tuple[slice, slice]
-               ) -> np.ndarray:
+def _rows_view(params: Params, key: str, shape: tuple[int, ...], part: tuple[slice, slice]) -> np.ndarray:
     """params[key][part] without a copy, after checking the shape."""
     if key not in params:
         raise FusionError(f"missing tensor {key} for the fusion")
     return _check_shape(np.asarray(params[key]), key, shape)[part]
 
 
-def _add_separable(k_tot: np.ndarray, sep: _Separable, rep: Rep, params: Params, prefix: str,
-                   part: tuple[slice, slice]) -> None:
+def _add_separable(
+    k_tot: np.ndarray, sep: _Separable, rep: Rep, params: Params, prefix: str, part: tuple[slice, slice]
+) -> None:
     """k_tot += K[part] of a separable branch, centred in k_tot (a centred window of the fused
     kernel at least as large as the branch's). `part` selects (output rows, input columns)."""
     f = rep.fused
@@ -362,15 +376,14 @@ def _add_separable(k_tot: np.ndarray, sep: _Separable, rep: Rep, params: Params,
         taps = np.arange(f.out_channels)[rows] % (f.in_channels // f.groups)
         first, stop, _ = cols.indices(f.in_channels // f.groups)
         hit = (taps >= first) & (taps < stop)
-        k_tot[np.flatnonzero(hit), taps[hit] - first, k_tot.shape[2] // 2,
-              k_tot.shape[3] // 2] += s[hit]
+        k_tot[np.flatnonzero(hit), taps[hit] - first, k_tot.shape[2] // 2, k_tot.shape[3] // 2] += s[hit]
         return
     if isinstance(sep.head, Conv):
         w = _head_weight(sep, params, prefix, part)
     else:
         w = _avg_kernel(f.in_channels, sep.head.kernel, f.groups, rows)[:, cols]
     ph, pw = (k_tot.shape[2] - w.shape[2]) // 2, (k_tot.shape[3] - w.shape[3]) // 2
-    k_tot[:, :, ph:ph + w.shape[2], pw:pw + w.shape[3]] += w * s.reshape(-1, 1, 1, 1)
+    k_tot[:, :, ph : ph + w.shape[2], pw : pw + w.shape[3]] += w * s.reshape(-1, 1, 1, 1)
 
 
 def _writes_whole(branch: Branch, rep: Rep) -> bool:
@@ -381,41 +394,40 @@ def _writes_whole(branch: Branch, rep: Rep) -> bool:
 Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 
-def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice, slice]
-                 ) -> np.ndarray:
+def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice, slice]) -> np.ndarray:
     h = sep.head
     if not isinstance(h, Conv):
         raise FusionError("internal: only a conv branch is written whole")
-    return _rows_view(params, join_key(prefix, f"{h.name}.weight"),
-                      (h.out_channels, h.in_channels // h.groups, *h.kernel), part)
+    return _rows_view(
+        params, join_key(prefix, f"{h.name}.weight"), (h.out_channels, h.in_channels // h.groups, *h.kernel), part
+    )
 
 
 def _box(rest: list[_Separable], whole: list[KernelBias], kernel: Pair) -> Pair:
     """The centred window of the fused kernel that the branches in `rest` and `whole` reach
     ((0, 0) when there are none)."""
-    sizes = [(1, 1) if sep.head is None else
-             (sep.head.kernel if isinstance(sep.head, Conv) else (sep.head.kernel,) * 2)
-             for sep in rest] + [tuple(k.shape[2:]) for k, _ in whole]
+    sizes = [
+        (1, 1) if sep.head is None else (sep.head.kernel if isinstance(sep.head, Conv) else (sep.head.kernel,) * 2)
+        for sep in rest
+    ] + [tuple(k.shape[2:]) for k, _ in whole]
     if not sizes:
         return (0, 0)
     return (min(kernel[0], max(h for h, _ in sizes)), min(kernel[1], max(w for _, w in sizes)))
 
 
-def _concat_kernel_bias(rep: Rep, params: Params, prefix: str, kernel: np.ndarray,
-                        bias: np.ndarray) -> KernelBias:
+def _concat_kernel_bias(rep: Rep, params: Params, prefix: str, kernel: np.ndarray, bias: np.ndarray) -> KernelBias:
     """Branches writing disjoint output channels: each centred in its own rows."""
     start = 0
     for branch in rep.branches:
         k, b = branch_kernel_bias(branch, rep, params, prefix)
         window = np.zeros((k.shape[0], *kernel.shape[1:]))
         _add_centred(window, k)
-        kernel[start:start + k.shape[0]], bias[start:start + k.shape[0]] = window, b
+        kernel[start : start + k.shape[0]], bias[start : start + k.shape[0]] = window, b
         start += k.shape[0]
     return kernel, bias
 
 
-def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
-                    empty: Empty = np.empty) -> KernelBias:
+def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = np.empty) -> KernelBias:
     """The (kernel OIHW, bias) of the fused conv of `rep`, from the tensors in `params` (keys
     `prefix.<name>.<field>`), in float64, rounded once to the dtype of its first conv weight.
 
@@ -436,14 +448,15 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
     if rep.bn is not None:  # the BN after the sum scales every branch: folded into each
         gamma, beta, mean, var = _bn_rows(params, prefix, rep.bn.name, slice(None))
         post = bn_scale(gamma, var, rep.bn.eps)
-    whole = [(k * post.reshape(-1, 1, 1, 1), b) for k, b in
-             (branch_kernel_bias(br, rep, params, prefix) for br in rep.branches
-              if not _row_separable(br))]
-    ordered = sorted((br for br in rep.branches if _row_separable(br)),
-                     key=lambda br: not _writes_whole(br, rep))  # a full-size one first
+    whole = [
+        (k * post.reshape(-1, 1, 1, 1), b)
+        for k, b in (branch_kernel_bias(br, rep, params, prefix) for br in rep.branches if not _row_separable(br))
+    ]
+    ordered = sorted(
+        (br for br in rep.branches if _row_separable(br)), key=lambda br: not _writes_whole(br, rep)
+    )  # a full-size one first
     separable = [_separable(br, rep, params, prefix) for br in ordered]
-    b64 = sum((sep.bias for sep in separable), np.zeros(out_ch)) + sum(
-        (b for _, b in whole), np.zeros(out_ch))
+    b64 = sum((sep.bias for sep in separable), np.zeros(out_ch)) + sum((b for _, b in whole), np.zeros(out_ch))
     if rep.bn is not None:
         b64 = beta + post * (b64 - mean)
     bias[...] = b64
@@ -482,14 +495,18 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "",
 
 # --------------------------------------------------------------------------- whole states
 
+
 def fused_modules(desc: Description, prefix: str = "") -> dict[str, tuple[str, Rep]]:
     """The deploy conv module path of every Rep -> (the prefix of its block, the Rep)."""
     return {join_key(p, r.fused.name): (p, r) for p, r in reps(desc, prefix)}
 
 
-def iter_deploy_state(spec: SpecLike, get: Callable[[str], np.ndarray],
-                      release: Callable[[str], None] | None = None, empty: Empty = np.empty
-                      ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_deploy_state(
+    spec: SpecLike,
+    get: Callable[[str], np.ndarray],
+    release: Callable[[str], None] | None = None,
+    empty: Empty = np.empty,
+) -> Iterator[tuple[str, np.ndarray]]:
     """The deploy-form tensors of a train-form state, in deploy-schema order: each fused conv
     computed from `get(key)` when first needed, every other tensor passed through as `get`
     returns it. `release(key)` is called for every train tensor once no longer needed (the
@@ -535,11 +552,20 @@ def block_kernel_bias(spec: SpecLike, params: Params) -> KernelBias:
     desc = in_form(spec, "train")
     found = reps(desc)
     if len(found) != 1:
-        raise FusionError(f"block {getattr(desc, 'kind', desc)!r} holds {len(found)} Rep nodes; "
-                          "block_kernel_bias needs exactly one")
+        raise FusionError(
+            f"block {getattr(desc, 'kind', desc)!r} holds {len(found)} Rep nodes; block_kernel_bias needs exactly one"
+        )
     prefix, rep = found[0]
     return rep_kernel_bias(rep, params, prefix)
 
 
-__all__ = ["check_rep", "branch_kernel_bias", "rep_kernel_bias", "fused_modules",
-           "iter_deploy_state", "reparameterize_state", "block_kernel_bias", "CHUNK_ELEMENTS"]
+__all__ = [
+    "check_rep",
+    "branch_kernel_bias",
+    "rep_kernel_bias",
+    "fused_modules",
+    "iter_deploy_state",
+    "reparameterize_state",
+    "block_kernel_bias",
+    "CHUNK_ELEMENTS",
+]

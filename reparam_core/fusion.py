@@ -4,6 +4,7 @@ Conventions: kernels are PyTorch OIHW with I = in_channels / groups; biases are 
 Every function computes in float64 and returns the dtype of its main input, so fusing float32
 weights loses nothing but the final rounding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -32,12 +33,20 @@ def bn_scale(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
         c = int(bad[0])
         raise FusionError(
             f"BN running_var + eps must be > 0: channel {c} has running_var={float(_f64(var)[c])!r}"
-            f" and eps={eps!r} ({bad.size} bad channel(s))")
+            f" and eps={eps!r} ({bad.size} bad channel(s))"
+        )
     return _f64(gamma) / np.sqrt(denom)
 
 
-def fuse_conv_bn(kernel: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
-                 var: np.ndarray, eps: float, bias: np.ndarray | None = None) -> KernelBias:
+def fuse_conv_bn(
+    kernel: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+    bias: np.ndarray | None = None,
+) -> KernelBias:
     """Fold BN(conv(x) + b) into one conv.
 
     With t = gamma / sqrt(var + eps):  K' = K * t[o],  b' = beta + t * (b - mean)
@@ -46,8 +55,10 @@ def fuse_conv_bn(kernel: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: 
     out_channels = kernel.shape[0]
     for name, v in (("gamma", gamma), ("beta", beta), ("running_mean", mean), ("running_var", var)):
         if np.shape(v) != (out_channels,):
-            raise FusionError(f"BN {name} has shape {np.shape(v)}, the conv has {out_channels} "
-                              f"output channels (kernel shape {tuple(kernel.shape)})")
+            raise FusionError(
+                f"BN {name} has shape {np.shape(v)}, the conv has {out_channels} "
+                f"output channels (kernel shape {tuple(kernel.shape)})"
+            )
     if bias is not None and np.shape(bias) != (out_channels,):
         raise FusionError(f"conv bias has shape {np.shape(bias)}, expected ({out_channels},)")
     t = bn_scale(gamma, var, eps)
@@ -58,14 +69,14 @@ def fuse_conv_bn(kernel: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: 
     return k.astype(dt, copy=False), fused_bias.astype(dt, copy=False)
 
 
-def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
-                    dtype: np.dtype | type = np.float64, rows: slice | None = None) -> np.ndarray:
+def identity_kernel(
+    channels: int, groups: int = 1, kernel_size: int = 1, dtype: np.dtype | type = np.float64, rows: slice | None = None
+) -> np.ndarray:
     """The kernel of the identity map for a conv with `groups` groups: shape (C, C/g, k, k), with
     K[i, i mod (C/g), k//2, k//2] = 1 and 0 elsewhere (correct for any groups, depthwise too).
     `rows` selects output channels (K[rows]) without building the rest."""
     if channels <= 0 or groups <= 0 or channels % groups:
-        raise FusionError(f"identity kernel needs channels divisible by groups: "
-                          f"channels={channels}, groups={groups}")
+        raise FusionError(f"identity kernel needs channels divisible by groups: channels={channels}, groups={groups}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise FusionError(f"identity kernel needs an odd kernel size, got {kernel_size}")
     per_group = channels // groups
@@ -75,8 +86,7 @@ def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1,
     return k
 
 
-def identity_offset(channels: int, groups: int, kernel: tuple[int, int],
-                    rows: slice | None = None) -> np.ndarray:
+def identity_offset(channels: int, groups: int, kernel: tuple[int, int], rows: slice | None = None) -> np.ndarray:
     """What a `plus_identity` conv adds to its stored weight: the identity kernel of its groups
     on the centre tap of a kh x kw kernel (odd sides), shape (C, C/g, kh, kw):
     K[i, i mod (C/g), kh // 2, kw // 2] = 1, 0 elsewhere; `rows` selects output channels."""
@@ -93,8 +103,9 @@ def pad_kernel(kernel: np.ndarray, size: int) -> np.ndarray:
     if kh != kw:
         raise FusionError(f"only square kernels can be padded, got {kh}x{kw}")
     if size < kh or (size - kh) % 2:
-        raise FusionError(f"cannot centre a {kh}x{kh} kernel in {size}x{size}: "
-                          "the size difference must be even and non-negative")
+        raise FusionError(
+            f"cannot centre a {kh}x{kh} kernel in {size}x{size}: the size difference must be even and non-negative"
+        )
     p = (size - kh) // 2
     return np.pad(kernel, ((0, 0), (0, 0), (p, p), (p, p)))
 
@@ -107,14 +118,17 @@ def branch_padding(kernel_size: int, padding: int, dilation: int, branch_kernel_
     """
     diff = kernel_size - branch_kernel_size
     if diff < 0 or diff % 2:
-        raise FusionError(f"a {branch_kernel_size}x{branch_kernel_size} branch cannot be centred "
-                          f"in a {kernel_size}x{kernel_size} kernel")
+        raise FusionError(
+            f"a {branch_kernel_size}x{branch_kernel_size} branch cannot be centred "
+            f"in a {kernel_size}x{kernel_size} kernel"
+        )
     p = padding - dilation * diff // 2
     if p < 0:
         raise FusionError(
             f"the {branch_kernel_size}x{branch_kernel_size} branch does not line up with the "
             f"{kernel_size}x{kernel_size} conv: padding {padding} with dilation {dilation} would "
-            f"need branch padding {p} < 0")
+            f"need branch padding {p} < 0"
+        )
     return p
 
 
@@ -130,22 +144,23 @@ def sum_branches(branches: Iterable[KernelBias]) -> KernelBias:
     total_b = np.zeros(shape0[0])
     for i, (k, b) in enumerate(items):
         if k.shape[:2] != shape0:
-            raise FusionError(f"branch {i} kernel {tuple(k.shape)} does not match branch 0 "
-                              f"{tuple(items[0][0].shape)} in (out, in/groups)")
+            raise FusionError(
+                f"branch {i} kernel {tuple(k.shape)} does not match branch 0 "
+                f"{tuple(items[0][0].shape)} in (out, in/groups)"
+            )
         if k.shape[-2] != k.shape[-1] or (size - k.shape[-1]) % 2:
             pad_kernel(k, size)  # raises the FusionError that says why
         p = (size - k.shape[-1]) // 2  # centred, as pad_kernel(k, size), without its copy
         if i == 0 and p == 0:
             total_k[...] = k  # the first full-size branch is copied in, not added to zeros
         else:
-            total_k[:, :, p:size - p, p:size - p] += k
+            total_k[:, :, p : size - p, p : size - p] += k
         total_b += b
     dt = _out_dtype(items[0][0])
     return total_k.astype(dt, copy=False), total_b.astype(dt, copy=False)
 
 
-def fuse_1x1_kxk(k1: np.ndarray, b1: np.ndarray, k2: np.ndarray, b2: np.ndarray,
-                 groups: int = 1) -> KernelBias:
+def fuse_1x1_kxk(k1: np.ndarray, b1: np.ndarray, k2: np.ndarray, b2: np.ndarray, groups: int = 1) -> KernelBias:
     """A 1x1 conv (k1: D x C/g, bias b1) followed by a kxk conv (k2: E x D/g x k x k, bias b2),
     both with `groups` groups, as one kxk conv (Diverse-Branch transform III), per group g:
 
@@ -158,8 +173,9 @@ def fuse_1x1_kxk(k1: np.ndarray, b1: np.ndarray, k2: np.ndarray, b2: np.ndarray,
     d, cg = k1.shape[:2]
     e, dg = k2.shape[:2]
     if d % groups or e % groups or dg * groups != d:
-        raise FusionError(f"transIII: kernels {tuple(k1.shape)} and {tuple(k2.shape)} do not chain "
-                          f"with groups={groups}")
+        raise FusionError(
+            f"transIII: kernels {tuple(k1.shape)} and {tuple(k2.shape)} do not chain with groups={groups}"
+        )
     a = _f64(k1)[:, :, 0, 0].reshape(groups, d // groups, cg)
     k2g = _f64(k2).reshape(groups, e // groups, dg, *k2.shape[2:])
     k = np.einsum("godhw,gdc->gochw", k2g, a).reshape(e, cg, *k2.shape[2:])
@@ -169,8 +185,9 @@ def fuse_1x1_kxk(k1: np.ndarray, b1: np.ndarray, k2: np.ndarray, b2: np.ndarray,
     return k.astype(dt), b.astype(dt)
 
 
-def avg_pool_kernel(channels: int, kernel_size: int, groups: int = 1,
-                    dtype: np.dtype | type = np.float64) -> np.ndarray:
+def avg_pool_kernel(
+    channels: int, kernel_size: int, groups: int = 1, dtype: np.dtype | type = np.float64
+) -> np.ndarray:
     """k x k average pooling (count_include_pad) as a conv kernel: identity_kernel spread to
     1/k^2 over every tap, shape (C, C/g, k, k)."""
     kid = identity_kernel(channels, groups, 1, dtype=np.float64)
@@ -185,8 +202,9 @@ def concat_branches(branches: Sequence[KernelBias]) -> KernelBias:
     size = max(k.shape[-1] for k, _ in branches)
     ks = [pad_kernel(_f64(k), size) for k, _ in branches]
     if len({k.shape[1] for k in ks}) != 1:
-        raise FusionError("concat_branches: branches differ in input channels per group: "
-                          + ", ".join(str(tuple(k.shape)) for k, _ in branches))
+        raise FusionError(
+            "concat_branches: branches differ in input channels per group: "
+            + ", ".join(str(tuple(k.shape)) for k, _ in branches)
+        )
     dt = _out_dtype(branches[0][0])
-    return (np.concatenate(ks, axis=0).astype(dt),
-            np.concatenate([_f64(b) for _, b in branches]).astype(dt))
+    return (np.concatenate(ks, axis=0).astype(dt), np.concatenate([_f64(b) for _, b in branches]).astype(dt))

@@ -4,6 +4,7 @@ the translation of a sum of such branches into the core's `Rep` and its fused (k
 (`fuse_branches`: validation by `Rep`/check_rep, values by rep_kernel_bias, float64), and the
 report of a pass.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -53,12 +54,10 @@ def fused_geometry(branches: Sequence[Branch], cin: int, cout: int) -> Conv:
             if isinstance(node, PadBN):
                 pad += node.pad
             elif isinstance(node, Conv):
-                stages.append((node.kernel, node.stride,
-                               (node.padding[0] + pad, node.padding[1] + pad), node.dilation))
+                stages.append((node.kernel, node.stride, (node.padding[0] + pad, node.padding[1] + pad), node.dilation))
                 pad = 0
             elif isinstance(node, AvgPool):
-                stages.append((pair(node.kernel), pair(node.stride),
-                               (node.padding + pad,) * 2, (1, 1)))
+                stages.append((pair(node.kernel), pair(node.stride), (node.padding + pad,) * 2, (1, 1)))
                 pad = 0
     convs = [n for chain in branches for n in chain if isinstance(n, Conv)]
     groups = convs[0].groups if convs else cin
@@ -66,12 +65,12 @@ def fused_geometry(branches: Sequence[Branch], cin: int, cout: int) -> Conv:
         return Conv("fused", cin, cout, 1, groups=groups)
     big = max(stages, key=lambda s: s[0][0] * s[0][1])
     h, w = (max(stages, key=lambda s: s[0][axis]) for axis in (0, 1))
-    return Conv("fused", cin, cout, (h[0][0], w[0][1]), big[1], (h[2][0], w[2][1]),
-                (h[3][0], w[3][1]), groups)
+    return Conv("fused", cin, cout, (h[0][0], w[0][1]), big[1], (h[2][0], w[2][1]), (h[3][0], w[3][1]), groups)
 
 
-def fuse_branches(branches: Sequence[Sequence[Stage]], cin: int, cout: int,
-                  post_bn: Stage | None = None) -> tuple[Conv, KernelBias]:
+def fuse_branches(
+    branches: Sequence[Sequence[Stage]], cin: int, cout: int, post_bn: Stage | None = None
+) -> tuple[Conv, KernelBias]:
     """The conv (with bias) equal to the sum of `branches` (each a chain of stages reading one
     tensor of `cin` channels; the empty chain is the identity), then `post_bn`: its geometry and
     (kernel OIHW, bias). Raises FusionError (from the core's Rep validation) with the reason
@@ -101,10 +100,15 @@ def affine_bn(channels: int, scale: np.ndarray | None, shift: np.ndarray | None)
     """y = scale x + shift per channel as an exact BN stage (mean 0, var 1, eps 0), for graphs
     that spell a per-channel affine map as Mul / Add constants."""
     one = np.ones(channels)
-    return Stage(BN("", channels, 0.0), {
-        "weight": one if scale is None else np.broadcast_to(scale, (channels,)),
-        "bias": np.zeros(channels) if shift is None else np.broadcast_to(shift, (channels,)),
-        "running_mean": np.zeros(channels), "running_var": one})
+    return Stage(
+        BN("", channels, 0.0),
+        {
+            "weight": one if scale is None else np.broadcast_to(scale, (channels,)),
+            "bias": np.zeros(channels) if shift is None else np.broadcast_to(shift, (channels,)),
+            "running_mean": np.zeros(channels),
+            "running_var": one,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -138,12 +142,22 @@ class FuseReport:
     def __str__(self) -> str:
         lines = [f"{self.capture}: {len(self.fused)} fused, {len(self.left)} left alone"]
         for f in self.fused:
-            lines.append(f"  fused {' + '.join(f.branches)} -> conv{f.kernel[0]}x{f.kernel[1]} "
-                         f"{f.into} (nodes {', '.join(f.nodes)})")
+            lines.append(
+                f"  fused {' + '.join(f.branches)} -> conv{f.kernel[0]}x{f.kernel[1]} "
+                f"{f.into} (nodes {', '.join(f.nodes)})"
+            )
         for a in self.left:
             lines.append(f"  left  {a.node}: {a.reason}")
         return "\n".join(lines)
 
 
-__all__ = ["Stage", "branch_kind", "fused_geometry", "fuse_branches", "affine_bn", "FusedSum",
-           "LeftAlone", "FuseReport"]
+__all__ = [
+    "Stage",
+    "branch_kind",
+    "fused_geometry",
+    "fuse_branches",
+    "affine_bn",
+    "FusedSum",
+    "LeftAlone",
+    "FuseReport",
+]

@@ -1,14 +1,23 @@
 """What the CPU can do for low-precision inference, read from /proc/cpuinfo (Linux; empty
 elsewhere): the instruction sets that decide int8 and bf16 speed and int8 exactness."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 # cpuinfo flag -> the name a report prints
-FEATURES = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512F", "avx512_vnni": "AVX-512 VNNI",
-            "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX-TILE",
-            "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+FEATURES = {
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "avx512f": "AVX-512F",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX-512 BF16",
+    "amx_tile": "AMX-TILE",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+}
 
 
 def _first_processor(cpuinfo: str | None) -> dict[str, str]:
@@ -53,8 +62,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """`{"model_name": ..., "features": {report name: bool}}` for a benchmark's JSON."""
-    return {"model_name": cpu_model(cpuinfo),
-            "features": {FEATURES[f]: v for f, v in cpu_features(cpuinfo).items()}}
+    return {"model_name": cpu_model(cpuinfo), "features": {FEATURES[f]: v for f, v in cpu_features(cpuinfo).items()}}
 
 
 __all__ = ["FEATURES", "cpu_flags", "cpu_features", "has_int8_dot", "cpu_model", "cpu_info"]

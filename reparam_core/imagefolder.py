@@ -5,6 +5,7 @@ folder is read); nothing here imports a deep-learning framework.
 Every problem names what is at fault: a folder that does not exist, no class subfolder, an empty
 class, a file that does not decode, an image of another size than the first.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,11 +45,9 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
         raise DataError(f"{path}: no class subfolders (expected {path}/<class>/<image>.png)")
     files: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
-        images = sorted(p for p in (path / name).iterdir()
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in (path / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise DataError(f"{path / name}: class {name!r} has no images "
-                            f"({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{path / name}: class {name!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
         files += [(p, index) for p in images]
     return ImageFolder(path, tuple(classes), tuple(files))
 
@@ -73,10 +72,13 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     return np.ascontiguousarray(((images - m) / s).transpose(0, 3, 1, 2), np.float32)
 
 
-def read_image_folder(root: str | os.PathLike[str], *, limit: int | None = None,
-                      mean: tuple[float, ...] = IMAGENET_MEAN,
-                      std: tuple[float, ...] = IMAGENET_STD) -> tuple[np.ndarray, np.ndarray,
-                                                                        tuple[str, ...]]:
+def read_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    limit: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(x NCHW float32 normalised, labels int64, class names) of an image folder.
 
     `limit` keeps the first `limit` images of a fixed interleaving of the classes (image i of
@@ -86,8 +88,12 @@ def read_image_folder(root: str | os.PathLike[str], *, limit: int | None = None,
     per_class: dict[int, list[Path]] = {}
     for p, c in folder.files:
         per_class.setdefault(c, []).append(p)
-    order = [(per_class[c][i], c) for i in range(max(map(len, per_class.values())))
-             for c in sorted(per_class) if i < len(per_class[c])]
+    order = [
+        (per_class[c][i], c)
+        for i in range(max(map(len, per_class.values())))
+        for c in sorted(per_class)
+        if i < len(per_class[c])
+    ]
     if limit is not None:
         if limit < 1:
             raise DataError(f"the number of images must be >= 1, got {limit}")
@@ -96,13 +102,23 @@ def read_image_folder(root: str | os.PathLike[str], *, limit: int | None = None,
     for p, _ in order:
         im = decode_image(p)
         if images and im.shape != images[0].shape:
-            raise DataError(f"{p}: image of size {im.shape[1]}x{im.shape[0]}, the others are "
-                            f"{images[0].shape[1]}x{images[0].shape[0]}: resize the folder "
-                            "to one size")
+            raise DataError(
+                f"{p}: image of size {im.shape[1]}x{im.shape[0]}, the others are "
+                f"{images[0].shape[1]}x{images[0].shape[0]}: resize the folder "
+                "to one size"
+            )
         images.append(im)
     labels = np.asarray([c for _, c in order], np.int64)
     return normalize(np.stack(images), mean, std), labels, folder.classes
 
 
-__all__ = ["DataError", "ImageFolder", "scan_image_folder", "decode_image", "normalize",
-           "read_image_folder", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "DataError",
+    "ImageFolder",
+    "scan_image_folder",
+    "decode_image",
+    "normalize",
+    "read_image_folder",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

@@ -12,6 +12,7 @@ model's schema is a test).
 `to_canonical` tries the family's schemes (plus `canonical`, the identity) and keeps the one
 that maps the most keys onto the model's schema; `from_canonical` writes a scheme's names.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,8 +53,10 @@ class _Affine:
 def _affine(expr: str, template: str) -> _Affine:
     m = _EXPR.match(expr.replace(" ", ""))
     if m is None:
-        raise SpecError(f"key-map template {template!r}: bad placeholder {{{expr}}}; expected "
-                        "{i}, {i+B}, {i-B}, {i*A} or {i*A+B}")
+        raise SpecError(
+            f"key-map template {template!r}: bad placeholder {{{expr}}}; expected "
+            "{i}, {i+B}, {i-B}, {i*A} or {i*A+B}"
+        )
     var, a, sign, b = m.groups()
     return _Affine(var, int(a or 1), (-1 if sign == "-" else 1) * int(b or 0))
 
@@ -79,8 +82,8 @@ def _compile(template: str) -> _Template:
     regex = "^" if anchored else r"(?<![^.])"
     pos = 0
     for m in _PLACEHOLDER.finditer(body):
-        pieces.append(body[pos:m.start()])
-        regex += re.escape(body[pos:m.start()]) + r"(\d+)"
+        pieces.append(body[pos : m.start()])
+        regex += re.escape(body[pos : m.start()]) + r"(\d+)"
         pieces.append(_affine(m.group(1), template))
         pos = m.end()
     pieces.append(body[pos:])
@@ -98,8 +101,9 @@ def _apply_rule(key: str, src: str, dst: str) -> str:
             if v is None or values.setdefault(slot.var, v) != v:
                 return m.group(0)
         if any(slot.var not in values for slot in d.slots):
-            raise SpecError(f"key-map rule {src!r} -> {dst!r}: the right side uses an index "
-                            "the left side does not bind")
+            raise SpecError(
+                f"key-map rule {src!r} -> {dst!r}: the right side uses an index the left side does not bind"
+            )
         return d.render(values)
 
     return s.pattern.sub(replace, key)
@@ -116,8 +120,7 @@ def map_key(key: str, rules: Rules, *, reverse: bool = False) -> str:
     return key
 
 
-def apply_scheme(state: Mapping[str, np.ndarray], rules: Rules, *,
-                 reverse: bool = False) -> dict[str, np.ndarray]:
+def apply_scheme(state: Mapping[str, np.ndarray], rules: Rules, *, reverse: bool = False) -> dict[str, np.ndarray]:
     """Every key of `state` under `rules` (see map_key); values untouched."""
     return {map_key(k, rules, reverse=reverse): v for k, v in state.items()}
 
@@ -161,8 +164,9 @@ def _known_keys(spec: object) -> set[str]:
     return known
 
 
-def to_canonical(state: Mapping[str, np.ndarray], spec: object,
-                 source: str = "checkpoint") -> tuple[dict[str, np.ndarray], str]:
+def to_canonical(
+    state: Mapping[str, np.ndarray], spec: object, source: str = "checkpoint"
+) -> tuple[dict[str, np.ndarray], str]:
     """(state with canonical keys, scheme name). The scheme mapping the most keys onto the
     model's schema wins (ties go to the earlier scheme, `canonical` first). Unmapped keys are
     kept so that `check_state` can report them; CheckpointError when no scheme maps any key."""
@@ -179,24 +183,32 @@ def to_canonical(state: Mapping[str, np.ndarray], spec: object,
         sample = ", ".join(keys[:5])
         raise CheckpointError(
             f"{source}: no key maps onto {name_of} under any known naming scheme "
-            f"({', '.join(schemes)}); first unmapped keys: {sample}")
+            f"({', '.join(schemes)}); first unmapped keys: {sample}"
+        )
     mapped = apply_scheme(state, schemes[best])
     if len(mapped) != len(state):
         raise CheckpointError(f"{source}: keys collide after mapping with the {best} scheme")
     return mapped, best
 
 
-def from_canonical(state: Mapping[str, np.ndarray], spec: object,
-                   scheme: str) -> dict[str, np.ndarray]:
+def from_canonical(state: Mapping[str, np.ndarray], spec: object, scheme: str) -> dict[str, np.ndarray]:
     """A canonical state under `scheme`'s names (e.g. 'timm', to hand a converted checkpoint
     back to timm). SpecError when the model's family has no such scheme."""
     schemes = schemes_for(spec)
     if scheme not in schemes:
         name_of = getattr(spec, "name", type(spec).__name__)
-        raise SpecError(f"{name_of} has no {scheme!r} naming scheme; known: "
-                        f"{', '.join(schemes)}")
+        raise SpecError(f"{name_of} has no {scheme!r} naming scheme; known: {', '.join(schemes)}")
     return apply_scheme(state, schemes[scheme], reverse=True)
 
 
-__all__ = ["Rule", "Rules", "map_key", "apply_scheme", "schemes_for", "to_canonical",
-           "from_canonical", "KeyNames", "key_names"]
+__all__ = [
+    "Rule",
+    "Rules",
+    "map_key",
+    "apply_scheme",
+    "schemes_for",
+    "to_canonical",
+    "from_canonical",
+    "KeyNames",
+    "key_names",
+]

@@ -1,5 +1,6 @@
 """RepVGGplus' custom L2: where its inputs live in a block (from the description), and the one
 formula every backend evaluates on its own differentiable arrays."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,20 @@ def l2_terms(block: Block) -> L2Terms:
         elif len(br) == 1 and isinstance(br[0], BN):
             ident = br[0]
     if dense is None or one is None:
-        raise SpecError(f"{block.kind}: the custom L2 needs a kxk conv+BN and a 1x1 conv+BN "
-                        "branch")
-    return L2Terms(dense[0].name, dense[1].name, one[0].name, one[1].name,
-                   ident.name if ident is not None else None, rep.fused.out_channels,
-                   rep.fused.groups, rep.fused.kernel)
+        raise SpecError(f"{block.kind}: the custom L2 needs a kxk conv+BN and a 1x1 conv+BN branch")
+    return L2Terms(
+        dense[0].name,
+        dense[1].name,
+        one[0].name,
+        one[1].name,
+        ident.name if ident is not None else None,
+        rep.fused.out_channels,
+        rep.fused.groups,
+        rep.fused.kernel,
+    )
 
 
-def custom_l2_penalty(k3: Any, centre: Any, k1: Any, t3: Any, t1: Any,
-                      identity: Any = None, tid: Any = None) -> Any:
+def custom_l2_penalty(k3: Any, centre: Any, k1: Any, t3: Any, t1: Any, identity: Any = None, tid: Any = None) -> Any:
     """RepVGGplus' custom L2 of one block, on the equivalent kernel, identity branch included
     (the official code leaves it out):
 
@@ -64,10 +70,10 @@ def custom_l2_penalty(k3: Any, centre: Any, k1: Any, t3: Any, t1: Any,
     t = gamma / sqrt(var + eps), detached. Written with arithmetic and `.sum()` only, so every
     backend calls it on its own (differentiable) arrays, in its own layout, with the t's
     reshaped to broadcast over the output axis."""
-    circle = (k3 ** 2).sum() - (centre ** 2).sum()
+    circle = (k3**2).sum() - (centre**2).sum()
     eq = centre * t3 + k1 * t1
-    den = t3 ** 2 + t1 ** 2
+    den = t3**2 + t1**2
     if identity is not None:
         eq = eq + identity * tid
-        den = den + identity * tid ** 2
-    return circle + (eq ** 2 / den).sum()
+        den = den + identity * tid**2
+    return circle + (eq**2 / den).sum()

@@ -6,6 +6,7 @@
   `mean`, `var`.
 Every conversion is a pure reshape/transpose, so round trips are exact.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,8 +64,13 @@ def from_megengine(a: np.ndarray, info: TensorInfo) -> np.ndarray:
     return a.reshape(info.shape)
 
 
-_FLAX_FIELD = {"conv.weight": "kernel", "linear.weight": "kernel", "bn.weight": "scale",
-               "bn.running_mean": "mean", "bn.running_var": "var"}
+_FLAX_FIELD = {
+    "conv.weight": "kernel",
+    "linear.weight": "kernel",
+    "bn.weight": "scale",
+    "bn.running_mean": "mean",
+    "bn.running_var": "var",
+}
 
 
 def flax_key(key: str, info: TensorInfo) -> str:

@@ -14,6 +14,7 @@ Every parameterised node carries its module name relative to the innermost enclo
 PyTorch names. Everything that reads a description (schema, oracle, counts, fusion, every
 backend's builder) walks these types; nothing else describes a topology.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -73,30 +74,56 @@ class Conv:
     bias: bool
     plus_identity: bool
 
-    def __init__(self, name: str, in_channels: int, out_channels: int, kernel: int | Pair = 1,
-                 stride: int | Pair = 1, padding: int | Pair = 0, dilation: int | Pair = 1,
-                 groups: int = 1, bias: bool = False, plus_identity: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        kernel: int | Pair = 1,
+        stride: int | Pair = 1,
+        padding: int | Pair = 0,
+        dilation: int | Pair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        plus_identity: bool = False,
+    ) -> None:
         """Sizes given as an int mean the same on both sides; they are stored as (h, w) pairs."""
-        values = {"name": name, "in_channels": in_channels, "out_channels": out_channels,
-                  "kernel": pair(kernel), "stride": pair(stride), "padding": pair(padding),
-                  "dilation": pair(dilation), "groups": groups, "bias": bias, "plus_identity": plus_identity}
+        values = {
+            "name": name,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "kernel": pair(kernel),
+            "stride": pair(stride),
+            "padding": pair(padding),
+            "dilation": pair(dilation),
+            "groups": groups,
+            "bias": bias,
+            "plus_identity": plus_identity,
+        }
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self._check()
 
     def _check(self) -> None:
-        if min(self.in_channels, self.out_channels, self.groups, *self.kernel, *self.stride,
-               *self.dilation) < 1 or min(self.padding) < 0:
-            raise FusionError(f"conv {self.name!r}: channels, kernel, stride, dilation and groups "
-                              f"must be >= 1 and padding >= 0, got {self}")
+        if (
+            min(self.in_channels, self.out_channels, self.groups, *self.kernel, *self.stride, *self.dilation) < 1
+            or min(self.padding) < 0
+        ):
+            raise FusionError(
+                f"conv {self.name!r}: channels, kernel, stride, dilation and groups "
+                f"must be >= 1 and padding >= 0, got {self}"
+            )
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise FusionError(f"conv {self.name!r}: channels {self.in_channels} -> "
-                              f"{self.out_channels} are not divisible by groups={self.groups}")
-        if self.plus_identity and (self.in_channels != self.out_channels
-                                   or not all(k % 2 for k in self.kernel)):
-            raise FusionError(f"conv {self.name!r}: plus_identity needs in == out channels and odd "
-                              f"kernel sides, got {self.in_channels} -> {self.out_channels}, "
-                              f"kernel {self.kernel}")
+            raise FusionError(
+                f"conv {self.name!r}: channels {self.in_channels} -> "
+                f"{self.out_channels} are not divisible by groups={self.groups}"
+            )
+        if self.plus_identity and (self.in_channels != self.out_channels or not all(k % 2 for k in self.kernel)):
+            raise FusionError(
+                f"conv {self.name!r}: plus_identity needs in == out channels and odd "
+                f"kernel sides, got {self.in_channels} -> {self.out_channels}, "
+                f"kernel {self.kernel}"
+            )
 
 
 @dataclass(frozen=True)
@@ -199,6 +226,7 @@ class Rep:
 
     def __post_init__(self) -> None:
         from .fuse import check_rep  # the alignment rules live with the fusion
+
         check_rep(self)
 
     @property
@@ -264,12 +292,10 @@ def describe(spec: Describable | Description) -> Description:
         return spec
     describe_fn = getattr(spec, "describe", None)
     if describe_fn is None:
-        raise FusionError(f"not a block or model description, nor a spec that has one: "
-                          f"{type(spec).__name__}")
+        raise FusionError(f"not a block or model description, nor a spec that has one: {type(spec).__name__}")
     out = describe_fn()
     if not isinstance(out, (Model, Block)):
-        raise FusionError(f"{type(spec).__name__}.describe() returned {type(out).__name__}, "
-                          "not a Model or Block")
+        raise FusionError(f"{type(spec).__name__}.describe() returned {type(out).__name__}, not a Model or Block")
     return out
 
 
@@ -336,12 +362,42 @@ def reps(node: Node | Model, prefix: str = "") -> list[tuple[str, Rep]]:
 
 def rep_blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
     """The innermost blocks that hold a Rep directly (the re-parameterizable units)."""
-    return [(path, b) for path, b in blocks(node, prefix)
-            if any(isinstance(n, Rep) for n in b.body)]
+    return [(path, b) for path, b in blocks(node, prefix) if any(isinstance(n, Rep) for n in b.body)]
 
 
-__all__ = ["Pair", "pair", "join_key", "Conv", "BN", "PadBN", "AvgPool", "Scale", "Act", "SE",
-           "Linear", "GlobalPool", "Flatten", "Dropout", "Primitive", "Leaf", "Branch", "Rep",
-           "Add", "Block", "Aux", "Node", "Model", "Description", "Describable", "SpecLike", "describe",
-           "to_deploy", "in_form", "children", "walk", "blocks", "reps",
-           "rep_blocks"]
+__all__ = [
+    "Pair",
+    "pair",
+    "join_key",
+    "Conv",
+    "BN",
+    "PadBN",
+    "AvgPool",
+    "Scale",
+    "Act",
+    "SE",
+    "Linear",
+    "GlobalPool",
+    "Flatten",
+    "Dropout",
+    "Primitive",
+    "Leaf",
+    "Branch",
+    "Rep",
+    "Add",
+    "Block",
+    "Aux",
+    "Node",
+    "Model",
+    "Description",
+    "Describable",
+    "SpecLike",
+    "describe",
+    "to_deploy",
+    "in_form",
+    "children",
+    "walk",
+    "blocks",
+    "reps",
+    "rep_blocks",
+]

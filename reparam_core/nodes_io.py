@@ -5,6 +5,7 @@ A node is `{"node": type name, field: value, ...}` with every field of its datac
 nodes, branches and pairs are lists. Reading checks the type name against the description's own
 types and rebuilds through the dataclasses, so a description read back is validated exactly as
 one built in Python (`Rep` re-checks its fusability)."""
+
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
@@ -13,18 +14,34 @@ from typing import Any
 from . import nodes
 from .errors import SpecError
 
-_TYPES: dict[str, type] = {t.__name__: t for t in (
-    nodes.Conv, nodes.BN, nodes.PadBN, nodes.AvgPool, nodes.Scale, nodes.Act, nodes.SE,
-    nodes.Linear, nodes.GlobalPool, nodes.Flatten, nodes.Dropout, nodes.Rep, nodes.Add,
-    nodes.Block, nodes.Aux, nodes.Model)}
+_TYPES: dict[str, type] = {
+    t.__name__: t
+    for t in (
+        nodes.Conv,
+        nodes.BN,
+        nodes.PadBN,
+        nodes.AvgPool,
+        nodes.Scale,
+        nodes.Act,
+        nodes.SE,
+        nodes.Linear,
+        nodes.GlobalPool,
+        nodes.Flatten,
+        nodes.Dropout,
+        nodes.Rep,
+        nodes.Add,
+        nodes.Block,
+        nodes.Aux,
+        nodes.Model,
+    )
+}
 
 
 def _encode(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         if type(value).__name__ not in _TYPES:
             raise SpecError(f"not a description node: {type(value).__name__}")
-        return {"node": type(value).__name__,
-                **{f.name: _encode(getattr(value, f.name)) for f in fields(value)}}
+        return {"node": type(value).__name__, **{f.name: _encode(getattr(value, f.name)) for f in fields(value)}}
     if isinstance(value, (tuple, list)):
         return [_encode(v) for v in value]
     return value
@@ -36,8 +53,7 @@ def _decode(value: Any) -> Any:
         name = data.pop("node", None)
         cls = _TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise SpecError(f"unknown description node {name!r}; expected one of "
-                            f"{', '.join(_TYPES)}")
+            raise SpecError(f"unknown description node {name!r}; expected one of {', '.join(_TYPES)}")
         try:
             return cls(**{k: _decode(v) for k, v in data.items()})
         except TypeError as e:

@@ -6,6 +6,7 @@ arguments, under their official keyword names, and returns the block's spec or d
 (anything `reparam_core.nodes.describe` accepts; its state keys are the official class's keys,
 relative to the block). This module only collects them and checks the call.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -48,8 +49,7 @@ def _lookup(class_name: str) -> OfficialCtor:
         return reg[folded[class_name.lower()]]
     close = difflib.get_close_matches(class_name, list(reg), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise SpecError(f"unknown official block class {class_name!r}{hint}; accepted: "
-                    f"{', '.join(official_classes())}")
+    raise SpecError(f"unknown official block class {class_name!r}{hint}; accepted: {', '.join(official_classes())}")
 
 
 def official_block(class_name: str, /, *args: Any, **kwargs: Any) -> Describable | Description:
@@ -65,7 +65,8 @@ def official_block(class_name: str, /, *args: Any, **kwargs: Any) -> Describable
     except TypeError as e:
         accepted = ", ".join(
             p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
-            for p in sig.parameters.values())
+            for p in sig.parameters.values()
+        )
         raise SpecError(f"{class_name}: {e}; accepted arguments: {accepted}") from None
     return ctor(*args, **kwargs)
 

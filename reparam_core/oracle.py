@@ -4,6 +4,7 @@ It evaluates any description (reparam_core.nodes) in the form it is in: in train
 branch is computed separately (BN in inference mode), in deploy form the fused convs. One rule
 per node type below. Slow but exact: conv2d is an im2col + matmul in float64.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -42,9 +43,15 @@ Params = Mapping[str, np.ndarray]
 F64 = npt.NDArray[np.float64]  # what every computation here holds
 
 
-def conv2d(x: F64, w: F64, b: F64 | None = None,
-           stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-           dilation: int | tuple[int, int] = 1, groups: int = 1) -> F64:
+def conv2d(
+    x: F64,
+    w: F64,
+    b: F64 | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> F64:
     """NCHW x OIHW (I = C / groups) convolution with symmetric zero padding, in float64."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
@@ -52,14 +59,12 @@ def conv2d(x: F64, w: F64, b: F64 | None = None,
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     if cg * groups != c or o % groups:
-        raise ShapeMismatchError(f"conv2d: input {x.shape} does not fit kernel {w.shape} with "
-                                 f"groups={groups}")
+        raise ShapeMismatchError(f"conv2d: input {x.shape} does not fit kernel {w.shape} with groups={groups}")
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     s0, s1, s2, s3 = xp.strides
-    cols = as_strided(xp, (n, groups, cg, kh, kw, ho, wo),
-                      (s0, s1 * cg, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
+    cols = as_strided(xp, (n, groups, cg, kh, kw, ho, wo), (s0, s1 * cg, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw))
     wg = w.reshape(groups, o // groups, cg * kh * kw)
     cols = cols.reshape(n, groups, cg * kh * kw, ho * wo)
     out: F64 = np.matmul(wg[None], cols).reshape(n, o, ho, wo)
@@ -70,16 +75,18 @@ def conv2d(x: F64, w: F64, b: F64 | None = None,
 
 def batch_norm(x: F64, p: Params, prefix: str, eps: float) -> F64:
     """Inference BN: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
-    gamma, beta, mean, var = (_tensor(p, join_key(prefix, f)).reshape(1, -1, 1, 1)
-                              for f in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, var = (
+        _tensor(p, join_key(prefix, f)).reshape(1, -1, 1, 1) for f in ("weight", "bias", "running_mean", "running_var")
+    )
     y: F64 = (x - mean) / np.sqrt(var + eps) * gamma + beta
     return y
 
 
 def bn_of_zero(p: Params, prefix: str, eps: float) -> F64:
     """BN(0) per channel: beta - mean gamma / sqrt(var + eps) (what PadBN pads with)."""
-    gamma, beta, mean, var = (_tensor(p, join_key(prefix, f))
-                              for f in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, var = (
+        _tensor(p, join_key(prefix, f)) for f in ("weight", "bias", "running_mean", "running_var")
+    )
     y: F64 = beta - mean * gamma / np.sqrt(var + eps)
     return y
 
@@ -105,7 +112,12 @@ def identity(x: F64) -> F64:
 
 
 ACTIVATIONS: dict[str, Callable[[F64], F64]] = {
-    "relu": relu, "silu": silu, "identity": identity, "sigmoid": sigmoid, "hard_sigmoid": hard_sigmoid}
+    "relu": relu,
+    "silu": silu,
+    "identity": identity,
+    "sigmoid": sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+}
 
 
 def avg_pool(x: F64, k: int, stride: int, padding: int) -> F64:
@@ -130,8 +142,7 @@ def conv_node(x: F64, c: Conv, p: Params, prefix: str) -> F64:
     w = _tensor(p, f"{key}.weight")
     if c.plus_identity:
         w = w + identity_offset(c.out_channels, c.groups, c.kernel)
-    return conv2d(x, w, p[f"{key}.bias"] if c.bias else None, c.stride, c.padding, c.dilation,
-                  c.groups)
+    return conv2d(x, w, p[f"{key}.bias"] if c.bias else None, c.stride, c.padding, c.dilation, c.groups)
 
 
 def squeeze_excite(x: F64, se: SE, p: Params, prefix: str) -> F64:
@@ -159,9 +170,11 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
         key = join_key(prefix, node.name)
         y = batch_norm(x, p, key, node.eps)
         q = node.pad
-        out: F64 = np.broadcast_to(bn_of_zero(p, key, node.eps).reshape(1, -1, 1, 1),
-                                   (y.shape[0], y.shape[1], y.shape[2] + 2 * q, y.shape[3] + 2 * q)).copy()
-        out[:, :, q:q + y.shape[2], q:q + y.shape[3]] = y
+        out: F64 = np.broadcast_to(
+            bn_of_zero(p, key, node.eps).reshape(1, -1, 1, 1),
+            (y.shape[0], y.shape[1], y.shape[2] + 2 * q, y.shape[3] + 2 * q),
+        ).copy()
+        out[:, :, q : q + y.shape[2], q : q + y.shape[3]] = y
         return out
     if isinstance(node, AvgPool):
         return avg_pool(x, node.kernel, node.stride, node.padding)

@@ -21,6 +21,7 @@ Resource limits (a hostile file must fail fast, not exhaust memory):
   is charged to a byte budget (by default 4x the pickle plus 64 MiB), so memo references that
   repeat one buffer many times cannot multiply memory.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
@@ -52,8 +53,14 @@ class TorchStorageType:
 
 # Legacy storage class name -> little-endian numpy dtype (bfloat16 has no numpy dtype: refused).
 TORCH_STORAGE_DTYPES = {
-    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2", "LongStorage": "<i8",
-    "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1",
+    "DoubleStorage": "<f8",
+    "FloatStorage": "<f4",
+    "HalfStorage": "<f2",
+    "LongStorage": "<i8",
+    "IntStorage": "<i4",
+    "ShortStorage": "<i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
     "BoolStorage": "?",
 }
 TORCH_DTYPE_STORAGES = {np.dtype(v): k for k, v in TORCH_STORAGE_DTYPES.items()}
@@ -69,38 +76,52 @@ class _Budget:
     def charge(self, nbytes: int) -> None:
         self.left -= int(nbytes)
         if self.left < 0:
-            raise CheckpointError(f"{self.source}: the pickle builds more array data than the file "
-                                  "could hold (repeated references to one buffer?); refused")
+            raise CheckpointError(
+                f"{self.source}: the pickle builds more array data than the file "
+                "could hold (repeated references to one buffer?); refused"
+            )
 
 
 def default_budget(nbytes: int) -> int:
     return 4 * int(nbytes) + 64 * 1024 * 1024
 
 
-def rebuild_tensor(storage: Any, storage_offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                   requires_grad: bool = False, backward_hooks: Any = None,
-                   metadata: Any = None, *, budget: _Budget | None = None) -> np.ndarray:
+def rebuild_tensor(
+    storage: Any,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+    *,
+    budget: _Budget | None = None,
+) -> np.ndarray:
     """`torch._utils._rebuild_tensor_v2` for numpy: the strided view of the storage, copied
     unless it is a C-contiguous run of it (then a read-only view, no copy)."""
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
-        raise CheckpointError(f"malformed tensor record: size {str(size)[:40]!r}, "
-                              f"stride {str(stride)[:40]!r}")
+        raise CheckpointError(f"malformed tensor record: size {str(size)[:40]!r}, stride {str(stride)[:40]!r}")
     if len(size) > 32:
         raise CheckpointError(f"malformed tensor record: {len(size)} dimensions")
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise CheckpointError(f"tensor record refers to {type(storage).__name__}, not a storage")
     size = tuple(size)
     stride = tuple(stride)
-    if (len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in size + stride)
-            or not isinstance(storage_offset, int) or storage_offset < 0):
-        raise CheckpointError(f"malformed tensor record: offset {storage_offset!r}, size {size!r}, "
-                              f"stride {stride!r}")
+    if (
+        len(size) != len(stride)
+        or not all(isinstance(v, int) and v >= 0 for v in size + stride)
+        or not isinstance(storage_offset, int)
+        or storage_offset < 0
+    ):
+        raise CheckpointError(f"malformed tensor record: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
     if 0 in size:
         return np.zeros(size, storage.dtype)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
-        raise CheckpointError(f"tensor of size {size} (offset {storage_offset}, stride {stride}) "
-                              f"reads past the end of its {storage.size}-element storage")
+        raise CheckpointError(
+            f"tensor of size {size} (offset {storage_offset}, stride {stride}) "
+            f"reads past the end of its {storage.size}-element storage"
+        )
     n = 1
     for v in size:
         n *= v
@@ -110,17 +131,17 @@ def rebuild_tensor(storage: Any, storage_offset: int, size: tuple[int, ...], str
             contiguous = False
         acc *= v
     if contiguous:
-        return storage[storage_offset:storage_offset + n].reshape(size)
+        return storage[storage_offset : storage_offset + n].reshape(size)
     if budget is not None:
         budget.charge(n * storage.itemsize)
     item = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size,
-                                           strides=tuple(s * item for s in stride), writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        storage[storage_offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+    )
     return np.array(view, copy=True)
 
 
-def rebuild_parameter(data: Any, requires_grad: bool = False, backward_hooks: Any = None,
-                      *_: Any) -> Any:
+def rebuild_parameter(data: Any, requires_grad: bool = False, backward_hooks: Any = None, *_: Any) -> Any:
     """`torch._utils._rebuild_parameter`: a Parameter is just its data here."""
     return data
 
@@ -170,8 +191,7 @@ class _NdarrayMarker:
     """`numpy.ndarray` as a pickle names it: only ever the first argument of `_reconstruct`."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnsafeFileError("refusing to call numpy.ndarray directly (it allocates "
-                              "uninitialised memory of any size)")
+        raise UnsafeFileError("refusing to call numpy.ndarray directly (it allocates uninitialised memory of any size)")
 
 
 _NDARRAY = _NdarrayMarker()
@@ -179,24 +199,29 @@ _NDARRAY = _NdarrayMarker()
 
 def _reconstruct(subtype: Any, shape: Any = (0,), dtype: Any = b"b") -> np.ndarray:
     """numpy's `_reconstruct(ndarray, (0,), b'b')`: the empty array `__setstate__` then fills."""
-    if subtype is not _NDARRAY or not isinstance(shape, tuple) or len(shape) > 1 or any(
-            not isinstance(v, int) or not 0 <= v <= 1 for v in shape) or dtype not in (b"b", "b"):
-        raise CheckpointError(f"refusing numpy _reconstruct with shape {str(shape)[:40]} and "
-                              f"dtype {str(dtype)[:20]} (numpy writes (0,) and b'b')")
+    if (
+        subtype is not _NDARRAY
+        or not isinstance(shape, tuple)
+        or len(shape) > 1
+        or any(not isinstance(v, int) or not 0 <= v <= 1 for v in shape)
+        or dtype not in (b"b", "b")
+    ):
+        raise CheckpointError(
+            f"refusing numpy _reconstruct with shape {str(shape)[:40]} and "
+            f"dtype {str(dtype)[:20]} (numpy writes (0,) and b'b')"
+        )
     empty: np.ndarray = _numpy_reconstruct()(np.ndarray, shape, dtype)
     return empty
 
 
-def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C", *,
-                budget: _Budget | None = None) -> np.ndarray:
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: str = "C", *, budget: _Budget | None = None) -> np.ndarray:
     """numpy's `_frombuffer` (protocol-5 pickles of arrays), for plain dtypes only."""
     if not isinstance(dtype, np.dtype):
         raise CheckpointError(f"refusing _frombuffer with dtype {str(dtype)[:40]!r}")
     dt = _plain_dtype(dtype, "an array")
     if order not in ("C", "F") or not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
         raise CheckpointError(f"refusing an array of dtype {dt} / order {str(order)[:10]!r}")
-    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
-            isinstance(v, int) and v >= 0 for v in shape):
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(isinstance(v, int) and v >= 0 for v in shape):
         raise CheckpointError(f"refusing an array of shape {str(shape)[:60]}")
     raw = memoryview(buf).cast("B")
     if budget is not None:
@@ -262,8 +287,17 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
     }
     # numpy dtype classes used by numpy 2 pickles of dtypes (numpy.dtypes.Float32DType, ...)
-    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
-                 "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
+    for name in (
+        "Float64DType",
+        "Float32DType",
+        "Float16DType",
+        "Int64DType",
+        "Int32DType",
+        "Int16DType",
+        "Int8DType",
+        "UInt8DType",
+        "BoolDType",
+    ):
         cls = getattr(getattr(np, "dtypes", None), name, None)
         if cls is not None:
             allowed[("numpy.dtypes", name)] = _dtype_class(cls)
@@ -278,6 +312,7 @@ def _dtype_class(cls: Any) -> Callable[..., np.dtype]:
             raise CheckpointError(f"refusing numpy.dtypes.{cls.__name__} with arguments")
         dtype: np.dtype = cls()
         return dtype
+
     return make
 
 
@@ -291,10 +326,8 @@ def prescan(data: bytes, source: str = "<bytes>") -> None:
     try:
         for _ in pickletools.genops(io.BytesIO(data)):
             pass
-    except (ValueError, EOFError, OverflowError, struct_error, UnicodeDecodeError,
-            MemoryError) as e:
-        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
+    except (ValueError, EOFError, OverflowError, struct_error, UnicodeDecodeError, MemoryError) as e:
+        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -303,9 +336,13 @@ class SafeUnpickler(pickle.Unpickler):
     `persistent_load(pid)` is delegated to the `persistent` callable when given (the torch zip
     reader); a plain pickle that uses persistent ids is refused."""
 
-    def __init__(self, file: io.BufferedIOBase, source: str = "<bytes>",
-                 persistent: Callable[[Any], Any] | None = None,
-                 budget: int | None = None) -> None:
+    def __init__(
+        self,
+        file: io.BufferedIOBase,
+        source: str = "<bytes>",
+        persistent: Callable[[Any], Any] | None = None,
+        budget: int | None = None,
+    ) -> None:
         super().__init__(file)
         self.source = source
         self._persistent = persistent
@@ -324,7 +361,8 @@ class SafeUnpickler(pickle.Unpickler):
             alias = f" (written as {written})" if written != f"{module}.{name}" else ""
             raise UnsafeFileError(
                 f"refusing to load {module}.{name}{alias} from {self.source}: a checkpoint may "
-                "only hold tensors and dicts (this file asks to import code, which is never run)")
+                "only hold tensors and dicts (this file asks to import code, which is never run)"
+            )
         if obj in _BUDGETED:
             budget = self.budget
             return functools.partial(obj, budget=budget)
@@ -332,29 +370,50 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
-            raise UnsafeFileError(f"refusing to load {self.source}: it references external "
-                                  f"objects (persistent id {str(pid)[:60]!r})")
+            raise UnsafeFileError(
+                f"refusing to load {self.source}: it references external objects (persistent id {str(pid)[:60]!r})"
+            )
         return self._persistent(pid)
 
 
-def safe_loads(data: bytes, source: str = "<bytes>",
-               persistent: Callable[[Any], Any] | None = None, budget: int | None = None) -> Any:
+def safe_loads(
+    data: bytes, source: str = "<bytes>", persistent: Callable[[Any], Any] | None = None, budget: int | None = None
+) -> Any:
     """Unpickle bytes with `SafeUnpickler` (after `prescan`); malformed data raises
     CheckpointError. `budget`: bytes the load may allocate by copying (default 4x the data
     plus 64 MiB)."""
     prescan(data, source)
     try:
-        return SafeUnpickler(io.BytesIO(data), source, persistent,
-                             default_budget(len(data)) if budget is None else budget).load()
+        return SafeUnpickler(
+            io.BytesIO(data), source, persistent, default_budget(len(data)) if budget is None else budget
+        ).load()
     except CheckpointError:
         raise
     except RecursionError:
         raise CheckpointError(f"{source}: pickle nests objects too deeply") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, OverflowError, MemoryError, UnicodeDecodeError, struct_error) as e:
-        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+        UnicodeDecodeError,
+        struct_error,
+    ) as e:
+        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-__all__ = ["SafeUnpickler", "safe_loads", "prescan", "default_budget", "rebuild_tensor", "TorchStorageType",
-           "TORCH_STORAGE_DTYPES", "TORCH_DTYPE_STORAGES"]
+__all__ = [
+    "SafeUnpickler",
+    "safe_loads",
+    "prescan",
+    "default_budget",
+    "rebuild_tensor",
+    "TorchStorageType",
+    "TORCH_STORAGE_DTYPES",
+    "TORCH_DTYPE_STORAGES",
+]

@@ -8,6 +8,7 @@ are the deploy state's `<prefix>.rbr_reparam.{weight,bias}` and `linear.{weight,
 
     y = linear(mean_hw(act_n(conv_n(... act_1(conv_1(x))))))
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,15 +42,29 @@ def _plain_conv(path: str, block: Block) -> PlainConv:
         raise ReparamError(f"block {path} has SE ({_ONLY})")
     c, act = block.body if len(block.body) == 2 else (None, None)
     if not isinstance(c, Conv) or not isinstance(act, Act):
-        raise ReparamError(f"block {path} ({block.kind}) is not a conv followed by an activation "
-                           "in deploy form: " + ", ".join(type(n).__name__ for n in block.body)
-                           + f" ({_ONLY})")
-    if c.kernel[0] != c.kernel[1] or c.stride[0] != c.stride[1] or c.padding[0] != c.padding[1] \
-            or c.dilation[0] != c.dilation[1] or act.fn not in ("relu", "silu", "identity"):
-        raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu "
-                           f"only ({_ONLY})")
-    return PlainConv(join_key(path, c.name), c.in_channels, c.out_channels, c.kernel[0],
-                     c.stride[0], c.padding[0], c.dilation[0], c.groups, act.fn)
+        raise ReparamError(
+            f"block {path} ({block.kind}) is not a conv followed by an activation "
+            "in deploy form: " + ", ".join(type(n).__name__ for n in block.body) + f" ({_ONLY})"
+        )
+    if (
+        c.kernel[0] != c.kernel[1]
+        or c.stride[0] != c.stride[1]
+        or c.padding[0] != c.padding[1]
+        or c.dilation[0] != c.dilation[1]
+        or act.fn not in ("relu", "silu", "identity")
+    ):
+        raise ReparamError(f"block {path}: the plain reference has square convs and relu/silu only ({_ONLY})")
+    return PlainConv(
+        join_key(path, c.name),
+        c.in_channels,
+        c.out_channels,
+        c.kernel[0],
+        c.stride[0],
+        c.padding[0],
+        c.dilation[0],
+        c.groups,
+        act.fn,
+    )
 
 
 def plain_layers(spec: SpecLike) -> list[PlainConv]:
@@ -61,14 +76,16 @@ def plain_layers(spec: SpecLike) -> list[PlainConv]:
     desc = in_form(spec, "deploy")
     name = getattr(desc, "name", type(spec).__name__)
     head = tuple(type(n).__name__ for n in desc.body[-3:])
-    if not isinstance(desc, Model) or head != ("GlobalPool", "Flatten", "Linear") \
-            or getattr(desc.body[-1], "name", "") != "linear":
+    if (
+        not isinstance(desc, Model)
+        or head != ("GlobalPool", "Flatten", "Linear")
+        or getattr(desc.body[-1], "name", "") != "linear"
+    ):
         raise ReparamError(f"{name!r} has no plain reference: {_ONLY}")
     out = []
     for node in desc.body[:-3]:
         if not isinstance(node, Block):
-            raise ReparamError(f"{name!r} has no plain reference: {type(node).__name__} outside "
-                               f"a block ({_ONLY})")
+            raise ReparamError(f"{name!r} has no plain reference: {type(node).__name__} outside a block ({_ONLY})")
         try:
             out.append(_plain_conv(node.name, node))
         except ReparamError as e:

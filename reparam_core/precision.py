@@ -4,6 +4,7 @@ BN folding multiplies a kernel by gamma / sqrt(var + eps); with a tiny variance 
 huge and the fused value can exceed the target type's range (float16 max 65504). Such values are
 reported with a warning naming the key, never silently turned into inf.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -61,8 +62,12 @@ def cast_state(state: Mapping[str, np.ndarray], dtype: HalfDtype) -> tuple[dict[
             scale = max(np.abs(a64[finite]).max(), 1e-300)
             worst = max(worst, float(np.abs(cast[finite].astype(np.float64) - a64[finite]).max() / scale))
     if overflow:
-        warnings.warn(f"{len(overflow)} tensor(s) overflow {dtype} (max {MAX_FINITE[dtype]:.4g}) after "
-                      f"fusion: {', '.join(overflow[:5])}", PrecisionWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(overflow)} tensor(s) overflow {dtype} (max {MAX_FINITE[dtype]:.4g}) after "
+            f"fusion: {', '.join(overflow[:5])}",
+            PrecisionWarning,
+            stacklevel=2,
+        )
     return out, CastReport(dtype, worst, tuple(overflow))
 
 

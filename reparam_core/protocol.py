@@ -2,6 +2,7 @@
 children): the protocol keeps the process's original stdout, and everything else that writes to
 fd 1 (frameworks' C++ logging, stray prints) goes to stderr instead, so it cannot corrupt a reply.
 Standard library only."""
+
 from __future__ import annotations
 
 import os

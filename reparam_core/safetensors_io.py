@@ -12,6 +12,7 @@ The writer sorts keys, so the same state always gives the same bytes; `plan` com
 and the offsets from (key, dtype, shape) alone, so a caller can write tensors one at a time
 (`write_tensor_at`) without holding them all (see reparam_core.formats.write).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,17 @@ import numpy as np
 
 from .errors import CheckpointError
 
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-           "I8": "i1", "U8": "u1", "BOOL": "?"}
+_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_NDIM = 32
@@ -61,8 +71,9 @@ def _entry_dtype(a: Tensor) -> tuple[str, int]:
     return _NAMES[dt], dt.itemsize
 
 
-def plan(entries: Iterable[tuple[str, str, tuple[int, ...]]],
-         metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def plan(
+    entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """(the file's first 8 + N bytes, {key: (absolute begin, end)}) for tensors given as
     (key, safetensors dtype name, shape); keys are laid out in sorted order (as `dumps`)."""
     header: dict[str, Any] = {}
@@ -115,6 +126,7 @@ def dumps(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = 
 
 def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict[str, Entry], dict[str, str]]:
     """Validate a header: {key: (numpy dtype or BF16, shape, begin, end)} sorted by offset."""
+
     def bad(msg: str) -> CheckpointError:
         return CheckpointError(f"{source}: not a valid safetensors file: {msg}")
 
@@ -142,37 +154,44 @@ def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict[str, En
         dt, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dt, str) or (dt not in _DTYPES and dt != BF16):
             raise bad(f"tensor {key!r} has unsupported dtype {str(dt)[:20]!r}")
-        if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                or not all(type(s) is int and 0 <= s < 2**40 for s in shape)
-                or not isinstance(offs, list) or len(offs) != 2
-                or not all(type(o) is int for o in offs)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_NDIM
+            or not all(type(s) is int and 0 <= s < 2**40 for s in shape)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+        ):
             raise bad(f"tensor {key!r} has a malformed shape or offsets")
         begin, end = offs
         itemsize = 2 if dt == BF16 else np.dtype(_DTYPES[dt]).itemsize
         if not 0 <= begin <= end <= body_len or end - begin != math.prod(shape) * itemsize:
-            raise bad(f"tensor {key!r} (shape {shape}, {dt}) has offsets {offs} that do not fit "
-                      f"its size or the {body_len}-byte data section")
+            raise bad(
+                f"tensor {key!r} (shape {shape}, {dt}) has offsets {offs} that do not fit "
+                f"its size or the {body_len}-byte data section"
+            )
         out[key] = (dt, tuple(shape), begin, end)
     pos = 0
     for key, (_, _, begin, end) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != pos:
-            raise bad(f"tensor {key!r} starts at {begin}, expected {pos}: tensors overlap or "
-                      "leave a gap in the data section")
+            raise bad(
+                f"tensor {key!r} starts at {begin}, expected {pos}: tensors overlap or leave a gap in the data section"
+            )
         pos = end
     if pos != body_len:
-        raise bad(f"tensors end at {pos} but the data section has {body_len} bytes (offsets do "
-                  "not fit the file)")
+        raise bad(f"tensors end at {pos} but the data section has {body_len} bytes (offsets do not fit the file)")
     return out, {str(k): str(v) for k, v in meta.items()}
 
 
 def _header_length(first8: bytes, total: int, source: str) -> int:
     if total < 8 or len(first8) < 8:
-        raise CheckpointError(f"{source}: not a valid safetensors file: {total} bytes is too "
-                              "short for a header")
+        raise CheckpointError(f"{source}: not a valid safetensors file: {total} bytes is too short for a header")
     n: int = struct.unpack("<Q", first8[:8])[0]
     if n > min(total - 8, _MAX_HEADER):
-        raise CheckpointError(f"{source}: not a valid safetensors file: header declares {n} bytes "
-                              f"but the file has {total - 8} after the length")
+        raise CheckpointError(
+            f"{source}: not a valid safetensors file: header declares {n} bytes "
+            f"but the file has {total - 8} after the length"
+        )
     return n
 
 
@@ -187,14 +206,15 @@ def _decode(dt: str, shape: tuple[int, ...], raw: bytes | memoryview) -> np.ndar
 def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes -> (state, metadata); CheckpointError on anything malformed."""
     n = _header_length(data[:8], len(data), source)
-    entries, meta = _parse_header(data[8:8 + n], len(data) - 8 - n, source)
-    body = memoryview(data)[8 + n:]
+    entries, meta = _parse_header(data[8 : 8 + n], len(data) - 8 - n, source)
+    body = memoryview(data)[8 + n :]
     out = {key: _decode(dt, shape, body[b:e]) for key, (dt, shape, b, e) in entries.items()}
     return out, meta
 
 
-def save_file(state: Mapping[str, np.ndarray], path: str | os.PathLike[str],
-              metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    state: Mapping[str, np.ndarray], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
     with open(path, "wb") as f:
         f.write(dumps(state, metadata))
 
@@ -218,8 +238,9 @@ def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict
                     got = f.readinto(arr.reshape(-1).view(np.uint8).data) if arr.size else 0
                     out[key] = arr
                 if got != e - b:
-                    raise CheckpointError(f"{source}: not a valid safetensors file: tensor {key!r} "
-                                          f"is truncated ({got} of {e - b} bytes)")
+                    raise CheckpointError(
+                        f"{source}: not a valid safetensors file: tensor {key!r} is truncated ({got} of {e - b} bytes)"
+                    )
             return out, meta
     except OSError as e:
         raise CheckpointError(f"cannot read {source}: {e.strerror or e}") from None

@@ -5,6 +5,7 @@ Canonical keys are the official PyTorch names; conv weights are OIHW with I = in
 rule per node type below turns a description into names; backends, checkpoint readers, layout
 converters and the parameter counter all read it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -38,9 +39,11 @@ Schema = dict[str, TensorInfo]
 
 
 def conv_entries(key: str, conv: Conv) -> Schema:
-    out = {join_key(key, "weight"): TensorInfo(
-        (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel), "conv.weight",
-        conv.groups)}
+    out = {
+        join_key(key, "weight"): TensorInfo(
+            (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel), "conv.weight", conv.groups
+        )
+    }
     if conv.bias:
         out[join_key(key, "bias")] = TensorInfo((conv.out_channels,), "conv.bias", conv.groups)
     return out
@@ -57,18 +60,19 @@ def node_schema(node: Node | Aux, prefix: str = "") -> Schema:
     if isinstance(node, (BN, PadBN)):
         return bn_entries(join_key(prefix, node.name), node.channels)
     if isinstance(node, Scale):
-        return {join_key(prefix, f"{node.name}.weight"): TensorInfo((node.channels,),
-                                                                     "scale.weight")}
+        return {join_key(prefix, f"{node.name}.weight"): TensorInfo((node.channels,), "scale.weight")}
     if isinstance(node, Linear):
         key = join_key(prefix, node.name)
-        return {f"{key}.weight": TensorInfo((node.out_features, node.in_features), "linear.weight"),
-                f"{key}.bias": TensorInfo((node.out_features,), "linear.bias")}
+        return {
+            f"{key}.weight": TensorInfo((node.out_features, node.in_features), "linear.weight"),
+            f"{key}.bias": TensorInfo((node.out_features,), "linear.bias"),
+        }
     if isinstance(node, SE):
         key = join_key(prefix, node.name)
-        return {**conv_entries(join_key(key, node.reduce),
-                               Conv(node.reduce, node.channels, node.hidden, bias=True)),
-                **conv_entries(join_key(key, node.expand),
-                               Conv(node.expand, node.hidden, node.channels, bias=True))}
+        return {
+            **conv_entries(join_key(key, node.reduce), Conv(node.reduce, node.channels, node.hidden, bias=True)),
+            **conv_entries(join_key(key, node.expand), Conv(node.expand, node.hidden, node.channels, bias=True)),
+        }
     out: Schema = {}
     if isinstance(node, Rep):
         for branch in node.branches:
@@ -123,8 +127,9 @@ def spec_name(spec: object) -> str:
     return name if isinstance(name, str) else type(spec).__name__
 
 
-def detect_form(spec: object, keys: Iterable[str], names: Callable[[str], str] | None = None,
-                source: str = "state") -> Form:
+def detect_form(
+    spec: object, keys: Iterable[str], names: Callable[[str], str] | None = None, source: str = "state"
+) -> Form:
     """Which form a set of canonical keys is in; CheckpointError naming `source` when neither
     fits well, quoting its first keys as `names` spells them (the source's own names, see
     reparam_core.keymaps.KeyNames; default: as given)."""
@@ -135,17 +140,32 @@ def detect_form(spec: object, keys: Iterable[str], names: Callable[[str], str] |
     if scores[best] == 0:
         spell = names or str
         sample = ", ".join(sorted(spell(k) for k in keys)[:3])
-        raise CheckpointError(f"{source}: no key matches {spec_name(spec)} in either form "
-                              f"(first keys: {sample})")
+        raise CheckpointError(f"{source}: no key matches {spec_name(spec)} in either form (first keys: {sample})")
     return best
 
 
 def is_model(spec: object) -> bool:
     """Whether a spec (or description) describes a whole model rather than one block."""
     from .nodes import describe
+
     return isinstance(describe(spec), Model)  # type: ignore[arg-type]
 
 
-__all__ = ["Form", "FORMS", "BN_FIELDS", "TensorInfo", "Schema", "conv_entries", "bn_entries",
-           "node_schema", "schema_of", "schema_for", "state_schema", "block_schema", "spec_name",
-           "detect_form", "is_model", "join_key"]
+__all__ = [
+    "Form",
+    "FORMS",
+    "BN_FIELDS",
+    "TensorInfo",
+    "Schema",
+    "conv_entries",
+    "bn_entries",
+    "node_schema",
+    "schema_of",
+    "schema_for",
+    "state_schema",
+    "block_schema",
+    "spec_name",
+    "detect_form",
+    "is_model",
+    "join_key",
+]

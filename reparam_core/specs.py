@@ -4,6 +4,7 @@ A spec is a family's constructor data; `spec.describe()` gives its block descrip
 (reparam_core.nodes), which every other part of the library reads. Module paths (and so weight
 names) follow the official PyTorch code.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,11 +32,11 @@ BlockSpec = RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec | MobileO
 
 _FAMILIES = (repvgg, repghost, mobileone, qarepvgg)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
-    name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()}
+    name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()
+}
 # Other names users know a model by (timm's, the official repositories' registry names): each
 # family file's ALIASES, alias -> registry name.
-_ALIASES: dict[str, str] = {
-    alias: name for fam in _FAMILIES for alias, name in getattr(fam, "ALIASES", {}).items()}
+_ALIASES: dict[str, str] = {alias: name for fam in _FAMILIES for alias, name in getattr(fam, "ALIASES", {}).items()}
 
 
 def list_models() -> list[str]:
@@ -73,7 +74,10 @@ def block_kind(spec: object) -> str:
 
 
 _BLOCK_KINDS: dict[str, type[RepBlockSpec] | type[RepGhostModuleSpec] | type[RepGhostBottleneckSpec]] = {
-    "repblock": RepBlockSpec, "ghost_module": RepGhostModuleSpec, "ghost_bottleneck": RepGhostBottleneckSpec}
+    "repblock": RepBlockSpec,
+    "ghost_module": RepGhostModuleSpec,
+    "ghost_bottleneck": RepGhostBottleneckSpec,
+}
 
 
 def block_spec_to_dict(spec: object) -> dict[str, Any]:
@@ -98,16 +102,32 @@ def block_spec_from_dict(data: Mapping[str, Any]) -> BlockSpec | Block:
             raise SpecError(f"a block request holds a {desc.kind} model description")
         return desc
     if kind not in _BLOCK_KINDS:
-        raise SpecError(f"unknown block kind {kind!r}; expected one of "
-                        f"{', '.join([*_BLOCK_KINDS, 'description'])}")
+        raise SpecError(f"unknown block kind {kind!r}; expected one of {', '.join([*_BLOCK_KINDS, 'description'])}")
     try:
         return _BLOCK_KINDS[kind](**data)
     except TypeError as e:
         raise SpecError(f"bad {kind} block spec: {e}") from None
 
 
-__all__ = ["RepBlockSpec", "RepGhostModuleSpec", "RepGhostBottleneckSpec", "StageSpec", "RepVGGSpec",
-           "RepGhostNetSpec", "ModelSpec", "list_models", "get_spec", "repvgg_spec",
-           "repghostnet_spec", "make_divisible", "BlockSpec", "resolve_model_name",
-           "block_spec_to_dict", "block_spec_from_dict", "repconv_spec", "block_kind",
-           "QARepBlockSpec", "qarepvgg_spec"]
+__all__ = [
+    "RepBlockSpec",
+    "RepGhostModuleSpec",
+    "RepGhostBottleneckSpec",
+    "StageSpec",
+    "RepVGGSpec",
+    "RepGhostNetSpec",
+    "ModelSpec",
+    "list_models",
+    "get_spec",
+    "repvgg_spec",
+    "repghostnet_spec",
+    "make_divisible",
+    "BlockSpec",
+    "resolve_model_name",
+    "block_spec_to_dict",
+    "block_spec_from_dict",
+    "repconv_spec",
+    "block_kind",
+    "QARepBlockSpec",
+    "qarepvgg_spec",
+]

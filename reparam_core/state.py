@@ -3,6 +3,7 @@
 Here: checking a state against a spec (keys, shapes, finiteness, BN variance) with errors that
 name what is wrong, and making random states with non-trivial BN statistics for tests.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def check_state(spec: object, state: Mapping[str, np.ndarray], form: Form | None = None,
-                source: str = "state", names: Callable[[str], str] | None = None) -> Form:
+def check_state(
+    spec: object,
+    state: Mapping[str, np.ndarray],
+    form: Form | None = None,
+    source: str = "state",
+    names: Callable[[str], str] | None = None,
+) -> Form:
     """Validate a neutral state for a model (or, with a block spec, block-relative keys);
     returns its form. Raises CheckpointError (or ShapeMismatchError) naming the source, the
     form and the first offending keys, each spelled by `names` (canonical key -> the name the
@@ -40,8 +46,10 @@ def check_state(spec: object, state: Mapping[str, np.ndarray], form: Form | None
     if form is None:
         form = found
     elif form != found and set(state) == set(schema_for(spec, found)):
-        raise CheckpointError(f"{source}: this is a {found}-form checkpoint of {name}, "
-                              f"but a {form}-form one was expected (its keys are all {found}-form keys)")
+        raise CheckpointError(
+            f"{source}: this is a {found}-form checkpoint of {name}, "
+            f"but a {form}-form one was expected (its keys are all {found}-form keys)"
+        )
     schema = schema_for(spec, form)
     missing = [spell(k) for k in schema if k not in state]
     unexpected = [spell(k) for k in state if k not in schema]
@@ -52,11 +60,15 @@ def check_state(spec: object, state: Mapping[str, np.ndarray], form: Form | None
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
         raise CheckpointError(f"{source} does not match {name} ({form} form): " + "; ".join(parts))
-    wrong = [f"{spell(k)} {tuple(np.shape(state[k]))} != {info.shape}" for k, info in schema.items()
-             if tuple(np.shape(state[k])) != info.shape]
+    wrong = [
+        f"{spell(k)} {tuple(np.shape(state[k]))} != {info.shape}"
+        for k, info in schema.items()
+        if tuple(np.shape(state[k])) != info.shape
+    ]
     if wrong:
-        raise ShapeMismatchError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for "
-                                 f"{name} ({form} form): {_first(wrong, 3)}")
+        raise ShapeMismatchError(
+            f"{source}: {len(wrong)} tensor(s) have the wrong shape for {name} ({form} form): {_first(wrong, 3)}"
+        )
     for k, info in schema.items():
         a = np.asarray(state[k])
         if not np.issubdtype(a.dtype, np.floating):
@@ -66,13 +78,13 @@ def check_state(spec: object, state: Mapping[str, np.ndarray], form: Form | None
             raise CheckpointError(f"{source}: {spell(k)} holds {bad} NaN or Inf value(s)")
         if info.kind == "bn.running_var" and np.any(a < 0):
             i = int(np.flatnonzero(a < 0)[0])
-            raise CheckpointError(f"{source}: {spell(k)} is negative at channel {i} ({float(a[i])!r}); "
-                                  "a variance cannot be negative")
+            raise CheckpointError(
+                f"{source}: {spell(k)} is negative at channel {i} ({float(a[i])!r}); a variance cannot be negative"
+            )
     return form
 
 
-def random_state(spec: object, form: Form = "train", seed: int = 0,
-                 dtype: type = np.float32) -> State:
+def random_state(spec: object, form: Form = "train", seed: int = 0, dtype: type = np.float32) -> State:
     """Random weights with non-trivial BN statistics (gamma, beta, mean, var all far from their
     defaults), scaled so that activations stay O(1) through deep models. A block spec gives the
     block's relative keys."""
@@ -81,8 +93,7 @@ def random_state(spec: object, form: Form = "train", seed: int = 0,
     return random_tensors(schema_for(spec, form), seed, dtype)
 
 
-def random_tensors(schema: Mapping[str, TensorInfo], seed: int = 0,
-                   dtype: type = np.float32) -> State:
+def random_tensors(schema: Mapping[str, TensorInfo], seed: int = 0, dtype: type = np.float32) -> State:
     """Random tensors for any schema (see random_state), in schema order."""
     rng = np.random.default_rng(seed)
     return {key: _random_tensor(rng, info).astype(dtype) for key, info in schema.items()}

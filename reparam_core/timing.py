@@ -4,6 +4,7 @@ Background load on a shared machine hits every callable of a round alike, so the
 of the per-round ratios) hold where absolute times drift. numpy and the standard library only:
 used by `reparam demo` and by every backend's benchmark runner, in both environments.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -14,8 +15,7 @@ from typing import Any
 from .errors import ArgumentError
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each callable: `warmup` untimed rounds, then `repeats` timed rounds,
     each calling every callable once in turn. A callable must finish its work before returning
     (synchronise asynchronous frameworks inside it)."""
@@ -40,12 +40,13 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 def summarize(times: Mapping[str, list[float]], batch: int) -> dict[str, dict[str, Any]]:
     """Per callable: median seconds, images/s at `batch` images per call, and every run."""
-    return {k: {"median_s": statistics.median(v), "images_per_s": batch / statistics.median(v),
-                "runs_s": list(v)} for k, v in times.items()}
+    return {
+        k: {"median_s": statistics.median(v), "images_per_s": batch / statistics.median(v), "runs_s": list(v)}
+        for k, v in times.items()
+    }
 
 
-def interleaved_throughput(fns: Mapping[str, Callable[[], Any]], batch: int,
-                           repeats: int) -> dict[str, dict[str, Any]]:
+def interleaved_throughput(fns: Mapping[str, Callable[[], Any]], batch: int, repeats: int) -> dict[str, dict[str, Any]]:
     """summarize(interleaved_times(...)), plus `deploy_over_train` (the paired speed-up) when
     callables named `train` and `deploy` are timed."""
     times = interleaved_times(fns, repeats)

@@ -13,6 +13,7 @@ of a generator's history, so a resumed run, or a run on W processes (rank r take
 contiguous part of each global batch), draws exactly what an uninterrupted single-process run
 draws.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,10 @@ from .nodes import SpecLike, in_form, join_key, rep_blocks
 from .specs import block_kind
 from .state import check_state, strip_ignored
 
-SPLIT_SEED = 0          # the train/validation split never depends on --seed
+SPLIT_SEED = 0  # the train/validation split never depends on --seed
 VAL_FRACTION = 0.2
-AUX_WEIGHT = 0.1        # RepVGGplus: weight of each auxiliary head's loss next to the main head's
-DIGITS = "digits"       # --data digits: scikit-learn's bundled 8x8 digits, upsampled
+AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss next to the main head's
+DIGITS = "digits"  # --data digits: scikit-learn's bundled 8x8 digits, upsampled
 CROP_SCALE = (0.35, 1.0)  # random resized crop: area fraction (small images: not ImageNet's 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)
 CHECKPOINT = "checkpoint.safetensors"
@@ -53,6 +54,7 @@ class TrainError(ReparamError, ValueError):
 
 
 # --------------------------------------------------------------------------- configuration
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -116,8 +118,7 @@ def make_schedule(cfg: TrainConfig, n_train: int) -> Schedule:
         raise TrainError(f"--global-batch must be >= 1, got {cfg.global_batch}")
     spe = n_train // cfg.global_batch
     if spe < 1:
-        raise TrainError(f"--global-batch {cfg.global_batch} is larger than the training split "
-                         f"({n_train} images)")
+        raise TrainError(f"--global-batch {cfg.global_batch} is larger than the training split ({n_train} images)")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * spe
     if total < 1:
         raise TrainError("nothing to train: --epochs and --max-steps must be >= 1")
@@ -128,8 +129,8 @@ def make_schedule(cfg: TrainConfig, n_train: int) -> Schedule:
 def learning_rate(base: float, step: int, sched: Schedule) -> float:
     """The learning rate of step `step` (0-based): linear warm-up, then cosine to 0:
 
-        lr = base * (step + 1) / W                                  for step < W
-        lr = base * (1 + cos(pi * (step - W) / (T - W))) / 2        otherwise
+    lr = base * (step + 1) / W                                  for step < W
+    lr = base * (1 + cos(pi * (step - W) / (T - W))) / 2        otherwise
     """
     if step < sched.warmup:
         return base * (step + 1) / sched.warmup
@@ -145,8 +146,7 @@ def custom_l2_kernels(spec: SpecLike) -> set[str]:
     out = set()
     for path, block in rep_blocks(in_form(spec, "train")):
         t = l2_terms(block)
-        out |= {join_key(join_key(path, t.dense_conv), "weight"),
-                join_key(join_key(path, t.one_conv), "weight")}
+        out |= {join_key(join_key(path, t.dense_conv), "weight"), join_key(join_key(path, t.one_conv), "weight")}
     return out
 
 
@@ -162,6 +162,7 @@ def decays(key: str, ndim: int, l2_kernels: set[str]) -> bool:
 
 
 # --------------------------------------------------------------------------- data
+
 
 @dataclass
 class Dataset:
@@ -183,18 +184,24 @@ class Dataset:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """(x - mean[c]) / std[c], NHWC -> NCHW float32."""
-        return np.ascontiguousarray(((images - self.mean) / self.std).transpose(0, 3, 1, 2),
-                                    np.float32)
+        return np.ascontiguousarray(((images - self.mean) / self.std).transpose(0, 3, 1, 2), np.float32)
 
     def val(self) -> tuple[np.ndarray, np.ndarray]:
         """The validation split, normalised NCHW, and its labels."""
         return self.normalize(self.images[self.val_idx]), self.labels[self.val_idx]
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "classes": list(self.classes),
-                "n_train": int(len(self.train_idx)), "n_val": int(len(self.val_idx)),
-                "size": self.size, "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "split_seed": SPLIT_SEED, "val_fraction": VAL_FRACTION}
+        return {
+            "source": self.source,
+            "classes": list(self.classes),
+            "n_train": int(len(self.train_idx)),
+            "n_val": int(len(self.val_idx)),
+            "size": self.size,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "split_seed": SPLIT_SEED,
+            "val_fraction": VAL_FRACTION,
+        }
 
 
 def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
@@ -218,8 +225,9 @@ def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], size:
     return out
 
 
-def stratified_split(labels: np.ndarray, fraction: float = VAL_FRACTION,
-                     seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices: per class, a seeded permutation of its images, the first
     round(fraction * n_class) (at least 1 when the class has 2+ images) to validation."""
     rng = np.random.default_rng(seed)
@@ -232,8 +240,7 @@ def stratified_split(labels: np.ndarray, fraction: float = VAL_FRACTION,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-                 source: str) -> Dataset:
+def make_dataset(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], source: str) -> Dataset:
     """A Dataset of NHWC images in [0, 1]: the fixed split, and the per-channel mean and std of
     the training split."""
     train, val = stratified_split(labels)
@@ -252,8 +259,12 @@ def load_digits(size: int = 32) -> Dataset:
     d = sk_digits()
     small = (d.images.astype(np.float32) / 16.0)[..., None]
     images = np.stack([crop_resize(im, (0.0, 0.0, 8.0, 8.0), size) for im in small])
-    return make_dataset(np.repeat(images, 3, axis=3), d.target.astype(np.int64),
-                       tuple(str(i) for i in range(10)), "sklearn.datasets.load_digits")
+    return make_dataset(
+        np.repeat(images, 3, axis=3),
+        d.target.astype(np.int64),
+        tuple(str(i) for i in range(10)),
+        "sklearn.datasets.load_digits",
+    )
 
 
 def load_image_folder(root: str | os.PathLike[str], size: int = 32) -> Dataset:
@@ -288,8 +299,9 @@ def sample_box(rng: np.random.Generator, h: int, w: int) -> tuple[float, float, 
     return 0.0, 0.0, float(h), float(w)
 
 
-def batch(data: Dataset, indices: np.ndarray, *, augment: bool, flip: bool, seed: int,
-          epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def batch(
+    data: Dataset, indices: np.ndarray, *, augment: bool, flip: bool, seed: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised NCHW images and labels of `indices`; with `augment`, a random resized crop
     (and a horizontal flip with probability 1/2 when `flip`) per image, drawn from
     default_rng([seed, epoch, index]) so the draw does not depend on batching or processes."""
@@ -311,15 +323,13 @@ def epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return train_idx[np.random.default_rng([seed, epoch, 1]).permutation(len(train_idx))]
 
 
-def rank_indices(order: np.ndarray, step_in_epoch: int, global_batch: int, rank: int,
-                 world: int) -> np.ndarray:
+def rank_indices(order: np.ndarray, step_in_epoch: int, global_batch: int, rank: int, world: int) -> np.ndarray:
     """Rank `rank`'s part of global batch `step_in_epoch`: its r-th contiguous 1/world slice."""
     if global_batch % world:
-        raise TrainError(f"--global-batch {global_batch} is not divisible by the {world} "
-                         "processes/devices")
+        raise TrainError(f"--global-batch {global_batch} is not divisible by the {world} processes/devices")
     per = global_batch // world
     start = step_in_epoch * global_batch + rank * per
-    return order[start:start + per]
+    return order[start : start + per]
 
 
 def is_digits(data: str) -> bool:
@@ -331,12 +341,15 @@ def check_supported(cfg: TrainConfig, processes: int) -> None:
     one process; MegEngine and Flax train in float32 (--amp is PyTorch's)."""
     if cfg.framework == "megengine":
         if processes > 1:
-            raise TrainError("--nproc/--nnodes: MegEngine trains in one process here (megengine."
-                             "distributed takes GPU devices with NCCL/RCCL only; on CPU its process "
-                             "group refuses to start)")
+            raise TrainError(
+                "--nproc/--nnodes: MegEngine trains in one process here (megengine."
+                "distributed takes GPU devices with NCCL/RCCL only; on CPU its process "
+                "group refuses to start)"
+            )
         if cfg.amp:
-            raise TrainError("--amp bf16: the MegEngine trainer runs in float32 (MegEngine's "
-                             "autocast is float16 on CUDA only)")
+            raise TrainError(
+                "--amp bf16: the MegEngine trainer runs in float32 (MegEngine's autocast is float16 on CUDA only)"
+            )
     if cfg.framework == "flax" and cfg.amp:
         raise TrainError("--amp bf16: the Flax trainer runs in float32 (PyTorch only)")
 
@@ -358,19 +371,34 @@ def initial_state(cfg: TrainConfig, spec: SpecLike) -> dict[str, np.ndarray] | N
 def save_dataset(path: str | os.PathLike[str], data: Dataset) -> None:
     """The whole Dataset (images, labels, split, normalisation) as one safetensors file, for a
     trainer in another interpreter (the MegEngine environment has no scikit-learn or Pillow)."""
-    arrays = {"images": data.images, "labels": data.labels, "train_idx": data.train_idx,
-              "val_idx": data.val_idx, "mean": data.mean, "std": data.std}
+    arrays = {
+        "images": data.images,
+        "labels": data.labels,
+        "train_idx": data.train_idx,
+        "val_idx": data.val_idx,
+        "mean": data.mean,
+        "std": data.std,
+    }
     save_arrays(path, arrays, {"classes": json.dumps(list(data.classes)), "source": data.source})
 
 
 def read_dataset(path: str | os.PathLike[str]) -> Dataset:
     """The Dataset written by save_dataset."""
     a, meta = safetensors_io.load_file(path)
-    return Dataset(a["images"], a["labels"], tuple(json.loads(meta["classes"])), a["train_idx"],
-                   a["val_idx"], a["mean"], a["std"], meta["source"])
+    return Dataset(
+        a["images"],
+        a["labels"],
+        tuple(json.loads(meta["classes"])),
+        a["train_idx"],
+        a["val_idx"],
+        a["mean"],
+        a["std"],
+        meta["source"],
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints, metrics
+
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace `path` with `data` atomically (temp file, fsync, rename), with the umask's mode
@@ -381,21 +409,20 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
-                meta: Mapping[str, str]) -> None:
+def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
     """A safetensors file written atomically, replacing `path`."""
     write_bytes(path, safetensors_io.dumps(arrays, meta))
 
 
-def save_checkpoint(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
-                    progress: Mapping[str, Any]) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], progress: Mapping[str, Any]
+) -> None:
     """The training state (`arrays`: model, optimizer, EMA; `progress`: step, config
     fingerprint, partial-epoch sums) as one safetensors file, written atomically."""
     save_arrays(path, arrays, {_META_KEY: json.dumps(progress, sort_keys=True)})
 
 
-def load_checkpoint(path: str | os.PathLike[str], cfg: TrainConfig) -> tuple[dict[str, np.ndarray],
-                                                                        dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike[str], cfg: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays, progress) of a checkpoint written by save_checkpoint for the same settings;
     CheckpointError when there is none or it was made with other settings."""
     if not os.path.isfile(path):
@@ -424,20 +451,19 @@ def write_metrics(path: str | os.PathLike[str], records: list[dict[str, Any]]) -
     write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
 
-def write_final(out: Path, spec: SpecLike, state: Mapping[str, np.ndarray],
-                meta: Mapping[str, str]) -> dict[str, str]:
+def write_final(out: Path, spec: SpecLike, state: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> dict[str, str]:
     """`MODEL-train.safetensors` (the trained neutral state) and `MODEL-deploy.safetensors`
     (re-parameterized by the core, float64 algebra); returns their paths by form."""
     name = in_form(spec, "train").name
     paths = {form: os.fspath(out / f"{name}-{form}.safetensors") for form in ("train", "deploy")}
-    train = {k: np.asarray(v, np.float32) for k, v in state.items()
-             if not k.endswith("num_batches_tracked")}
+    train = {k: np.asarray(v, np.float32) for k, v in state.items() if not k.endswith("num_batches_tracked")}
     save_arrays(paths["train"], train, {**meta, "form": "train"})
     save_arrays(paths["deploy"], reparameterize_state(spec, train), {**meta, "form": "deploy"})
     return paths
 
 
 # --------------------------------------------------------------------------- loop bookkeeping
+
 
 class StopFlag:
     """Set by SIGTERM (the handler only records it): the trainer checks it after each step,
@@ -475,8 +501,9 @@ def steps_of(sched: Schedule, start: int) -> Iterator[tuple[int, int, int]]:
         yield step, step // sched.steps_per_epoch, step % sched.steps_per_epoch
 
 
-def local_batches(cfg: TrainConfig, sched: Schedule, data: Dataset, start: int, part: int,
-                  parts: int) -> Iterator[tuple[int, int, int, float, np.ndarray, np.ndarray, float]]:
+def local_batches(
+    cfg: TrainConfig, sched: Schedule, data: Dataset, start: int, part: int, parts: int
+) -> Iterator[tuple[int, int, int, float, np.ndarray, np.ndarray, float]]:
     """Every step from `start` as (step, epoch, step_in_epoch, lr, x, y, prep_s): this part's
     share (rank_indices) of the global batch in the epoch's sample order (epoch_order: a function
     of seed and epoch), augmented (NCHW float32 x, int y), the step's learning rate, and the
@@ -520,8 +547,12 @@ def is_epoch_end(sched: Schedule, step: int) -> bool:
     return (step + 1) % sched.steps_per_epoch == 0 or step == sched.total - 1
 
 
-def log_epoch(cfg: TrainConfig, records: list[dict[str, Any]], record: dict[str, Any],
-              on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+def log_epoch(
+    cfg: TrainConfig,
+    records: list[dict[str, Any]],
+    record: dict[str, Any],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> None:
     """Append an epoch's record, rewrite the metrics file, report it."""
     records.append(record)
     write_metrics(Path(cfg.out) / METRICS, records)
@@ -529,46 +560,66 @@ def log_epoch(cfg: TrainConfig, records: list[dict[str, Any]], record: dict[str,
         on_epoch(record)
 
 
-def checkpoint(cfg: TrainConfig, steps_done: int, arrays: Mapping[str, np.ndarray], sums: EpochSums,
-               end_of_epoch: bool) -> None:
+def checkpoint(
+    cfg: TrainConfig, steps_done: int, arrays: Mapping[str, np.ndarray], sums: EpochSums, end_of_epoch: bool
+) -> None:
     """OUT/checkpoint.safetensors after `steps_done` steps; the epoch's sums are kept when the
     checkpoint is written mid-epoch (SIGTERM), so the resumed epoch's figures cover all of it."""
     kept = EpochSums() if end_of_epoch else sums
-    save_checkpoint(Path(cfg.out) / CHECKPOINT, arrays,
-                    {"step": steps_done, "config": cfg.fingerprint(), "sums": vars(kept)})
+    save_checkpoint(
+        Path(cfg.out) / CHECKPOINT, arrays, {"step": steps_done, "config": cfg.fingerprint(), "sums": vars(kept)}
+    )
 
 
-def epoch_record(epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping[str, float],
-                 world: int) -> dict[str, Any]:
+def epoch_record(
+    epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping[str, float], world: int
+) -> dict[str, Any]:
     """One line of the metrics file (train loss/accuracy over the epoch's images on every
     process, validation figures, throughput of the epoch)."""
-    return {"epoch": epoch + 1, "step": step, "lr": lr,
-            "train_loss": sums.loss / max(sums.seen, 1), "train_acc": sums.correct / max(sums.seen, 1),
-            **dict(val), "images": sums.seen, "seconds": sums.seconds,
-            "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
-            "processes": world}
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        "train_loss": sums.loss / max(sums.seen, 1),
+        "train_acc": sums.correct / max(sums.seen, 1),
+        **dict(val),
+        "images": sums.seen,
+        "seconds": sums.seconds,
+        "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
+        "processes": world,
+    }
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
-             batch: int = 256) -> tuple[float, float]:
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = 256
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the logits `predict` gives for x (N, C, H, W), in
     batches of `batch`, against labels y (N,): with z = logits - max, log p = z - log sum exp z
     (float64), loss = -mean log p[i, y_i]."""
-    logits = np.concatenate([predict(x[i:i + batch]) for i in range(0, len(x), batch)])
+    logits = np.concatenate([predict(x[i : i + batch]) for i in range(0, len(x), batch)])
     z = logits.astype(np.float64) - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean())
 
 
-def summarize(cfg: TrainConfig, data: Dataset, spec: SpecLike, framework: str, *, steps: int,
-              stopped: bool, rank: int, world: int, records: list[dict[str, Any]],
-              final_state: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, Any]:
+def summarize(
+    cfg: TrainConfig,
+    data: Dataset,
+    spec: SpecLike,
+    framework: str,
+    *,
+    steps: int,
+    stopped: bool,
+    rank: int,
+    world: int,
+    records: list[dict[str, Any]],
+    final_state: Callable[[], Mapping[str, np.ndarray]],
+) -> dict[str, Any]:
     """What a trainer returns: `steps` done, `stopped` (by SIGTERM), this process' `rank`, the
     `world` size, the metrics `records`; rank 0 of a finished run also writes the final neutral
     files (write_final of final_state(), the trained weights: the EMA's with --ema) and lists
     them under `files`."""
-    summary: dict[str, Any] = {"steps": steps, "stopped": stopped, "rank": rank, "world": world,
-                               "records": records}
+    summary: dict[str, Any] = {"steps": steps, "stopped": stopped, "rank": rank, "world": world, "records": records}
     if rank == 0 and not stopped:
         summary["files"] = write_final(Path(cfg.out), spec, final_state(), metadata(cfg, data, framework))
     return summary
@@ -576,17 +627,64 @@ def summarize(cfg: TrainConfig, data: Dataset, spec: SpecLike, framework: str, *
 
 def metadata(cfg: TrainConfig, data: Dataset, framework: str) -> dict[str, str]:
     """The metadata of the final neutral files."""
-    return {"model": cfg.model, "format": "pt", "producer": f"reparam train ({framework})",
-            "num_classes": str(len(data.classes)), "data": json.dumps(data.describe()),
-            "config": json.dumps(cfg.fingerprint(), sort_keys=True)}
+    return {
+        "model": cfg.model,
+        "format": "pt",
+        "producer": f"reparam train ({framework})",
+        "num_classes": str(len(data.classes)),
+        "data": json.dumps(data.describe()),
+        "config": json.dumps(cfg.fingerprint(), sort_keys=True),
+    }
 
 
-__all__ = ["TrainConfig", "TrainError", "Schedule", "make_schedule", "learning_rate",
-           "custom_l2_kernels", "has_aux_heads", "decays", "Dataset", "crop_resize", "stratified_split",
-           "make_dataset", "load_digits", "load_image_folder", "load_dataset", "sample_box",
-           "batch", "epoch_order", "rank_indices", "is_digits", "check_supported", "initial_state",
-           "save_dataset", "read_dataset", "Resumed", "resume_point", "is_epoch_end", "log_epoch",
-           "checkpoint", "AUX_WEIGHT", "write_bytes", "save_arrays",
-           "save_checkpoint", "load_checkpoint", "read_metrics", "write_metrics", "write_final",
-           "StopFlag", "EpochSums", "steps_of", "epoch_record", "evaluate", "summarize", "metadata", "CHECKPOINT",
-           "METRICS", "SPLIT_SEED", "VAL_FRACTION", "DIGITS"]
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "Schedule",
+    "make_schedule",
+    "learning_rate",
+    "custom_l2_kernels",
+    "has_aux_heads",
+    "decays",
+    "Dataset",
+    "crop_resize",
+    "stratified_split",
+    "make_dataset",
+    "load_digits",
+    "load_image_folder",
+    "load_dataset",
+    "sample_box",
+    "batch",
+    "epoch_order",
+    "rank_indices",
+    "is_digits",
+    "check_supported",
+    "initial_state",
+    "save_dataset",
+    "read_dataset",
+    "Resumed",
+    "resume_point",
+    "is_epoch_end",
+    "log_epoch",
+    "checkpoint",
+    "AUX_WEIGHT",
+    "write_bytes",
+    "save_arrays",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_metrics",
+    "write_metrics",
+    "write_final",
+    "StopFlag",
+    "EpochSums",
+    "steps_of",
+    "epoch_record",
+    "evaluate",
+    "summarize",
+    "metadata",
+    "CHECKPOINT",
+    "METRICS",
+    "SPLIT_SEED",
+    "VAL_FRACTION",
+    "DIGITS",
+]

@@ -6,6 +6,7 @@ written, a bad argument), 1 for a check that ran and failed (VerificationError),
 interrupted, 141 when stdout is closed early (as SIGPIPE would). A script run on its own
 (`python -m scripts.convert ...`) goes through here too (run_command).
 """
+
 from __future__ import annotations
 
 import argparse

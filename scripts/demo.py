@@ -19,6 +19,7 @@ re-parameterizes on its own; 4. write checkpoints in every format and form, the 
 Everything is compared with the trained PyTorch model (train form): "same" counts test images
 whose predicted class is identical, "max |dlogit|" is the largest absolute logit difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,21 @@ DEFAULT_MODEL = "RepVGG-mini"
 QUANTIZE_MODELS = "RepVGG-mini,QARepVGG-mini"  # `--quantize`: two models of the same size
 DEFAULT_EPOCHS = 10
 DEFAULT_SEED = 0
-TIMING_REPEATS = 9     # interleaved throughput measurement: median of this many rounds
+TIMING_REPEATS = 9  # interleaved throughput measurement: median of this many rounds
 GALLERY_SIZE = 16
 
 
-def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_EPOCHS,
-             model: str = DEFAULT_MODEL, seed: int = DEFAULT_SEED, no_train: bool = False,
-             plot: bool = True, quiet: bool = False, save_asset: bool = False) -> dict[str, Any]:
+def run_demo(
+    *,
+    out: str | os.PathLike[str] = "demo-out",
+    epochs: int = DEFAULT_EPOCHS,
+    model: str = DEFAULT_MODEL,
+    seed: int = DEFAULT_SEED,
+    no_train: bool = False,
+    plot: bool = True,
+    quiet: bool = False,
+    save_asset: bool = False,
+) -> dict[str, Any]:
     """Run every stage; returns the summary (also written to OUT/summary.json)."""
     import torch
 
@@ -88,8 +97,9 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
         say(f"loaded the trained {model} from {train_info['loaded_from']} (--no-train)")
     else:
         say(f"training {model} on {len(data.y_train)} digits for {epochs} epochs (seed {seed}, reparam train)")
-        torch_train, history, train_info = train_model(model, data, out_dir / "train", epochs=epochs,
-                                                       seed=seed, quiet=quiet)
+        torch_train, history, train_info = train_model(
+            model, data, out_dir / "train", epochs=epochs, seed=seed, quiet=quiet
+        )
         if save_asset:
             path = demo_train.save_asset(model, torch_train, data, history, train_info)
             say(f"saved the trained checkpoint to {path}")
@@ -103,8 +113,11 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
     logits = {"torch/train": bt.predict(torch_train, x_test), "torch/deploy": bt.predict(torch_deploy, x_test)}
     with torch.inference_mode():
         xt = torch.from_numpy(x_test)
-        throughput: dict[str, dict[str, Any]] = {"torch": interleaved_throughput(
-            {"train": lambda: torch_train(xt), "deploy": lambda: torch_deploy(xt)}, n, TIMING_REPEATS)}
+        throughput: dict[str, dict[str, Any]] = {
+            "torch": interleaved_throughput(
+                {"train": lambda: torch_train(xt), "deploy": lambda: torch_deploy(xt)}, n, TIMING_REPEATS
+            )
+        }
     t = mark("reparameterize (torch)", t)
 
     # 3a. MegEngine through the worker: the torch train state, re-parameterized there, and
@@ -114,15 +127,17 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
     kw: dict[str, Any] = {"model": model, "num_classes": NUM_CLASSES}
     logits["megengine/train"] = worker.predict(form="train", state=state_train, x=x_test, **kw)
     logits["megengine/deploy"], mge_deploy_state = worker.predict(
-        form="train", state=state_train, x=x_test, reparameterize=True, return_state=True, **kw)
+        form="train", state=state_train, x=x_test, reparameterize=True, return_state=True, **kw
+    )
     loaded = {"megengine/loaded": worker.predict(form="deploy", state=state_deploy, x=x_test, **kw)}
     mge_art = art_dir / f"{model}.mge"
-    y_mge_art_first = worker.export_traced(form="deploy", state=state_deploy, artifact=mge_art,
-                                           x=x_test[:1], **kw)
+    y_mge_art_first = worker.export_traced(form="deploy", state=state_deploy, artifact=mge_art, x=x_test[:1], **kw)
     y_mge_art = worker.run_traced(mge_art, x_test)
     times = worker.time_forms(state=state_train, x=x_test, repeats=TIMING_REPEATS, **kw)
-    throughput["megengine"] = {**summarize(times, n),
-                               "deploy_over_train": paired_ratio(times["train"], times["deploy"])}
+    throughput["megengine"] = {
+        **summarize(times, n),
+        "deploy_over_train": paired_ratio(times["train"], times["deploy"]),
+    }
     t = mark("port: megengine", t)
 
     # 3b. Flax
@@ -131,10 +146,13 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
     flax_deploy = bf.reparameterize(flax_train)
     logits["flax/train"], logits["flax/deploy"] = bf.predict(flax_train, x_test), bf.predict(flax_deploy, x_test)
     loaded["flax/loaded"] = bf.predict(
-        bf.load_state(bf.empty_model(model, num_classes=NUM_CLASSES, deploy=True), state_deploy), x_test)
+        bf.load_state(bf.empty_model(model, num_classes=NUM_CLASSES, deploy=True), state_deploy), x_test
+    )
     throughput["flax"] = interleaved_throughput(
         {"train": lambda: bf.predict(flax_train, x_test), "deploy": lambda: bf.predict(flax_deploy, x_test)},
-        n, TIMING_REPEATS)
+        n,
+        TIMING_REPEATS,
+    )
     t = mark("port: flax", t)
 
     # 4. files: checkpoints and deploy artifacts (ONNX and StableHLO take one image per call)
@@ -145,34 +163,54 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
     logits["artifact/onnx"] = run_onnx(onnx_path, x_test, batch=1)[0]
     logits["artifact/mge"] = y_mge_art
     shlo = bf.load_stablehlo(shlo_path)
-    logits["artifact/stablehlo"] = np.concatenate([shlo(x_test[i:i + 1]) for i in range(n)])
+    logits["artifact/stablehlo"] = np.concatenate([shlo(x_test[i : i + 1]) for i in range(n)])
     t = mark("write files", t)
 
     results = report.results(logits, y_test, throughput)
     porting: dict[str, Any] = report.porting({**logits, **loaded}, y_test)
     porting["mge_artifact_first_image_vs_torch_deploy"] = float(
-        np.abs(y_mge_art_first - logits["torch/deploy"][:1]).max())
-    porting["fused_state_max_diff"] = {"megengine_vs_torch": max_state_diff(state_deploy, mge_deploy_state),
-                                       "flax_vs_torch": max_state_diff(state_deploy, bf.export_state(flax_deploy))}
+        np.abs(y_mge_art_first - logits["torch/deploy"][:1]).max()
+    )
+    porting["fused_state_max_diff"] = {
+        "megengine_vs_torch": max_state_diff(state_deploy, mge_deploy_state),
+        "flax_vs_torch": max_state_diff(state_deploy, bf.export_state(flax_deploy)),
+    }
     artifacts: dict[str, tuple[str | os.PathLike[str], str]] = {
-        "onnx": (onnx_path, "onnxruntime"), "mge": (mge_art, "megengine GraphInference"),
-        "stablehlo": (shlo_path, "jax.export")}
+        "onnx": (onnx_path, "onnxruntime"),
+        "mge": (mge_art, "megengine GraphInference"),
+        "stablehlo": (shlo_path, "jax.export"),
+    }
     summary: dict[str, Any] = {
-        "model": model, "out": os.fspath(out_dir),
+        "model": model,
+        "out": os.fspath(out_dir),
         "command": f"reparam demo --out {out} --epochs {epochs} --model {model} --seed {seed}"
-                   + (" --no-train" if no_train else ""),
-        "data": data.describe(), "training": {**train_info, "history": history},
+        + (" --no-train" if no_train else ""),
+        "data": data.describe(),
+        "training": {**train_info, "history": history},
         "params": {"train": count_params(spec, "train"), "deploy": count_params(spec, "deploy")},
         "reference": "torch/train (the trained PyTorch model); same_predictions and "
-                     "max_abs_logit_diff are measured against it on the test set",
+        "max_abs_logit_diff are measured against it on the test set",
         "results": results,
         "throughput": {fw: report.throughput_entry(tp, n, TIMING_REPEATS) for fw, tp in throughput.items()},
-        "porting": porting, "all_identical": report.all_identical(results), "checkpoints": checkpoints,
-        "artifacts": {k: {"path": os.fspath(p), "runtime": rt, **results[f"artifact/{k}"],
-                          **({"input": "data (NCHW, any batch)"} if k == "mge" else {"input_shape": list(shape)})}
-                      for k, (p, rt) in artifacts.items()},
-        "gallery": gallery(y_test, {k: v.argmax(1) for k, v in logits.items()}, data.test_idx,
-                           reference=report.REFERENCE, k=GALLERY_SIZE),
+        "porting": porting,
+        "all_identical": report.all_identical(results),
+        "checkpoints": checkpoints,
+        "artifacts": {
+            k: {
+                "path": os.fspath(p),
+                "runtime": rt,
+                **results[f"artifact/{k}"],
+                **({"input": "data (NCHW, any batch)"} if k == "mge" else {"input_shape": list(shape)}),
+            }
+            for k, (p, rt) in artifacts.items()
+        },
+        "gallery": gallery(
+            y_test,
+            {k: v.argmax(1) for k, v in logits.items()},
+            data.test_idx,
+            reference=report.REFERENCE,
+            k=GALLERY_SIZE,
+        ),
         "environment": report.environment(worker.info),
     }
     if plot:
@@ -189,22 +227,41 @@ def run_demo(*, out: str | os.PathLike[str] = "demo-out", epochs: int = DEFAULT_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo-out", metavar="DIR",
-                        help="output directory (default ./demo-out; files in it are replaced)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, metavar="N",
-                        help=f"training epochs (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                        help=f"registry model (default {DEFAULT_MODEL}; 10 classes, 32x32 input)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
-                        help="seed of the initialisation, sample order and augmentation "
-                             "(the train/test split is fixed)")
-    parser.add_argument("--no-train", action="store_true",
-                        help="skip training: use the checkpoint shipped in assets/demo/")
-    parser.add_argument("--quantize", nargs="?", const=QUANTIZE_MODELS, default=None,
-                        metavar="MODEL,MODEL",
-                        help="instead: train each model (default "
-                             f"{QUANTIZE_MODELS}), quantize to int8 per channel and per tensor, "
-                             "and compare accuracy and per-layer SQNR")
+    parser.add_argument(
+        "--out",
+        default="demo-out",
+        metavar="DIR",
+        help="output directory (default ./demo-out; files in it are replaced)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=DEFAULT_EPOCHS, metavar="N", help=f"training epochs (default {DEFAULT_EPOCHS})"
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help=f"registry model (default {DEFAULT_MODEL}; 10 classes, 32x32 input)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        metavar="S",
+        help="seed of the initialisation, sample order and augmentation (the train/test split is fixed)",
+    )
+    parser.add_argument(
+        "--no-train", action="store_true", help="skip training: use the checkpoint shipped in assets/demo/"
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="?",
+        const=QUANTIZE_MODELS,
+        default=None,
+        metavar="MODEL,MODEL",
+        help="instead: train each model (default "
+        f"{QUANTIZE_MODELS}), quantize to int8 per channel and per tensor, "
+        "and compare accuracy and per-layer SQNR",
+    )
     parser.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
     # maintainers: refresh the shipped checkpoint (assets/demo/) from this run's training
     parser.add_argument("--save-asset", action="store_true", help=argparse.SUPPRESS)
@@ -222,9 +279,15 @@ def run(args: argparse.Namespace) -> int:
             plot_comparison(results, str(Path(args.out) / "summary.png"))
         print(format_comparison(results))
         return 0
-    summary = run_demo(out=args.out, epochs=args.epochs, model=args.model, seed=args.seed,
-                       no_train=args.no_train, plot=not getattr(args, "no_plot", False),
-                       save_asset=getattr(args, "save_asset", False))
+    summary = run_demo(
+        out=args.out,
+        epochs=args.epochs,
+        model=args.model,
+        seed=args.seed,
+        no_train=args.no_train,
+        plot=not getattr(args, "no_plot", False),
+        save_asset=getattr(args, "save_asset", False),
+    )
     print(report.format_table(summary))
     if not summary["all_identical"]["all"]:  # exit 1 (scripts.cli), after the table
         raise VerificationError("some predictions differ from the trained PyTorch model (see the table)")

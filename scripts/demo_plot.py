@@ -3,6 +3,7 @@ form, the training curve, and a grid of test digits with their predictions.
 
     python -m scripts.demo_plot demo-out/summary.json [out.png]   # redraw from a summary
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,16 @@ def _accuracy_panel(ax: Axes, s: dict[str, Any]) -> None:
         for j, (form, color) in enumerate((("train", TRAIN_C), ("deploy", DEPLOY_C))):
             r = res[f"{fw}/{form}"]
             x = i + (j - 0.5) * width
-            ax.bar(x, r["accuracy"] - lo, width * 0.92, bottom=lo, color=color,
-                   edgecolor="white", label=form if i == 0 else None)
-            ax.text(x, r["accuracy"] + 0.002, f"{r['accuracy']:.2%}", ha="center", va="bottom",
-                    fontsize=8, rotation=90)
+            ax.bar(
+                x,
+                r["accuracy"] - lo,
+                width * 0.92,
+                bottom=lo,
+                color=color,
+                edgecolor="white",
+                label=form if i == 0 else None,
+            )
+            ax.text(x, r["accuracy"] + 0.002, f"{r['accuracy']:.2%}", ha="center", va="bottom", fontsize=8, rotation=90)
         xs.append(i)
         labels.append(name)
     # the deploy artifacts as a fourth group
@@ -52,12 +59,20 @@ def _accuracy_panel(ax: Axes, s: dict[str, Any]) -> None:
     for j, (key, name) in enumerate(ARTIFACTS):
         r = res[key]
         x = i + (j - 1) * aw
-        ax.bar(x, r["accuracy"] - lo, aw * 0.92, bottom=lo, color=ART_C, hatch="//",
-               edgecolor="white", label="deploy artifact" if j == 0 else None)
-        ax.text(x, r["accuracy"] + 0.002, f"{r['accuracy']:.2%}", ha="center", va="bottom",
-                fontsize=8, rotation=90)
-        ax.text(x, lo + 0.004, name, ha="center", va="bottom", fontsize=7.5, rotation=90,
-                color="white", fontweight="bold")
+        ax.bar(
+            x,
+            r["accuracy"] - lo,
+            aw * 0.92,
+            bottom=lo,
+            color=ART_C,
+            hatch="//",
+            edgecolor="white",
+            label="deploy artifact" if j == 0 else None,
+        )
+        ax.text(x, r["accuracy"] + 0.002, f"{r['accuracy']:.2%}", ha="center", va="bottom", fontsize=8, rotation=90)
+        ax.text(
+            x, lo + 0.004, name, ha="center", va="bottom", fontsize=7.5, rotation=90, color="white", fontweight="bold"
+        )
     xs.append(i)
     labels.append("artifacts")
     ax.set_xticks(xs, labels)
@@ -69,13 +84,23 @@ def _accuracy_panel(ax: Axes, s: dict[str, Any]) -> None:
     all_same = all(r["identical"] for r in res.values())
     worst = max(r["max_abs_logit_diff"] for r in res.values())
     ax.set_title("Test accuracy", fontsize=12, fontweight="bold", loc="left")
-    msg = (f"all {len(res)} agree on {n}/{n} test images\nmax |Δlogit| vs PyTorch train: {worst:.0e}"
-           if all_same else
-           "predictions differ: " + ", ".join(f"{k} {r['same_predictions']}/{n}"
-                                                for k, r in res.items() if not r["identical"]))
-    ax.text(0.98, 0.985, msg, transform=ax.transAxes, ha="right", va="top", fontsize=8.5,
-            color=OK_C if all_same else BAD_C,
-            bbox=dict(boxstyle="round,pad=0.3", fc="white", ec=OK_C if all_same else BAD_C, lw=0.8))
+    msg = (
+        f"all {len(res)} agree on {n}/{n} test images\nmax |Δlogit| vs PyTorch train: {worst:.0e}"
+        if all_same
+        else "predictions differ: "
+        + ", ".join(f"{k} {r['same_predictions']}/{n}" for k, r in res.items() if not r["identical"])
+    )
+    ax.text(
+        0.98,
+        0.985,
+        msg,
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8.5,
+        color=OK_C if all_same else BAD_C,
+        bbox=dict(boxstyle="round,pad=0.3", fc="white", ec=OK_C if all_same else BAD_C, lw=0.8),
+    )
     ax.legend(loc="upper left", fontsize=8, frameon=False, ncol=1)
     ax.spines[["top", "right"]].set_visible(False)
 
@@ -92,9 +117,16 @@ def _throughput_panel(ax: Axes, s: dict[str, Any]) -> None:
             ax.bar(x, v, width * 0.92, color=color, edgecolor="white", label=form if i == 0 else None)
             ax.text(x, v + top * 0.01, _fmt_int(v), ha="center", va="bottom", fontsize=8.5)
         ratio = t["deploy_over_train"]
-        ax.text(i, max(t["train_images_per_s"], t["deploy_images_per_s"]) + top * 0.09,
-                f"×{ratio:.2f}", ha="center", va="bottom", fontsize=11, fontweight="bold",
-                color=OK_C if ratio >= 1 else BAD_C)
+        ax.text(
+            i,
+            max(t["train_images_per_s"], t["deploy_images_per_s"]) + top * 0.09,
+            f"×{ratio:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=11,
+            fontweight="bold",
+            color=OK_C if ratio >= 1 else BAD_C,
+        )
     ax.set_xticks(range(len(FRAMEWORKS)), [n for _, n in FRAMEWORKS])
     ax.set_ylim(0, top * 1.3)
     ax.yaxis.set_major_formatter(lambda v, _: _fmt_int(v))
@@ -102,9 +134,14 @@ def _throughput_panel(ax: Axes, s: dict[str, Any]) -> None:
     batch = next(iter(tp.values()))["batch"]
     reps = next(iter(tp.values()))["repeats"]
     ax.set_title("Inference throughput", fontsize=12, fontweight="bold", loc="left")
-    ax.text(0.0, -0.12, f"batch {batch}, median of {reps} interleaved rounds; "
-            "×: deploy speed-up (median per-round ratio)",
-            transform=ax.transAxes, fontsize=8, color=GREY)
+    ax.text(
+        0.0,
+        -0.12,
+        f"batch {batch}, median of {reps} interleaved rounds; ×: deploy speed-up (median per-round ratio)",
+        transform=ax.transAxes,
+        fontsize=8,
+        color=GREY,
+    )
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
 
@@ -115,8 +152,16 @@ def _training_panel(ax: Axes, s: dict[str, Any]) -> None:
     ax.spines[["top"]].set_visible(False)
     if not hist:
         src = s["training"].get("loaded_from", "a checkpoint")
-        ax.text(0.5, 0.5, f"not trained in this run\n(loaded {src})", ha="center", va="center",
-                transform=ax.transAxes, fontsize=10, color=GREY)
+        ax.text(
+            0.5,
+            0.5,
+            f"not trained in this run\n(loaded {src})",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=10,
+            color=GREY,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         return
@@ -132,17 +177,32 @@ def _training_panel(ax: Axes, s: dict[str, Any]) -> None:
     ax2.set_ylabel("accuracy", color=OK_C)
     ax2.spines[["top"]].set_visible(False)
     last = hist[-1]
-    ax2.annotate(f"{last['test_acc']:.1%}", (ep[-1], last["test_acc"]), xytext=(-6, -16),
-                 textcoords="offset points", ha="right", fontsize=9, color=OK_C, fontweight="bold")
+    ax2.annotate(
+        f"{last['test_acc']:.1%}",
+        (ep[-1], last["test_acc"]),
+        xytext=(-6, -16),
+        textcoords="offset points",
+        ha="right",
+        fontsize=9,
+        color=OK_C,
+        fontweight="bold",
+    )
     if len(ep) <= 20:
         ax.set_xticks(ep)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8, frameon=False)
     info = s["training"]
-    ax.text(0.0, -0.19, f"{info.get('optimizer', '')} lr {info.get('lr', '')}, batch "
-            f"{info.get('batch_size', '')}, seed {info.get('seed', '')}, "
-            f"{info.get('seconds', 0):.1f} s", transform=ax.transAxes, fontsize=8, color=GREY)
+    ax.text(
+        0.0,
+        -0.19,
+        f"{info.get('optimizer', '')} lr {info.get('lr', '')}, batch "
+        f"{info.get('batch_size', '')}, seed {info.get('seed', '')}, "
+        f"{info.get('seconds', 0):.1f} s",
+        transform=ax.transAxes,
+        fontsize=8,
+        color=GREY,
+    )
 
 
 def _gallery(fig: Figure, gs: SubplotSpec, s: dict[str, Any], images: np.ndarray | None) -> None:
@@ -153,6 +213,7 @@ def _gallery(fig: Figure, gs: SubplotSpec, s: dict[str, Any], images: np.ndarray
     sub = gs.subgridspec(rows, cols, wspace=0.08, hspace=0.42)
     if images is None:
         from sklearn.datasets import load_digits
+
         all_images = load_digits().images
         imgs = [all_images[i] for i in g["dataset_indices"]]
     else:
@@ -170,24 +231,34 @@ def _gallery(fig: Figure, gs: SubplotSpec, s: dict[str, Any], images: np.ndarray
             sp.set_color(OK_C if ok else BAD_C)
             sp.set_linewidth(2.5 if ok else 3.5)
         agree = g["all_agree"][k]
-        ax.set_title(f"pred {ref}" + ("" if ok else f" (true {label})"), fontsize=10,
-                     color=OK_C if ok else BAD_C, fontweight="bold", pad=3)
-        ax.set_xlabel(f"{len(preds)}/{len(preds)} agree" if agree else
-                      "disagree: " + "/".join(sorted({str(p[k]) for p in preds.values()})),
-                      fontsize=8.5, color=GREY if agree else BAD_C, labelpad=2)
+        ax.set_title(
+            f"pred {ref}" + ("" if ok else f" (true {label})"),
+            fontsize=10,
+            color=OK_C if ok else BAD_C,
+            fontweight="bold",
+            pad=3,
+        )
+        ax.set_xlabel(
+            f"{len(preds)}/{len(preds)} agree"
+            if agree
+            else "disagree: " + "/".join(sorted({str(p[k]) for p in preds.values()})),
+            fontsize=8.5,
+            color=GREY if agree else BAD_C,
+            labelpad=2,
+        )
 
 
 def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], images: np.ndarray | None = None) -> str:
     """Draw the summary figure to `path` (PNG). `images`: the raw 8x8 test images indexed by test
     position (else they are reloaded from sklearn by dataset index). Returns the path."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     s = summary
     fig = plt.figure(figsize=(16, 10), dpi=100)
-    outer = fig.add_gridspec(2, 1, height_ratios=[1.0, 0.9], hspace=0.42, left=0.05, right=0.94,
-                             top=0.87, bottom=0.04)
+    outer = fig.add_gridspec(2, 1, height_ratios=[1.0, 0.9], hspace=0.42, left=0.05, right=0.94, top=0.87, bottom=0.04)
     top = outer[0].subgridspec(1, 3, width_ratios=[1.35, 1.0, 1.0], wspace=0.3)
     _accuracy_panel(fig.add_subplot(top[0]), s)
     _throughput_panel(fig.add_subplot(top[1]), s)
@@ -197,19 +268,36 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], images: 
     p = s["params"]
     n = next(iter(s["results"].values()))["n"]
     ref_acc = s["results"]["torch/train"]["accuracy"]
-    fig.suptitle(f"{s['model']} on scikit-learn digits: trained in PyTorch, re-parameterized, "
-                 f"run in PyTorch, MegEngine and Flax", fontsize=15, fontweight="bold", x=0.05,
-                 ha="left", y=0.975)
+    fig.suptitle(
+        f"{s['model']} on scikit-learn digits: trained in PyTorch, re-parameterized, "
+        f"run in PyTorch, MegEngine and Flax",
+        fontsize=15,
+        fontweight="bold",
+        x=0.05,
+        ha="left",
+        y=0.975,
+    )
     ok = s["all_identical"]["all"]
-    fig.text(0.05, 0.925,
-             f"test accuracy {ref_acc:.2%} on {n} held-out digits  •  parameters "
-             f"{p['train']:,} (multi-branch) → {p['deploy']:,} (one 3x3 conv per block)  •  "
-             + ("identical predictions everywhere" if ok else "PREDICTIONS DIFFER"),
-             fontsize=11, color=OK_C if ok else BAD_C, ha="left")
+    fig.text(
+        0.05,
+        0.925,
+        f"test accuracy {ref_acc:.2%} on {n} held-out digits  •  parameters "
+        f"{p['train']:,} (multi-branch) → {p['deploy']:,} (one 3x3 conv per block)  •  "
+        + ("identical predictions everywhere" if ok else "PREDICTIONS DIFFER"),
+        fontsize=11,
+        color=OK_C if ok else BAD_C,
+        ha="left",
+    )
     gallery_top = outer[1].get_position(fig).y1
-    fig.text(0.05, gallery_top + 0.04, "Test digits (8x8 originals) with the prediction of the "
-             "trained model; the count says how many of the 6 models and 3 artifacts agree",
-             fontsize=11, fontweight="bold", ha="left")
+    fig.text(
+        0.05,
+        gallery_top + 0.04,
+        "Test digits (8x8 originals) with the prediction of the "
+        "trained model; the count says how many of the 6 models and 3 artifacts agree",
+        fontsize=11,
+        fontweight="bold",
+        ha="left",
+    )
     fig.savefig(path, dpi=100, facecolor="white")
     plt.close(fig)
     return os.fspath(path)

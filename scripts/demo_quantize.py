@@ -8,6 +8,7 @@ and SQNR, per model and per layer. Writes DIR/train/<model>/ (the trainer's file
 DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx,
 DIR/quantize.json and DIR/summary.png (per-layer SQNR side by side).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ GRANULARITIES = ("per-channel", "per-tensor")
 Results = dict[str, dict[str, dict[str, Any]]]  # model -> granularity -> quantize report
 
 
-def compare(out: str, models: tuple[str, ...], *, epochs: int, seed: int, samples: int = 200,
-            quiet: bool = False) -> Results:
+def compare(
+    out: str, models: tuple[str, ...], *, epochs: int, seed: int, samples: int = 200, quiet: bool = False
+) -> Results:
     """Train, quantize and measure every model; returns {model: {granularity: report}}."""
     from backends.torch import export_state
 
@@ -35,29 +37,40 @@ def compare(out: str, models: tuple[str, ...], *, epochs: int, seed: int, sample
     data = load_digits_split()
     results: Results = {}
     for model in models:
-        module, _, _ = train_model(model, data, root / "train" / model, epochs=epochs, seed=seed,
-                                   quiet=quiet)
+        module, _, _ = train_model(model, data, root / "train" / model, epochs=epochs, seed=seed, quiet=quiet)
         ckpt = root / "checkpoints" / f"{model}-digits.safetensors"
         save_file(export_state(module), str(ckpt), metadata={"model": model, "form": "train"})
         results[model] = {
-            g: quantize_checkpoint(str(ckpt), str(root / "int8" / f"{model}-{g}.onnx"), model,
-                                   calib="digits", samples=samples, per_channel=g == "per-channel",
-                                   eval_source="digits", overwrite=True)
-            for g in GRANULARITIES}
+            g: quantize_checkpoint(
+                str(ckpt),
+                str(root / "int8" / f"{model}-{g}.onnx"),
+                model,
+                calib="digits",
+                samples=samples,
+                per_channel=g == "per-channel",
+                eval_source="digits",
+                overwrite=True,
+            )
+            for g in GRANULARITIES
+        }
     (root / "quantize.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 def format_comparison(results: Results) -> str:
-    head = (f"{'model':<16}{'weights':<13}{'bits':>5}{'fp32 top-1':>11}{'int8 top-1':>11}"
-            f"{'agree':>8}{'logit SQNR':>11}{'min layer SQNR':>16}")
+    head = (
+        f"{'model':<16}{'weights':<13}{'bits':>5}{'fp32 top-1':>11}{'int8 top-1':>11}"
+        f"{'agree':>8}{'logit SQNR':>11}{'min layer SQNR':>16}"
+    )
     lines = [head, "-" * len(head)]
     for model, by_g in results.items():
         for g, r in by_g.items():
             worst = min(lr["sqnr_db"] for lr in r["layers"])
-            lines.append(f"{model:<16}{g:<13}{r['weight_bits']:>5}{100 * r['fp32_top1']:>10.2f}%"
-                         f"{100 * r['int8_top1']:>10.2f}%{100 * r['agreement']:>7.2f}%"
-                         f"{r['logits_sqnr_db']:>9.1f}dB{worst:>14.1f}dB")
+            lines.append(
+                f"{model:<16}{g:<13}{r['weight_bits']:>5}{100 * r['fp32_top1']:>10.2f}%"
+                f"{100 * r['int8_top1']:>10.2f}%{100 * r['agreement']:>7.2f}%"
+                f"{r['logits_sqnr_db']:>9.1f}dB{worst:>14.1f}dB"
+            )
     return "\n".join(lines)
 
 
@@ -74,11 +87,14 @@ def plot_comparison(results: Results, path: str) -> None:
     for ax, g in zip(axes, GRANULARITIES):
         for i, (model, by_g) in enumerate(results.items()):
             layers = by_g[g]["layers"]
-            ax.bar(np.arange(len(layers)) + i * width, [lr["sqnr_db"] for lr in layers], width,
-                   label=f"{model} (agree {100 * by_g[g]['agreement']:.1f}%)")
+            ax.bar(
+                np.arange(len(layers)) + i * width,
+                [lr["sqnr_db"] for lr in layers],
+                width,
+                label=f"{model} (agree {100 * by_g[g]['agreement']:.1f}%)",
+            )
         names = [lr["name"].split(".rbr")[0] for lr in next(iter(results.values()))[g]["layers"]]
-        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=60, ha="right",
-                      fontsize=7)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"int8, {g} weights")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)

@@ -1,4 +1,5 @@
 """`reparam info NAME`: a spec as a table, with parameters and MACs before and after fusion."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ def _stage(path: str) -> str:
     head, _, last = path.rpartition(".")
     if not last.isdigit():
         return path
-    return head[:-len(".blocks")] if head.endswith(".blocks") else head
+    return head[: -len(".blocks")] if head.endswith(".blocks") else head
 
 
 def _main_convs(node: Node) -> list[Conv]:
@@ -41,13 +42,18 @@ def _rows(spec: object) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for name, nodes in stages.items():
         convs = [_main_convs(n) for n in nodes]
-        groups = Counter("dw" if c[0].groups == c[0].out_channels > 1 else str(c[0].groups)
-                         for c in convs)
+        groups = Counter("dw" if c[0].groups == c[0].out_channels > 1 else str(c[0].groups) for c in convs)
         strides = ",".join(str(max(cv.stride[0] for cv in c)) for c in convs)
         se = any(isinstance(n, SE) for node in nodes for _, n in walk(node))
-        rows.append((name, str(len(nodes)), f"{convs[0][0].in_channels}->{convs[-1][-1].out_channels}",
-                     strides, " ".join(f"{g}x{n}" if len(groups) > 1 else g for g, n in groups.items())
-                     + (" +SE" if se else "")))
+        rows.append(
+            (
+                name,
+                str(len(nodes)),
+                f"{convs[0][0].in_channels}->{convs[-1][-1].out_channels}",
+                strides,
+                " ".join(f"{g}x{n}" if len(groups) > 1 else g for g, n in groups.items()) + (" +SE" if se else ""),
+            )
+        )
     return rows
 
 
@@ -60,10 +66,13 @@ def format_info(name: str, size: int = 224) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     train, deploy = count_params(spec, "train"), count_params(spec, "deploy")
-    lines += ["", f"{'':14}{'train form':>14}{'deploy form':>14}",
-              f"{'parameters':14}{train / 1e6:>12.2f} M{deploy / 1e6:>12.2f} M",
-              f"{'MACs @' + str(size):14}{count_macs(spec, 'train', size) / 1e9:>12.3f} G"
-              f"{count_macs(spec, 'deploy', size) / 1e9:>12.3f} G"]
+    lines += [
+        "",
+        f"{'':14}{'train form':>14}{'deploy form':>14}",
+        f"{'parameters':14}{train / 1e6:>12.2f} M{deploy / 1e6:>12.2f} M",
+        f"{'MACs @' + str(size):14}{count_macs(spec, 'train', size) / 1e9:>12.3f} G"
+        f"{count_macs(spec, 'deploy', size) / 1e9:>12.3f} G",
+    ]
     folded = count_params_folded(spec)
     if folded != deploy:
         lines.append(f"deploy form with every remaining conv+BN folded too: {folded / 1e6:.2f} M parameters")

@@ -5,6 +5,7 @@
 
 `enabled=None` means "when stderr is a TTY"; tqdm is optional (a plain line per stage without it).
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,9 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, stages: Sequence[str], enabled: bool | None = None,
-                 stream: TextIO | None = None, desc: str = "convert") -> None:
+    def __init__(
+        self, stages: Sequence[str], enabled: bool | None = None, stream: TextIO | None = None, desc: str = "convert"
+    ) -> None:
         self.stream = stream or sys.stderr
         if enabled is None:
             enabled = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -25,6 +27,7 @@ class Progress:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self._bar = tqdm(total=len(self.stages), desc=desc, file=self.stream, leave=False)
             except ImportError:
                 self._bar = None

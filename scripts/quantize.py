@@ -12,6 +12,7 @@ from its training split, evaluation on its test split); a DIR is `DIR/<class>/<i
 image size, normalised with ImageNet's mean and std (`--mean`/`--std` to change).
 Exit codes: 0 written, 2 bad input (nothing written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ def _digits() -> object:
     return load_digits_split()
 
 
-def load_images(source: str, split: str, limit: int | None, mean: tuple[float, ...],
-                std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    source: str, split: str, limit: int | None, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """(x NCHW float32, labels) from `digits` (its `split`: train or test) or an image folder."""
     if source == "digits":
         d = _digits()
@@ -54,12 +56,22 @@ def load_images(source: str, split: str, limit: int | None, mean: tuple[float, .
     return x, y
 
 
-def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: int = 200,
-                        method: str = "minmax", per_channel: bool = True,
-                        eval_source: str | None = None, overwrite: bool = False,
-                        reduce_range: str = "auto", torch_pt2e: bool = False,
-                        mean: tuple[float, ...] = IMAGENET_MEAN,
-                        std: tuple[float, ...] = IMAGENET_STD) -> dict[str, Any]:
+def quantize_checkpoint(
+    src: str,
+    dst: str,
+    model: str,
+    *,
+    calib: str,
+    samples: int = 200,
+    method: str = "minmax",
+    per_channel: bool = True,
+    eval_source: str | None = None,
+    overwrite: bool = False,
+    reduce_range: str = "auto",
+    torch_pt2e: bool = False,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> dict[str, Any]:
     """Quantize checkpoint `src` of `model` to `dst` (int8 ONNX); returns the report. Raises
     ReparamError subclasses on bad input, before anything is written. `reduce_range`: 'on'
     (7-bit weights), 'off', or 'auto' (on where this CPU has no VNNI/AMX int8 dot product).
@@ -82,40 +94,59 @@ def quantize_checkpoint(src: str, dst: str, model: str, *, calib: str, samples: 
     if eval_source is not None:
         x_eval, y_eval = load_images(eval_source, "test", None, mean, std)
         if x_eval.shape[1:] != x_cal.shape[1:]:
-            raise DataError(f"--eval images are {x_eval.shape[1:]} (C, H, W), the calibration "
-                            f"images {x_cal.shape[1:]}: use one size")
+            raise DataError(
+                f"--eval images are {x_eval.shape[1:]} (C, H, W), the calibration "
+                f"images {x_cal.shape[1:]}: use one size"
+            )
         if int(y_eval.max()) >= spec.num_classes:
-            raise DataError(f"--eval has {int(y_eval.max()) + 1} classes, the checkpoint's "
-                            f"classifier {spec.num_classes}")
+            raise DataError(
+                f"--eval has {int(y_eval.max()) + 1} classes, the checkpoint's classifier {spec.num_classes}"
+            )
     else:
         x_eval, y_eval = x_cal, None
     if x_cal.shape[1] != 3:
         raise DataError(f"{calib}: images have {x_cal.shape[1]} channels, the model takes 3")
 
-    module = bt.load_state(bt.create_model(spec.name, num_classes=spec.num_classes,
-                                           deploy=form == "deploy"), state)
+    module = bt.load_state(bt.create_model(spec.name, num_classes=spec.num_classes, deploy=form == "deploy"), state)
     with tempfile.TemporaryDirectory(prefix="reparam-quantize-") as tmp:
         fp32 = os.path.join(tmp, "fp32.onnx")
         bt.export_onnx(module, fp32, (1, *x_cal.shape[1:]), dynamic_batch=True)
-        int8 = quantize_qdq(fp32, x_cal, method=method, per_channel=per_channel,  # type: ignore[arg-type]
-                            reduce_range=seven_bit)
-        y32, = run_onnx(fp32, x_eval)
+        int8 = quantize_qdq(
+            fp32,
+            x_cal,
+            method=method,
+            per_channel=per_channel,
+            reduce_range=seven_bit,
+        )
+        (y32,) = run_onnx(fp32, x_eval)
         measured = measure_int8(fp32, y32, int8, x_eval, y_eval, x_cal)
     report = {
-        "src": src, "dst": dst, "model": spec.name, "form": form, "num_classes": spec.num_classes,
+        "src": src,
+        "dst": dst,
+        "model": spec.name,
+        "form": form,
+        "num_classes": spec.num_classes,
         "calibration": {"source": calib, "samples": int(len(x_cal)), "method": method},
-        "weights": "per-channel" if per_channel else "per-tensor", "activations": "per-tensor",
-        "weight_bits": 7 if seven_bit else 8, "reduce_range": reduce_range,
+        "weights": "per-channel" if per_channel else "per-tensor",
+        "activations": "per-tensor",
+        "weight_bits": 7 if seven_bit else 8,
+        "reduce_range": reduce_range,
         "cpu": {"model": cpu_model(), **cpu_features()},
-        "format": "QDQ int8 (ONNX Runtime)", "eval": eval_source or f"{calib} (calibration set)",
-        "n_eval": int(len(x_eval)), **measured}
+        "format": "QDQ int8 (ONNX Runtime)",
+        "eval": eval_source or f"{calib} (calibration set)",
+        "n_eval": int(len(x_eval)),
+        **measured,
+    }
     if torch_pt2e:
         from backends.torch.quantize import pt2e_int8, run_batches
 
         pt2e = compare_logits(y32, run_batches(pt2e_int8(module, x_cal), x_eval), y_eval)
-        report["torch_pt2e"] = {"quantizer": "torchao X86InductorQuantizer (PT2E), eager",
-                                "agreement": pt2e["agreement"], "logits_sqnr_db": pt2e["logits_sqnr_db"],
-                                "int8_top1": pt2e["top1"]}
+        report["torch_pt2e"] = {
+            "quantizer": "torchao X86InductorQuantizer (PT2E), eager",
+            "agreement": pt2e["agreement"],
+            "logits_sqnr_db": pt2e["logits_sqnr_db"],
+            "int8_top1": pt2e["top1"],
+        }
     atomic_write(dst, int8, overwrite=overwrite)
     return report
 
@@ -134,16 +165,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", required=True, help="calibration images: digits, or DIR/<class>/<image>")
     parser.add_argument("--samples", type=int, default=200, help="calibration images (default 200)")
     parser.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
-    parser.add_argument("--per-tensor", action="store_true",
-                        help="one weight scale per tensor (many NPUs/DSPs); default per channel")
-    parser.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
-                        help="7-bit weights: exact on x86 without VNNI/AMX, whose int8 kernels "
-                             "saturate 16-bit sums (auto: on where this CPU lacks them)")
-    parser.add_argument("--torch-pt2e", action="store_true",
-                        help="also quantize in PyTorch (torchao PT2E, X86 Inductor quantizer) "
-                             "and report its agreement")
-    parser.add_argument("--eval", dest="eval_source", default=None,
-                        help="labelled images for top-1: digits (its test split) or a DIR")
+    parser.add_argument(
+        "--per-tensor", action="store_true", help="one weight scale per tensor (many NPUs/DSPs); default per channel"
+    )
+    parser.add_argument(
+        "--reduce-range",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="7-bit weights: exact on x86 without VNNI/AMX, whose int8 kernels "
+        "saturate 16-bit sums (auto: on where this CPU lacks them)",
+    )
+    parser.add_argument(
+        "--torch-pt2e",
+        action="store_true",
+        help="also quantize in PyTorch (torchao PT2E, X86 Inductor quantizer) and report its agreement",
+    )
+    parser.add_argument(
+        "--eval", dest="eval_source", default=None, help="labelled images for top-1: digits (its test split) or a DIR"
+    )
     parser.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean (DIR)")
     parser.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std (DIR)")
     parser.add_argument("--json", default=None, help="write the report as JSON to FILE")
@@ -153,11 +192,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # errors (nothing is written then) become exit codes in scripts.cli
-    rep = quantize_checkpoint(args.src, args.dst, args.model, calib=args.calib,
-                              samples=args.samples, method=args.method,
-                              per_channel=not args.per_tensor, eval_source=args.eval_source,
-                              overwrite=args.overwrite, mean=args.mean, std=args.std,
-                              reduce_range=args.reduce_range, torch_pt2e=args.torch_pt2e)
+    rep = quantize_checkpoint(
+        args.src,
+        args.dst,
+        args.model,
+        calib=args.calib,
+        samples=args.samples,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        eval_source=args.eval_source,
+        overwrite=args.overwrite,
+        mean=args.mean,
+        std=args.std,
+        reduce_range=args.reduce_range,
+        torch_pt2e=args.torch_pt2e,
+    )
     print(format_report(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")

@@ -12,10 +12,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_envs.sh || exit 1
 
-# Fast checks first, before any suite: lint (ruff) and types (mypy), both configured in
+# Fast checks first, before any suite: lint and format (ruff) and types (mypy), all configured in
 # pyproject.toml; style fails in seconds, types in about a minute.
-echo "== lint: ruff check ."
+echo "== lint: ruff check . && ruff format --check ."
 .venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || exit 1
 echo "== types: mypy (strict on reparam_core; backends, scripts, parity_tests checked)"
 .venv/bin/python -m mypy || exit 1
 

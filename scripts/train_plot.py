@@ -1,5 +1,6 @@
 """The figure of `reparam train`: loss (train, validation) and accuracy (train, validation, EMA)
 per epoch, from the metrics file's records, written atomically as a PNG."""
+
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ from reparam_core.training import write_bytes
 def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:
     """Two panels (loss, accuracy) against the epoch; an empty figure has no points."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

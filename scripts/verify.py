@@ -3,6 +3,7 @@
 Each cell is max|y - y_oracle| / max|y_oracle| for one case and one (backend, form); the form
 `artifact` is the framework's deploy artifact (ONNX Runtime, traced .mge, StableHLO).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,28 @@ def format_table(results: list[CaseResult], backends: list[str], forms: tuple[st
     head = ["case"] + [f"{b}/{f}" for b, f in cols] + ["tol", "ok"]
     rows = [head]
     for r in results:
-        cells = [f"{r.errors[c]:.1e}" if c in r.errors else ("FAIL" if c[0] in r.failures else "-")
-                 for c in cols]
+        cells = [f"{r.errors[c]:.1e}" if c in r.errors else ("FAIL" if c[0] in r.failures else "-") for c in cols]
         rows.append([r.case.name] + cells + [f"{r.tolerance:.0e}", "yes" if r.ok else "NO"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", type=lambda s: s.split(","), default=None,
-                        help="comma-separated model names (default: every registered model)")
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS),
-                        help="comma-separated subset of torch,flax,megengine")
+    parser.add_argument(
+        "--models",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated model names (default: every registered model)",
+    )
+    parser.add_argument(
+        "--backends",
+        type=lambda s: s.split(","),
+        default=list(BACKENDS),
+        help="comma-separated subset of torch,flax,megengine",
+    )
     parser.add_argument("--size", type=int, default=64, help="input size of model cases (default 64)")
     parser.add_argument("--no-blocks", action="store_true", help="skip the block matrix")
-    parser.add_argument("--artifacts", action="store_true",
-                        help="also export and run each framework's deploy artifact")
+    parser.add_argument("--artifacts", action="store_true", help="also export and run each framework's deploy artifact")
     parser.add_argument("--json", metavar="FILE", help="write every cell to FILE")
 
 
@@ -57,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     cases = select_cases(args.models, not args.no_blocks, args.size)
     runners, unavailable = make_runners(tuple(args.backends))
     if not runners:
-        raise BackendUnavailableError("no backend can run here: " + "; ".join(
-            f"{name}: {why}" for name, why in unavailable.items()))
+        raise BackendUnavailableError(
+            "no backend can run here: " + "; ".join(f"{name}: {why}" for name, why in unavailable.items())
+        )
     for name, why in unavailable.items():
         print(f"{name}: unavailable ({why})", file=sys.stderr)
     results: list[CaseResult] = []
@@ -73,19 +81,24 @@ def run(args: argparse.Namespace) -> int:
     cells = [(r.case.name, b, f, e) for r in results for (b, f), e in r.errors.items()]
     if cells:  # none when every run failed
         worst = max(cells, key=lambda c: c[3] / next(r.tolerance for r in results if r.case.name == c[0]))
-        print(f"\nworst cell: {worst[0]} {worst[1]}/{worst[2]} rel err {worst[3]:.2e}; "
-              f"{len(cells)} cells, {len(results)} cases in {total:.1f} s")
+        print(
+            f"\nworst cell: {worst[0]} {worst[1]}/{worst[2]} rel err {worst[3]:.2e}; "
+            f"{len(cells)} cells, {len(results)} cases in {total:.1f} s"
+        )
     for r in results:
         for b, msg in r.failures.items():
             print(f"FAILED {r.case.name} [{b}]: {msg}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seconds": total, "unavailable": unavailable,
-                       "cases": [r.to_json() for r in results]}, f, indent=1)
+            json.dump(
+                {"seconds": total, "unavailable": unavailable, "cases": [r.to_json() for r in results]}, f, indent=1
+            )
     failed = [r.case.name for r in results if not r.ok]
     if failed:  # exit 1 (scripts.cli)
-        raise VerificationError(f"{len(failed)} of {len(results)} case(s) failed or exceed their "
-                                f"tolerance: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
+        raise VerificationError(
+            f"{len(failed)} of {len(results)} case(s) failed or exceed their "
+            f"tolerance: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}"
+        )
     if unavailable:  # exit 2: the check could not run everywhere it was asked to
         raise BackendUnavailableError(f"not verified in {', '.join(unavailable)} (unavailable here)")
     return 0

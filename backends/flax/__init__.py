@@ -8,6 +8,7 @@ Every layout conversion goes through reparam_core.layouts and every fusion throu
 reparam_core.fuse (float64). Activations are NHWC inside; `predict` and the exported artifact
 take NCHW.
 """
+
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 from .api import export_state, inference_view, load_native_state, load_state, native_state, predict, reparameterize
@@ -26,9 +27,31 @@ from .export import export_stablehlo, load_stablehlo
 from .layers import BatchNorm, SqueezeExcite
 from .models import RepGhostNet, RepVGG, RepVGGplus, create_model, empty_model
 
-__all__ = ["RepVGGBlock", "RepVGGplusBlock", "RepConv", "RepGhostModule", "RepGhostBottleneck",
-           "RepVGG", "RepVGGplus", "RepGhostNet", "RepModule", "SqueezeExcite", "BatchNorm",
-           "block_class", "build_block", "empty_block", "create_model", "empty_model",
-           "reparameterize", "load_state", "export_state", "predict", "native_state",
-           "load_native_state", "inference_view", "export_stablehlo", "load_stablehlo",
-           "repconv_spec"]
+__all__ = [
+    "RepVGGBlock",
+    "RepVGGplusBlock",
+    "RepConv",
+    "RepGhostModule",
+    "RepGhostBottleneck",
+    "RepVGG",
+    "RepVGGplus",
+    "RepGhostNet",
+    "RepModule",
+    "SqueezeExcite",
+    "BatchNorm",
+    "block_class",
+    "build_block",
+    "empty_block",
+    "create_model",
+    "empty_model",
+    "reparameterize",
+    "load_state",
+    "export_state",
+    "predict",
+    "native_state",
+    "load_native_state",
+    "inference_view",
+    "export_stablehlo",
+    "load_stablehlo",
+    "repconv_spec",
+]

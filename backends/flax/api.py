@@ -1,4 +1,5 @@
 """The backend surface shared by every framework: reparameterize, neutral state in/out, predict."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -72,5 +73,13 @@ def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     return np.asarray(y, dtype=np.float32)
 
 
-__all__ = ["reparameterize", "load_state", "export_state", "predict", "native_state",
-           "load_native_state", "inference_view", "is_block"]
+__all__ = [
+    "reparameterize",
+    "load_state",
+    "export_state",
+    "predict",
+    "native_state",
+    "load_native_state",
+    "inference_view",
+    "is_block",
+]

@@ -6,6 +6,7 @@ global mean pool, `nnx.Linear`, built from reparam_core.plain and loaded with th
 weights). Fast paths: every form as one whole-model `jax.jit` (nnx.split outside, nnx.merge
 inside), compile time reported apart.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,7 @@ from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gfl
 from reparam_core.layouts import to_flax
 from reparam_core.plain import plain_layers
 
-ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x}
+ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x}
 
 
 class PlainNet(nnx.Module):
@@ -39,13 +39,23 @@ class PlainNet(nnx.Module):
     def __init__(self, model: str, *, rngs: nnx.Rngs) -> None:
         spec = get_spec(model)
         layers = plain_layers(spec)
-        self.convs = nnx.List([
-            nnx.Conv(p.in_channels, p.out_channels, (p.kernel_size, p.kernel_size),
-                     strides=(p.stride, p.stride),
-                     padding=((p.padding, p.padding), (p.padding, p.padding)),
-                     kernel_dilation=(p.dilation, p.dilation), feature_group_count=p.groups,
-                     use_bias=True, rngs=rngs,
-                     conv_general_dilated=bf_layers.conv_general_dilated) for p in layers])
+        self.convs = nnx.List(
+            [
+                nnx.Conv(
+                    p.in_channels,
+                    p.out_channels,
+                    (p.kernel_size, p.kernel_size),
+                    strides=(p.stride, p.stride),
+                    padding=((p.padding, p.padding), (p.padding, p.padding)),
+                    kernel_dilation=(p.dilation, p.dilation),
+                    feature_group_count=p.groups,
+                    use_bias=True,
+                    rngs=rngs,
+                    conv_general_dilated=bf_layers.conv_general_dilated,
+                )
+                for p in layers
+            ]
+        )
         self.acts = tuple(p.act for p in layers)
         classes, features = state_schema(spec, "deploy")["linear.weight"].shape
         self.linear = nnx.Linear(features, classes, rngs=rngs)
@@ -96,9 +106,13 @@ class FlaxBench(BackendBench):
     def setup(self, threads: int | None) -> dict[str, Any]:
         # XLA's CPU thread pool is sized at import (all schedulable cores) and cannot be changed
         # afterwards, so a requested count is recorded but not applied.
-        env: dict[str, Any] = {"jax": jax.__version__, "jaxlib": jaxlib_version.__version__,
-                               "flax": flax.__version__, "python": sys.version.split()[0],
-                               "threads": f"XLA default (all {len(os.sched_getaffinity(0))} cores)"}
+        env: dict[str, Any] = {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib_version.__version__,
+            "flax": flax.__version__,
+            "python": sys.version.split()[0],
+            "threads": f"XLA default (all {len(os.sched_getaffinity(0))} cores)",
+        }
         if threads:
             env["threads_requested_not_applied"] = threads
         return env
@@ -136,13 +150,10 @@ class FlaxBench(BackendBench):
         t0 = time.perf_counter()
         y = fwd(state, xj).block_until_ready()
         compile_s = time.perf_counter() - t0
-        return FastPath(lambda: fwd(state, xj).block_until_ready(), np.asarray(y, np.float32),
-                        compile_s)
+        return FastPath(lambda: fwd(state, xj).block_until_ready(), np.asarray(y, np.float32), compile_s)
 
-    def fast_paths(self, modules: Mapping[str, FlaxModel], x: np.ndarray,
-                   config: BenchConfig) -> dict[str, FastPath]:
-        return {f"{form}/jit": self._jit(modules[form], x)
-                for form in ("deploy", "train", "plain") if form in modules}
+    def fast_paths(self, modules: Mapping[str, FlaxModel], x: np.ndarray, config: BenchConfig) -> dict[str, FastPath]:
+        return {f"{form}/jit": self._jit(modules[form], x) for form in ("deploy", "train", "plain") if form in modules}
 
 
 if __name__ == "__main__":

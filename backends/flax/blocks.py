@@ -10,6 +10,7 @@ reparam_core.layouts.flax_key(canonical key): `rbr_dense.conv.kernel`, `rbr_dens
 deploy-form module of the same class, built abstractly (nnx.eval_shape, cached per spec) and
 filled with reparam_core's fused state (float64 inside).
 """
+
 from __future__ import annotations
 
 import functools
@@ -91,7 +92,7 @@ def _block_l2(block: nnx.Module, t: L2Terms) -> jax.Array:
     """The custom L2 of one block from its own arrays (HWIO: t broadcasts over the last axis)."""
     k3, k1 = _kernel(block, t.dense_conv), _kernel(block, t.one_conv)
     h, w = t.centre
-    centre = k3[h:h + 1, w:w + 1]
+    centre = k3[h : h + 1, w : w + 1]
     t3, t1 = _bn_t(block, t.dense_bn), _bn_t(block, t.one_bn)
     if t.identity_bn is None:
         return custom_l2_penalty(k3, centre, k1, t3, t1)
@@ -111,14 +112,15 @@ class RepModule(nnx.Module):
     def __init__(self, spec: SpecLike, deploy: bool = False, *, rngs: nnx.Rngs | None = None) -> None:
         desc = in_form(spec, "deploy" if deploy else "train")
         if self.kind is not None and desc.kind != self.kind:
-            raise ReparamError(f"{type(self).__name__} builds {self.kind!r}, but this spec "
-                               f"describes {desc.kind!r} (use build_block / create_model)")
+            raise ReparamError(
+                f"{type(self).__name__} builds {self.kind!r}, but this spec "
+                f"describes {desc.kind!r} (use build_block / create_model)"
+            )
         self.spec = spec
         self.deploy = bool(deploy)
         self.desc = desc
         rngs = _rngs(rngs)
-        train_blocks = {n.name: n for n in scope_nodes(scope_body(describe(spec)))
-                        if isinstance(n, Block)}
+        train_blocks = {n.name: n for n in scope_nodes(scope_body(describe(spec))) if isinstance(n, Block)}
         for node in scope_nodes(scope_body(desc)):
             if isinstance(node, Block):
                 child = replace(train_blocks[node.name], name="")  # equal blocks: one compile
@@ -152,8 +154,10 @@ class RepModule(nnx.Module):
     def forward_with_aux(self, x: jax.Array) -> dict[str, jax.Array]:
         """Main logits ("main") and every auxiliary head's logits (train form only; NHWC)."""
         if self.deploy:
-            raise ReparamError(f"forward_with_aux: the auxiliary heads exist in train form only; "
-                               f"this {type(self).__name__} is in deploy form")
+            raise ReparamError(
+                f"forward_with_aux: the auxiliary heads exist in train form only; "
+                f"this {type(self).__name__} is in deploy form"
+            )
         taps = {a.tap: a for a in self.desc.aux} if isinstance(self.desc, Model) else {}
         out: dict[str, jax.Array] = {}
         for node in self.desc.body:
@@ -165,8 +169,11 @@ class RepModule(nnx.Module):
     def _rep_units(self) -> list[tuple[str, Block]]:
         """The re-parameterizable blocks (path, description): this block itself when it holds
         a Rep, then every inner one, in forward order."""
-        own = ([("", self.desc)] if isinstance(self.desc, Block)
-               and any(isinstance(n, Rep) for n in self.desc.body) else [])
+        own = (
+            [("", self.desc)]
+            if isinstance(self.desc, Block) and any(isinstance(n, Rep) for n in self.desc.body)
+            else []
+        )
         return own + rep_blocks(self.desc)
 
     def rep_blocks(self) -> list[tuple[str, nnx.Module]]:
@@ -179,10 +186,8 @@ class RepModule(nnx.Module):
         [+ tid^2 on identity taps])), eq = K3_centre t3 + K1 t1 (+ I tid), every t = gamma /
         sqrt(var + eps) detached (reparam_core.l2). Train form only."""
         if self.deploy:
-            raise ReparamError(f"custom_l2 is defined in train form only; this "
-                               f"{type(self).__name__} is in deploy form")
-        return sum((_block_l2(self._get(path), l2_terms(block))
-                    for path, block in self._rep_units()), jnp.float32(0.0))
+            raise ReparamError(f"custom_l2 is defined in train form only; this {type(self).__name__} is in deploy form")
+        return sum((_block_l2(self._get(path), l2_terms(block)) for path, block in self._rep_units()), jnp.float32(0.0))
 
     def reparameterize(self) -> RepModule:
         """A new deploy-form module of the same class computing the same function (this module
@@ -212,14 +217,18 @@ def block_class(kind: str) -> type[RepModule]:
     """The module class of a kind (block or model); a kind no class was written for gets a
     RepModule subclass of that name, created once."""
     if kind not in _CLASSES:
-        _CLASSES[kind] = type(kind, (RepModule,), {"kind": kind, "__module__": __name__,
-                                                   "__doc__": f"{kind}, built from its description."})
+        _CLASSES[kind] = type(
+            kind,
+            (RepModule,),
+            {"kind": kind, "__module__": __name__, "__doc__": f"{kind}, built from its description."},
+        )
     return _CLASSES[kind]
 
 
 @functools.lru_cache(maxsize=64)
-def _abstract(cls: type[RepModule], spec: SpecLike, deploy: bool
-              ) -> tuple[nnx.GraphDef[RepModule], nnx.State[Any, Any]]:
+def _abstract(
+    cls: type[RepModule], spec: SpecLike, deploy: bool
+) -> tuple[nnx.GraphDef[RepModule], nnx.State[Any, Any]]:
     return nnx.split(nnx.eval_shape(lambda: cls(spec, deploy=deploy, rngs=nnx.Rngs(0))))
 
 
@@ -286,6 +295,18 @@ def build_block(spec: SpecLike, *, deploy: bool = False, rngs: nnx.Rngs | None =
     return load_state(block, fresh_state(module_schema(block), seed_from(rngs)), validate=False)
 
 
-__all__ = ["RepModule", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
-           "RepGhostBottleneck", "Segment", "SegmentFn", "named", "block_class", "abstract_module",
-           "build_block", "empty_block"]
+__all__ = [
+    "RepModule",
+    "RepVGGBlock",
+    "RepConv",
+    "RepVGGplusBlock",
+    "RepGhostModule",
+    "RepGhostBottleneck",
+    "Segment",
+    "SegmentFn",
+    "named",
+    "block_class",
+    "abstract_module",
+    "build_block",
+    "empty_block",
+]

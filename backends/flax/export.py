@@ -3,6 +3,7 @@
 The artifact takes an NCHW float32 input of the exported shape (NHWC inside) and embeds the
 fused weights as constants, so `load_stablehlo(path)` alone gives a working callable.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from .api import inference_view, is_block, reparameterize
 from .blocks import RepModule
 
 
-def export_stablehlo(model: RepModule, path: str | os.PathLike[str],
-                     input_shape: tuple[int, ...] = (1, 3, 224, 224)) -> str:
+def export_stablehlo(
+    model: RepModule, path: str | os.PathLike[str], input_shape: tuple[int, ...] = (1, 3, 224, 224)
+) -> str:
     """Write the deploy form of `model` (reparameterized first when given a train-form model;
     the input is left untouched) in inference mode to `path` as a serialized jax.export artifact
     with an NCHW float32 input signature. Returns the path."""
@@ -31,8 +33,7 @@ def export_stablehlo(model: RepModule, path: str | os.PathLike[str],
         y = m(jnp.transpose(x, (0, 2, 3, 1)))
         return jnp.transpose(y, (0, 3, 1, 2)) if block else y
 
-    exported = jax.export.export(jax.jit(forward))(
-        jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    exported = jax.export.export(jax.jit(forward))(jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
     with open(path, "wb") as f:
         f.write(exported.serialize())
     return os.fspath(path)

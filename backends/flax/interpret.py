@@ -8,6 +8,7 @@ scope's module (intermediate containers are nnx.Dict, so numbered children like 
 are path entries "0"); a scope with Dropout nodes has one dropout stream at `dropout`.
 Activations are NHWC.
 """
+
 from __future__ import annotations
 
 import functools
@@ -125,5 +126,15 @@ class Chain:
         return run(self.nodes, x, modules.__getitem__)
 
 
-__all__ = ["DROPOUT", "Lookup", "module_at", "set_module", "scope_body", "scope_nodes",
-           "module_paths", "run", "apply", "Chain"]
+__all__ = [
+    "DROPOUT",
+    "Lookup",
+    "module_at",
+    "set_module",
+    "scope_body",
+    "scope_nodes",
+    "module_paths",
+    "run",
+    "apply",
+    "Chain",
+]

@@ -9,6 +9,7 @@ Convolutions compute through `conv_general_dilated` (handed to nnx.Conv), which 
 formulation of a grouped convolution on XLA's CPU backend by `conv_path`; the parameters and
 their keys are those of nnx.Conv whatever the path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,15 @@ class BatchNorm(nnx.Module):
     Inference mode (`use_running_average=True`): normalise with the running statistics.
     """
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = FLAX_BN_MOMENTUM,
-                 use_running_average: bool = False, dtype: DTypeLike = jnp.float32) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = FLAX_BN_MOMENTUM,
+        use_running_average: bool = False,
+        dtype: DTypeLike = jnp.float32,
+    ) -> None:
         self.num_features = num_features
         self.eps = float(eps)
         self.momentum = float(momentum)
@@ -94,7 +102,7 @@ class PadBatchNorm(BatchNorm):
         fill = bias - self.mean[...] * scale * jax.lax.rsqrt(self.var[...] + self.eps)
         n, h, w, c = y.shape
         out = jnp.broadcast_to(fill.astype(y.dtype), (n, h + 2 * p, w + 2 * p, c))
-        return out.at[:, p:p + h, p:p + w, :].set(y)
+        return out.at[:, p : p + h, p : p + w, :].set(y)
 
 
 class Scale(nnx.Module):
@@ -110,8 +118,7 @@ class Scale(nnx.Module):
 ConvPath = Literal["shift", "split", "xla"]
 SHIFT_MAX_CHANNELS_PER_GROUP = 8  # measured: see conv_path
 SPLIT_MAX_GROUPS = 8
-NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
-                                         out_spec=(0, 3, 1, 2))
+NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
 def conv_path(groups: int, in_channels: int, platform: str = "cpu") -> ConvPath:
@@ -145,9 +152,14 @@ def _out_size(size: int, k: int, stride: int, pad: tuple[int, int], dilation: in
 
 
 @functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation", "groups"))
-def shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-                 padding: tuple[tuple[int, int], tuple[int, int]], dilation: tuple[int, int],
-                 groups: int) -> jax.Array:
+def shifted_conv(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    groups: int,
+) -> jax.Array:
     """A grouped convolution of NHWC x with an HWIO kernel (I = in / groups) as shifted
     multiply-adds: y[n, a, b, g, o] = sum_{i, j, q} xp[n, a*s + i*d, b*s' + j*d', g, q] w[i, j, q,
     g, o] with xp = x zero-padded by `padding` and the output channel g * (out / groups) + o.
@@ -165,53 +177,88 @@ def shifted_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
             stop = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
             tap = jax.lax.slice(xp, start, stop, (1, sh, sw, 1)).reshape(n, ho, wo, groups, cg)
             for q in range(cg):
-                term = tap[..., q:q + 1] * wg[i, j, q]
+                term = tap[..., q : q + 1] * wg[i, j, q]
                 acc = term if acc is None else acc + term
     if acc is None:
         raise ShapeMismatchError(f"shifted_conv: a kernel of shape {w.shape} has no tap")
     return acc.reshape(n, ho, wo, out)
 
 
-@functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation", "groups",
-                                             "precision"))
-def split_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-               padding: tuple[tuple[int, int], tuple[int, int]], dilation: tuple[int, int],
-               groups: int, precision: jax.lax.PrecisionLike = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "dilation", "groups", "precision"))
+def split_conv(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+    groups: int,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
     """A grouped convolution of NHWC x with an HWIO kernel as `groups` dense convolutions, one
     per group (input channels g*cg..(g+1)*cg, output channels g*og..(g+1)*og), concatenated."""
     cg, og = x.shape[-1] // groups, w.shape[-1] // groups
-    return jnp.concatenate([
-        jax.lax.conv_general_dilated(x[..., g * cg:(g + 1) * cg], w[..., g * og:(g + 1) * og],
-                                     strides, padding, rhs_dilation=dilation,
-                                     dimension_numbers=NHWC_HWIO, precision=precision)
-        for g in range(groups)], axis=-1)
+    return jnp.concatenate(
+        [
+            jax.lax.conv_general_dilated(
+                x[..., g * cg : (g + 1) * cg],
+                w[..., g * og : (g + 1) * og],
+                strides,
+                padding,
+                rhs_dilation=dilation,
+                dimension_numbers=NHWC_HWIO,
+                precision=precision,
+            )
+            for g in range(groups)
+        ],
+        axis=-1,
+    )
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]],
-                         lhs_dilation: Sequence[int] | None = None,
-                         rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: jax.lax.ConvDimensionNumbers | None = None,
-                         feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision: jax.lax.PrecisionLike = None, **kwargs: Any) -> jax.Array:
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: jax.lax.ConvDimensionNumbers | None = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: jax.lax.PrecisionLike = None,
+    **kwargs: Any,
+) -> jax.Array:
     """jax.lax.conv_general_dilated with the path of `conv_path` for 2-D NHWC/HWIO convolutions
     with explicit padding and no input dilation (what `conv` builds); everything else, and any
     extra option (preferred_element_type, out_sharding), goes to XLA's convolution unchanged."""
+
     def xla() -> jax.Array:
         return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, **kwargs)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            **kwargs,
+        )
 
-    plain = (lhs.ndim == 4 and dimension_numbers == NHWC_HWIO and not isinstance(padding, str)
-             and tuple(lhs_dilation or (1, 1)) == (1, 1) and batch_group_count == 1
-             and all(v is None for v in kwargs.values()))
+    plain = (
+        lhs.ndim == 4
+        and dimension_numbers == NHWC_HWIO
+        and not isinstance(padding, str)
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and batch_group_count == 1
+        and all(v is None for v in kwargs.values())
+    )
     path = conv_path(feature_group_count, lhs.shape[-1], jax.default_backend())
     if not plain or path == "xla":
         return xla()
-    args = (tuple(window_strides), tuple(tuple(p) for p in padding),
-            tuple(rhs_dilation or (1, 1)), feature_group_count)
-    return shifted_conv(lhs, rhs, *args) if path == "shift" else split_conv(lhs, rhs, *args,
-                                                                            precision)
+    args = (tuple(window_strides), tuple(tuple(p) for p in padding), tuple(rhs_dilation or (1, 1)), feature_group_count)
+    return shifted_conv(lhs, rhs, *args) if path == "shift" else split_conv(lhs, rhs, *args, precision)
 
 
 def _conv_plus(offset: np.ndarray, lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
@@ -229,10 +276,18 @@ def conv(node: nodes.Conv, rngs: nnx.Rngs | None = None) -> nnx.Conv:
     if node.plus_identity:
         offset = identity_offset(node.out_channels, node.groups, node.kernel)
         compute = functools.partial(_conv_plus, oihw_to_hwio(offset).astype(np.float32))
-    return nnx.Conv(node.in_channels, node.out_channels, node.kernel, strides=node.stride,
-                    padding=((ph, ph), (pw, pw)), kernel_dilation=node.dilation,
-                    feature_group_count=node.groups, use_bias=node.bias, rngs=_rngs(rngs),
-                    conv_general_dilated=compute)
+    return nnx.Conv(
+        node.in_channels,
+        node.out_channels,
+        node.kernel,
+        strides=node.stride,
+        padding=((ph, ph), (pw, pw)),
+        kernel_dilation=node.dilation,
+        feature_group_count=node.groups,
+        use_bias=node.bias,
+        rngs=_rngs(rngs),
+        conv_general_dilated=compute,
+    )
 
 
 def global_pool(x: jax.Array) -> jax.Array:
@@ -250,15 +305,20 @@ def hard_sigmoid(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x,
-    "sigmoid": jax.nn.sigmoid, "hard_sigmoid": hard_sigmoid}
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "identity": lambda x: x,
+    "sigmoid": jax.nn.sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+}
 
 
 def avg_pool(x: jax.Array, node: nodes.AvgPool) -> jax.Array:
     """k x k average pooling of NHWC x with zero padding counted (count_include_pad)."""
     k, s, p = node.kernel, node.stride, node.padding
-    total = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1),
-                                  (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0)))
+    total = jax.lax.reduce_window(
+        x, jnp.zeros((), x.dtype), jax.lax.add, (1, k, k, 1), (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0))
+    )
     return total / (k * k)
 
 
@@ -270,10 +330,8 @@ class SqueezeExcite(nnx.Module):
     def __init__(self, node: nodes.SE, *, rngs: nnx.Rngs | None = None) -> None:
         self.names = (node.reduce, node.expand)
         self.gate = node.gate
-        setattr(self, node.reduce, conv(nodes.Conv(node.reduce, node.channels, node.hidden,
-                                                   bias=True), rngs))
-        setattr(self, node.expand, conv(nodes.Conv(node.expand, node.hidden, node.channels,
-                                                   bias=True), rngs))
+        setattr(self, node.reduce, conv(nodes.Conv(node.reduce, node.channels, node.hidden, bias=True), rngs))
+        setattr(self, node.expand, conv(nodes.Conv(node.expand, node.hidden, node.channels, bias=True), rngs))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         reduce, expand = (getattr(self, n) for n in self.names)
@@ -321,7 +379,24 @@ def leaf_module(node: Leaf, rngs: nnx.Rngs | None = None) -> nnx.Module:
 
 LEAF_TYPES = (nodes.Conv, nodes.BN, nodes.PadBN, nodes.Scale, nodes.SE, nodes.Linear)
 
-__all__ = ["TORCH_BN_MOMENTUM", "FLAX_BN_MOMENTUM", "BatchNorm", "PadBatchNorm", "Scale",
-           "SqueezeExcite", "DropoutStream", "conv", "conv_path", "conv_general_dilated",
-           "shifted_conv", "split_conv", "leaf_module", "LEAF_TYPES", "ACTIVATIONS",
-           "avg_pool", "global_pool", "flatten", "hard_sigmoid"]
+__all__ = [
+    "TORCH_BN_MOMENTUM",
+    "FLAX_BN_MOMENTUM",
+    "BatchNorm",
+    "PadBatchNorm",
+    "Scale",
+    "SqueezeExcite",
+    "DropoutStream",
+    "conv",
+    "conv_path",
+    "conv_general_dilated",
+    "shifted_conv",
+    "split_conv",
+    "leaf_module",
+    "LEAF_TYPES",
+    "ACTIVATIONS",
+    "avg_pool",
+    "global_pool",
+    "flatten",
+    "hard_sigmoid",
+]

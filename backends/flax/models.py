@@ -5,6 +5,7 @@ of each tensor joined with "." equals reparam_core.layouts.flax_key(canonical ke
 `stage1.0.rbr_dense.conv.kernel`, `stage2.blocks.3.post_se.down.kernel`,
 `blocks.3.0.ghost1.primary_conv.1.scale`. Inputs are NHWC inside.
 """
+
 from __future__ import annotations
 
 from flax import nnx
@@ -57,8 +58,9 @@ def empty_model(name: str, *, num_classes: int = 1000, deploy: bool = False) -> 
     return _abstract_model(name, num_classes, deploy, 0)
 
 
-def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False,
-                 rngs: nnx.Rngs | None = None) -> RepModule:
+def create_model(
+    name: str, *, num_classes: int = 1000, deploy: bool = False, rngs: nnx.Rngs | None = None
+) -> RepModule:
     """A registered model (reparam_core.list_models()) with fresh weights, in train or deploy
     form. Built abstractly and filled from numpy (state.fresh_state, seeded from `rngs`'
     `params` stream; default nnx.Rngs(0)): eager Flax init compiles one XLA random op per

@@ -1,6 +1,7 @@
 """Orbax checkpoint directories as input: restored with orbax (and so JAX), then handed to the
 core as a flat state in Flax keys, like a Flax msgpack file. `reparam convert` passes
 `read_orbax` to `reparam_core.formats.read_raw` (the core itself imports no framework)."""
+
 from __future__ import annotations
 
 import os
@@ -33,13 +34,13 @@ def read_orbax(path: str) -> State:
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise BackendUnavailableError("reading an orbax checkpoint directory needs "
-                                      "orbax-checkpoint (the .venv environment)") from None
+        raise BackendUnavailableError(
+            "reading an orbax checkpoint directory needs orbax-checkpoint (the .venv environment)"
+        ) from None
     try:
         tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable orbax checkpoint "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable orbax checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return strip_value_leaves(flatten_arrays(unwrap(_as_numpy_tree(tree), path), path))
 
 

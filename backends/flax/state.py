@@ -7,6 +7,7 @@ nnx.Dict, whose keys appear as path entries). Reads go through reparam_core.layo
 writes copy a canonical tensor into the canonical-layout view of a fresh Flax-layout buffer
 (`_canonical_view`, the view form of layouts.to_flax), one blockwise pass per tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -44,16 +45,14 @@ def graph_parts(module: nnx.Module) -> tuple[dict[str, nnx.Variable[Any]], dict[
     return vs, mods
 
 
-def variables(module: nnx.Module, types: tuple[type, ...] = (nnx.Param, nnx.BatchStat)
-              ) -> dict[str, nnx.Variable[Any]]:
+def variables(module: nnx.Module, types: tuple[type, ...] = (nnx.Param, nnx.BatchStat)) -> dict[str, nnx.Variable[Any]]:
     """The live variables of `module` of the given types by joined path (Flax keys)."""
     return {k: v for k, v in graph_parts(module)[0].items() if isinstance(v, types)}
 
 
 def other_variables(module: nnx.Module) -> dict[str, nnx.Variable[Any]]:
     """Every variable that is neither a Param nor a BatchStat (e.g. dropout RNG streams)."""
-    return {k: v for k, v in graph_parts(module)[0].items()
-            if not isinstance(v, (nnx.Param, nnx.BatchStat))}
+    return {k: v for k, v in graph_parts(module)[0].items() if not isinstance(v, (nnx.Param, nnx.BatchStat))}
 
 
 def fill_abstract_other_variables(module: nnx.Module, seed: int = 0) -> None:
@@ -111,8 +110,7 @@ def _canonical_view(a: np.ndarray, info: TensorInfo) -> np.ndarray:
     return np.transpose(a) if info.kind == "linear.weight" else a
 
 
-def load_state(module: RepModule, state: Mapping[str, np.ndarray], *,
-               validate: bool = True) -> RepModule:
+def load_state(module: RepModule, state: Mapping[str, np.ndarray], *, validate: bool = True) -> RepModule:
     """Load a neutral state (canonical keys, OIHW) into `module` in place and return it.
     `*num_batches_tracked` entries are ignored; the state is validated first (check_state
     against the module's spec) and errors name the offending key. `validate=False` is for
@@ -137,7 +135,7 @@ def _host_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, np.uint8)
     start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
@@ -149,11 +147,12 @@ def _copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
     (bi, bj), (n, m) = TILE, src.shape[:2]
     for i in range(0, n, bi):
         for j in range(0, m, bj):
-            dst[i:i + bi, j:j + bj] = src[i:i + bi, j:j + bj]
+            dst[i : i + bi, j : j + bj] = src[i : i + bi, j : j + bj]
 
 
-def _native_copy(key: str, canonical: np.ndarray, info: TensorInfo,
-                 like: jax.ShapeDtypeStruct | jax.Array) -> jax.Array:
+def _native_copy(
+    key: str, canonical: np.ndarray, info: TensorInfo, like: jax.ShapeDtypeStruct | jax.Array
+) -> jax.Array:
     """A fresh jax array of `like`'s (Flax layout) shape and dtype holding the canonical tensor
     `key`: written once, through its canonical view, into an aligned host buffer of its own,
     which jax adopts without a copy on CPU (and copies to an accelerator). Nothing is shared
@@ -161,14 +160,14 @@ def _native_copy(key: str, canonical: np.ndarray, info: TensorInfo,
     native = _host_buffer(tuple(like.shape), np.dtype(like.dtype))
     view = _canonical_view(native, info)
     if canonical.shape != view.shape:
-        raise ShapeMismatchError(f"{key} has shape {canonical.shape}; this module needs "
-                                 f"{view.shape}")
+        raise ShapeMismatchError(f"{key} has shape {canonical.shape}; this module needs {view.shape}")
     _copy_tiled(view, canonical)
     return jax.device_put(native, may_alias=True)
 
 
-def load_fused_state(spec: SpecLike, train: Mapping[str, nnx.Variable[Any]],
-                     deploy: Mapping[str, nnx.Variable[Any]]) -> None:
+def load_fused_state(
+    spec: SpecLike, train: Mapping[str, nnx.Variable[Any]], deploy: Mapping[str, nnx.Variable[Any]]
+) -> None:
     """Fill the deploy-form variables `deploy` (by Flax key, abstract) with the core's deploy
     state (reparam_core.fuse.iter_deploy_state, streamed) of the train-form variables `train`
     of `spec`, with no layout transpose on the fused path: the core reads every tensor as a
@@ -209,7 +208,7 @@ def fresh_state(schema: Schema, seed: int) -> dict[str, np.ndarray]:
     for key, info in schema.items():
         if info.kind in ("conv.weight", "linear.weight"):
             fan_in = int(np.prod(info.shape[1:]))
-            a = rng.standard_normal(info.shape, dtype=np.float32) * np.float32(fan_in ** -0.5)
+            a = rng.standard_normal(info.shape, dtype=np.float32) * np.float32(fan_in**-0.5)
         elif info.kind in ("bn.weight", "bn.running_var", "scale.weight"):
             a = np.ones(info.shape, np.float32)
         else:
@@ -233,13 +232,26 @@ def load_native_state(module: RepModule, native: Mapping[str, np.ndarray]) -> Re
     missing = [k for k in expected if k not in native]
     unexpected = [k for k in native if k not in expected]
     if missing or unexpected:
-        raise CheckpointError(f"native state does not match this {type(module).__name__}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    canonical = {k: from_flax(np.asarray(native[flax_key(k, info)]), info)
-                 for k, info in schema.items()}
+        raise CheckpointError(
+            f"native state does not match this {type(module).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    canonical = {k: from_flax(np.asarray(native[flax_key(k, info)]), info) for k, info in schema.items()}
     return load_state(module, canonical)
 
 
-__all__ = ["graph_parts", "variables", "other_variables", "fill_abstract_other_variables",
-           "description", "module_schema", "native_state", "export_state", "load_state", "load_fused_state",
-           "fresh_state", "seed_from", "load_native_state"]
+__all__ = [
+    "graph_parts",
+    "variables",
+    "other_variables",
+    "fill_abstract_other_variables",
+    "description",
+    "module_schema",
+    "native_state",
+    "export_state",
+    "load_state",
+    "load_fused_state",
+    "fresh_state",
+    "seed_from",
+    "load_native_state",
+]

@@ -12,6 +12,7 @@ PyTorch's SGD recursion), then -lr; label smoothing (optax.smooth_labels). `cfg.
 train-form state) gives the same starting weights as the other trainers; without it the model
 starts from its nnx.Rngs(cfg.seed) initialisation. Process 0 writes the files.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,21 +43,18 @@ EpochCallback = Callable[[dict[str, Any]], None]
 def initialize_hosts(endpoint: str, num_hosts: int, host: int) -> None:
     """jax.distributed.initialize for a run over `num_hosts` hosts (coordinator at
     HOST:PORT)."""
-    jax.distributed.initialize(coordinator_address=endpoint, num_processes=num_hosts,
-                               process_id=host)
+    jax.distributed.initialize(coordinator_address=endpoint, num_processes=num_hosts, process_id=host)
 
 
 def _key(path: tuple) -> str:
     """The Flax key of a pytree path of an nnx.State (the `.value` attribute dropped)."""
-    parts = [getattr(p, "key", getattr(p, "idx", None)) for p in path
-             if not isinstance(p, jax.tree_util.GetAttrKey)]
+    parts = [getattr(p, "key", getattr(p, "idx", None)) for p in path if not isinstance(p, jax.tree_util.GetAttrKey)]
     return ".".join(str(p) for p in parts)
 
 
 def _decay_mask(params: nnx.State, l2_kernels: set[str]) -> Any:
     """True where plain weight decay applies (reparam_core.training.decays, on Flax keys)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
+    return jax.tree_util.tree_map_with_path(lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
@@ -80,17 +78,21 @@ def _unflat(arrays: dict[str, np.ndarray], prefix: str, like: Any) -> Any:
     return jax.tree.unflatten(treedef, new)
 
 
-def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
-          on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None
-          ) -> dict[str, Any]:
+def train(
+    cfg: tr.TrainConfig,
+    data: tr.Dataset,
+    *,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Any]:
     """Train `cfg.model` (train form) on `data` over every JAX device; same files and summary
     as backends.torch.train.train."""
     devices = jax.devices()
     world, rank, hosts = len(devices), jax.process_index(), jax.process_count()
     tr.check_supported(cfg, hosts)
     if cfg.global_batch % world:
-        raise tr.TrainError(f"--global-batch {cfg.global_batch} is not divisible by the {world} "
-                            "devices")
+        raise tr.TrainError(f"--global-batch {cfg.global_batch} is not divisible by the {world} devices")
     mesh = Mesh(np.asarray(devices), ("data",))
     replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
     sched = tr.make_schedule(cfg, len(data.train_idx))
@@ -104,8 +106,11 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
     aux = tr.has_aux_heads(spec)
     params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
-    tx = optax.chain(*parts, optax.add_decayed_weights(cfg.wd, _decay_mask(params, l2_kernels)),
-                     optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0))
+    tx = optax.chain(
+        *parts,
+        optax.add_decayed_weights(cfg.wd, _decay_mask(params, l2_kernels)),
+        optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0),
+    )
     opt_state = tx.init(params)
     ema = (params, stats) if cfg.ema else None
     decay = cfg.ema or 0.0  # ema <- decay * ema + (1 - decay) * now
@@ -128,8 +133,9 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
         return loss, (losses["main"], (outs["main"].argmax(-1) == y).sum())
 
     @nnx.jit
-    def step_fn(m: RepModule, opt: Any, e: Any, x: jax.Array, y: jax.Array,
-                lr: jax.Array) -> tuple[Any, Any, jax.Array, jax.Array]:
+    def step_fn(
+        m: RepModule, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array
+    ) -> tuple[Any, Any, jax.Array, jax.Array]:
         grads, (main, correct) = nnx.grad(loss_fn, has_aux=True)(m, x, y)
         p = nnx.state(m, nnx.Param)
         updates, opt = tx.update(grads, opt, p)
@@ -182,15 +188,28 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                 tr.log_epoch(cfg, records, tr.epoch_record(epoch, done, sums, lr, val, world), on_epoch)
             if rank == 0:
                 params, stats = current()
-                arrays = {**_flat(params, "params"), **_flat(stats, "stats"), **_flat(opt_state, "opt"),
-                          **(_flat(ema, "ema") if ema is not None else {})}
+                arrays = {
+                    **_flat(params, "params"),
+                    **_flat(stats, "stats"),
+                    **_flat(opt_state, "opt"),
+                    **(_flat(ema, "ema") if ema is not None else {}),
+                }
                 tr.checkpoint(cfg, done, arrays, sums, end_of_epoch)
             sums = tr.EpochSums()
             if stopped:
                 break
-        return tr.summarize(cfg, data, spec, "flax", steps=done, stopped=stopped, rank=rank, world=world,
-                            records=records,
-                            final_state=lambda: export_state(host_model(*(ema if ema is not None else current()))))
+        return tr.summarize(
+            cfg,
+            data,
+            spec,
+            "flax",
+            steps=done,
+            stopped=stopped,
+            rank=rank,
+            world=world,
+            records=records,
+            final_state=lambda: export_state(host_model(*(ema if ema is not None else current()))),
+        )
     finally:
         stop.restore()
 

@@ -7,6 +7,7 @@ that drives the MegEngine worker process from the main environment) imports with
 
 BN momentum is 0.9 in MegEngine's convention, which equals torch's momentum 0.1.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,10 +17,22 @@ from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported
 
 # public name -> submodule that defines it (imported, with MegEngine, on first access)
 _HOME = {
-    **dict.fromkeys(["build_block", "create_model", "export_state", "load_state", "model_from_spec", "predict",
-                     "reparameterize"], "api"),
-    **dict.fromkeys(["RepConv", "RepGhostBottleneck", "RepGhostModule", "RepModule", "RepVGGBlock",
-                     "RepVGGplusBlock", "block_class"], "blocks"),
+    **dict.fromkeys(
+        ["build_block", "create_model", "export_state", "load_state", "model_from_spec", "predict", "reparameterize"],
+        "api",
+    ),
+    **dict.fromkeys(
+        [
+            "RepConv",
+            "RepGhostBottleneck",
+            "RepGhostModule",
+            "RepModule",
+            "RepVGGBlock",
+            "RepVGGplusBlock",
+            "block_class",
+        ],
+        "blocks",
+    ),
     **dict.fromkeys(["TracedGraph", "export_traced", "run_traced"], "export"),
     "fastrun": "profiling",
     "BN_MOMENTUM": "layers",

@@ -1,5 +1,6 @@
 """The backend surface: build_block, create_model, reparameterize, load_state, export_state,
 predict. States are NEUTRAL (canonical keys, OIHW, float32); MegEngine shapes only inside."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -25,8 +26,7 @@ def model_from_spec(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     """A model module (RepVGG, RepVGGplus, RepGhostNet, ...) from a model spec."""
     desc = describe(spec)
     if not isinstance(desc, Model):
-        raise SpecError(f"not a model spec: {type(spec).__name__} describes a {desc.kind} block "
-                        "(use build_block)")
+        raise SpecError(f"not a model spec: {type(spec).__name__} describes a {desc.kind} block (use build_block)")
     return block_class(desc.kind)(spec, deploy)
 
 
@@ -83,5 +83,4 @@ def predict(module: M.Module, x: np.ndarray, *, fastrun: bool = False) -> np.nda
         module.train(was_training)
 
 
-__all__ = ["build_block", "create_model", "model_from_spec", "reparameterize", "load_state",
-           "export_state", "predict"]
+__all__ = ["build_block", "create_model", "model_from_spec", "reparameterize", "load_state", "export_state", "predict"]

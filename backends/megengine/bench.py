@@ -20,6 +20,7 @@ another process holds one), but `F.matmul` stays on one thread on every device
 (MKL_NUM_THREADS/OMP_NUM_THREADS ignored), so the matmul peak is the faster of `F.matmul` and the
 same GEMM written as a 1x1 convolution, which uses the pool.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,16 @@ def plain_model(model: str, state: Mapping[str, np.ndarray]) -> PlainNet:
 
     layers: list[M.Module] = []
     for p in plain_layers(spec):
-        conv = M.Conv2d(p.in_channels, p.out_channels, p.kernel_size, stride=p.stride,
-                        padding=p.padding, dilation=p.dilation, groups=p.groups, bias=True)
+        conv = M.Conv2d(
+            p.in_channels,
+            p.out_channels,
+            p.kernel_size,
+            stride=p.stride,
+            padding=p.padding,
+            dilation=p.dilation,
+            groups=p.groups,
+            bias=True,
+        )
         write(conv.weight, f"{p.key}.weight")
         write(conv.bias, f"{p.key}.bias")
         layers += [conv, ACTS[p.act]()]
@@ -105,8 +114,13 @@ class MegEngineBench(BackendBench):
         """Make `multithread<threads>` (default: all cores) the default device; versions."""
         n = threads or os.cpu_count() or 1
         mge.set_default_device(f"multithread{n}")
-        return {"megengine": mge.__version__, "python": sys.version.split()[0],
-                "numpy": np.__version__, "threads": n, "device": mge.get_default_device()}
+        return {
+            "megengine": mge.__version__,
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+            "threads": n,
+            "device": mge.get_default_device(),
+        }
 
     def matmul_gflops(self, n: int, repeats: int) -> float:
         """float32 n x n x n GEMM GFLOP/s: the faster of `F.matmul` (one thread on every device)
@@ -116,8 +130,10 @@ class MegEngineBench(BackendBench):
         a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
         ta, tb = mge.tensor(a), mge.tensor(b)
         x, w = mge.tensor(b.reshape(1, n, n, 1)), mge.tensor(a.reshape(n, n, 1, 1))
-        return max(gemm_gflops(lambda: F.matmul(ta, tb).numpy(), n, repeats),
-                   gemm_gflops(lambda: F.conv2d(x, w).numpy(), n, repeats))
+        return max(
+            gemm_gflops(lambda: F.matmul(ta, tb).numpy(), n, repeats),
+            gemm_gflops(lambda: F.conv2d(x, w).numpy(), n, repeats),
+        )
 
     def build(self, model: str, form: str, state: Mapping[str, np.ndarray]) -> M.Module:
         if form == "plain":
@@ -147,8 +163,7 @@ class MegEngineBench(BackendBench):
         y, compile_s = _timed_call(fn)  # the first call traces and compiles the graph
         return FastPath(fn, y, compile_s)
 
-    def fast_paths(self, modules: Mapping[str, M.Module], x: np.ndarray,
-                   config: BenchConfig) -> dict[str, FastPath]:
+    def fast_paths(self, modules: Mapping[str, M.Module], x: np.ndarray, config: BenchConfig) -> dict[str, FastPath]:
         """`<form>/traced` for every form; tracing takes seconds, so `config.compile` (meant for
         the slow torch.compile) does not gate it."""
         out = {f"{form}/traced": self._traced(m, x) for form, m in modules.items()}
@@ -163,6 +178,7 @@ class MegEngineBench(BackendBench):
         def fn() -> np.ndarray:
             with fastrun():
                 return forward()
+
         y, profile_s = _timed_call(fn)  # the first call profiles every new conv shape
         return FastPath(fn, y, profile_s)
 

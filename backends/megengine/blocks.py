@@ -16,6 +16,7 @@ has no `.data`: assigning one is a silent no-op, so values are only ever written
 A nested block's module holds its `Block` description as its `spec` (a description is its own
 spec), so it converts, exports and loads like a standalone block.
 """
+
 from __future__ import annotations
 
 import operator
@@ -46,14 +47,14 @@ class Scope(M.Module):
         return getattr(self, str(key))
 
     def forward(self, x: Tensor) -> Tensor:
-        raise ReparamError(f"{self._name or 'a scope'} is a name scope of the description, "
-                           "not a layer: call the module that owns it")
+        raise ReparamError(
+            f"{self._name or 'a scope'} is a name scope of the description, not a layer: call the module that owns it"
+        )
 
 
 def _check_free(parent: M.Module, name: str, path: str) -> None:
     if not name or name in vars(parent) or hasattr(type(parent), name):
-        raise SpecError(f"module path {path!r}: {name!r} is empty or already taken in "
-                        f"{type(parent).__name__}")
+        raise SpecError(f"module path {path!r}: {name!r} is empty or already taken in {type(parent).__name__}")
 
 
 def place(root: M.Module, path: str, module: M.Module) -> None:
@@ -67,8 +68,7 @@ def place(root: M.Module, path: str, module: M.Module) -> None:
             scope = Scope()
             setattr(parent, part, scope)
         elif not isinstance(scope, Scope):
-            raise SpecError(f"module path {path!r}: {part!r} is a {type(scope).__name__}, "
-                            "not a name scope")
+            raise SpecError(f"module path {path!r}: {part!r} is a {type(scope).__name__}, not a name scope")
         parent = scope
     _check_free(parent, last, path)
     setattr(parent, last, module)
@@ -127,15 +127,13 @@ def neutral_state(module: RepModule) -> dict[str, np.ndarray]:
     for key, info in module.schema().items():
         path, field = key.rsplit(".", 1)
         value = getattr(module.module_at(path), field).numpy()
-        out[key] = np.ascontiguousarray(from_megengine(np.asarray(value, np.float32), info),
-                                        dtype=np.float32)
+        out[key] = np.ascontiguousarray(from_megengine(np.asarray(value, np.float32), info), dtype=np.float32)
     return out
 
 
 def native_array(value: np.ndarray, info: TensorInfo) -> np.ndarray:
     """A canonical tensor in MegEngine's `state_dict()` shape (layouts.to_megengine), float32."""
-    return np.ascontiguousarray(to_megengine(np.asarray(value, np.float32), info),
-                                dtype=np.float32)
+    return np.ascontiguousarray(to_megengine(np.asarray(value, np.float32), info), dtype=np.float32)
 
 
 def module_layout(value: np.ndarray, info: TensorInfo) -> np.ndarray:
@@ -155,8 +153,10 @@ def write_state(module: RepModule, state: Mapping[str, np.ndarray]) -> None:
         tensor = getattr(module.module_at(path), field)
         value = module_layout(state[key], info)
         if tuple(value.shape) != tuple(tensor.shape):
-            raise ShapeMismatchError(f"{key}: value of shape {tuple(value.shape)} does not fit "
-                                     f"the MegEngine tensor of shape {tuple(tensor.shape)}")
+            raise ShapeMismatchError(
+                f"{key}: value of shape {tuple(value.shape)} does not fit "
+                f"the MegEngine tensor of shape {tuple(tensor.shape)}"
+            )
         tensor[...] = value
 
 
@@ -165,8 +165,10 @@ def write_tensor(tensor: Tensor, value: np.ndarray, info: TensorInfo, key: str =
     Conv weights/biases have the same shape in the module and in `state_dict()`."""
     v = native_array(value, info)
     if tuple(v.shape) != tuple(tensor.shape):
-        raise ShapeMismatchError(f"{key or info.kind}: value of shape {tuple(v.shape)} does not "
-                                 f"fit the MegEngine tensor of shape {tuple(tensor.shape)}")
+        raise ShapeMismatchError(
+            f"{key or info.kind}: value of shape {tuple(v.shape)} does not "
+            f"fit the MegEngine tensor of shape {tuple(tensor.shape)}"
+        )
     tensor[...] = v
 
 
@@ -196,8 +198,10 @@ class RepModule(M.Module):
         super().__init__()
         desc = in_form(spec, "deploy" if deploy else "train")
         if self.kind and desc.kind != self.kind:
-            raise ReparamError(f"{type(self).__name__} builds {self.kind!r} blocks; the spec "
-                               f"describes {desc.kind!r} (use build_block or block_class)")
+            raise ReparamError(
+                f"{type(self).__name__} builds {self.kind!r} blocks; the spec "
+                f"describes {desc.kind!r} (use build_block or block_class)"
+            )
         self.spec = spec
         self.deploy = bool(deploy)
         self.desc = desc
@@ -226,8 +230,7 @@ class RepModule(M.Module):
 
     def _require_train(self, what: str) -> None:
         if self.deploy:
-            raise ReparamError(f"{what}: defined on the train form only; this "
-                               f"{type(self).__name__} is in deploy form")
+            raise ReparamError(f"{what}: defined on the train form only; this {type(self).__name__} is in deploy form")
 
     def forward_with_aux(self, x: Tensor) -> dict[str, Tensor]:
         """The main output ("main") and every auxiliary head's (train form only)."""
@@ -245,8 +248,7 @@ class RepModule(M.Module):
     def rep_blocks(self) -> list[tuple[str, RepModule]]:
         """The re-parameterizable blocks (innermost blocks holding a Rep), with their module
         paths; the module itself ('') when it is a block holding a Rep directly."""
-        own = ([("", self)] if isinstance(self.desc, Block)
-               and any(isinstance(n, Rep) for n in self.desc.body) else [])
+        own = [("", self)] if isinstance(self.desc, Block) and any(isinstance(n, Rep) for n in self.desc.body) else []
         return own + [(path, self.module_at(path)) for path, _ in rep_blocks(self.desc)]
 
     def custom_l2(self) -> Tensor:
@@ -255,22 +257,19 @@ class RepModule(M.Module):
         self._require_train("custom_l2")
         found = self.rep_blocks()
         if not found:
-            raise ReparamError(f"custom_l2: {type(self).__name__} holds no re-parameterizable "
-                               "block")
+            raise ReparamError(f"custom_l2: {type(self).__name__} holds no re-parameterizable block")
         return reduce(operator.add, [l2_term(block) for _, block in found])
 
     def reparameterize(self) -> RepModule:
         """A NEW deploy-form module computing the same function (itself when already deploy)."""
         if self.deploy:
             return self
-        dst = type(self)._holding(self.spec, reparameterize_state(self.spec, neutral_state(self)),
-                                  deploy=True)
+        dst = type(self)._holding(self.spec, reparameterize_state(self.spec, neutral_state(self)), deploy=True)
         dst.train(self.training)
         return dst
 
     @classmethod
-    def _holding(cls, spec: SpecLike, state: Mapping[str, np.ndarray],
-                 deploy: bool) -> RepModule:
+    def _holding(cls, spec: SpecLike, state: Mapping[str, np.ndarray], deploy: bool) -> RepModule:
         """A module of this class holding a complete neutral `state` of its form (trusted: the
         core's fused state), built `empty`; every tensor is then a new MegEngine tensor made
         from the state, in one pass (copied, never shared)."""
@@ -278,8 +277,7 @@ class RepModule(M.Module):
         for key, info in module.schema().items():
             path, field = key.rsplit(".", 1)
             leaf = module.module_at(path)
-            setattr(leaf, field, type(getattr(leaf, field))(module_layout(state[key], info),
-                                                            no_cache=True))
+            setattr(leaf, field, type(getattr(leaf, field))(module_layout(state[key], info), no_cache=True))
         return module
 
 
@@ -297,7 +295,7 @@ def l2_term(block: RepModule) -> Tensor:
         bn = block.module_at(bn_path)
         return F.reshape((bn.weight / F.sqrt(bn.running_var + bn.eps)).detach(), lead + (1, 1, 1))
 
-    centre = k3[..., ch:ch + 1, cw:cw + 1]
+    centre = k3[..., ch : ch + 1, cw : cw + 1]
     t3, t1 = scale(t.dense_bn), scale(t.one_bn)
     if t.identity_bn is None:
         return custom_l2_penalty(k3, centre, k1, t3, t1)
@@ -311,8 +309,11 @@ def block_class(kind: str) -> type[RepModule]:
     kind no class was written for."""
     cls = _CLASSES.get(kind)
     if cls is None:
-        cls = type(kind, (RepModule,), {"kind": kind, "__module__": __name__,
-                                        "__doc__": f"{kind}, built from its description."})
+        cls = type(
+            kind,
+            (RepModule,),
+            {"kind": kind, "__module__": __name__, "__doc__": f"{kind}, built from its description."},
+        )
     return cls
 
 
@@ -349,7 +350,23 @@ class RepGhostBottleneck(RepModule):
     kind = "RepGhostBottleneck"
 
 
-__all__ = ["RepModule", "Scope", "block_class", "place", "owned_nodes", "run", "apply",
-           "l2_term", "neutral_state", "native_array", "module_layout",
-           "write_tensor", "write_state", "RepVGGBlock", "RepConv", "RepVGGplusBlock", "RepGhostModule",
-           "RepGhostBottleneck"]
+__all__ = [
+    "RepModule",
+    "Scope",
+    "block_class",
+    "place",
+    "owned_nodes",
+    "run",
+    "apply",
+    "l2_term",
+    "neutral_state",
+    "native_array",
+    "module_layout",
+    "write_tensor",
+    "write_state",
+    "RepVGGBlock",
+    "RepConv",
+    "RepVGGplusBlock",
+    "RepGhostModule",
+    "RepGhostBottleneck",
+]

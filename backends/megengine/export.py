@@ -1,4 +1,5 @@
 """Export the deploy form as a traced MegEngine graph (.mge) and run such an artifact."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,7 @@ INPUT_NAME = "data"
 OUTPUT_NAME = "output"
 
 
-def export_traced(model: RepModule, path: str | os.PathLike[str],
-                  input_shape: Sequence[int] = (1, 3, 224, 224)) -> str:
+def export_traced(model: RepModule, path: str | os.PathLike[str], input_shape: Sequence[int] = (1, 3, 224, 224)) -> str:
     """Trace the DEPLOY form of `model` (reparameterized first if needed; the input is not
     modified) with jit.trace(symbolic=True, capture_as_const=True) and dump it to `path`.
     Input var `data`, output var `output`. Returns the path."""
@@ -26,6 +26,7 @@ def export_traced(model: RepModule, path: str | os.PathLike[str],
     was_training = deploy.training
     deploy.eval()
     try:
+
         @trace(symbolic=True, capture_as_const=True)
         def infer(data: Tensor) -> Tensor:
             return deploy(data)

@@ -9,6 +9,7 @@ Native shapes are MegEngine's own (grouped conv weights 5-D `[g, O/g, I/g, kh, k
 every BN is built with momentum 0.9 == torch's 0.1. MegEngine's running_var uses the unbiased
 batch variance (n/(n-1)), as torch does, so running statistics match torch's step for step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,14 +44,17 @@ def hard_sigmoid(x: Tensor) -> Tensor:
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "silu": F.silu, "identity": lambda x: x, "sigmoid": F.sigmoid,
-    "hard_sigmoid": hard_sigmoid}
+    "relu": F.relu,
+    "silu": F.silu,
+    "identity": lambda x: x,
+    "sigmoid": F.sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+}
 
 
 def activation(fn: str) -> Callable[[Tensor], Tensor]:
     if fn not in ACTIVATIONS:
-        raise SpecError(f"MegEngine has no rule for the activation {fn!r}; expected one of "
-                           f"{', '.join(ACTIVATIONS)}")
+        raise SpecError(f"MegEngine has no rule for the activation {fn!r}; expected one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[fn]
 
 
@@ -138,9 +142,17 @@ class IdentityPlusConv2d(Conv2d):
     the native layout, not a tensor attribute, so it is no part of the state."""
 
     def __init__(self, node: Conv, empty: bool = False) -> None:
-        super().__init__(node.in_channels, node.out_channels, node.kernel, stride=node.stride,
-                         padding=node.padding, dilation=node.dilation, groups=node.groups,
-                         bias=node.bias, empty=empty)
+        super().__init__(
+            node.in_channels,
+            node.out_channels,
+            node.kernel,
+            stride=node.stride,
+            padding=node.padding,
+            dilation=node.dilation,
+            groups=node.groups,
+            bias=node.bias,
+            empty=empty,
+        )
         offset = identity_offset(node.out_channels, node.groups, node.kernel)
         info = conv_entries("", node)["weight"]
         self._identity = to_megengine(offset.astype(np.float32), info)
@@ -152,9 +164,17 @@ class IdentityPlusConv2d(Conv2d):
 def conv2d(node: Conv, empty: bool = False) -> Conv2d:
     if node.plus_identity:
         return IdentityPlusConv2d(node, empty)
-    return Conv2d(node.in_channels, node.out_channels, node.kernel, stride=node.stride,
-                  padding=node.padding, dilation=node.dilation, groups=node.groups,
-                  bias=node.bias, empty=empty)
+    return Conv2d(
+        node.in_channels,
+        node.out_channels,
+        node.kernel,
+        stride=node.stride,
+        padding=node.padding,
+        dilation=node.dilation,
+        groups=node.groups,
+        bias=node.bias,
+        empty=empty,
+    )
 
 
 def leaf_module(node: ParamLeaf, empty: bool = False) -> M.Module:
@@ -195,8 +215,30 @@ def functional(node: FreeLeaf, x: Tensor, training: bool) -> Tensor:
     return F.nn.dropout(x, node.p, training=training)
 
 
-__all__ = ["BN_MOMENTUM", "ACTIVATIONS", "activation", "batch_norm", "PaddedBatchNorm",
-           "ChannelScale", "EmptyInit", "Conv2d", "IdentityPlusConv2d", "LinearLayer", "SqueezeExcite", "conv2d",
-           "ParamLeaf", "PARAM_LEAVES", "FreeLeaf", "FREE_LEAVES", "leaf_module", "global_pool", "avg_pool",
-           "hard_sigmoid", "functional",
-           "mge", "F", "M", "Tensor"]
+__all__ = [
+    "BN_MOMENTUM",
+    "ACTIVATIONS",
+    "activation",
+    "batch_norm",
+    "PaddedBatchNorm",
+    "ChannelScale",
+    "EmptyInit",
+    "Conv2d",
+    "IdentityPlusConv2d",
+    "LinearLayer",
+    "SqueezeExcite",
+    "conv2d",
+    "ParamLeaf",
+    "PARAM_LEAVES",
+    "FreeLeaf",
+    "FREE_LEAVES",
+    "leaf_module",
+    "global_pool",
+    "avg_pool",
+    "hard_sigmoid",
+    "functional",
+    "mge",
+    "F",
+    "M",
+    "Tensor",
+]

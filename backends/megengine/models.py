@@ -5,6 +5,7 @@ scope, indexable as `model.stage1[0]`), RepVGGplus `stage1.blocks.0` and the tra
 heads `stage1_aux.0.conv/.bn` + `stage1_aux.3`, RepGhostNet `blocks.i.j`, `conv_head`,
 `classifier`.
 """
+
 from __future__ import annotations
 
 from .blocks import RepModule

@@ -10,6 +10,7 @@ convolution shape is profiled once per machine: the first fastrun call of a new 
 profiling (seconds to minutes for a whole model on a small CPU), later calls and later processes
 do not.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ driver library ...") and `debug: failed to load cuda func: ...` lines straight t
 except that CUDA noise; `import_megengine()` imports MegEngine and runs one tiny op inside it, so
 the noise is spent before any user code runs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,7 @@ from typing import Any
 
 # The CUDA banner and probe lines. The banner's frame lines are "info: +++++..." and
 # "info: + <text> +"; the text lines mention CUDA/NVIDIA or point to the help forum.
-_NOISE = re.compile(r"cuda|nvidia|discuss\.megengine|^\s*(info|debug|warn|warning):\s*\+[+\s]*$",
-                    re.IGNORECASE)
+_NOISE = re.compile(r"cuda|nvidia|discuss\.megengine|^\s*(info|debug|warn|warning):\s*\+[+\s]*$", re.IGNORECASE)
 
 
 def is_noise(line: str) -> bool:
@@ -74,11 +74,13 @@ def import_megengine() -> Any:
     global _READY
     if _READY:
         import megengine
+
         return megengine
     with quiet_fd2():
         import megengine
         import megengine.functional as F  # noqa: F401
         import megengine.module
+
         (megengine.tensor([1.0]) + 1).numpy()
     _READY = True
     return megengine

@@ -3,6 +3,7 @@ orchestration in `.venv` drives it as a child process (`python -m backends.megen
 started once and reused. Requests are JSON lines; arrays travel as safetensors files in a private
 temporary directory. The worker speaks neutral states and NCHW arrays only.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,12 +37,19 @@ class MgeWorker:
         exe = Path(python) if python else mge_python()
         if not exe.exists():
             raise errors.BackendUnavailableError(
-                f"MegEngine environment not found ({exe}); create it with `bash scripts/setup_envs.sh`")
+                f"MegEngine environment not found ({exe}); create it with `bash scripts/setup_envs.sh`"
+            )
         self._tmp = tempfile.TemporaryDirectory(prefix="reparam-mge-")
         self._stderr = open(Path(self._tmp.name) / "worker.log", "w+b")
-        self._proc = subprocess.Popen([str(exe), "-m", "backends.megengine.worker"], cwd=ROOT,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, text=True, bufsize=1)
+        self._proc = subprocess.Popen(
+            [str(exe), "-m", "backends.megengine.worker"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+        )
         self._ids = itertools.count()
         self.info = self.request(op="ping")
 
@@ -82,51 +90,104 @@ class MgeWorker:
     def _target(model: str | None, block: BlockSpec | None, num_classes: int) -> dict[str, Any]:
         if (model is None) == (block is None):
             raise errors.ArgumentError("give exactly one of model= and block=")
-        return {"model": model, "num_classes": num_classes,
-                "block": block_spec_to_dict(block) if block is not None else None}
+        return {
+            "model": model,
+            "num_classes": num_classes,
+            "block": block_spec_to_dict(block) if block is not None else None,
+        }
 
     # -- operations
-    def predict(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, form: str = "train",
-                model: str | None = None, block: BlockSpec | None = None, num_classes: int = 1000,
-                reparameterize: bool = False, return_state: bool = False, fastrun: bool = False) -> Any:
+    def predict(
+        self,
+        *,
+        state: Mapping[str, np.ndarray],
+        x: np.ndarray,
+        form: str = "train",
+        model: str | None = None,
+        block: BlockSpec | None = None,
+        num_classes: int = 1000,
+        reparameterize: bool = False,
+        return_state: bool = False,
+        fastrun: bool = False,
+    ) -> Any:
         """Build the module in `form`, load `state`, optionally re-parameterize, predict on x
         (`fastrun`: with MegEngine's profiled kernels). Returns y, or (y, exported neutral state
         of the final module) with return_state."""
         out, exported = self._path("y"), (self._path("state") if return_state else None)
-        self.request(op="predict", form=form, reparameterize=reparameterize, fastrun=fastrun,
-                     state=self._put("in-state", state), input=self._put("x", {"x": x}),
-                     output=out, export_state=exported, **self._target(model, block, num_classes))
+        self.request(
+            op="predict",
+            form=form,
+            reparameterize=reparameterize,
+            fastrun=fastrun,
+            state=self._put("in-state", state),
+            input=self._put("x", {"x": x}),
+            output=out,
+            export_state=exported,
+            **self._target(model, block, num_classes),
+        )
         y = load_file(out)[0]["y"]
         return (y, load_file(exported)[0]) if exported is not None else y
 
-    def export_traced(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, artifact: str | os.PathLike[str],
-                      form: str = "train", model: str | None = None, block: BlockSpec | None = None,
-                      num_classes: int = 1000, fastrun: bool = False) -> np.ndarray:
+    def export_traced(
+        self,
+        *,
+        state: Mapping[str, np.ndarray],
+        x: np.ndarray,
+        artifact: str | os.PathLike[str],
+        form: str = "train",
+        model: str | None = None,
+        block: BlockSpec | None = None,
+        num_classes: int = 1000,
+        fastrun: bool = False,
+    ) -> np.ndarray:
         """Trace the deploy form into a `.mge` file and return the artifact's output on x (run
         with MegEngine's profiled kernels when `fastrun`)."""
         out = self._path("y")
-        self.request(op="export_traced", form=form, fastrun=fastrun,
-                     state=self._put("in-state", state),
-                     input=self._put("x", {"x": x}), artifact=str(artifact), output=out,
-                     **self._target(model, block, num_classes))
+        self.request(
+            op="export_traced",
+            form=form,
+            fastrun=fastrun,
+            state=self._put("in-state", state),
+            input=self._put("x", {"x": x}),
+            artifact=str(artifact),
+            output=out,
+            **self._target(model, block, num_classes),
+        )
         return load_file(out)[0]["y"]
 
     def run_traced(self, artifact: str | os.PathLike[str], x: np.ndarray, *, fastrun: bool = False) -> np.ndarray:
         """The output of a traced `.mge` artifact on NCHW x (any batch)."""
         out = self._path("y")
-        self.request(op="run_traced", artifact=os.fspath(artifact), input=self._put("x", {"x": x}),
-                     output=out, fastrun=fastrun)
+        self.request(
+            op="run_traced", artifact=os.fspath(artifact), input=self._put("x", {"x": x}), output=out, fastrun=fastrun
+        )
         return load_file(out)[0]["y"]
 
-    def time_forms(self, *, state: Mapping[str, np.ndarray], x: np.ndarray, repeats: int,
-                   model: str | None = None, block: BlockSpec | None = None, num_classes: int = 1000,
-                   warmup: int = 1, fastrun: bool = False) -> dict[str, list[float]]:
+    def time_forms(
+        self,
+        *,
+        state: Mapping[str, np.ndarray],
+        x: np.ndarray,
+        repeats: int,
+        model: str | None = None,
+        block: BlockSpec | None = None,
+        num_classes: int = 1000,
+        warmup: int = 1,
+        fastrun: bool = False,
+    ) -> dict[str, list[float]]:
         """Seconds per call of the train form (loaded with the train-form `state`) and of its
         deploy form (re-parameterized in MegEngine), each predicting on x, timed in `repeats`
         interleaved rounds after `warmup` untimed ones: {"train": [...], "deploy": [...]}."""
-        reply = self.request(op="time", form="train", repeats=repeats, warmup=warmup, fastrun=fastrun,
-                             state=self._put("in-state", state), input=self._put("x", {"x": x}),
-                             **self._target(model, block, num_classes))
+        reply = self.request(
+            op="time",
+            form="train",
+            repeats=repeats,
+            warmup=warmup,
+            fastrun=fastrun,
+            state=self._put("in-state", state),
+            input=self._put("x", {"x": x}),
+            **self._target(model, block, num_classes),
+        )
         return {k: [float(t) for t in v] for k, v in reply["times"].items()}
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ megengine.distributed is not used: in 1.13 its process group accepts GPU devices
 rocm) with NCCL/RCCL only; on CPU `init_process_group` raises "cpu is not a valid distributed
 device type" (and "xpu ..." for the default device), so one process trains.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,10 @@ def _tensors(model: RepModule) -> dict[str, Tensor]:
 
 def _neutral(values: dict[str, Tensor], schema: dict[str, TensorInfo]) -> dict[str, np.ndarray]:
     """MegEngine tensors in their module layout as neutral arrays (canonical shapes, float32)."""
-    return {k: np.ascontiguousarray(from_megengine(np.asarray(v.numpy(), np.float32), schema[k]), np.float32)
-            for k, v in values.items()}
+    return {
+        k: np.ascontiguousarray(from_megengine(np.asarray(v.numpy(), np.float32), schema[k]), np.float32)
+        for k, v in values.items()
+    }
 
 
 def _native(arrays: dict[str, np.ndarray], schema: dict[str, TensorInfo]) -> dict[str, Tensor]:
@@ -61,8 +64,9 @@ def _native(arrays: dict[str, np.ndarray], schema: dict[str, TensorInfo]) -> dic
     return {k: mge.tensor(module_layout(v, schema[k])) for k, v in arrays.items()}
 
 
-def _optimizer(model: RepModule, cfg: tr.TrainConfig,
-               l2_kernels: set[str]) -> tuple[mge.optimizer.SGD, dict[str, Tensor]]:
+def _optimizer(
+    model: RepModule, cfg: tr.TrainConfig, l2_kernels: set[str]
+) -> tuple[mge.optimizer.SGD, dict[str, Tensor]]:
     """SGD + Nesterov; weight decay on the canonically >= 2-D weights only (a BN scale is
     (1, C, 1, 1) inside MegEngine: the schema's shape decides), minus the custom-L2 kernels.
     Also returns the parameters by canonical key."""
@@ -71,16 +75,20 @@ def _optimizer(model: RepModule, cfg: tr.TrainConfig,
     groups: dict[bool, list[Tensor]] = {True: [], False: []}
     for key, p in params.items():
         groups[tr.decays(key, len(schema[key].shape), l2_kernels)].append(p)
-    opt = mge.optimizer.SGD([{"params": groups[True], "weight_decay": cfg.wd},
-                             {"params": groups[False], "weight_decay": 0.0}],
-                            lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    opt = mge.optimizer.SGD(
+        [{"params": groups[True], "weight_decay": cfg.wd}, {"params": groups[False], "weight_decay": 0.0}],
+        lr=cfg.base_lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
     return opt, params
 
 
 def _buffers(opt: mge.optimizer.SGD, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """The momentum buffers by canonical key (those that exist)."""
-    return {k: opt._state[p]["momentum_buffer"] for k, p in params.items()
-            if "momentum_buffer" in opt._state.get(p, {})}
+    return {
+        k: opt._state[p]["momentum_buffer"] for k, p in params.items() if "momentum_buffer" in opt._state.get(p, {})
+    }
 
 
 def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -88,9 +96,14 @@ def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray) -> tuple[float, fl
     return tr.evaluate(lambda xb: predict(model, xb), x, y)
 
 
-def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
-          on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None
-          ) -> dict[str, Any]:
+def train(
+    cfg: tr.TrainConfig,
+    data: tr.Dataset,
+    *,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Any]:
     """Train `cfg.model` (train form) on `data` in one process; same files and summary as
     backends.torch.train.train."""
     tr.check_supported(cfg, 1)
@@ -125,8 +138,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             x, y = mge.tensor(xb), mge.tensor(yb.astype(np.int32))
             with gm:
                 outs = model.forward_with_aux(x) if aux else {"main": model(x)}
-                losses = {h: F.nn.cross_entropy(o, y, label_smooth=cfg.label_smoothing)
-                          for h, o in outs.items()}
+                losses = {h: F.nn.cross_entropy(o, y, label_smooth=cfg.label_smoothing) for h, o in outs.items()}
                 loss = losses["main"] + tr.AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
                 if l2_kernels:
                     loss = loss + 0.5 * cfg.wd * model.custom_l2()
@@ -158,15 +170,25 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             sums = tr.EpochSums()
             if stopped:
                 break
-        return tr.summarize(cfg, data, spec, "megengine", steps=done, stopped=stopped, rank=0, world=1,
-                            records=records,
-                            final_state=lambda: _neutral(ema, schema) if ema is not None else export_state(model))
+        return tr.summarize(
+            cfg,
+            data,
+            spec,
+            "megengine",
+            steps=done,
+            stopped=stopped,
+            rank=0,
+            world=1,
+            records=records,
+            final_state=lambda: _neutral(ema, schema) if ema is not None else export_state(model),
+        )
     finally:
         stop.restore()
 
 
-def _checkpoint_arrays(model: RepModule, opt: mge.optimizer.SGD, params: dict[str, Tensor],
-                       ema: dict[str, Tensor] | None) -> dict[str, np.ndarray]:
+def _checkpoint_arrays(
+    model: RepModule, opt: mge.optimizer.SGD, params: dict[str, Tensor], ema: dict[str, Tensor] | None
+) -> dict[str, np.ndarray]:
     schema = model.schema()
     arrays = {f"model.{k}": v for k, v in export_state(model).items()}
     arrays.update({f"opt.{k}": v for k, v in _neutral(_buffers(opt, params), schema).items()})
@@ -174,8 +196,13 @@ def _checkpoint_arrays(model: RepModule, opt: mge.optimizer.SGD, params: dict[st
     return arrays
 
 
-def _restore(arrays: dict[str, np.ndarray], model: RepModule, opt: mge.optimizer.SGD,
-             params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> None:
+def _restore(
+    arrays: dict[str, np.ndarray],
+    model: RepModule,
+    opt: mge.optimizer.SGD,
+    params: dict[str, Tensor],
+    ema: dict[str, Tensor] | None,
+) -> None:
     """Model, momentum buffers and EMA from a checkpoint's neutral arrays."""
     schema = model.schema()
     state = {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}

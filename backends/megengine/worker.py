@@ -23,6 +23,7 @@ channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all p
   {"op": "shutdown"} -> {"ok": true}, then exit.
 Errors: {"ok": false, "type": exception class name, "error": message}; the worker keeps serving.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,7 @@ def _build(req: dict[str, Any]) -> Any:
         raise SpecError(f"form must be 'train' or 'deploy', got {form!r}")
     deploy = form == "deploy"
     if req.get("model"):
-        return model_from_spec(get_spec(req["model"], int(req.get("num_classes", 1000))),
-                               deploy=deploy)
+        return model_from_spec(get_spec(req["model"], int(req.get("num_classes", 1000))), deploy=deploy)
     if req.get("block"):
         return build_block(block_spec_from_dict(req["block"]), deploy=deploy)
     raise SpecError("request needs a 'model' name or a 'block' spec")
@@ -92,8 +92,7 @@ def _run_traced(req: dict[str, Any]) -> dict[str, Any]:
     from reparam_core.safetensors_io import load_file, save_file
 
     x = load_file(req["input"])[0]["x"]
-    save_file({"y": run_traced(req["artifact"], x, fastrun=bool(req.get("fastrun", False)))},
-              req["output"])
+    save_file({"y": run_traced(req["artifact"], x, fastrun=bool(req.get("fastrun", False)))}, req["output"])
     return {}
 
 
@@ -106,20 +105,22 @@ def _time(req: dict[str, Any]) -> dict[str, Any]:
     train, x = _loaded(req)
     deploy = reparameterize(train)
     fast = bool(req.get("fastrun", False))
-    times = interleaved_times({"train": lambda: predict(train, x, fastrun=fast),
-                               "deploy": lambda: predict(deploy, x, fastrun=fast)},
-                              int(req["repeats"]), warmup=int(req.get("warmup", 1)))
+    times = interleaved_times(
+        {"train": lambda: predict(train, x, fastrun=fast), "deploy": lambda: predict(deploy, x, fastrun=fast)},
+        int(req["repeats"]),
+        warmup=int(req.get("warmup", 1)),
+    )
     return {"times": times}
 
 
-_OPS = {"predict": _predict, "export_traced": _export_traced, "run_traced": _run_traced,
-        "time": _time}
+_OPS = {"predict": _predict, "export_traced": _export_traced, "run_traced": _run_traced, "time": _time}
 
 
 def handle(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     if op == "ping":
         import megengine
+
         return {"megengine": megengine.__version__, "python": platform.python_version()}
     if op in _OPS:
         return _OPS[op](req)
@@ -131,6 +132,7 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     proto = open_protocol()
     from backends.megengine.quiet import import_megengine
+
     import_megengine()
     for line in sys.stdin:
         if not line.strip():

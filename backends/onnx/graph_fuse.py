@@ -11,6 +11,7 @@ refuses stays as it was and is listed in the report with the reason. `Identity` 
 looked through; values computed from constants only (constant folding left undone) are
 evaluated with onnx's numpy reference evaluator. onnx + numpy only.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -68,17 +69,14 @@ class _Graph:
         self.model = model
         g = model.graph
         self._bypass_identities()
-        self.values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i)
-                                              for i in g.initializer}
-        self.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                         default=17)
+        self.values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        self.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
         self._fold_constants()
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes: dict[str, Shape] = {}
         for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
             dims = vi.type.tensor_type.shape.dim
-            self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                         for d in dims)
+            self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
         self.index()
 
     def _bypass_identities(self) -> None:
@@ -101,13 +99,17 @@ class _Graph:
     def _fold_constants(self) -> None:
         """The value of every node output that depends on constants only."""
         for n in self.model.graph.node:
-            if n.domain not in ("", "ai.onnx") or n.op_type in ("RandomNormal", "RandomUniform",
-                                                                "RandomNormalLike",
-                                                                "RandomUniformLike"):
+            if n.domain not in ("", "ai.onnx") or n.op_type in (
+                "RandomNormal",
+                "RandomUniform",
+                "RandomNormalLike",
+                "RandomUniformLike",
+            ):
                 continue
             if n.op_type == "Constant":
-                self.values[n.output[0]] = numpy_helper.to_array(_attrs(n)["value"]) if (
-                    "value" in _attrs(n)) else self._eval(n)[0]
+                self.values[n.output[0]] = (
+                    numpy_helper.to_array(_attrs(n)["value"]) if ("value" in _attrs(n)) else self._eval(n)[0]
+                )
             elif all(i in self.values or i == "" for i in n.input) and n.input:
                 try:
                     outs = self._eval(n)
@@ -118,16 +120,18 @@ class _Graph:
     def _eval(self, n: onnx.NodeProto) -> list[np.ndarray]:
         inputs = [i for i in n.input if i]
         graph = helper.make_graph(
-            [n], "const", [helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None)
-                           for i in inputs],
-            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-             for o in n.output if o])
-        ref = ReferenceEvaluator(helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", self.opset)]))
+            [n],
+            "const",
+            [helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in n.output if o],
+        )
+        ref = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]))
         outs = ref.run(None, {i: self.values[i] for i in inputs})
         if not isinstance(outs, list):  # a dict only with intermediate=True
-            raise FusionError(f"evaluating {n.op_type} {n.name}: the reference evaluator returned "
-                              f"{type(outs).__name__}, not a list of outputs")
+            raise FusionError(
+                f"evaluating {n.op_type} {n.name}: the reference evaluator returned "
+                f"{type(outs).__name__}, not a list of outputs"
+            )
         return outs
 
     def index(self) -> None:
@@ -182,9 +186,17 @@ class _Pass:
             if pads is None:
                 return None, f"Conv {n.name} has asymmetric pads {list(a['pads'])}", None
             groups = int(a.get("group", 1))
-            conv = Conv("", w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
-                        tuple(a.get("strides", [1, 1])), pads, tuple(a.get("dilations", [1, 1])),
-                        groups, b is not None)
+            conv = Conv(
+                "",
+                w.shape[1] * groups,
+                w.shape[0],
+                tuple(w.shape[2:]),
+                tuple(a.get("strides", [1, 1])),
+                pads,
+                tuple(a.get("dilations", [1, 1])),
+                groups,
+                b is not None,
+            )
             params = {"weight": w} | ({"bias": b} if b is not None else {})
             return [Stage(conv, params)], None, n.input[0]
         if op == "BatchNormalization":
@@ -196,16 +208,25 @@ class _Pass:
                 return None, f"BatchNormalization {n.name} outputs running statistics", None
             scale, bias, mean, var = consts
             node = BN("", scale.shape[0], float(a.get("epsilon", 1e-5)))
-            return [Stage(node, {"weight": scale, "bias": bias, "running_mean": mean,
-                                 "running_var": var})], None, n.input[0]
+            return (
+                [Stage(node, {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var})],
+                None,
+                n.input[0],
+            )
         if op == "AveragePool":
             k = list(a.get("kernel_shape", []))
             pads = _sym(list(a.get("pads", [0, 0, 0, 0])))
             s = list(a.get("strides", [1, 1]))
-            if (len(k) != 2 or k[0] != k[1] or pads is None or pads[0] != pads[1] or s[0] != s[1]
-                    or a.get("ceil_mode", 0)
-                    or (pads != (0, 0) and not a.get("count_include_pad", 0))
-                    or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            if (
+                len(k) != 2
+                or k[0] != k[1]
+                or pads is None
+                or pads[0] != pads[1]
+                or s[0] != s[1]
+                or a.get("ceil_mode", 0)
+                or (pads != (0, 0) and not a.get("count_include_pad", 0))
+                or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            ):
                 return None, f"AveragePool {n.name} is not square, symmetric, zero-counting", None
             return [Stage(AvgPool(int(k[0]), int(s[0]), pads[0]), {})], None, n.input[0]
         if op in ("Mul", "Add", "Sub") and len(n.input) == 2:
@@ -240,9 +261,14 @@ class _Pass:
             pads = g.const(pad.input[1]) if len(pad.input) > 1 else None
             mode = _attrs(pad).get("mode", b"constant")
             value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
-            if (sub is None or sub.op_type != "Sub" or pads is None or mode not in
-                    (b"constant", "constant") or (value is not None and np.any(value != 0))
-                    or g.uses[sub.output[0]] != 1):
+            if (
+                sub is None
+                or sub.op_type != "Sub"
+                or pads is None
+                or mode not in (b"constant", "constant")
+                or (value is not None and np.any(value != 0))
+                or g.uses[sub.output[0]] != 1
+            ):
                 continue
             shift = g.const(sub.input[1])
             if shift is None:
@@ -262,18 +288,27 @@ class _Pass:
             node, prm = st[0].node, st[0].params
             tol = 1e-6 * max(float(np.abs(cv).max()), 1e-30)
             if isinstance(node, Conv) and node.bias and np.abs(prm["bias"] - cv).max() <= tol:
-                conv = Stage(Conv("", node.in_channels, node.out_channels, node.kernel,
-                                  node.stride, node.padding, node.dilation, node.groups),
-                             {"weight": prm["weight"]})
+                conv = Stage(
+                    Conv(
+                        "",
+                        node.in_channels,
+                        node.out_channels,
+                        node.kernel,
+                        node.stride,
+                        node.padding,
+                        node.dilation,
+                        node.groups,
+                    ),
+                    {"weight": prm["weight"]},
+                )
                 b = affine_bn(node.out_channels, None, prm["bias"])
-                return ([conv, Stage(PadBN("", node.out_channels, p[2], 0.0), b.params)], x,
-                        [add, pad, sub, pre])
+                return ([conv, Stage(PadBN("", node.out_channels, p[2], 0.0), b.params)], x, [add, pad, sub, pre])
             if isinstance(node, BN):
                 zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
-                    prm["running_var"].astype(np.float64) + node.eps)
+                    prm["running_var"].astype(np.float64) + node.eps
+                )
                 if np.abs(zero - cv).max() <= tol:
-                    return ([Stage(PadBN("", node.channels, p[2], node.eps), prm)], x,
-                            [add, pad, sub, pre])
+                    return ([Stage(PadBN("", node.channels, p[2], node.eps), prm)], x, [add, pad, sub, pre])
         return None
 
     # ---------------------------------------------------------------- branches and sums
@@ -334,20 +369,22 @@ class _Pass:
         walks = [self.branch(t) for t in terms]
         sources = [w[0] for w in walks]
         common = max(sources, key=sources.count)  # the first on a tie
-        bad = sorted((i for i, s in enumerate(sources) if s != common),
-                     key=lambda i: walks[i][3] is None)  # a branch stopped by a reason first
+        bad = sorted(
+            (i for i, s in enumerate(sources) if s != common), key=lambda i: walks[i][3] is None
+        )  # a branch stopped by a reason first
         if bad:
             s, _, _, stop = walks[bad[0]]
             p = g.producer.get(s)
             what = f"{p.op_type} {p.name}" if p is not None else "a graph input"
-            self.report.left.append(LeftAlone(n.name or n.output[0], stop or (
-                f"branch {bad[0]} reads {s} ({what}), the others read {common}")))
+            self.report.left.append(
+                LeftAlone(
+                    n.name or n.output[0], stop or (f"branch {bad[0]} reads {s} ({what}), the others read {common}")
+                )
+            )
             return False
-        return self.fuse(n, common, [w[1] for w in walks],
-                         [m for w in walks for m in w[2]] + sums)
+        return self.fuse(n, common, [w[1] for w in walks], [m for w in walks for m in w[2]] + sums)
 
-    def fuse(self, last: onnx.NodeProto, source: str, branches: list[list[Stage]],
-             nodes: list[onnx.NodeProto]) -> bool:
+    def fuse(self, last: onnx.NodeProto, source: str, branches: list[list[Stage]], nodes: list[onnx.NodeProto]) -> bool:
         g = self.g
         end, post = last, None
         users = [m for m in g.model.graph.node if last.output[0] in m.input]
@@ -370,13 +407,23 @@ class _Pass:
         name = f"reparam_fused_{self.count}"
         dt = _dtype(branches)
         graph = g.model.graph
-        graph.initializer.extend([numpy_helper.from_array(kernel.astype(dt), f"{name}.weight"),
-                                  numpy_helper.from_array(bias.astype(dt), f"{name}.bias")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(kernel.astype(dt), f"{name}.weight"),
+                numpy_helper.from_array(bias.astype(dt), f"{name}.bias"),
+            ]
+        )
         conv = helper.make_node(
-            "Conv", [source, f"{name}.weight", f"{name}.bias"], [end.output[0]], name=name,
-            kernel_shape=list(fused.kernel), strides=list(fused.stride),
-            pads=[*fused.padding, *fused.padding], dilations=list(fused.dilation),
-            group=fused.groups)
+            "Conv",
+            [source, f"{name}.weight", f"{name}.bias"],
+            [end.output[0]],
+            name=name,
+            kernel_shape=list(fused.kernel),
+            strides=list(fused.stride),
+            pads=[*fused.padding, *fused.padding],
+            dilations=list(fused.dilation),
+            group=fused.groups,
+        )
         dead = {id(m) for m in (*nodes, end)}
         keep = []
         for m in graph.node:
@@ -388,18 +435,23 @@ class _Pass:
         graph.node.extend(keep)
         g.index()
         kinds = tuple(branch_kind(b) for b in branches) + (("then bn",) if post else ())
-        self.report.fused.append(FusedSum(
-            tuple(sorted({m.name or m.output[0] for m in (*nodes, end)})), kinds, fused.kernel,
-            name))
+        self.report.fused.append(
+            FusedSum(tuple(sorted({m.name or m.output[0] for m in (*nodes, end)})), kinds, fused.kernel, name)
+        )
         return True
 
     def run(self) -> None:
         """Sums first, then lone conv chains. Nodes are looked up again by their first output
         after every rewrite (a rewrite rebuilds the node list, which copies its messages)."""
         graph = self.g.model.graph
-        roots = [n.output[0] for n in graph.node if self._is_sum(n) and not (
-            self.g.uses[n.output[0]] == 1 and any(self._is_sum(u) for u in graph.node
-                                                  if n.output[0] in u.input))]
+        roots = [
+            n.output[0]
+            for n in graph.node
+            if self._is_sum(n)
+            and not (
+                self.g.uses[n.output[0]] == 1 and any(self._is_sum(u) for u in graph.node if n.output[0] in u.input)
+            )
+        ]
         for out in roots:
             n = self.g.producer.get(out)
             if n is not None and self._is_sum(n):
@@ -436,8 +488,11 @@ class _Pass:
         graph = self.g.model.graph
         while True:
             self.g.index()
-            dead = [n for n in graph.node if not any(self.g.uses[o] for o in n.output if o)
-                    and all(o in self.g.values for o in n.output if o)]
+            dead = [
+                n
+                for n in graph.node
+                if not any(self.g.uses[o] for o in n.output if o) and all(o in self.g.values for o in n.output if o)
+            ]
             if not dead:
                 break
             ids = {id(n) for n in dead}
@@ -457,8 +512,7 @@ def _same_shape(a: Shape | None, b: Shape | None) -> bool:
     return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def _out_channels(branches: list[list[Stage]], cin: int | None, shape_c: int | None
-                  ) -> int | None:
+def _out_channels(branches: list[list[Stage]], cin: int | None, shape_c: int | None) -> int | None:
     if shape_c is not None:
         return shape_c
     for b in branches:

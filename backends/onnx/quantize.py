@@ -9,6 +9,7 @@ tensor, its float32 weight range and its calibrated activation range. `measure_i
 together: the int8 graph against the float32 graph on labelled (or unlabelled) images, whole model
 and per layer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,15 +18,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from reparam_core.errors import ReparamError
 from reparam_core.precision import sqnr_db
 
-Method = Literal["minmax", "entropy", "percentile"]
-METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
+METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")  # calibration (ONNX Runtime's)
 _QUANTIZED_SUFFIX = "_quantized"
 
 
@@ -38,18 +38,25 @@ def onnx_input_name(path: str | os.PathLike[str]) -> str:
 
 def _batches(name: str, x: np.ndarray, batch: int) -> Iterator[dict[str, np.ndarray]]:
     for i in range(0, len(x), batch):
-        yield {name: np.ascontiguousarray(x[i:i + batch], np.float32)}
+        yield {name: np.ascontiguousarray(x[i : i + batch], np.float32)}
 
 
-def quantize_qdq(src: str | os.PathLike[str], calib: np.ndarray, *, method: Method = "minmax",
-                 per_channel: bool = True, reduce_range: bool = False, batch: int = 16) -> bytes:
+def quantize_qdq(
+    src: str | os.PathLike[str],
+    calib: np.ndarray,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    batch: int = 16,
+) -> bytes:
     """The bytes of `src` quantized to int8 in QDQ format (QuantizeLinear/DequantizeLinear
     around every conv and gemm), activation ranges calibrated on `calib` (N, C, H, W).
 
     Arguments:
         src: a float32 ONNX graph whose batch axis is dynamic (or equal to `batch`).
         calib: calibration inputs, float32 NCHW, already normalised as the model expects.
-        method: how activation ranges are taken from the calibration outputs.
+        method: how activation ranges are taken from the calibration outputs (one of METHODS).
         per_channel: one weight scale per output channel; False: one per tensor.
         reduce_range: 7-bit weights, exact on x86 CPUs without VNNI/AMX (whose int8 kernels sum
             u8 x s8 products in saturating 16 bits); see reparam_core.hardware.has_int8_dot.
@@ -75,27 +82,35 @@ def quantize_qdq(src: str | os.PathLike[str], calib: np.ndarray, *, method: Meth
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    calibration = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}[method]
+    calibration = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger
     try:
         with tempfile.TemporaryDirectory(prefix="reparam-quant-") as tmp:
             out = Path(tmp) / "int8.onnx"
-            quantize_static(os.fspath(src), os.fspath(out), Reader(),
-                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                            reduce_range=reduce_range,
-                            calibrate_method=calibration,
-                            extra_options={"CalibTensorRangeSymmetric": False})
+            quantize_static(
+                os.fspath(src),
+                os.fspath(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8,
+                reduce_range=reduce_range,
+                calibrate_method=calibration,
+                extra_options={"CalibTensorRangeSymmetric": False},
+            )
             return out.read_bytes()
     finally:
         root.setLevel(level)
 
 
-def ort_session(model: str | os.PathLike[str] | bytes, *, optimize: bool = True,
-                threads: int | None = None) -> object:
+def ort_session(model: str | os.PathLike[str] | bytes, *, optimize: bool = True, threads: int | None = None) -> object:
     """An ONNX Runtime CPU session for a graph (a path or its bytes); `threads` sets the
     intra-op thread count (default: ONNX Runtime's, one per physical core)."""
     import onnxruntime as ort
@@ -106,12 +121,18 @@ def ort_session(model: str | os.PathLike[str] | bytes, *, optimize: bool = True,
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model if isinstance(model, bytes) else os.fspath(model), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else os.fspath(model), opts, providers=["CPUExecutionProvider"]
+    )
 
 
-def run_onnx(model: str | os.PathLike[str] | bytes, x: np.ndarray, outputs: list[str] | None = None,
-             batch: int = 64, optimize: bool = True) -> list[np.ndarray]:
+def run_onnx(
+    model: str | os.PathLike[str] | bytes,
+    x: np.ndarray,
+    outputs: list[str] | None = None,
+    batch: int = 64,
+    optimize: bool = True,
+) -> list[np.ndarray]:
     """Run an ONNX graph (a path or its bytes) on NCHW `x` in batches; the named `outputs`
     (default: the graph's outputs), each concatenated over the batches.
 
@@ -148,8 +169,7 @@ def _with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
 
     model = onnx.load_from_string(model_bytes)
     have = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in names if n not in have)
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in have)
     return bytes(model.SerializeToString())
 
 
@@ -166,15 +186,16 @@ def _weighted_layers(int8: object) -> list[tuple[str, str, str, str]]:
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
             weight = dq_source.get(node.input[1], node.input[1])
-            weight = weight[:-len(_QUANTIZED_SUFFIX)] if weight.endswith(_QUANTIZED_SUFFIX) else weight
+            weight = weight[: -len(_QUANTIZED_SUFFIX)] if weight.endswith(_QUANTIZED_SUFFIX) else weight
             output = node.output[0]
             seen = dq_of.get(q_of.get(output, ""), output)
             out.append((weight, node.op_type, output, seen))
     return out
 
 
-def layer_reports(fp32: str | os.PathLike[str], int8_bytes: bytes, x: np.ndarray,
-                  calib: np.ndarray) -> list[LayerReport]:
+def layer_reports(
+    fp32: str | os.PathLike[str], int8_bytes: bytes, x: np.ndarray, calib: np.ndarray
+) -> list[LayerReport]:
     """Per conv/gemm of the int8 graph, in graph order: SQNR (dB) of its output on `x` against
     the float32 graph's same tensor, the float32 weight range, and the activation range the
     float32 graph reaches on `calib`. Both graphs run unoptimized (`run_onnx(optimize=False)`):
@@ -188,12 +209,13 @@ def layer_reports(fp32: str | os.PathLike[str], int8_bytes: bytes, x: np.ndarray
     produced = {o for n in fp32_model.graph.node for o in n.output}
     # the float32 tensor: the output's name, or (when the quantizer renamed the output of the
     # last layer to put its Q/DQ pair in front of the graph output) the pair's output name
-    layers = [(w, op, o if o in produced else q, q)
-              for w, op, o, q in _weighted_layers(onnx.load_from_string(int8_bytes))
-              if o in produced or q in produced]
+    layers = [
+        (w, op, o if o in produced else q, q)
+        for w, op, o, q in _weighted_layers(onnx.load_from_string(int8_bytes))
+        if o in produced or q in produced
+    ]
     if not layers:
-        raise ReparamError(f"{fp32}: no conv or gemm output of the int8 graph is a tensor of the "
-                           "float32 graph")
+        raise ReparamError(f"{fp32}: no conv or gemm output of the int8 graph is a tensor of the float32 graph")
     names = [o for _, _, o, _ in layers]
     seen = [q for _, _, _, q in layers]
     fp32_bytes = fp32_model.SerializeToString()
@@ -204,9 +226,8 @@ def layer_reports(fp32: str | os.PathLike[str], int8_bytes: bytes, x: np.ndarray
     for (w, op, o, _), r, g, a in zip(layers, ref, got, act):
         wt = weights.get(w)
         wmin, wmax = (float(wt.min()), float(wt.max())) if wt is not None else (float("nan"),) * 2
-        name = w[:-len(".weight")] if w.endswith(".weight") else w
-        out.append(LayerReport(name, op, o, sqnr_db(r, g), wmin, wmax, float(a.min()),
-                               float(a.max())))
+        name = w[: -len(".weight")] if w.endswith(".weight") else w
+        out.append(LayerReport(name, op, o, sqnr_db(r, g), wmin, wmax, float(a.min()), float(a.max())))
     return out
 
 
@@ -215,12 +236,21 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None =
     inputs whose top-1 class agrees, the SQNR of `got` in dB, and with `labels` the top-1
     accuracy of `got` (None without)."""
     pred = got.argmax(1)
-    return {"agreement": float((ref.argmax(1) == pred).mean()), "logits_sqnr_db": sqnr_db(ref, got),
-            "top1": None if labels is None else float((pred == labels).mean())}
+    return {
+        "agreement": float((ref.argmax(1) == pred).mean()),
+        "logits_sqnr_db": sqnr_db(ref, got),
+        "top1": None if labels is None else float((pred == labels).mean()),
+    }
 
 
-def measure_int8(fp32: str | os.PathLike[str], y32: np.ndarray, int8: bytes, x: np.ndarray,
-                 labels: np.ndarray | None, calib: np.ndarray) -> dict[str, Any]:
+def measure_int8(
+    fp32: str | os.PathLike[str],
+    y32: np.ndarray,
+    int8: bytes,
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    calib: np.ndarray,
+) -> dict[str, Any]:
     """The int8 graph against the float32 graph `fp32`, whose logits on the NCHW images `x` are
     `y32` (`run_onnx(fp32, x)`), on the same images (`labels` for top-1):
     `fp32_top1`, `int8_top1` (None without labels), `agreement` and `logits_sqnr_db` with ONNX
@@ -234,13 +264,27 @@ def measure_int8(fp32: str | os.PathLike[str], y32: np.ndarray, int8: bytes, x: 
     ops: dict[str, int] = {}
     for node in onnx.load_from_string(int8).graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"fp32_top1": None if labels is None else float((y32.argmax(1) == labels).mean()),
-            "int8_top1": fused["top1"], "agreement": fused["agreement"],
-            "logits_sqnr_db": fused["logits_sqnr_db"], "logits_sqnr_db_qdq_math": qdq["logits_sqnr_db"],
-            "agreement_qdq_math": qdq["agreement"],
-            "bytes": {"fp32": os.path.getsize(fp32), "int8": len(int8)}, "ops": ops,
-            "layers": [lr.as_dict() for lr in layer_reports(fp32, int8, x[:256], calib)]}
+    return {
+        "fp32_top1": None if labels is None else float((y32.argmax(1) == labels).mean()),
+        "int8_top1": fused["top1"],
+        "agreement": fused["agreement"],
+        "logits_sqnr_db": fused["logits_sqnr_db"],
+        "logits_sqnr_db_qdq_math": qdq["logits_sqnr_db"],
+        "agreement_qdq_math": qdq["agreement"],
+        "bytes": {"fp32": os.path.getsize(fp32), "int8": len(int8)},
+        "ops": ops,
+        "layers": [lr.as_dict() for lr in layer_reports(fp32, int8, x[:256], calib)],
+    }
 
 
-__all__ = ["METHODS", "Method", "quantize_qdq", "ort_session", "run_onnx", "LayerReport", "layer_reports",
-           "onnx_input_name", "compare_logits", "measure_int8"]
+__all__ = [
+    "METHODS",
+    "quantize_qdq",
+    "ort_session",
+    "run_onnx",
+    "LayerReport",
+    "layer_reports",
+    "onnx_input_name",
+    "compare_logits",
+    "measure_int8",
+]

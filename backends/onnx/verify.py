@@ -1,4 +1,5 @@
 """Run two ONNX graphs in ONNX Runtime on the same random input and compare them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,10 +12,10 @@ def _input(model: onnx.ModelProto, seed: int) -> tuple[str, np.ndarray]:
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise CheckpointError(f"--verify needs a graph with one input, this one has "
-                              f"{len(inputs)}: {[i.name for i in inputs]}")
-    dims = [d.dim_value if d.HasField("dim_value") else 1
-            for d in inputs[0].type.tensor_type.shape.dim]
+        raise CheckpointError(
+            f"--verify needs a graph with one input, this one has {len(inputs)}: {[i.name for i in inputs]}"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in inputs[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
     return inputs[0].name, x
 

@@ -1,4 +1,5 @@
 """The backend surface shared by every framework: reparameterize, neutral state in/out, predict."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -62,8 +63,7 @@ def predict(module: RepModule, x: np.ndarray) -> np.ndarray:
     y: torch.Tensor
     try:
         with torch.inference_mode():
-            y = module(torch.as_tensor(np.asarray(x, np.float32), device=ref.device,
-                                       dtype=ref.dtype))
+            y = module(torch.as_tensor(np.asarray(x, np.float32), device=ref.device, dtype=ref.dtype))
     finally:
         module.train(was_training)
     return y.detach().cpu().float().numpy()

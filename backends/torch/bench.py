@@ -8,6 +8,7 @@ runtimes and precisions of the same deploy form: its ONNX export in ONNX Runtime
 int8 QDQ quantized per output channel, calibrated on the bench input: a speed figure, accuracy
 is `reparam quantize`'s), and torch eager under CPU bf16 autocast.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,12 @@ def plain_model(model: str, state: Mapping[str, np.ndarray]) -> nn.Sequential:
     for p in plain_layers(spec):
         for field in ("weight", "bias"):
             weights[f"{len(layers)}.{field}"] = state[f"{p.key}.{field}"]
-        layers += [nn.Conv2d(p.in_channels, p.out_channels, p.kernel_size, p.stride, p.padding,
-                             p.dilation, p.groups, bias=True), ACTS[p.act]()]
+        layers += [
+            nn.Conv2d(
+                p.in_channels, p.out_channels, p.kernel_size, p.stride, p.padding, p.dilation, p.groups, bias=True
+            ),
+            ACTS[p.act](),
+        ]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     for field in ("weight", "bias"):
         weights[f"{len(layers)}.{field}"] = state[f"linear.{field}"]
@@ -64,8 +69,7 @@ class TorchBench(BackendBench):
     def setup(self, threads: int | None) -> dict[str, Any]:
         if threads:
             torch.set_num_threads(threads)
-        return {"torch": torch.__version__, "python": sys.version.split()[0],
-                "threads": torch.get_num_threads()}
+        return {"torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads()}
 
     def matmul_gflops(self, n: int, repeats: int) -> float:
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -89,6 +93,7 @@ class TorchBench(BackendBench):
             with torch.inference_mode():
                 y: torch.Tensor = module(xt)
             return y
+
         return fn
 
     def _fast(self, module: Net, x: np.ndarray, channels_last: bool) -> FastPath:
@@ -97,15 +102,13 @@ class TorchBench(BackendBench):
         y = fn().float().numpy()  # the first call compiles a torch.compile'd module
         return FastPath(fn, y, time.perf_counter() - t0)
 
-    def fast_paths(self, modules: Mapping[str, nn.Module], x: np.ndarray,
-                   config: BenchConfig) -> dict[str, FastPath]:
+    def fast_paths(self, modules: Mapping[str, nn.Module], x: np.ndarray, config: BenchConfig) -> dict[str, FastPath]:
         out = {"deploy/channels_last": self._fast(_channels_last(modules["deploy"]), x, True)}
         if "plain" in modules:
             out["plain/channels_last"] = self._fast(_channels_last(modules["plain"]), x, True)
         if config.compile:
             out["deploy/compile"] = self._fast(torch.compile(modules["deploy"]), x, False)
-            out["deploy/compile+channels_last"] = self._fast(
-                torch.compile(_channels_last(modules["deploy"])), x, True)
+            out["deploy/compile+channels_last"] = self._fast(torch.compile(_channels_last(modules["deploy"])), x, True)
         if config.bf16:
             out["deploy/bf16-autocast"] = self._bf16(modules["deploy"], x)
         if config.onnxruntime:
@@ -122,6 +125,7 @@ class TorchBench(BackendBench):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 y: torch.Tensor = module(xt)
             return y
+
         t0 = time.perf_counter()
         y = fn().float().numpy()
         return FastPath(fn, y, time.perf_counter() - t0, "bfloat16")
@@ -154,6 +158,7 @@ def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> F
     def fn() -> np.ndarray:
         y: np.ndarray = sess.run(None, feed)[0]  # type: ignore[attr-defined]
         return y
+
     y = np.asarray(fn(), np.float32)
     return FastPath(fn, y, time.perf_counter() - t0, precision)
 

@@ -11,6 +11,7 @@ deploy form on the meta device and assigns reparam_core's fused state (float64 i
 The named classes (RepVGGBlock, RepConv, ...) are thin subclasses that only fix `kind`;
 `block_class` makes one on the fly for a kind no class was written for.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -67,8 +68,9 @@ def _bn_scale(block: nn.Module, path: str) -> Tensor:
     output axis."""
     bn = block.get_submodule(path)
     if not isinstance(bn, _BatchNorm) or bn.running_var is None:
-        raise SpecError(f"{path}: the custom L2 needs a BatchNorm with running statistics there, "
-                        f"got {type(bn).__name__}")
+        raise SpecError(
+            f"{path}: the custom L2 needs a BatchNorm with running statistics there, got {type(bn).__name__}"
+        )
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().reshape(-1, 1, 1, 1)
 
 
@@ -84,7 +86,7 @@ def _block_l2(block: nn.Module, t: L2Terms) -> Tensor:
     """The custom L2 of one re-parameterizable block module (see reparam_core.l2)."""
     k3, k1 = _conv_weight(block, t.dense_conv), _conv_weight(block, t.one_conv)
     ch, cw = t.centre
-    centre = k3[:, :, ch:ch + 1, cw:cw + 1]
+    centre = k3[:, :, ch : ch + 1, cw : cw + 1]
     t3, t1 = _bn_scale(block, t.dense_bn), _bn_scale(block, t.one_bn)
     penalty: Tensor
     if t.identity_bn is None:
@@ -118,9 +120,11 @@ class RepModule(nn.Module):
         self.desc: Description = in_form(spec, "deploy" if deploy else "train")
         if self.desc.kind != type(self).kind:
             needs = f" ({self.needs})" if self.needs else ""
-            raise ReparamError(f"{type(self).__name__} needs a {self.kind!r} spec{needs}, got a "
-                               f"{self.desc.kind!r} one (use build_block or create_model, which "
-                               "pick the class)")
+            raise ReparamError(
+                f"{type(self).__name__} needs a {self.kind!r} spec{needs}, got a "
+                f"{self.desc.kind!r} one (use build_block or create_model, which "
+                "pick the class)"
+            )
         self._plan = self._chain(self.desc.body)
         self._aux = self._aux_heads(self.desc.aux) if isinstance(self.desc, Model) else {}
         for name in self.absent_as_none:
@@ -164,8 +168,7 @@ class RepModule(nn.Module):
             return submodule, self._leaf(node)
         if type(node) in LEAF_FUNCTIONS:
             return call, LEAF_FUNCTIONS[type(node)](node)
-        raise SpecError(f"{self.desc.kind}: the torch backend has no rule for a "
-                        f"{type(node).__name__} node ({node!r})")
+        raise SpecError(f"{self.desc.kind}: the torch backend has no rule for a {type(node).__name__} node ({node!r})")
 
     def _leaf(self, node: ModuleLeaf) -> str:
         """Register the native module of a parameterised leaf at its name; returns the name."""
@@ -178,8 +181,9 @@ class RepModule(nn.Module):
         out: dict[int, tuple[tuple[str, Plan], ...]] = {}
         for head in heads:
             if head.tap not in taps:
-                raise SpecError(f"{self.desc.kind}: auxiliary head {head.name!r} reads "
-                                f"{head.tap!r}, which is not a top-level block")
+                raise SpecError(
+                    f"{self.desc.kind}: auxiliary head {head.name!r} reads {head.tap!r}, which is not a top-level block"
+                )
             at = taps[head.tap]
             out[at] = (*out.get(at, ()), (head.name, self._chain(head.body)))
         return out
@@ -227,21 +231,23 @@ class RepModule(nn.Module):
 
     def _train_form_only(self, what: str) -> None:
         if self.deploy:
-            raise ReparamError(f"{what} in train form only; this {type(self).__name__} is in "
-                               "deploy form")
+            raise ReparamError(f"{what} in train form only; this {type(self).__name__} is in deploy form")
 
     def rep_blocks(self) -> list[tuple[str, RepModule]]:
         """Every re-parameterizable unit (innermost block holding a Rep) with its module path
         ("" for this module itself), in forward order, read from the spec's train form (so a
         model lists the same units in either form)."""
         desc = in_form(self.spec, "train")
-        units: list[tuple[str, RepModule]] = [("", self)] if isinstance(desc, Block) and any(
-            isinstance(n, Rep) for n in desc.body) else []
+        units: list[tuple[str, RepModule]] = (
+            [("", self)] if isinstance(desc, Block) and any(isinstance(n, Rep) for n in desc.body) else []
+        )
         for path, _ in rep_blocks(desc):
             unit = self.get_submodule(path)
             if not isinstance(unit, RepModule):
-                raise ReparamError(f"{type(self).__name__}: the block at {path!r} was replaced by a "
-                                   f"{type(unit).__name__}, not a reparam block module")
+                raise ReparamError(
+                    f"{type(self).__name__}: the block at {path!r} was replaced by a "
+                    f"{type(unit).__name__}, not a reparam block module"
+                )
             units.append((path, unit))
         return units
 
@@ -252,8 +258,9 @@ class RepModule(nn.Module):
         terms = []
         for path, block in self.rep_blocks():
             if not isinstance(block.desc, Block):  # a unit is a Block by construction (rep_blocks)
-                raise SpecError(f"{path!r}: a re-parameterizable unit must be a block, got a "
-                                f"{type(block.desc).__name__}")
+                raise SpecError(
+                    f"{path!r}: a re-parameterizable unit must be a block, got a {type(block.desc).__name__}"
+                )
             terms.append(_block_l2(block, l2_terms(block.desc)))
         return torch.stack(terms).sum()
 
@@ -262,8 +269,11 @@ def block_class(kind: str) -> type[RepModule]:
     """The module class of a kind (a description's official class name); a plain subclass of
     RepModule is made and kept for a kind no class was written for."""
     if kind not in _CLASSES:
-        type(kind, (RepModule,), {"kind": kind, "__module__": __name__,
-                                  "__doc__": f"{kind}, built from its description."})
+        type(
+            kind,
+            (RepModule,),
+            {"kind": kind, "__module__": __name__, "__doc__": f"{kind}, built from its description."},
+        )
     return _CLASSES[kind]
 
 
@@ -311,5 +321,15 @@ def build_block(spec: SpecLike, *, deploy: bool = False) -> RepModule:
     return block_class(block_kind(spec))(spec, deploy=deploy)
 
 
-__all__ = ["numpy_view", "numpy_state", "RepModule", "block_class", "RepVGGBlock", "RepConv",
-           "RepVGGplusBlock", "RepGhostModule", "RepGhostBottleneck", "build_block"]
+__all__ = [
+    "numpy_view",
+    "numpy_state",
+    "RepModule",
+    "block_class",
+    "RepVGGBlock",
+    "RepConv",
+    "RepVGGplusBlock",
+    "RepGhostModule",
+    "RepGhostBottleneck",
+    "build_block",
+]

@@ -11,6 +11,7 @@ kernel and bias are computed by the core (reparam_core.fuse.rep_kernel_bias, flo
 the core refuses, or that is not a branch primitive (a nonlinearity, train-mode BN, a branch
 reading another tensor), is left exactly as it was and listed in the report with the reason.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,9 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (PadBatchNorm, ChannelScale)) or super().is_leaf_module(m, qualname)
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -78,7 +80,8 @@ def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, s
         raise ReparamError(
             f"cannot capture the graph of {type(module).__name__}: torch.fx tracing failed in "
             f"submodule {where!r} ({type(fx_error).__name__}: {str(fx_error).splitlines()[0]}) "
-            f"and torch.export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            f"and torch.export failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- op tables
@@ -90,15 +93,23 @@ CONVS = {F.conv2d, torch.conv2d, aten.conv2d.default}
 POOLS = {F.avg_pool2d, aten.avg_pool2d.default}
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-             "divisor_override")
-POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
-                 "divisor_override": None}
+POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
 # F.batch_norm and aten.batch_norm order their tensors differently
-BN_ARGS = {F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
-                          "momentum", "eps"),
-           aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
-                                     "training", "momentum", "eps", "cudnn_enabled")}
+BN_ARGS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    aten.batch_norm.default: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
+    ),
+}
 BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
@@ -112,8 +123,12 @@ def _args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
 
 
 def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ADDS
-            and bool(node.kwargs.get("alpha", 1) == 1) and len(node.args) == 2)
+    return (
+        node.op == "call_function"
+        and node.target in ADDS
+        and bool(node.kwargs.get("alpha", 1) == 1)
+        and len(node.args) == 2
+    )
 
 
 # --------------------------------------------------------------------------- the pass
@@ -152,8 +167,11 @@ class _Pass:
         does not depend on the input (parameters, constant expressions of them)."""
         const: set[fx.Node] = set()
         for n in self.gm.graph.nodes:
-            if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
-                                      and all(a in const for a in n.all_input_nodes)):
+            if n.op == "get_attr" or (
+                n.op in ("call_function", "call_method")
+                and n.all_input_nodes
+                and all(a in const for a in n.all_input_nodes)
+            ):
                 const.add(n)
         outer = self
 
@@ -190,17 +208,17 @@ class _Pass:
             if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
                 return None, None, x
             if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d:
-                return self._conv(n, x, m.weight, m.bias, m.stride, m.padding, m.dilation,
-                                  m.groups, m.padding_mode)
+                return self._conv(n, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
             if isinstance(m, PadBatchNorm):
-                return self._bn(n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
-                                m.training, m.pad)
+                return self._bn(n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training, m.pad)
             if type(m) is nn.BatchNorm2d:
-                return self._bn(n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
-                                m.training and m.track_running_stats)
+                return self._bn(
+                    n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training and m.track_running_stats
+                )
             if type(m) is nn.AvgPool2d:
-                return self._pool(n, x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                  m.count_include_pad, m.divisor_override)
+                return self._pool(
+                    n, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+                )
             if isinstance(m, ChannelScale):
                 return self._scale(n, x, m.weight.detach().reshape(1, -1, 1, 1))
             return None, None, None
@@ -213,12 +231,10 @@ class _Pass:
                 return None, f"conv {n.name} has weights computed from the input", None
             if not isinstance(a["input"], fx.Node):
                 return None, None, None
-            return self._conv(n, a["input"], w, b, a["stride"], a["padding"], a["dilation"],
-                              a["groups"], "zeros")
+            return self._conv(n, a["input"], w, b, a["stride"], a["padding"], a["dilation"], a["groups"], "zeros")
         if n.target in BN_ARGS:
             a = _args(n, BN_ARGS[n.target], BN_DEFAULTS)
-            mean, var, weight, bias = (self.const(a[k]) for k in ("running_mean", "running_var",
-                                                                  "weight", "bias"))
+            mean, var, weight, bias = (self.const(a[k]) for k in ("running_mean", "running_var", "weight", "bias"))
             if mean is None or var is None:
                 return None, f"BN {n.name} has no running statistics", None
             if not isinstance(a["input"], fx.Node):
@@ -228,9 +244,16 @@ class _Pass:
             a = _args(n, POOL_ARGS, POOL_DEFAULTS)
             if not isinstance(a["input"], fx.Node):
                 return None, None, None
-            return self._pool(n, a["input"], a["kernel_size"], a["stride"] or a["kernel_size"],
-                              a["padding"], a["ceil_mode"], a["count_include_pad"],
-                              a["divisor_override"])
+            return self._pool(
+                n,
+                a["input"],
+                a["kernel_size"],
+                a["stride"] or a["kernel_size"],
+                a["padding"],
+                a["ceil_mode"],
+                a["count_include_pad"],
+                a["divisor_override"],
+            )
         if n.target in MULS and len(n.args) == 2:
             for x, c in (n.args, n.args[::-1]):
                 cv = self.const(c)
@@ -238,8 +261,18 @@ class _Pass:
                     return self._scale(n, x, cv)
         return None, None, None
 
-    def _conv(self, n: fx.Node, x: fx.Node, w: Tensor, b: Tensor | None, stride: Any,
-              padding: Any, dilation: Any, groups: int, mode: str) -> Found:
+    def _conv(
+        self,
+        n: fx.Node,
+        x: fx.Node,
+        w: Tensor,
+        b: Tensor | None,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        mode: str,
+    ) -> Found:
         d = _pair_arg(dilation)
         if mode != "zeros" or w.dim() != 4:
             return None, f"conv {n.name} is not a zero-padded 2-D conv", None
@@ -247,31 +280,52 @@ class _Pass:
         if isinstance(padding, str):
             if padding == "same" and any(di * (ki - 1) % 2 for di, ki in zip(d, k)):
                 return None, f"conv {n.name}: padding='same' is asymmetric for this kernel", None
-            padding = (0, 0) if padding == "valid" else tuple(di * (ki - 1) // 2
-                                                              for di, ki in zip(d, k))
+            padding = (0, 0) if padding == "valid" else tuple(di * (ki - 1) // 2 for di, ki in zip(d, k))
         cin, cout = w.shape[1] * int(groups), w.shape[0]
-        conv = Conv("", cin, cout, kernel=k, stride=_pair_arg(stride), padding=_pair_arg(padding),
-                    dilation=d, groups=int(groups), bias=b is not None)
+        conv = Conv(
+            "",
+            cin,
+            cout,
+            kernel=k,
+            stride=_pair_arg(stride),
+            padding=_pair_arg(padding),
+            dilation=d,
+            groups=int(groups),
+            bias=b is not None,
+        )
         params = {"weight": w.detach().cpu().numpy()}
         if b is not None:
             params["bias"] = b.detach().cpu().numpy()
         return _Stage(n, Stage(conv, params)), None, x
 
-    def _bn(self, n: fx.Node, x: fx.Node, mean: Tensor | None, var: Tensor | None,
-            weight: Tensor | None, bias: Tensor | None, eps: float, training: bool,
-            pad: int = 0) -> Found:
+    def _bn(
+        self,
+        n: fx.Node,
+        x: fx.Node,
+        mean: Tensor | None,
+        var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        training: bool,
+        pad: int = 0,
+    ) -> Found:
         if training or mean is None or var is None:
             return None, f"BN {n.name} is in training mode (batch statistics)", None
         c = mean.shape[0]
-        tensors = {"running_mean": mean, "running_var": var,
-                   "weight": torch.ones(c) if weight is None else weight,
-                   "bias": torch.zeros(c) if bias is None else bias}
+        tensors = {
+            "running_mean": mean,
+            "running_var": var,
+            "weight": torch.ones(c) if weight is None else weight,
+            "bias": torch.zeros(c) if bias is None else bias,
+        }
         params = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
         node = PadBN("", c, pad, float(eps)) if pad else BN("", c, float(eps))
         return _Stage(n, Stage(node, params)), None, x
 
-    def _pool(self, n: fx.Node, x: fx.Node, kernel: Any, stride: Any, padding: Any, ceil: bool,
-              count_pad: bool, divisor: Any) -> Found:
+    def _pool(
+        self, n: fx.Node, x: fx.Node, kernel: Any, stride: Any, padding: Any, ceil: bool, count_pad: bool, divisor: Any
+    ) -> Found:
         k, s, p = _pair_arg(kernel), _pair_arg(stride), _pair_arg(padding)
         if ceil or divisor is not None or (not count_pad and p != (0, 0)):
             return None, f"avg pool {n.name} uses ceil_mode, a divisor or excludes padding", None
@@ -281,11 +335,14 @@ class _Pass:
 
     def _scale(self, n: fx.Node, x: fx.Node, c: Tensor) -> Found:
         shape = self.shape(x)
-        if shape is None or len(shape) != 4 or c.numel() != shape[1] or tuple(c.shape) not in (
-                (shape[1], 1, 1), (1, shape[1], 1, 1)):
+        if (
+            shape is None
+            or len(shape) != 4
+            or c.numel() != shape[1]
+            or tuple(c.shape) not in ((shape[1], 1, 1), (1, shape[1], 1, 1))
+        ):
             return None, None, None
-        return _Stage(n, Stage(Scale("", shape[1]),
-                               {"weight": c.detach().reshape(-1).cpu().numpy()})), None, x
+        return _Stage(n, Stage(Scale("", shape[1]), {"weight": c.detach().reshape(-1).cpu().numpy()})), None, x
 
     # ---------------------------------------------------------------- branches and sums
 
@@ -320,31 +377,41 @@ class _Pass:
             return None
         for pad, c in (add.args, add.args[::-1]):
             cv = self.const(c)
-            if (cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad
-                    or len(pad.users) != 1):
+            if cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad or len(pad.users) != 1:
                 continue
             sub = pad.args[0]
             amount = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
             value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", None)
             mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
-            if (not isinstance(sub, fx.Node) or sub.target not in SUBS or len(sub.users) != 1
-                    or mode != "constant" or value not in (None, 0, 0.0)
-                    or not isinstance(amount, (list, tuple)) or len(amount) != 4
-                    or len(set(amount)) != 1):
+            if (
+                not isinstance(sub, fx.Node)
+                or sub.target not in SUBS
+                or len(sub.users) != 1
+                or mode != "constant"
+                or value not in (None, 0, 0.0)
+                or not isinstance(amount, (list, tuple))
+                or len(amount) != 4
+                or len(set(amount)) != 1
+            ):
                 continue
             shift, bn, width = self.const(sub.args[1]), sub.args[0], amount[0]
-            if (shift is None or not torch.equal(shift, cv) or not isinstance(width, int)
-                    or not isinstance(bn, fx.Node) or len(bn.users) != 1):
+            if (
+                shift is None
+                or not torch.equal(shift, cv)
+                or not isinstance(width, int)
+                or not isinstance(bn, fx.Node)
+                or len(bn.users) != 1
+            ):
                 continue
             st, _, x = self.stage(bn)
             if st is None or x is None or not isinstance(st.core.node, BN):
                 continue
             node, prm = st.core.node, st.core.params
             zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
-                prm["running_var"].astype(np.float64) + node.eps)
+                prm["running_var"].astype(np.float64) + node.eps
+            )
             want = cv.detach().cpu().double().reshape(-1).numpy()
-            if want.shape != zero.shape or np.abs(zero - want).max() > 1e-6 * max(
-                    float(np.abs(want).max()), 1e-30):
+            if want.shape != zero.shape or np.abs(zero - want).max() > 1e-6 * max(float(np.abs(want).max()), 1e-30):
                 continue
             core = Stage(PadBN("", node.channels, width, node.eps), prm)
             return _Stage(add, core), x, [add, pad, sub, bn]
@@ -384,24 +451,23 @@ class _Pass:
             return False
         out = self.shape(add)
         if any(self.shape(t) != out for t in terms) or out is None or len(out) != 4:
-            self.report_left.append(LeftAlone(add.name, f"operands of shapes "
-                                              f"{[self.shape(t) for t in terms]} broadcast or "
-                                              "are not 4-D"))
+            self.report_left.append(
+                LeftAlone(add.name, f"operands of shapes {[self.shape(t) for t in terms]} broadcast or are not 4-D")
+            )
             return False
         walks = [self.branch(t) for t in terms]
         sources = [w[0] for w in walks]
         common = max(sources, key=sources.count)  # the first on a tie
-        bad = sorted((i for i, s in enumerate(sources) if s is not common),
-                     key=lambda i: walks[i][3] is None)  # a branch stopped by a reason first
+        bad = sorted(
+            (i for i, s in enumerate(sources) if s is not common), key=lambda i: walks[i][3] is None
+        )  # a branch stopped by a reason first
         if bad:
             i = bad[0]
             s, _, _, stop = walks[i]
-            desc = stop or (f"branch {i} reads {s.name} ({_what(s, self.modules)}), the others "
-                            f"read {common.name}")
+            desc = stop or (f"branch {i} reads {s.name} ({_what(s, self.modules)}), the others read {common.name}")
             self.report_left.append(LeftAlone(add.name, desc))
             return False
-        return self.fuse(add, common, [w[1] for w in walks],
-                  [n for w in walks for n in w[2]] + adds, add.name)
+        return self.fuse(add, common, [w[1] for w in walks], [n for w in walks for n in w[2]] + adds, add.name)
 
     def post_bn(self, last: fx.Node) -> _Stage | None:
         if len(last.users) != 1:
@@ -410,27 +476,27 @@ class _Pass:
         st, _, x = self.stage(user)
         return st if st is not None and x is last and isinstance(st.core.node, BN) else None
 
-    def fuse(self, last: fx.Node, source: fx.Node, branches: list[list[_Stage]],
-             nodes: list[fx.Node], where: str) -> bool:
+    def fuse(
+        self, last: fx.Node, source: fx.Node, branches: list[list[_Stage]], nodes: list[fx.Node], where: str
+    ) -> bool:
         """Build the core's Rep; on success replace `last` (and a BN after it) by one conv."""
         post = self.post_bn(last)
         source_shape, last_shape = self.shape(source), self.shape(last)
         if source_shape is None or last_shape is None:
-            self.report_left.append(LeftAlone(where, f"no recorded tensor shape for {source.name} "
-                                                     f"or {last.name}"))
+            self.report_left.append(LeftAlone(where, f"no recorded tensor shape for {source.name} or {last.name}"))
             return False
         cin, cout = source_shape[1], last_shape[1]
         try:
-            fused, (kernel, bias) = fuse_branches([[st.core for st in b] for b in branches],
-                                                  cin, cout, None if post is None else post.core)
+            fused, (kernel, bias) = fuse_branches(
+                [[st.core for st in b] for b in branches], cin, cout, None if post is None else post.core
+            )
         except FusionError as e:
             self.report_left.append(LeftAlone(where, str(e)))
             return False
         end = last if post is None else post.node
         self.count += 1
         name = f"reparam_fused_{self.count}"
-        conv = nn.Conv2d(cin, cout, fused.kernel, fused.stride, fused.padding, fused.dilation,
-                         fused.groups, bias=True)
+        conv = nn.Conv2d(cin, cout, fused.kernel, fused.stride, fused.padding, fused.dilation, fused.groups, bias=True)
         _, dtype, device = self.meta[end]
         if conv.bias is None:  # impossible: built with bias=True
             raise FusionError(f"{name}: nn.Conv2d(bias=True) has no bias")
@@ -450,19 +516,17 @@ class _Pass:
                 if n.op == "call_module":
                     self.erased.add(n.target)
         for n in reversed(list(self.gm.graph.nodes)):  # parameters (and constant expressions
-            if n in self.consts and not n.users:        # of them) only the branches read
+            if n in self.consts and not n.users:  # of them) only the branches read
                 self.gm.graph.erase_node(n)
         kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
         if post is not None:
             kinds = (*kinds, "then bn")
-        self.report_fused.append(FusedSum(
-            tuple(sorted((_label(n) for n in dead), key=str)), kinds, fused.kernel, name))
+        self.report_fused.append(FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, fused.kernel, name))
         return True
 
     def run(self) -> None:
         graph = self.gm.graph
-        roots = [n for n in graph.nodes if _is_add(n) and not (
-            len(n.users) == 1 and _is_add(next(iter(n.users))))]
+        roots = [n for n in graph.nodes if _is_add(n) and not (len(n.users) == 1 and _is_add(next(iter(n.users))))]
         for add in roots:
             if add.graph is graph:
                 self.try_sum(add)
@@ -471,8 +535,7 @@ class _Pass:
             if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
                 continue
             head, _, src = self.stage(x)
-            if (head is None or src is None or not isinstance(head.core.node, Conv)
-                    or len(x.users) != 1):
+            if head is None or src is None or not isinstance(head.core.node, Conv) or len(x.users) != 1:
                 continue
             self.fuse(x, src, [[head]], [x], n.name)
 

@@ -9,6 +9,7 @@ when the plan runs, so a module swapped in later (SyncBatchNorm conversion, quan
 wrappers) is the one that runs. Running a plan is a plain loop, cheap and traceable (ONNX
 export, `torch.compile`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,8 +35,12 @@ def _identity(x: Tensor) -> Tensor:
 
 
 ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "silu": F.silu, "identity": _identity, "sigmoid": torch.sigmoid,
-    "hard_sigmoid": F.hardsigmoid}
+    "relu": F.relu,
+    "silu": F.silu,
+    "identity": _identity,
+    "sigmoid": torch.sigmoid,
+    "hard_sigmoid": F.hardsigmoid,
+}
 
 # --------------------------------------------------------------------------- leaf modules
 
@@ -45,8 +50,9 @@ class SqueezeExcite(nn.Module):
     names (`down`/`up` with a sigmoid gate in RepVGG, `conv_reduce`/`conv_expand` with a hard
     sigmoid in RepGhostNet)."""
 
-    def __init__(self, channels: int, hidden: int, names: tuple[str, str] = ("down", "up"),
-                 gate: str = "sigmoid") -> None:
+    def __init__(
+        self, channels: int, hidden: int, names: tuple[str, str] = ("down", "up"), gate: str = "sigmoid"
+    ) -> None:
         super().__init__()
         self._names = names
         self.gate = ACT_FNS[gate]
@@ -85,8 +91,11 @@ class PadBatchNorm(nn.BatchNorm2d):
         y = super().forward(x)
         if self.pad == 0:
             return y
-        zero = (self.bias - self.running_mean * self.weight
-                / torch.sqrt(self.running_var + self.eps)).detach().reshape(1, -1, 1, 1)
+        zero = (
+            (self.bias - self.running_mean * self.weight / torch.sqrt(self.running_var + self.eps))
+            .detach()
+            .reshape(1, -1, 1, 1)
+        )
         return F.pad(y - zero, [self.pad] * 4) + zero
 
 
@@ -98,11 +107,18 @@ class IdentityPlusConv2d(nn.Conv2d):
     identity: Tensor  # registered as a buffer in __init__
 
     def __init__(self, node: Conv) -> None:
-        super().__init__(node.in_channels, node.out_channels, node.kernel, node.stride,
-                         node.padding, node.dilation, node.groups, bias=node.bias)
+        super().__init__(
+            node.in_channels,
+            node.out_channels,
+            node.kernel,
+            node.stride,
+            node.padding,
+            node.dilation,
+            node.groups,
+            bias=node.bias,
+        )
         offset = identity_offset(node.out_channels, node.groups, node.kernel)
-        self.register_buffer("identity", torch.from_numpy(offset.astype(np.float32)),
-                             persistent=False)
+        self.register_buffer("identity", torch.from_numpy(offset.astype(np.float32)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y: Tensor = self._conv_forward(x, self.weight + self.identity.to(self.weight), self.bias)
@@ -112,8 +128,16 @@ class IdentityPlusConv2d(nn.Conv2d):
 def _conv(node: Conv) -> nn.Module:
     if node.plus_identity:
         return IdentityPlusConv2d(node)
-    return nn.Conv2d(node.in_channels, node.out_channels, node.kernel, node.stride,
-                     node.padding, node.dilation, node.groups, bias=node.bias)
+    return nn.Conv2d(
+        node.in_channels,
+        node.out_channels,
+        node.kernel,
+        node.stride,
+        node.padding,
+        node.dilation,
+        node.groups,
+        bias=node.bias,
+    )
 
 
 ModuleLeaf = Conv | BN | PadBN | Scale | SE | Linear
@@ -142,8 +166,9 @@ def _flatten(x: Tensor) -> Tensor:
 
 LEAF_FUNCTIONS: dict[type, Callable[[Any], Callable[[Tensor], Tensor]]] = {
     Act: lambda n: ACT_FNS[n.fn],
-    AvgPool: lambda n: partial(F.avg_pool2d, kernel_size=n.kernel, stride=n.stride,
-                               padding=n.padding, count_include_pad=True),
+    AvgPool: lambda n: partial(
+        F.avg_pool2d, kernel_size=n.kernel, stride=n.stride, padding=n.padding, count_include_pad=True
+    ),
     GlobalPool: lambda n: _global_pool,
     Flatten: lambda n: _flatten,
 }
@@ -189,6 +214,21 @@ def rep(owner: nn.Module, x: Tensor, arg: tuple[tuple[Plan, ...], bool, str | No
     return y if bn is None else owner.get_submodule(bn)(y)
 
 
-__all__ = ["Plan", "Step", "ModuleLeaf", "ACT_FNS", "SqueezeExcite", "ChannelScale", "PadBatchNorm",
-           "IdentityPlusConv2d",
-           "LEAF_MODULES", "LEAF_FUNCTIONS", "run", "call", "submodule", "dropout", "add", "rep"]
+__all__ = [
+    "Plan",
+    "Step",
+    "ModuleLeaf",
+    "ACT_FNS",
+    "SqueezeExcite",
+    "ChannelScale",
+    "PadBatchNorm",
+    "IdentityPlusConv2d",
+    "LEAF_MODULES",
+    "LEAF_FUNCTIONS",
+    "run",
+    "call",
+    "submodule",
+    "dropout",
+    "add",
+    "rep",
+]

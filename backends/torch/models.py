@@ -5,6 +5,7 @@ Module paths follow the official PyTorch code, so `state_dict()` keys equal
 reparam_core.state_schema(spec, form) (plus `num_batches_tracked`) and official checkpoints load
 with `load_state_dict(strict=True)`.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ weights per output channel, activations per tensor). The result runs eagerly (th
 math in float32) or through `torch.compile`, where Inductor lowers the pairs to int8 kernels;
 that compile takes minutes on a small CPU, so nothing here calls it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,14 +33,13 @@ def pt2e_int8(module: RepModule, calib: np.ndarray, batch: int = 16) -> nn.Modul
         raise BackendUnavailableError(f"torchao is not installed ({e}); pip install torchao") from None
     deploy = reparameterize(module).eval()
     example = torch.from_numpy(np.ascontiguousarray(calib[:2], np.float32))
-    program = torch.export.export(deploy, (example,),
-                                  dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
+    program = torch.export.export(deploy, (example,), dynamic_shapes=({0: torch.export.Dim("N", min=1)},))
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(program.module(), quantizer)
     with torch.no_grad():
         for i in range(0, len(calib), batch):
-            prepared(torch.from_numpy(np.ascontiguousarray(calib[i:i + batch], np.float32)))
+            prepared(torch.from_numpy(np.ascontiguousarray(calib[i : i + batch], np.float32)))
     quantized: nn.Module = convert_pt2e(prepared)  # torchao is untyped here
     return quantized
 
@@ -47,8 +47,9 @@ def pt2e_int8(module: RepModule, calib: np.ndarray, batch: int = 16) -> nn.Modul
 def run_batches(module: nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
     """`module` on NCHW `x` in batches, without grad, as numpy."""
     with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
-                               .numpy() for i in range(0, len(x), batch)])
+        return np.concatenate(
+            [module(torch.from_numpy(np.ascontiguousarray(x[i : i + batch]))).numpy() for i in range(0, len(x), batch)]
+        )
 
 
 __all__ = ["pt2e_int8", "run_batches"]

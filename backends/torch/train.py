@@ -7,6 +7,7 @@ BatchNorm2d of every branch computes its batch statistics over the global batch 
 torch's own SyncBatchNorm refuses CPU tensors). Checkpoints and the metrics file are written by
 rank 0 only, at each epoch end and on SIGTERM.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,10 @@ class DistBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         count, momentum = self.num_batches_tracked, self.momentum
         if self.running_mean is None or self.running_var is None or count is None or momentum is None:
-            raise tr.TrainError("--sync-bn: a BatchNorm without running statistics or with a cumulative "
-                                "average (momentum None) has no synchronised version here")
+            raise tr.TrainError(
+                "--sync-bn: a BatchNorm without running statistics or with a cumulative "
+                "average (momentum None) has no synchronised version here"
+            )
         n = x.numel() // x.shape[1] * dist.get_world_size()
         mean = _SumAllReduce.apply(x.sum((0, 2, 3), dtype=torch.float64)) / n
         centred = x - mean.to(x.dtype).view(1, -1, 1, 1)
@@ -80,8 +83,9 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
     holding the same tensors, in place; PadBatchNorm (DBB) is refused."""
     for name, child in list(module.named_children()):
         if isinstance(child, PadBatchNorm):
-            raise tr.TrainError(f"--sync-bn: {name} is a padded BatchNorm (DBB), which has no "
-                                "synchronised version here")
+            raise tr.TrainError(
+                f"--sync-bn: {name} is a padded BatchNorm (DBB), which has no synchronised version here"
+            )
         if type(child) is nn.BatchNorm2d:
             new = DistBatchNorm2d(child.num_features, child.eps, child.momentum)
             new.load_state_dict(child.state_dict())
@@ -128,33 +132,35 @@ def _optimizer(model: nn.Module, cfg: tr.TrainConfig, l2_kernels: set[str]) -> t
     groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
     for name, p in model.named_parameters():
         groups[tr.decays(name, p.ndim, l2_kernels)].append(p)
-    return torch.optim.SGD([{"params": groups[True], "weight_decay": cfg.wd},
-                            {"params": groups[False], "weight_decay": 0.0}],
-                           lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(
+        [{"params": groups[True], "weight_decay": cfg.wd}, {"params": groups[False], "weight_decay": 0.0}],
+        lr=cfg.base_lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
 
 
 def _float_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone().float() for k, v in model.state_dict().items()
-            if v.is_floating_point()}
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def _evaluate(model: RepModule, x: np.ndarray, y: np.ndarray, device: torch.device,
-              batch: int = 256) -> tuple[float, float]:
+def _evaluate(
+    model: RepModule, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 256
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on the validation split, BN running statistics."""
     model.eval()
     loss, correct = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(y), batch):
-            out = model(torch.from_numpy(x[i:i + batch]).to(device))
-            target = torch.from_numpy(y[i:i + batch]).to(device)
+            out = model(torch.from_numpy(x[i : i + batch]).to(device))
+            target = torch.from_numpy(y[i : i + batch]).to(device)
             loss += float(F.cross_entropy(out, target, reduction="sum"))
             correct += int((out.argmax(1) == target).sum())
     model.train()
     return loss / len(y), correct / len(y)
 
 
-def _checkpoint_arrays(model: nn.Module, opt: torch.optim.SGD,
-                       ema: dict[str, Tensor] | None) -> dict[str, np.ndarray]:
+def _checkpoint_arrays(model: nn.Module, opt: torch.optim.SGD, ema: dict[str, Tensor] | None) -> dict[str, np.ndarray]:
     arrays = {f"model.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
@@ -167,8 +173,13 @@ def _checkpoint_arrays(model: nn.Module, opt: torch.optim.SGD,
     return arrays
 
 
-def _restore(arrays: dict[str, np.ndarray], model: nn.Module, opt: torch.optim.SGD,
-             ema: dict[str, Tensor] | None, device: torch.device) -> None:
+def _restore(
+    arrays: dict[str, np.ndarray],
+    model: nn.Module,
+    opt: torch.optim.SGD,
+    ema: dict[str, Tensor] | None,
+    device: torch.device,
+) -> None:
     sd = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")}
     if set(sd) != set(model.state_dict()):
         raise CheckpointError("--resume: the checkpoint's model keys differ from the model's")
@@ -189,9 +200,14 @@ def _final_state(model: RepModule, ema: dict[str, Tensor] | None) -> dict[str, n
     return export_state(final)
 
 
-def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
-          on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None
-          ) -> dict[str, Any]:
+def train(
+    cfg: tr.TrainConfig,
+    data: tr.Dataset,
+    *,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Any]:
     """Train `cfg.model` (train form) on `data`; returns a summary (rank 0 writes the files in
     cfg.out: checkpoint, metrics, final neutral states of both forms). `stopped` is True when
     SIGTERM ended the run early (a checkpoint was written; continue with resume=True)."""
@@ -232,8 +248,9 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 outs = forward(x)
-                losses = {h: F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing)
-                          for h, o in outs.items()}
+                losses = {
+                    h: F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing) for h, o in outs.items()
+                }
             loss = losses["main"] + tr.AUX_WEIGHT * sum(v for h, v in losses.items() if h != "main")
             if l2_kernels:
                 loss = loss + 0.5 * cfg.wd * model.custom_l2()
@@ -264,8 +281,7 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                     if ema_model is not None and ema is not None:
                         ema_model.load_state_dict({**ema_model.state_dict(), **ema})
                         val["val_acc_ema"] = _evaluate(ema_model, x_val, y_val, device)[1]
-                    tr.log_epoch(cfg, records, tr.epoch_record(epoch, step + 1, glob, lr, val, world),
-                                 on_epoch)
+                    tr.log_epoch(cfg, records, tr.epoch_record(epoch, step + 1, glob, lr, val, world), on_epoch)
                 if rank == 0:
                     tr.checkpoint(cfg, step + 1, _checkpoint_arrays(model, opt, ema), glob, end_of_epoch)
                 sums = tr.EpochSums()
@@ -273,8 +289,18 @@ def train(cfg: tr.TrainConfig, data: tr.Dataset, *, resume: bool = False,
                     dist.barrier()
                 if stopped:
                     break
-        return tr.summarize(cfg, data, spec, "torch", steps=done, stopped=stopped, rank=rank, world=world,
-                            records=records, final_state=lambda: _final_state(model, ema))
+        return tr.summarize(
+            cfg,
+            data,
+            spec,
+            "torch",
+            steps=done,
+            stopped=stopped,
+            rank=rank,
+            world=world,
+            records=records,
+            final_state=lambda: _final_state(model, ema),
+        )
     finally:
         stop.restore()
         torch.use_deterministic_algorithms(previous)

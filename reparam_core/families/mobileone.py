@@ -13,6 +13,7 @@ The model: stem block `stage0` (3x3, stride 2, one conv branch in every variant)
 for the first pair) then a pointwise 1x1 block (`stageN.{2j+1}`), global average pool `gap`,
 `linear`. S4 puts SE in both blocks of the last 5 pairs of stage3 and of the pair of stage4.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -46,23 +47,29 @@ class MobileOneBlockSpec:
     def __post_init__(self) -> None:
         if self.padding < 0:
             object.__setattr__(self, "padding", self.kernel_size // 2)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "groups",
-                     "num_conv_branches"):
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "groups", "num_conv_branches"):
             if getattr(self, name) < 1:
                 raise SpecError(f"MobileOneBlock {name} must be >= 1, got {getattr(self, name)}")
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise SpecError(f"MobileOneBlock channels {self.in_channels} -> {self.out_channels} "
-                            f"are not divisible by groups={self.groups}")
+            raise SpecError(
+                f"MobileOneBlock channels {self.in_channels} -> {self.out_channels} "
+                f"are not divisible by groups={self.groups}"
+            )
         if self.kernel_size > 1 and self.kernel_size % 2 == 0:
-            raise SpecError(f"MobileOneBlock kernel_size must be 1 or odd (the 1x1 scale branch "
-                            f"is centred in it), got {self.kernel_size}")
+            raise SpecError(
+                f"MobileOneBlock kernel_size must be 1 or odd (the 1x1 scale branch "
+                f"is centred in it), got {self.kernel_size}"
+            )
         if (self.has_scale or self.has_skip) and self.padding != self.kernel_size // 2:
-            raise SpecError(f"MobileOneBlock padding must be kernel_size // 2 = "
-                            f"{self.kernel_size // 2} for its branches to line up, got "
-                            f"{self.padding}")
+            raise SpecError(
+                f"MobileOneBlock padding must be kernel_size // 2 = "
+                f"{self.kernel_size // 2} for its branches to line up, got "
+                f"{self.padding}"
+            )
         if self.use_se and self.se_channels < 1:
-            raise SpecError(f"MobileOneBlock use_se needs out_channels >= 16 (SE hidden "
-                            f"int({self.out_channels} * {SE_RATIO}) = 0)")
+            raise SpecError(
+                f"MobileOneBlock use_se needs out_channels >= 16 (SE hidden int({self.out_channels} * {SE_RATIO}) = 0)"
+            )
 
     @property
     def has_skip(self) -> bool:
@@ -82,13 +89,13 @@ class MobileOneBlockSpec:
         branches: list[Branch] = []
         if self.has_skip:
             branches.append((BN("rbr_skip", cout, eps),))
-        branches += [(Conv(f"rbr_conv.{i}.conv", cin, cout, k, padding=self.padding, **geo),
-                      BN(f"rbr_conv.{i}.bn", cout, eps)) for i in range(self.num_conv_branches)]
+        branches += [
+            (Conv(f"rbr_conv.{i}.conv", cin, cout, k, padding=self.padding, **geo), BN(f"rbr_conv.{i}.bn", cout, eps))
+            for i in range(self.num_conv_branches)
+        ]
         if self.has_scale:
-            branches.append((Conv("rbr_scale.conv", cin, cout, 1, **geo),
-                             BN("rbr_scale.bn", cout, eps)))
-        body: list[Node] = [Rep(tuple(branches),
-                                Conv("reparam_conv", cin, cout, k, padding=self.padding, **geo))]
+            branches.append((Conv("rbr_scale.conv", cin, cout, 1, **geo), BN("rbr_scale.bn", cout, eps)))
+        body: list[Node] = [Rep(tuple(branches), Conv("reparam_conv", cin, cout, k, padding=self.padding, **geo))]
         if self.use_se:
             body.append(SE("se", cout, self.se_channels, "reduce", "expand"))
         body.append(Act("relu"))
@@ -111,9 +118,9 @@ class MobileOneSpec:
 
     def blocks(self) -> list[tuple[str, MobileOneBlockSpec]]:
         """Every block with its module path, in forward order."""
-        return [("stage0", self.stem)] + [(f"stage{i + 1}.{j}", b)
-                                          for i, stage in enumerate(self.stages)
-                                          for j, b in enumerate(stage)]
+        return [("stage0", self.stem)] + [
+            (f"stage{i + 1}.{j}", b) for i, stage in enumerate(self.stages) for j, b in enumerate(stage)
+        ]
 
     def describe(self) -> Model:
         body: list[Node] = [replace(b.describe(), name=prefix) for prefix, b in self.blocks()]
@@ -125,9 +132,13 @@ DEPTHS = (2, 8, 10, 1)  # block pairs per stage, every variant
 BASE_WIDTHS = (64, 128, 256, 512)
 
 
-def mobileone_spec(name: str, widths: tuple[float, float, float, float],
-                   num_conv_branches: int = 1, use_se: bool = False,
-                   num_classes: int = 1000) -> MobileOneSpec:
+def mobileone_spec(
+    name: str,
+    widths: tuple[float, float, float, float],
+    num_conv_branches: int = 1,
+    use_se: bool = False,
+    num_classes: int = 1000,
+) -> MobileOneSpec:
     """A MobileOne spec as the official code builds it: stem min(64, int(64 w0)) channels;
     stage i of int(base_i w_i) channels; SE (when `use_se`) in the last half (rounded down) of
     stage3's pairs and in every pair of stage4."""
@@ -140,10 +151,12 @@ def mobileone_spec(name: str, widths: tuple[float, float, float, float],
         blocks: list[MobileOneBlockSpec] = []
         for j in range(n):
             se = j >= n - num_se
-            blocks += [MobileOneBlockSpec(cin, cin, 3, 2 if j == 0 else 1, groups=cin, use_se=se,
-                                          num_conv_branches=num_conv_branches),
-                       MobileOneBlockSpec(cin, planes, 1, use_se=se,
-                                          num_conv_branches=num_conv_branches)]
+            blocks += [
+                MobileOneBlockSpec(
+                    cin, cin, 3, 2 if j == 0 else 1, groups=cin, use_se=se, num_conv_branches=num_conv_branches
+                ),
+                MobileOneBlockSpec(cin, planes, 1, use_se=se, num_conv_branches=num_conv_branches),
+            ]
             cin = planes
         stages.append(tuple(blocks))
     return MobileOneSpec(name, stem, tuple(stages), num_classes)
@@ -203,10 +216,18 @@ KEYMAPS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def official_mobileone_block(in_channels: int, out_channels: int, kernel_size: int,
-                             stride: int = 1, padding: int = 0, dilation: int = 1,
-                             groups: int = 1, inference_mode: bool = False, use_se: bool = False,
-                             num_conv_branches: int = 1) -> MobileOneBlockSpec | Block:
+def official_mobileone_block(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    inference_mode: bool = False,
+    use_se: bool = False,
+    num_conv_branches: int = 1,
+) -> MobileOneBlockSpec | Block:
     """apple/ml-mobileone `MobileOneBlock(...)`: its spec, or with `inference_mode=True` its
     deploy-form description (the official class then holds `reparam_conv` only).
 
@@ -216,19 +237,28 @@ def official_mobileone_block(in_channels: int, out_channels: int, kernel_size: i
     for name, flag in (("inference_mode", inference_mode), ("use_se", use_se)):
         if not isinstance(flag, bool):
             raise SpecError(f"MobileOneBlock {name} must be a bool, got {flag!r}")
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
-                        ("dilation", dilation), ("groups", groups),
-                        ("num_conv_branches", num_conv_branches)):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("out_channels", out_channels),
+        ("kernel_size", kernel_size),
+        ("stride", stride),
+        ("padding", padding),
+        ("dilation", dilation),
+        ("groups", groups),
+        ("num_conv_branches", num_conv_branches),
+    ):
         if not isinstance(value, int) or isinstance(value, bool):
             raise SpecError(f"MobileOneBlock {name} must be an int, got {value!r}")
     if dilation != 1:
-        raise SpecError(f"MobileOneBlock dilation must be 1: the official train-form branches "
-                        f"ignore it, so the two forms would differ (got {dilation})")
+        raise SpecError(
+            f"MobileOneBlock dilation must be 1: the official train-form branches "
+            f"ignore it, so the two forms would differ (got {dilation})"
+        )
     if padding < 0:
         raise SpecError(f"MobileOneBlock padding must be >= 0, got {padding}")
-    spec = MobileOneBlockSpec(in_channels, out_channels, kernel_size, stride, padding, groups,
-                              use_se, num_conv_branches)
+    spec = MobileOneBlockSpec(
+        in_channels, out_channels, kernel_size, stride, padding, groups, use_se, num_conv_branches
+    )
     if not inference_mode:
         return spec
     return to_deploy(spec.describe())  # type: ignore[return-value]
@@ -236,5 +266,14 @@ def official_mobileone_block(in_channels: int, out_channels: int, kernel_size: i
 
 OFFICIAL = {"MobileOneBlock": official_mobileone_block}
 
-__all__ = ["MobileOneBlockSpec", "MobileOneSpec", "mobileone_spec", "MODELS", "ALIASES",
-           "KEYMAPS", "OFFICIAL", "official_mobileone_block", "SE_RATIO"]
+__all__ = [
+    "MobileOneBlockSpec",
+    "MobileOneSpec",
+    "mobileone_spec",
+    "MODELS",
+    "ALIASES",
+    "KEYMAPS",
+    "OFFICIAL",
+    "official_mobileone_block",
+    "SE_RATIO",
+]

@@ -7,6 +7,7 @@ shortcut `fusion_bn.0`; its deploy form makes `cheap_operation` one depthwise co
 bottleneck (ghost1, depthwise stride conv, SE, ghost2, plus a shortcut) is not fusable as a
 whole: its residual sum is a plain `Add`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,18 +40,31 @@ class RepGhostModuleSpec:
     def describe(self) -> Block:
         c, dw = self.out_channels, self.dw_size
         act = Act("relu" if self.relu else "identity")
-        branches: list[Branch] = [(Conv("cheap_operation.0", c, c, dw, padding=dw // 2, groups=c),
-                                  BN("cheap_operation.1", c, self.eps))]
+        branches: list[Branch] = [
+            (Conv("cheap_operation.0", c, c, dw, padding=dw // 2, groups=c), BN("cheap_operation.1", c, self.eps))
+        ]
         if self.reparam_bn:
             branches.append((BN("fusion_bn.0", c, self.eps),))
         if self.reparam_identity:
             branches.append(())
-        return Block("", self.kind, (
-            Conv("primary_conv.0", self.in_channels, c, self.kernel_size, stride=self.stride,
-                 padding=self.kernel_size // 2),
-            BN("primary_conv.1", c, self.eps), act,
-            Rep(tuple(branches), Conv("cheap_operation", c, c, dw, padding=dw // 2, groups=c)),
-            act))
+        return Block(
+            "",
+            self.kind,
+            (
+                Conv(
+                    "primary_conv.0",
+                    self.in_channels,
+                    c,
+                    self.kernel_size,
+                    stride=self.stride,
+                    padding=self.kernel_size // 2,
+                ),
+                BN("primary_conv.1", c, self.eps),
+                act,
+                Rep(tuple(branches), Conv("cheap_operation", c, c, dw, padding=dw // 2, groups=c)),
+                act,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,18 +96,18 @@ class RepGhostBottleneckSpec:
         pad = (k - 1) // 2
         main: list[Node] = [replace(self.ghost1.describe(), name="ghost1")]
         if self.stride > 1:
-            main += [Conv("conv_dw", mid, mid, k, stride=self.stride, padding=pad, groups=mid),
-                     BN("bn_dw", mid, eps)]
+            main += [Conv("conv_dw", mid, mid, k, stride=self.stride, padding=pad, groups=mid), BN("bn_dw", mid, eps)]
         if self.se_channels:
-            main.append(SE("se", mid, self.se_channels, "conv_reduce", "conv_expand",
-                           "hard_sigmoid"))
+            main.append(SE("se", mid, self.se_channels, "conv_reduce", "conv_expand", "hard_sigmoid"))
         main.append(replace(self.ghost2.describe(), name="ghost2"))
         shortcut: tuple[Node, ...] = ()
         if self.has_conv_shortcut:
-            shortcut = (Conv("shortcut.0", cin, cin, k, stride=self.stride, padding=pad, groups=cin),
-                        BN("shortcut.1", cin, eps),
-                        Conv("shortcut.2", cin, self.out_channels, 1),
-                        BN("shortcut.3", self.out_channels, eps))
+            shortcut = (
+                Conv("shortcut.0", cin, cin, k, stride=self.stride, padding=pad, groups=cin),
+                BN("shortcut.1", cin, eps),
+                Conv("shortcut.2", cin, self.out_channels, 1),
+                BN("shortcut.3", self.out_channels, eps),
+            )
         return Block("", self.kind, (Add((tuple(main), shortcut)),))
 
 
@@ -123,19 +137,27 @@ class RepGhostNetSpec:
 
     def blocks(self) -> list[tuple[str, RepGhostBottleneckSpec]]:
         """Every bottleneck with its module path, in forward order."""
-        return [(f"blocks.{i}.{j}", b) for i, stage in enumerate(self.stages)
-                for j, b in enumerate(stage)]
+        return [(f"blocks.{i}.{j}", b) for i, stage in enumerate(self.stages) for j, b in enumerate(stage)]
 
     def describe(self) -> Model:
         eps, last = self.eps, self.last_prefix
-        body: list[Node] = [Conv("conv_stem", 3, self.stem_channels, 3, stride=2, padding=1),
-                            BN("bn1", self.stem_channels, eps), Act("relu")]
+        body: list[Node] = [
+            Conv("conv_stem", 3, self.stem_channels, 3, stride=2, padding=1),
+            BN("bn1", self.stem_channels, eps),
+            Act("relu"),
+        ]
         body += [replace(b.describe(), name=prefix) for prefix, b in self.blocks()]
-        body += [Conv(f"{last}.conv", self.last_in_channels, self.last_channels, 1),
-                 BN(f"{last}.bn1", self.last_channels, eps), Act("relu"), GlobalPool(),
-                 Conv("conv_head", self.last_channels, self.head_channels, 1, bias=True),
-                 Act("relu"), Flatten(), Dropout(self.dropout),
-                 Linear("classifier", self.head_channels, self.num_classes)]
+        body += [
+            Conv(f"{last}.conv", self.last_in_channels, self.last_channels, 1),
+            BN(f"{last}.bn1", self.last_channels, eps),
+            Act("relu"),
+            GlobalPool(),
+            Conv("conv_head", self.last_channels, self.head_channels, 1, bias=True),
+            Act("relu"),
+            Flatten(),
+            Dropout(self.dropout),
+            Linear("classifier", self.head_channels, self.num_classes),
+        ]
         return Model(self.name, "RepGhostNet", tuple(body))
 
 
@@ -147,13 +169,20 @@ _REPGHOST_CFG: tuple[tuple[tuple[int, int, int, float, int], ...], ...] = (
     ((5, 36, 40, 0.25, 2),),
     ((5, 60, 40, 0.25, 1),),
     ((3, 120, 80, 0, 2),),
-    ((3, 100, 80, 0, 1), (3, 120, 80, 0, 1), (3, 120, 80, 0, 1),
-     (3, 240, 112, 0.25, 1), (3, 336, 112, 0.25, 1)),
+    ((3, 100, 80, 0, 1), (3, 120, 80, 0, 1), (3, 120, 80, 0, 1), (3, 240, 112, 0.25, 1), (3, 336, 112, 0.25, 1)),
     ((5, 336, 160, 0.25, 2),),
     ((5, 480, 160, 0, 1), (5, 480, 160, 0.25, 1), (5, 480, 160, 0, 1), (5, 480, 160, 0.25, 1)),
 )
-_REPGHOST_WIDTHS = {"0_5x": 0.5, "0_58x": 0.58, "0_8x": 0.8, "1_0x": 1.0, "1_11x": 1.11,
-                    "1_3x": 1.3, "1_5x": 1.5, "2_0x": 2.0}
+_REPGHOST_WIDTHS = {
+    "0_5x": 0.5,
+    "0_58x": 0.58,
+    "0_8x": 0.8,
+    "1_0x": 1.0,
+    "1_11x": 1.11,
+    "1_3x": 1.3,
+    "1_5x": 1.5,
+    "2_0x": 2.0,
+}
 
 
 def make_divisible(v: float, divisor: int = 4) -> int:
@@ -176,8 +205,9 @@ def repghostnet_spec(name: str, width: float, num_classes: int = 1000) -> RepGho
             cin = out
         stages.append(tuple(blocks))
     last_exp = _REPGHOST_CFG[-1][-1][1]
-    return RepGhostNetSpec(name, width, stem, tuple(stages), make_divisible(last_exp * width * 2, 4),
-                           num_classes=num_classes)
+    return RepGhostNetSpec(
+        name, width, stem, tuple(stages), make_divisible(last_exp * width * 2, 4), num_classes=num_classes
+    )
 
 
 def _entry(name: str, width: float) -> Callable[[int], RepGhostNetSpec]:
@@ -185,17 +215,26 @@ def _entry(name: str, width: float) -> Callable[[int], RepGhostNetSpec]:
 
 
 MODELS: dict[str, Callable[[int], RepGhostNetSpec]] = {
-    f"repghostnet_{s}": _entry(f"repghostnet_{s}", w) for s, w in _REPGHOST_WIDTHS.items()}
+    f"repghostnet_{s}": _entry(f"repghostnet_{s}", w) for s, w in _REPGHOST_WIDTHS.items()
+}
 
 # timm's names: `repghostnet_050` ... `repghostnet_200` (width x 100, three digits).
-ALIASES: dict[str, str] = {f"repghostnet_{round(w * 100):03d}": f"repghostnet_{tag}"
-                           for tag, w in _REPGHOST_WIDTHS.items()}
+ALIASES: dict[str, str] = {
+    f"repghostnet_{round(w * 100):03d}": f"repghostnet_{tag}" for tag, w in _REPGHOST_WIDTHS.items()
+}
 
 
-def official_repghost_module(inp: int, oup: int, kernel_size: int = 1, dw_size: int = 3,
-                             stride: int = 1, relu: bool = True, deploy: bool = False,
-                             reparam_bn: bool = True, reparam_identity: bool = False
-                             ) -> RepGhostModuleSpec:
+def official_repghost_module(
+    inp: int,
+    oup: int,
+    kernel_size: int = 1,
+    dw_size: int = 3,
+    stride: int = 1,
+    relu: bool = True,
+    deploy: bool = False,
+    reparam_bn: bool = True,
+    reparam_identity: bool = False,
+) -> RepGhostModuleSpec:
     """ChengpengChen/RepGhost `RepGhostModule(...)`: primary conv `primary_conv.0`/`.1` (padding
     kernel_size // 2), depthwise `cheap_operation.0`/`.1` (padding dw_size // 2), shortcuts
     `fusion_bn.0` (reparam_bn) and a raw identity (reparam_identity). dw_size must be odd (an
@@ -204,11 +243,21 @@ def official_repghost_module(inp: int, oup: int, kernel_size: int = 1, dw_size: 
     positive(cls, inp=inp, oup=oup, kernel_size=kernel_size, dw_size=dw_size, stride=stride)
     require(cls, dw_size % 2 == 1, "dw_size", dw_size, "must be odd (a 'same' depthwise conv)")
     train_form_only(cls, deploy)
-    return RepGhostModuleSpec(inp, oup, kernel_size, dw_size, stride, bool(relu), bool(reparam_bn),
-                              reparam_identity=bool(reparam_identity))
+    return RepGhostModuleSpec(
+        inp, oup, kernel_size, dw_size, stride, bool(relu), bool(reparam_bn), reparam_identity=bool(reparam_identity)
+    )
 
 
 OFFICIAL = {"RepGhostModule": official_repghost_module}
 
-__all__ = ["OFFICIAL", "official_repghost_module", "RepGhostModuleSpec", "RepGhostBottleneckSpec",
-           "RepGhostNetSpec", "repghostnet_spec", "make_divisible", "MODELS", "ALIASES"]
+__all__ = [
+    "OFFICIAL",
+    "official_repghost_module",
+    "RepGhostModuleSpec",
+    "RepGhostBottleneckSpec",
+    "RepGhostNetSpec",
+    "repghostnet_spec",
+    "make_divisible",
+    "MODELS",
+    "ALIASES",
+]

@@ -7,6 +7,7 @@ names) are the official PyTorch ones: `rbr_dense.conv`/`.bn` (YOLOv7: `rbr_dense
 `rbr_1x1`, `rbr_identity`, `se.down`/`se.up` or `post_se`, stages `stageN.i` (RepVGGplus:
 `stageN.blocks.i`), `linear`, aux heads `stage1_aux.0.conv` ... `stage1_aux.3`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,9 +17,8 @@ from typing import Any, Literal, Protocol
 from ..errors import FusionError
 from ..fusion import branch_padding
 from ..nodes import BN, SE, Act, Aux, Block, Branch, Conv, Flatten, Geometry, GlobalPool, Linear, Model, Node, Rep
-from .official_args import activation, grouped, positive, repvgg_geometry, require, train_form_only
+from .official_args import ActName, activation, grouped, positive, repvgg_geometry, require, train_form_only
 
-ActName = Literal["relu", "silu", "identity"]
 SEMode = Literal["none", "pre", "post"]
 
 
@@ -54,8 +54,9 @@ class RepBlockSpec:
             if getattr(self, name) < 1:
                 raise FusionError(f"block {name} must be >= 1, got {getattr(self, name)}")
         if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise FusionError(f"channels {self.in_channels} -> {self.out_channels} are not "
-                              f"divisible by groups={self.groups}")
+            raise FusionError(
+                f"channels {self.in_channels} -> {self.out_channels} are not divisible by groups={self.groups}"
+            )
         if self.kernel_size % 2 == 0:
             raise FusionError(f"kernel_size must be odd to centre the 1x1 branch, got {self.kernel_size}")
         if self.se != "none" and self.se_channels < 1:
@@ -72,8 +73,12 @@ class RepBlockSpec:
     @property
     def has_identity(self) -> bool:
         """The identity BN branch exists when shapes allow (and the conv is 'same')."""
-        return (self.use_identity and self.in_channels == self.out_channels and self.stride == 1
-                and self.padding == self.dilation * (self.kernel_size - 1) // 2)
+        return (
+            self.use_identity
+            and self.in_channels == self.out_channels
+            and self.stride == 1
+            and self.padding == self.dilation * (self.kernel_size - 1) // 2
+        )
 
     @property
     def se_module(self) -> str:
@@ -91,14 +96,18 @@ class RepBlockSpec:
         cin, cout, k = self.in_channels, self.out_channels, self.kernel_size
         geo: Geometry = {"stride": self.stride, "dilation": self.dilation, "groups": self.groups}
         branches: list[Branch] = [
-            (Conv(f"rbr_dense.{conv}", cin, cout, k, padding=self.padding, bias=self.conv_bias,
-                  **geo), BN(f"rbr_dense.{bn}", cout, self.eps)),
-            (Conv(f"rbr_1x1.{conv}", cin, cout, 1, padding=self.padding_1x1,
-                  bias=self.conv_bias, **geo), BN(f"rbr_1x1.{bn}", cout, self.eps))]
+            (
+                Conv(f"rbr_dense.{conv}", cin, cout, k, padding=self.padding, bias=self.conv_bias, **geo),
+                BN(f"rbr_dense.{bn}", cout, self.eps),
+            ),
+            (
+                Conv(f"rbr_1x1.{conv}", cin, cout, 1, padding=self.padding_1x1, bias=self.conv_bias, **geo),
+                BN(f"rbr_1x1.{bn}", cout, self.eps),
+            ),
+        ]
         if self.has_identity:
             branches.append((BN("rbr_identity", cout, self.eps),))
-        body: list[Node] = [Rep(tuple(branches), Conv("rbr_reparam", cin, cout, k,
-                                                      padding=self.padding, **geo))]
+        body: list[Node] = [Rep(tuple(branches), Conv("rbr_reparam", cin, cout, k, padding=self.padding, **geo))]
         se = SE(self.se_module, cout, self.se_channels)
         if self.se == "pre":
             body += [se, Act(self.act)]
@@ -109,12 +118,20 @@ class RepBlockSpec:
         return Block("", self.kind, tuple(body))
 
 
-def repconv_spec(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: ActName = "silu", eps: float = 1e-3) -> RepBlockSpec:
+def repconv_spec(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: ActName = "silu",
+    eps: float = 1e-3,
+) -> RepBlockSpec:
     """A RepConv block spec with YOLOv7's defaults: SiLU, and BN eps 1e-3 as a YOLOv7 `Model`
     sets it (the standalone class keeps torch's 1e-5: pass eps=1e-5 for that)."""
-    return RepBlockSpec(in_channels, out_channels, kernel_size, stride, groups=groups, act=act,
-                        eps=eps, naming="repconv")
+    return RepBlockSpec(
+        in_channels, out_channels, kernel_size, stride, groups=groups, act=act, eps=eps, naming="repconv"
+    )
 
 
 class VGGBlock(Protocol):
@@ -174,10 +191,18 @@ class RepVGGSpec:
     def _aux_head(self, stage: str) -> Aux:
         c, name = self.aux_channels(stage), f"{stage}_aux"
         last = self.block_prefix(stage, len(next(s for s in self.stages if s.name == stage).blocks) - 1)
-        return Aux(name, last, (
-            Conv(f"{name}.0.conv", c, c, 3, stride=2, padding=1),
-            BN(f"{name}.0.bn", c, self.stem.eps), Act("relu"), GlobalPool(), Flatten(),
-            Linear(f"{name}.3", c, self.num_classes)))
+        return Aux(
+            name,
+            last,
+            (
+                Conv(f"{name}.0.conv", c, c, 3, stride=2, padding=1),
+                BN(f"{name}.0.bn", c, self.stem.eps),
+                Act("relu"),
+                GlobalPool(),
+                Flatten(),
+                Linear(f"{name}.3", c, self.num_classes),
+            ),
+        )
 
     def describe(self) -> Model:
         body: list[Node] = [replace(b.describe(), name=prefix) for prefix, b in self.blocks()]
@@ -189,15 +214,24 @@ class RepVGGSpec:
 _GROUPWISE_LAYERS = tuple(range(2, 27, 2))  # the official "optional groupwise layers"
 
 
-def repvgg_spec(name: str, num_blocks: tuple[int, ...], widths: tuple[float, ...],
-                groups: int = 1, se: SEMode = "none", se_divisor: int = 16,
-                num_classes: int = 1000, plus: bool = False) -> RepVGGSpec:
+def repvgg_spec(
+    name: str,
+    num_blocks: tuple[int, ...],
+    widths: tuple[float, ...],
+    groups: int = 1,
+    se: SEMode = "none",
+    se_divisor: int = 16,
+    num_classes: int = 1000,
+    plus: bool = False,
+) -> RepVGGSpec:
     """Build a RepVGG(plus) spec the way the official code does: stem min(64, 64 w0), stages of
     64 w0, 128 w1, 256 w2, 512 w3 channels, first block of each stride 2, and `groups` on the
     even-numbered layers 2..26 (layer 0 is the stem)."""
+
     def block(cin: int, cout: int, stride: int, g: int) -> RepBlockSpec:
-        return RepBlockSpec(cin, cout, 3, stride, groups=g, se=se,
-                            se_channels=cout // se_divisor if se != "none" else 0)
+        return RepBlockSpec(
+            cin, cout, 3, stride, groups=g, se=se, se_channels=cout // se_divisor if se != "none" else 0
+        )
 
     stem_ch = min(64, int(64 * widths[0]))
     stem = block(3, stem_ch, 2, 1)
@@ -220,8 +254,15 @@ def repvgg_spec(name: str, num_blocks: tuple[int, ...], widths: tuple[float, ...
             layer += 1
         stages.append(StageSpec(sname, tuple(blocks)))
     if plus:
-        return RepVGGSpec(name, stem, tuple(stages), num_classes, stage_container="blocks",
-                          aux_heads=("stage1", "stage2", "stage3_first"), family="repvggplus")
+        return RepVGGSpec(
+            name,
+            stem,
+            tuple(stages),
+            num_classes,
+            stage_container="blocks",
+            aux_heads=("stage1", "stage2", "stage3_first"),
+            family="repvggplus",
+        )
     return RepVGGSpec(name, stem, tuple(stages), num_classes)
 
 
@@ -244,8 +285,7 @@ _REPVGG: dict[str, dict[str, Any]] = {
     "RepVGG-D2se": dict(num_blocks=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5), se="pre"),
     # Not an official model: the same block structure sized for 32x32 inputs (the demo).
     "RepVGG-mini": dict(num_blocks=(1, 2, 2, 1), widths=(0.25, 0.25, 0.25, 0.5)),
-    "RepVGGplus-L2pse": dict(num_blocks=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5), se="post",
-                             se_divisor=4, plus=True),
+    "RepVGGplus-L2pse": dict(num_blocks=(8, 14, 24, 1), widths=(2.5, 2.5, 2.5, 5), se="post", se_divisor=4, plus=True),
 }
 
 
@@ -256,8 +296,9 @@ def _entry(name: str, kw: dict[str, Any]) -> Callable[[int], RepVGGSpec]:
 MODELS: dict[str, Callable[[int], RepVGGSpec]] = {n: _entry(n, kw) for n, kw in _REPVGG.items()}
 
 # timm's model names (`repvgg_a0`, `repvgg_b1g4`, `repvgg_d2se`) as aliases of the registry names.
-ALIASES: dict[str, str] = {n.replace("RepVGG-", "repvgg_").lower(): n for n in _REPVGG
-                           if n.startswith("RepVGG-") and n != "RepVGG-mini"}
+ALIASES: dict[str, str] = {
+    n.replace("RepVGG-", "repvgg_").lower(): n for n in _REPVGG if n.startswith("RepVGG-") and n != "RepVGG-mini"
+}
 
 # Other implementations' names (reparam_core.keymaps: (foreign, canonical) templates, both ways).
 # Checked against the sources (facts only):
@@ -310,31 +351,53 @@ KEYMAPS: dict[str, list[tuple[str, str]]] = {
 # ----------------------------------------------------------------------------- official constructors
 
 
-def official_repvgg_block(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                          padding: int = 0, dilation: int = 1, groups: int = 1,
-                          padding_mode: str = "zeros", deploy: bool = False,
-                          use_se: bool = False) -> RepBlockSpec:
+def official_repvgg_block(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    deploy: bool = False,
+    use_se: bool = False,
+) -> RepBlockSpec:
     """DingXiaoH/RepVGG `RepVGGBlock(...)`: kernel_size 3 and padding 1 (the official asserts),
     the 1x1 branch padded `padding - kernel_size // 2` = 0, the identity BN when in == out and
     stride 1, SE (`se.down`/`se.up`, out_channels // 16 hidden) before the ReLU with use_se.
     The official train form builds its convs without `dilation` (only its deploy conv takes
     it), so only dilation=1 gives the same function in both forms."""
     cls = "RepVGGBlock"
-    repvgg_geometry(cls, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                    groups, padding_mode, deploy)
-    require(cls, not use_se or out_channels >= 16, "use_se", use_se,
-            f"SE has out_channels // 16 hidden channels: out_channels={out_channels} gives 0")
-    return RepBlockSpec(in_channels, out_channels, 3, stride, groups=groups, padding=1,
-                        se="pre" if use_se else "none",
-                        se_channels=out_channels // 16 if use_se else 0)
+    repvgg_geometry(
+        cls, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, deploy
+    )
+    require(
+        cls,
+        not use_se or out_channels >= 16,
+        "use_se",
+        use_se,
+        f"SE has out_channels // 16 hidden channels: out_channels={out_channels} gives 0",
+    )
+    return RepBlockSpec(
+        in_channels,
+        out_channels,
+        3,
+        stride,
+        groups=groups,
+        padding=1,
+        se="pre" if use_se else "none",
+        se_channels=out_channels // 16 if use_se else 0,
+    )
 
 
 def _autopad(k: int, p: int | None) -> int:
     return k // 2 if p is None else p
 
 
-def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = None, g: int = 1,
-                     act: Any = True, deploy: bool = False) -> RepBlockSpec:
+def official_repconv(
+    c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = None, g: int = 1, act: Any = True, deploy: bool = False
+) -> RepBlockSpec:
     """WongKinYiu/yolov7 `RepConv(...)`: k 3 and autopad(k, p) == 1 (the official asserts);
     act=True is SiLU, act=False / None the identity, or an nn.ReLU / nn.SiLU / nn.Identity
     module (a string is refused: the official class would make it nn.Identity); BN eps 1e-5
@@ -345,16 +408,31 @@ def official_repconv(c1: int, c2: int, k: int = 3, s: int = 1, p: int | None = N
     require(cls, _autopad(k, p) == 1, "p", p, "the official block asserts autopad(k, p) == 1")
     grouped(cls, c1, c2, g)
     train_form_only(cls, deploy)
-    require(cls, not isinstance(act, str), "act", act, "the official block takes a module (a "
-            "string would silently become nn.Identity there); pass True, False or a module")
-    fn = "silu" if act is True else "identity" if act is False or act is None else activation(
-        cls, "act", act)
-    return repconv_spec(c1, c2, 3, s, g, act=fn, eps=1e-5)  # type: ignore[arg-type]
+    require(
+        cls,
+        not isinstance(act, str),
+        "act",
+        act,
+        "the official block takes a module (a "
+        "string would silently become nn.Identity there); pass True, False or a module",
+    )
+    fn = "silu" if act is True else "identity" if act is False or act is None else activation(cls, "act", act)
+    return repconv_spec(c1, c2, 3, s, g, act=fn, eps=1e-5)
 
 
-OFFICIAL: dict[str, Callable[..., RepBlockSpec]] = {
-    "RepVGGBlock": official_repvgg_block, "RepConv": official_repconv}
+OFFICIAL: dict[str, Callable[..., RepBlockSpec]] = {"RepVGGBlock": official_repvgg_block, "RepConv": official_repconv}
 
-__all__ = ["RepBlockSpec", "StageSpec", "RepVGGSpec", "repvgg_spec", "repconv_spec", "MODELS",
-           "ALIASES", "KEYMAPS", "OFFICIAL", "VGGBlock", "official_repvgg_block",
-           "official_repconv"]
+__all__ = [
+    "RepBlockSpec",
+    "StageSpec",
+    "RepVGGSpec",
+    "repvgg_spec",
+    "repconv_spec",
+    "MODELS",
+    "ALIASES",
+    "KEYMAPS",
+    "OFFICIAL",
+    "VGGBlock",
+    "official_repvgg_block",
+    "official_repconv",
+]

@@ -11,9 +11,22 @@
 - `write`: a neutral state -> any format (`encode`, streamed by `write_stream`).
 Atomic writing is `reparam_core.atomic`; the restricted unpickler is `reparam_core.pickle_safe`.
 """
+
 from .detect import EXTENSIONS, FORMATS, detect_format, format_from_extension
 from .read import DirectoryReader, flax_to_canonical_keys, infer_num_classes, load_neutral, read_raw, to_neutral
 from .write import encode, write_stream
 
-__all__ = ["EXTENSIONS", "FORMATS", "detect_format", "format_from_extension", "flax_to_canonical_keys",
-           "DirectoryReader", "infer_num_classes", "load_neutral", "read_raw", "to_neutral", "encode", "write_stream"]
+__all__ = [
+    "EXTENSIONS",
+    "FORMATS",
+    "detect_format",
+    "format_from_extension",
+    "flax_to_canonical_keys",
+    "DirectoryReader",
+    "infer_num_classes",
+    "load_neutral",
+    "read_raw",
+    "to_neutral",
+    "encode",
+    "write_stream",
+]

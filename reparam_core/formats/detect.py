@@ -1,4 +1,5 @@
 """Which checkpoint format a file is in: from its first bytes, the extension as a last resort."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,16 @@ from ..errors import CheckpointError
 from .torch_zip import is_legacy_torch
 
 FORMATS = ("torch", "megengine", "flax", "safetensors")
-EXTENSIONS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch",
-              ".pkl": "megengine", ".mge": "megengine", ".msgpack": "flax", ".flax": "flax"}
+EXTENSIONS = {
+    ".safetensors": "safetensors",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+    ".pkl": "megengine",
+    ".mge": "megengine",
+    ".msgpack": "flax",
+    ".flax": "flax",
+}
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -37,8 +46,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in EXTENSIONS:
         return EXTENSIONS[ext]
-    raise CheckpointError(f"cannot tell the format of {path} (not safetensors, a torch zip, a "
-                          "pickle or msgpack); pass --from-format")
+    raise CheckpointError(
+        f"cannot tell the format of {path} (not safetensors, a torch zip, a pickle or msgpack); pass --from-format"
+    )
 
 
 def format_from_extension(path: str | os.PathLike[str], default: str = "safetensors") -> str:

@@ -8,6 +8,7 @@ directories need orbax, and so JAX: `backends.flax.orbax_io.read_orbax` reads th
 
 msgpack (pure Python) is imported on first use; a missing one raises BackendUnavailableError.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def _msgpack() -> Any:
     try:
         import msgpack
     except ImportError:
-        raise BackendUnavailableError("the flax (msgpack) format needs the msgpack package; "
-                                      "use the .venv environment or `pip install msgpack`") from None
+        raise BackendUnavailableError(
+            "the flax (msgpack) format needs the msgpack package; use the .venv environment or `pip install msgpack`"
+        ) from None
     return msgpack
 
 
@@ -42,8 +44,7 @@ def flax_msgpack_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: F
     tree: dict[str, Any] = {}
     for key, info in state_schema(spec, form).items():
         a = np.asarray(state[key])
-        arr = np.ascontiguousarray(to_flax(a if a.dtype == np.float16 else a.astype(np.float32,
-                                                                                     copy=False), info))
+        arr = np.ascontiguousarray(to_flax(a if a.dtype == np.float16 else a.astype(np.float32, copy=False), info))
         node = tree
         *parents, leaf = flax_key(key, info).split(".")
         for p in parents:
@@ -52,8 +53,7 @@ def flax_msgpack_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: F
 
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            payload = msgpack.packb((list(obj.shape), obj.dtype.name, obj.tobytes("C")),
-                                    use_bin_type=True)
+            payload = msgpack.packb((list(obj.shape), obj.dtype.name, obj.tobytes("C")), use_bin_type=True)
             return msgpack.ExtType(_MSGPACK_NDARRAY, payload)
         raise CheckpointError(f"cannot write a {type(obj).__name__} into a Flax msgpack file")
 
@@ -71,8 +71,13 @@ def read_flax_msgpack(path: str) -> State:
         if code != _MSGPACK_NDARRAY:
             raise CheckpointError(f"{path}: unsupported msgpack extension type {code}")
         rec = msgpack.unpackb(payload, raw=False)
-        if not (isinstance(rec, (list, tuple)) and len(rec) == 3 and isinstance(rec[0], (list, tuple))
-                and isinstance(rec[1], str) and isinstance(rec[2], bytes)):
+        if not (
+            isinstance(rec, (list, tuple))
+            and len(rec) == 3
+            and isinstance(rec[0], (list, tuple))
+            and isinstance(rec[1], str)
+            and isinstance(rec[2], bytes)
+        ):
             raise CheckpointError(f"{path}: malformed array record")
         shape, dtype, raw = rec
         if dtype not in _FLAX_DTYPES:
@@ -81,8 +86,7 @@ def read_flax_msgpack(path: str) -> State:
             raise CheckpointError(f"{path}: malformed array shape {str(shape)[:80]}")
         dt = np.dtype(dtype)
         if len(raw) != math.prod(shape) * dt.itemsize:
-            raise CheckpointError(f"{path}: array of shape {list(shape)} ({dtype}) has "
-                                  f"{len(raw)} bytes")
+            raise CheckpointError(f"{path}: array of shape {list(shape)} ({dtype}) has {len(raw)} bytes")
         return np.frombuffer(raw, dt).reshape(shape).copy()
 
     try:
@@ -92,8 +96,9 @@ def read_flax_msgpack(path: str) -> State:
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         if isinstance(e, MemoryError):
             raise CheckpointError(f"{path}: msgpack file declares more data than memory allows") from None
-        raise CheckpointError(f"{path}: corrupt or truncated msgpack file "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            f"{path}: corrupt or truncated msgpack file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     return strip_value_leaves(flatten_arrays(unwrap(tree, path), path))
 
 

@@ -5,6 +5,7 @@ conv kernels 5-D `(groups, out/groups, in/groups, kh, kw)`, conv biases `(1, C, 
 `layouts.to_megengine`). Read through the restricted unpickler (`pickle_safe`); written with the
 standard pickler (protocol 4, schema order), so the bytes are deterministic.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ def read_pickle(path: str | os.PathLike[str]) -> State:
     return strip_module_prefix(flatten_arrays(unwrap(obj, src), src))
 
 
-def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form,
-                    rename: Callable[[str], str] = str) -> bytes:
+def megengine_bytes(
+    spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form, rename: Callable[[str], str] = str
+) -> bytes:
     """A MegEngine-loadable pickle (dict of float32 numpy arrays in MegEngine shapes, schema
     order, protocol 4), written without MegEngine; keys are `rename(canonical key)`."""
     schema = state_schema(spec, form)
@@ -42,8 +44,8 @@ def megengine_bytes(spec: ModelSpec, state: Mapping[str, np.ndarray], form: Form
     def as_float(a: Any) -> np.ndarray:  # float16 (a --dtype float16 conversion) stays float16
         arr: np.ndarray = np.asarray(a)
         return arr if arr.dtype == np.float16 else arr.astype(np.float32, copy=False)
-    out = {rename(k): np.ascontiguousarray(to_megengine(as_float(state[k]), info))
-           for k, info in schema.items()}
+
+    out = {rename(k): np.ascontiguousarray(to_megengine(as_float(state[k]), info)) for k, info in schema.items()}
     return pickle.dumps(out, protocol=4)
 
 

@@ -5,6 +5,7 @@ maps the keys to canonical names (`keymaps`), converts layouts (`layouts`: MegEn
 kernels and `(1, C, 1, 1)` biases, Flax HWIO and `(in, out)` kernels) and validates the result
 against the spec (`check_state`): canonical keys, OIHW, float32.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ from .tree import State, strip_module_prefix
 DirectoryReader = Callable[[str], State]
 
 
-def read_raw(path: str | os.PathLike[str], fmt: str | None = None, *,
-             read_orbax: DirectoryReader | None = None) -> tuple[State, str]:
+def read_raw(
+    path: str | os.PathLike[str], fmt: str | None = None, *, read_orbax: DirectoryReader | None = None
+) -> tuple[State, str]:
     """(flat state in the file's naming/layout, format) of any supported input: a safetensors,
     torch zip, MegEngine pickle or Flax msgpack file, or an orbax directory (reported as `flax`).
     `fmt` overrides detection (`detect_format`). Orbax needs JAX, which the core does not import:
@@ -41,8 +43,10 @@ def read_raw(path: str | os.PathLike[str], fmt: str | None = None, *,
     fmt = fmt or detect_format(src)
     if fmt == "orbax" or (fmt == "flax" and os.path.isdir(src)):
         if read_orbax is None:
-            raise BackendUnavailableError(f"{src}: an orbax checkpoint directory is read with orbax "
-                                          "(backends.flax.orbax_io.read_orbax, the .venv environment)")
+            raise BackendUnavailableError(
+                f"{src}: an orbax checkpoint directory is read with orbax "
+                "(backends.flax.orbax_io.read_orbax, the .venv environment)"
+            )
         return read_orbax(src), "flax"
     if fmt == "flax":
         return read_flax_msgpack(src), fmt
@@ -73,8 +77,9 @@ def flax_to_canonical_keys(state: Mapping[str, np.ndarray], spec: ModelSpec) -> 
     return {inverse.get(k, k): v for k, v in state.items()}
 
 
-def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: Form | None = None,
-               source: str = "checkpoint") -> tuple[State, Form, str]:
+def to_neutral(
+    raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: Form | None = None, source: str = "checkpoint"
+) -> tuple[State, Form, str]:
     """A raw state -> (neutral state, form, key scheme). Keys are mapped to canonical names,
     layouts converted by the schema and the result validated (`check_state`): errors name the
     file and the offending keys."""
@@ -96,8 +101,7 @@ def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: F
                 pass  # a wrong-sized tensor: check_state reports it with its shape
         # cast only tensors the schema wants at exactly this shape: a hostile file cannot make
         # us copy tensors that check_state is about to refuse anyway
-        if (info is not None and a.shape == info.shape and np.issubdtype(a.dtype, np.floating)
-                and a.dtype != np.float32):
+        if info is not None and a.shape == info.shape and np.issubdtype(a.dtype, np.floating) and a.dtype != np.float32:
             a = a.astype(np.float32)
         out[k] = a
     found = check_state(spec, out, form, source=source, names=key_names(keys, spec, scheme))
@@ -105,8 +109,9 @@ def to_neutral(raw: Mapping[str, np.ndarray], spec: ModelSpec, fmt: str, form: F
     return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in schema}, found, scheme
 
 
-def load_neutral(path: str | os.PathLike[str], spec: ModelSpec, fmt: str | None = None,
-                 form: Form | None = None) -> tuple[State, Form, str, str]:
+def load_neutral(
+    path: str | os.PathLike[str], spec: ModelSpec, fmt: str | None = None, form: Form | None = None
+) -> tuple[State, Form, str, str]:
     """(neutral state, form, format, key scheme) of a checkpoint file for `spec`."""
     src = os.fspath(path)
     raw, fmt = read_raw(src, fmt)

@@ -8,6 +8,7 @@ and rebuilds storages as numpy arrays; the writer emits the same layout from han
 opcodes that torch's own loader (with weights_only=True) accepts. Pre-1.6 (non-zip) torch pickles
 are recognised (`is_legacy_torch`) and refused.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,15 +38,18 @@ def is_legacy_torch(head: bytes) -> bool:
     n = head[3]
     if len(head) < 4 + n:
         return False
-    return int.from_bytes(head[4:4 + n], "little", signed=True) == _TORCH_LEGACY_MAGIC
+    return int.from_bytes(head[4 : 4 + n], "little", signed=True) == _TORCH_LEGACY_MAGIC
 
 
 def legacy_torch_error(src: str) -> CheckpointError:
-    return CheckpointError(f"{src}: legacy (pre-1.6, non-zip) torch serialization is not "
-                           "supported; re-save it with torch>=1.6 or as safetensors")
+    return CheckpointError(
+        f"{src}: legacy (pre-1.6, non-zip) torch serialization is not "
+        "supported; re-save it with torch>=1.6 or as safetensors"
+    )
 
 
 # --------------------------------------------------------------------------- reader
+
 
 class _MappedFile:
     """A read-only, seekable file over an mmap for `zipfile`: a read never allocates more than
@@ -60,7 +64,7 @@ class _MappedFile:
         end = size if n is None or n < 0 else min(size, self._pos + n)
         if end <= self._pos:
             return b""
-        data = self._mm[self._pos:end]
+        data = self._mm[self._pos : end]
         self._pos = end
         return data
 
@@ -82,8 +86,20 @@ class _MappedFile:
 
 
 _ZIP_ERRORS: tuple[type[BaseException], ...] = (
-    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
-    RuntimeError, KeyError, IndexError, OverflowError, UnicodeDecodeError, struct.error, zlib_error)
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    UnicodeDecodeError,
+    struct.error,
+    zlib_error,
+)
 
 
 def read_torch(path: str | os.PathLike[str]) -> State:
@@ -108,8 +124,9 @@ def read_torch(path: str | os.PathLike[str]) -> State:
     except RecursionError:
         raise CheckpointError(f"{src}: corrupt torch zip (objects nested too deeply)") from None
     except _ZIP_ERRORS as e:
-        raise CheckpointError(f"{src}: corrupt or truncated torch zip file "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            f"{src}: corrupt or truncated torch zip file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     finally:
         try:
             mm.close()
@@ -123,10 +140,10 @@ def _read_torch_archive(fp: _MappedFile, size: int, src: str) -> State:
 
     def read_entry(name: str) -> bytearray:
         info = zf.getinfo(name)
-        if info.file_size > budget[0] or (info.compress_type == zipfile.ZIP_STORED
-                                          and info.file_size > size):
-            raise CheckpointError(f"{src}: archive entry {name} declares {info.file_size} bytes, "
-                                  f"more than a {size}-byte archive can hold")
+        if info.file_size > budget[0] or (info.compress_type == zipfile.ZIP_STORED and info.file_size > size):
+            raise CheckpointError(
+                f"{src}: archive entry {name} declares {info.file_size} bytes, more than a {size}-byte archive can hold"
+            )
         budget[0] -= info.file_size
         buf = bytearray(info.file_size)
         view = memoryview(buf)
@@ -136,11 +153,10 @@ def _read_torch_archive(fp: _MappedFile, size: int, src: str) -> State:
                 chunk = f.read(min(1 << 20, len(buf) - pos))
                 if not chunk:
                     break
-                view[pos:pos + len(chunk)] = chunk
+                view[pos : pos + len(chunk)] = chunk
                 pos += len(chunk)
             if pos != len(buf) or f.read(1):
-                raise CheckpointError(f"{src}: archive entry {name} is truncated or longer than "
-                                      "declared")
+                raise CheckpointError(f"{src}: archive entry {name} is truncated or longer than declared")
         return buf
 
     with zf:
@@ -172,11 +188,9 @@ def _read_torch_archive(fp: _MappedFile, size: int, src: str) -> State:
                 raw = read_entry(entry)
                 dt = stype.dtype.newbyteorder("<" if order == "little" else ">")
                 if len(raw) % dt.itemsize or numel < 0 or numel * dt.itemsize > len(raw):
-                    raise CheckpointError(f"{src}: storage {key} holds {len(raw)} bytes, not "
-                                          f"{numel} x {dt.itemsize}")
+                    raise CheckpointError(f"{src}: storage {key} holds {len(raw)} bytes, not {numel} x {dt.itemsize}")
                 arr = np.frombuffer(raw, dtype=dt)
-                storages[key] = arr if order == "little" or dt.itemsize == 1 else arr.astype(
-                    dt.newbyteorder("="))
+                storages[key] = arr if order == "little" or dt.itemsize == 1 else arr.astype(dt.newbyteorder("="))
             return storages[key]
 
         data = bytes(read_entry(pkl[0]))
@@ -185,6 +199,7 @@ def _read_torch_archive(fp: _MappedFile, size: int, src: str) -> State:
 
 
 # --------------------------------------------------------------------------- writer
+
 
 # Hand-written pickle opcodes (protocol 2) for data.pkl: torch's own loader (with
 # weights_only=True) and `read_torch` both accept it, and writing it needs no torch.
@@ -221,10 +236,28 @@ def torch_pickle(entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]]) -> b
         for n in reversed(shape):
             stride.insert(0, acc)
             acc *= n
-        pid = _p_tuple([_p_str("storage"), _p_global("torch", TORCH_DTYPE_STORAGES[dt]),
-                        _p_str(str(i)), _p_str("cpu"), _p_int(int(acc))]) + b"Q"
-        args = _p_tuple([pid, _p_int(0), _p_tuple([_p_int(n) for n in shape]),
-                         _p_tuple([_p_int(s) for s in stride]), b"\x89", ordered_dict])
+        pid = (
+            _p_tuple(
+                [
+                    _p_str("storage"),
+                    _p_global("torch", TORCH_DTYPE_STORAGES[dt]),
+                    _p_str(str(i)),
+                    _p_str("cpu"),
+                    _p_int(int(acc)),
+                ]
+            )
+            + b"Q"
+        )
+        args = _p_tuple(
+            [
+                pid,
+                _p_int(0),
+                _p_tuple([_p_int(n) for n in shape]),
+                _p_tuple([_p_int(s) for s in stride]),
+                b"\x89",
+                ordered_dict,
+            ]
+        )
         body += [_p_str(key), _p_global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
     body += [b"u", b"."]
     return b"".join(body)
@@ -235,13 +268,15 @@ def _le(dtype: Any) -> np.dtype[Any]:
     return dt.newbyteorder("<") if dt.byteorder == ">" else dt
 
 
-def write_torch_zip(f: BinaryIO, entries: list[tuple[str, Any, tuple[int, ...]]],
-                    arrays: Iterable[np.ndarray], root: str = "archive") -> None:
+def write_torch_zip(
+    f: BinaryIO, entries: list[tuple[str, Any, tuple[int, ...]]], arrays: Iterable[np.ndarray], root: str = "archive"
+) -> None:
     """Stream a PyTorch zip checkpoint to a seekable binary file: `entries` are (key, dtype,
     shape) in order, `arrays` yields the matching arrays one at a time (so a caller can produce
     and drop them block by block). Deterministic: fixed timestamps, fixed entry order."""
     planned = [(k, _le(dt), tuple(int(n) for n in shape)) for k, dt, shape in entries]
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+
         def info(name: str, size: int) -> zipfile.ZipInfo:
             zi = zipfile.ZipInfo(f"{root}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
             zi.external_attr = 0o600 << 16
@@ -258,8 +293,7 @@ def write_torch_zip(f: BinaryIO, entries: list[tuple[str, Any, tuple[int, ...]]]
         for (key, dt, shape), arr in zip(planned, arrays):
             a = np.ascontiguousarray(arr)
             if a.shape != shape or _le(a.dtype) != dt:
-                raise CheckpointError(f"cannot write {key}: got {a.dtype} {a.shape}, planned "
-                                      f"{dt} {shape}")
+                raise CheckpointError(f"cannot write {key}: got {a.dtype} {a.shape}, planned {dt} {shape}")
             put(f"data/{n}", a.astype(dt, copy=False).reshape(-1).data.cast("B"))
             n += 1
         if n != len(planned):
@@ -276,5 +310,4 @@ def torch_zip_bytes(state: Mapping[str, np.ndarray], root: str = "archive") -> b
     return buf.getvalue()
 
 
-__all__ = ["is_legacy_torch", "legacy_torch_error", "read_torch", "torch_pickle", "write_torch_zip",
-           "torch_zip_bytes"]
+__all__ = ["is_legacy_torch", "legacy_torch_error", "read_torch", "torch_pickle", "write_torch_zip", "torch_zip_bytes"]

@@ -5,6 +5,7 @@ DataParallel/DDP, with every key prefixed `module.`. `unwrap` removes the wrappe
 `flatten_arrays` joins the nesting into dotted keys (and refuses anything that is not a numeric
 array), `strip_module_prefix` drops the prefix.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,7 @@ def unwrap(obj: Any, source: str) -> Mapping[str, Any]:
 def strip_module_prefix(state: State) -> State:
     """Drop the `module.` prefix DataParallel/DDP adds to every key (only when all keys have it)."""
     if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 

@@ -6,6 +6,7 @@ produce the tensors one block at a time. MegEngine pickles and Flax msgpack are 
 collected state. float16 tensors stay float16; `safetensors_io.BFloat16` values are written as
 BF16 (safetensors only: numpy has no bfloat16 type); everything else is written as float32.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,10 @@ def _out_dtype(a: Any) -> str:
 
 def _as_array(a: Any, dtype: str) -> np.ndarray:
     if isinstance(a, safetensors_io.BFloat16):
-        raise CheckpointError("bfloat16 output is only supported for safetensors (numpy has no "
-                              "bfloat16 type); use --dtype float16 or a .safetensors DST")
+        raise CheckpointError(
+            "bfloat16 output is only supported for safetensors (numpy has no "
+            "bfloat16 type); use --dtype float16 or a .safetensors DST"
+        )
     return np.ascontiguousarray(a, np.float16 if dtype == "float16" else np.float32)
 
 
@@ -50,9 +53,15 @@ def encode(spec: ModelSpec, state: State, form: Form, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
-                 entries: list[Entry], tensors: Iterable[tuple[str, Any]],
-                 scheme: str = "canonical") -> None:
+def write_stream(
+    f: BinaryIO,
+    spec: ModelSpec,
+    form: Form,
+    fmt: str,
+    entries: list[Entry],
+    tensors: Iterable[tuple[str, Any]],
+    scheme: str = "canonical",
+) -> None:
     """Write a checkpoint of `fmt` to the seekable file `f` from `tensors`, an iterable of
     (key, array) in schema order, consumed one at a time. `entries` are (key, dtype name, shape)
     planned in advance. safetensors and torch are written incrementally (each tensor can be
@@ -61,13 +70,16 @@ def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
     meta = {"model": spec.name, "form": form, "format": "pt", "producer": "reparam"}
     if scheme != "canonical":
         if fmt == "flax":
-            raise CheckpointError(f"--to-scheme {scheme} needs a torch, safetensors or megengine "
-                                  "output (a Flax tree follows the module structure)")
+            raise CheckpointError(
+                f"--to-scheme {scheme} needs a torch, safetensors or megengine "
+                "output (a Flax tree follows the module structure)"
+            )
         keymaps.from_canonical({}, spec, scheme)  # an unknown scheme raises, naming the known ones
         rules = keymaps.schemes_for(spec)[scheme]
 
         def rename(key: str) -> str:
             return keymaps.map_key(key, rules, reverse=True)
+
         if fmt == "megengine":
             planned = {k: d for k, d, _ in entries}
             state = OrderedDict((k, _as_array(a, planned[k])) for k, a in tensors)
@@ -82,20 +94,23 @@ def write_stream(f: BinaryIO, spec: ModelSpec, form: Form, fmt: str,
         _as_array(safetensors_io.BFloat16(np.zeros(0, np.float32)), "bfloat16")  # raises
     if fmt == "torch":
         dts = {"float32": np.float32, "float16": np.float16}
-        write_torch_zip(f, [(k, np.dtype(dts[d]), s) for k, d, s in entries],
-                        (_as_array(a, d) for (_, a), (_, d, _) in zip(tensors, entries)))
+        write_torch_zip(
+            f,
+            [(k, np.dtype(dts[d]), s) for k, d, s in entries],
+            (_as_array(a, d) for (_, a), (_, d, _) in zip(tensors, entries)),
+        )
         return
     if fmt in ("megengine", "flax"):
         planned = {k: d for k, d, _ in entries}
         state = OrderedDict((k, _as_array(a, planned[k])) for k, a in tensors)
-        f.write(megengine_bytes(spec, state, form) if fmt == "megengine"
-                else flax_msgpack_bytes(spec, state, form))
+        f.write(megengine_bytes(spec, state, form) if fmt == "megengine" else flax_msgpack_bytes(spec, state, form))
         return
     raise CheckpointError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
-def _write_safetensors(f: BinaryIO, entries: list[Entry], tensors: Iterable[tuple[str, Any]],
-                       meta: Mapping[str, str]) -> None:
+def _write_safetensors(
+    f: BinaryIO, entries: list[Entry], tensors: Iterable[tuple[str, Any]], meta: Mapping[str, str]
+) -> None:
     names = {"float32": "F32", "float16": "F16", "bfloat16": safetensors_io.BF16}
     head, pos = safetensors_io.plan([(k, names[d], s) for k, d, s in entries], meta)
     f.write(head)

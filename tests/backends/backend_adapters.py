@@ -12,6 +12,7 @@ The in-process adapters also check, on the live modules, what the worker cannot 
 deploy-form module. For MegEngine those live-module facts (and its native 5-D grouped layout)
 stay in tests/megengine.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,8 +73,7 @@ class Adapter(Protocol):
         """Load `state` into a train-form build, predict, reparameterize, predict, export both;
         build the deploy form directly, load `fused` into it, predict."""
 
-    def load_and_predict(self, target: Target, state: State, x: np.ndarray,
-                         form: str = "train") -> np.ndarray:
+    def load_and_predict(self, target: Target, state: State, x: np.ndarray, form: str = "train") -> np.ndarray:
         """Build `target` in `form`, load_state(state), predict(x): load errors propagate."""
 
 
@@ -142,8 +142,7 @@ class InProcess:
         self.check_module(direct, target, "deploy")
         return Outcome(y_train, exported, y_deploy, deploy_state, api.predict(direct, x))
 
-    def load_and_predict(self, target: Target, state: State, x: np.ndarray,
-                         form: str = "train") -> np.ndarray:
+    def load_and_predict(self, target: Target, state: State, x: np.ndarray, form: str = "train") -> np.ndarray:
         return self.api.predict(self.loaded(target, state, deploy=form == "deploy"), x)
 
 
@@ -159,8 +158,7 @@ class TorchAdapter(InProcess):
             return self.api.build_block(target.spec, deploy=deploy)
         with torch.device("meta"):
             if target.model is not None:
-                model = self.api.create_model(target.model, num_classes=target.num_classes,
-                                              deploy=deploy)
+                model = self.api.create_model(target.model, num_classes=target.num_classes, deploy=deploy)
             else:
                 model = getattr(self.api, target.kind)(target.spec, deploy=deploy)
         model = model.to_empty(device="cpu")
@@ -170,8 +168,7 @@ class TorchAdapter(InProcess):
         return model
 
     def native(self, module: Any) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in module.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
+        return {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
     def expected_native(self, schema: dict) -> dict[str, tuple[int, ...]]:
         return {k: info.shape for k, info in schema.items()}
@@ -202,8 +199,7 @@ class FlaxAdapter(InProcess):
         if target.is_block:
             return self.api.empty_block(target.spec, deploy=deploy)
         if target.model is not None:
-            return self.api.empty_model(target.model, num_classes=target.num_classes,
-                                        deploy=deploy)
+            return self.api.empty_model(target.model, num_classes=target.num_classes, deploy=deploy)
         cls = getattr(self.api, target.kind)
         return nnx.eval_shape(lambda: cls(target.spec, deploy=deploy, rngs=nnx.Rngs(0)))
 
@@ -213,8 +209,7 @@ class FlaxAdapter(InProcess):
     def expected_native(self, schema: dict) -> dict[str, tuple[int, ...]]:
         from reparam_core.layouts import flax_key, to_flax
 
-        return {flax_key(k, info): to_flax(np.zeros(info.shape, np.float32), info).shape
-                for k, info in schema.items()}
+        return {flax_key(k, info): to_flax(np.zeros(info.shape, np.float32), info).shape for k, info in schema.items()}
 
     def forward_with_aux(self, model: Any, x: np.ndarray) -> dict[str, np.ndarray]:
         import jax.numpy as jnp
@@ -249,16 +244,15 @@ class MegEngineAdapter:
 
     def run(self, target: Target, state: State, x: np.ndarray, fused: State) -> Outcome:
         t = self._target(target)
-        y_train, exported = self.worker.predict(state=state, x=x, form="train",
-                                                return_state=True, **t)
-        y_deploy, deploy_state = self.worker.predict(state=state, x=x, form="train",
-                                                     reparameterize=True, return_state=True, **t)
+        y_train, exported = self.worker.predict(state=state, x=x, form="train", return_state=True, **t)
+        y_deploy, deploy_state = self.worker.predict(
+            state=state, x=x, form="train", reparameterize=True, return_state=True, **t
+        )
         y_direct = self.worker.predict(state=fused, x=x, form="deploy", **t)
         # safetensors files carry no key order: the worker's states are compared as mappings
         return Outcome(y_train, exported, y_deploy, deploy_state, y_direct, ordered=False)
 
-    def load_and_predict(self, target: Target, state: State, x: np.ndarray,
-                         form: str = "train") -> np.ndarray:
+    def load_and_predict(self, target: Target, state: State, x: np.ndarray, form: str = "train") -> np.ndarray:
         return self.worker.predict(state=state, x=x, form=form, **self._target(target))
 
 
@@ -298,8 +292,7 @@ def fused_keys(spec: Any) -> set[str]:
     return {f"{m}.{field}" for m in modules for field in ("weight", "bias")}
 
 
-def check_outcome(out: Outcome, spec: Any, state: State, fused: State, expected: np.ndarray,
-                  tol: float) -> None:
+def check_outcome(out: Outcome, spec: Any, state: State, fused: State, expected: np.ndarray, tol: float) -> None:
     """The assertions every backend must pass on every block and model."""
     assert_state_equal(out.train_state, state, out.ordered)  # neutral round trip, schema order
 

@@ -7,6 +7,7 @@ bottlenecks (identity and conv shortcut, SE, dw kernel 5).
 It is the union of the matrices the per-backend block tests used (tests/torch/test_blocks.py,
 tests/flax/test_flax_blocks.py, tests/megengine/test_mge_blocks.py), exact duplicates (same spec,
 same input size) listed once; each entry keeps the name it had where it first appeared."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -153,10 +154,16 @@ def _union(*lists: list[tuple[str, object, tuple[int, int]]]) -> list[BlockCase]
 # depthwise stride-2 one on an even size, a pointwise one with identity and 2 branches.
 _MOBILEONE = [
     ("mobileone-stem-s2", official_block("MobileOneBlock", 3, 16, 3, stride=2, padding=1), (15, 15)),
-    ("mobileone-dw-4br-se", official_block("MobileOneBlock", 16, 16, 3, padding=1, groups=16,
-                                           use_se=True, num_conv_branches=4), (7, 9)),
-    ("mobileone-dw-s2-even", official_block("MobileOneBlock", 8, 8, 3, stride=2, padding=1,
-                                            groups=8, num_conv_branches=2), (16, 16)),
+    (
+        "mobileone-dw-4br-se",
+        official_block("MobileOneBlock", 16, 16, 3, padding=1, groups=16, use_se=True, num_conv_branches=4),
+        (7, 9),
+    ),
+    (
+        "mobileone-dw-s2-even",
+        official_block("MobileOneBlock", 8, 8, 3, stride=2, padding=1, groups=8, num_conv_branches=2),
+        (16, 16),
+    ),
     ("mobileone-pw-2br", official_block("MobileOneBlock", 8, 8, 1, num_conv_branches=2), (7, 9)),
     ("mobileone-pw-in-ne-out-se", official_block("MobileOneBlock", 8, 16, 1, use_se=True), (7, 9)),
 ]

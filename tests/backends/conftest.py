@@ -2,6 +2,7 @@
 `@pytest.mark.parametrize("backend", BACKENDS, indirect=True)` and it receives that backend's
 adapter (backend_adapters.py), started once per session. A backend that cannot start fails
 the test; with `--allow-missing-backend` (ignored under CI=true) it is skipped instead."""
+
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ key; the block classes refusing a spec of another kind.
 Replaces the per-backend copies tests/torch/test_blocks.py, tests/flax/test_flax_blocks.py and
 the matrix tests of tests/megengine/test_mge_blocks.py. Framework traps keep their own tests there.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -68,11 +69,21 @@ def _with(key: str, value: np.ndarray):
 
 LOAD_ERRORS = [  # (id, spec, edit of a valid train state, error, message)
     ("missing-1x1-bn", _S2, _without("rbr_1x1.bn.weight"), CheckpointError, "rbr_1x1.bn.weight"),
-    ("dense-kernel-shape", _S2, _with("rbr_dense.conv.weight", np.zeros((8, 4, 1, 1), np.float32)),
-     ShapeMismatchError, "rbr_dense.conv.weight"),
+    (
+        "dense-kernel-shape",
+        _S2,
+        _with("rbr_dense.conv.weight", np.zeros((8, 4, 1, 1), np.float32)),
+        ShapeMismatchError,
+        "rbr_dense.conv.weight",
+    ),
     ("missing-identity", _ID, _without("rbr_identity.weight"), CheckpointError, "rbr_identity.weight"),
-    ("1x1-kernel-shape", _ID, _with("rbr_1x1.conv.weight", np.zeros((4, 4, 3, 3), np.float32)),
-     ShapeMismatchError, "rbr_1x1.conv.weight"),
+    (
+        "1x1-kernel-shape",
+        _ID,
+        _with("rbr_1x1.conv.weight", np.zeros((4, 4, 3, 3), np.float32)),
+        ShapeMismatchError,
+        "rbr_1x1.conv.weight",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ runs the rest of the registry too. Inputs 1x3x32x32 (every model reaches 1x1 at 
 Replaces the model-vs-oracle tests of tests/torch/test_models.py, tests/flax/test_flax_models.py
 and tests/megengine/test_mge_models.py.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -35,8 +36,15 @@ from reparam_core.specs import repvgg_spec
 
 NUM_CLASSES = 10
 SIZE = 32
-FAST = ("RepVGG-mini", "RepVGG-A0", "RepVGG-B1g4", "RepVGGplus-L2pse", "repghostnet_0_5x",
-        "MobileOne-S0", "QARepVGG-A0")
+FAST = (
+    "RepVGG-mini",
+    "RepVGG-A0",
+    "RepVGG-B1g4",
+    "RepVGGplus-L2pse",
+    "repghostnet_0_5x",
+    "MobileOne-S0",
+    "QARepVGG-A0",
+)
 MODELS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()]
 
 
@@ -71,8 +79,10 @@ def test_model_train_and_deploy_match_oracle(backend, name: str) -> None:
     out = backend.run(Target(spec, model=name, num_classes=NUM_CLASSES), state, x, fused)
     assert out.y_train.shape == (1, NUM_CLASSES)
     check_outcome(out, spec, state, fused, expected, model_tolerance(spec))
-    print(f"\n{backend.name} {name}: rel err train {rel_err(out.y_train, expected):.2e} "
-          f"deploy {rel_err(out.y_deploy, expected):.2e} (tol {model_tolerance(spec):.1e})")
+    print(
+        f"\n{backend.name} {name}: rel err train {rel_err(out.y_train, expected):.2e} "
+        f"deploy {rel_err(out.y_deploy, expected):.2e} (tol {model_tolerance(spec):.1e})"
+    )
 
 
 # ----------------------------------------------------------------------------- load_state validation
@@ -102,8 +112,9 @@ def test_load_state_validates_models(backend) -> None:
 # ----------------------------------------------------------------------------- aux heads, custom L2
 
 # The structure of RepVGGplus-L2pse (post-SE, split stage 3, three aux heads) at small widths.
-PLUS_SMALL = repvgg_spec("RepVGGplus-small", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
-                         se_divisor=4, num_classes=5, plus=True)
+PLUS_SMALL = repvgg_spec(
+    "RepVGGplus-small", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=5, plus=True
+)
 AUX_HEADS = {"main", "stage1_aux", "stage2_aux", "stage3_first_aux"}
 
 
@@ -116,17 +127,17 @@ def _custom_l2_reference(spec, state: dict, with_identity: bool = True) -> float
         t = lambda bn: (p(f"{bn}.weight") / np.sqrt(p(f"{bn}.running_var") + b.eps)).reshape(-1, 1, 1, 1)  # noqa: E731
         k3, k1 = p("rbr_dense.conv.weight"), p("rbr_1x1.conv.weight")
         c = b.kernel_size // 2
-        centre = k3[:, :, c:c + 1, c:c + 1]
+        centre = k3[:, :, c : c + 1, c : c + 1]
         t3, t1 = t("rbr_dense.bn"), t("rbr_1x1.bn")
         eq = centre * t3 + k1 * t1
-        den = np.broadcast_to(t3 ** 2 + t1 ** 2, eq.shape).copy()
+        den = np.broadcast_to(t3**2 + t1**2, eq.shape).copy()
         if with_identity and b.has_identity:
             tid = t("rbr_identity")[:, 0, 0, 0]
             per = b.in_channels // b.groups
             for i in range(b.out_channels):  # identity taps: (i, i mod C/g)
                 eq[i, i % per] += tid[i]
                 den[i, i % per] += tid[i] ** 2
-        total += (k3 ** 2).sum() - (centre ** 2).sum() + (eq ** 2 / den).sum()
+        total += (k3**2).sum() - (centre**2).sum() + (eq**2 / den).sum()
     return float(total)
 
 

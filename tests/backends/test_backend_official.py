@@ -7,6 +7,7 @@ Flax runs here with --slow only (its compile time is most of the cost): by defau
 official class runs in Flax (and in torch and MegEngine, with deploy artifacts: ONNX, traced
 .mge, StableHLO) in the parity matrix (parity_tests/cases.py PARITY_OFFICIAL). MegEngine's
 native checks are in tests/megengine/test_mge_official.py."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -38,5 +39,7 @@ def test_official_block_matches_oracle(backend, case: Case) -> None:
     params, x, expected, fused = _data(case)
     out = backend.run(Target(case.spec), params, x, fused)
     check_outcome(out, case.spec, params, fused, expected, BLOCK_REL)
-    print(f"\n{backend.name} {case.name}: rel err train {rel_err(out.y_train, expected):.2e} "
-          f"deploy {rel_err(out.y_deploy, expected):.2e}")
+    print(
+        f"\n{backend.name} {case.name}: rel err train {rel_err(out.y_train, expected):.2e} "
+        f"deploy {rel_err(out.y_deploy, expected):.2e}"
+    )

@@ -1,6 +1,7 @@
 """Blocks known only as descriptions (no family, no spec class) in every backend, MegEngine
 included: the description crosses to the MegEngine worker as JSON (reparam_core.nodes_io), so
 any family's or official class's block runs there with no registration."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,17 +14,38 @@ from reparam_core.oracle import block_forward
 
 DESCRIPTIONS = {
     # ACNet-like, grouped and dilated: 3x3, 1x3 and 3x1 conv+BN branches
-    "asymmetric-g2-d2": Block("", "AsymmetricDilated", (Rep((
-        (Conv("sq.conv", 4, 8, 3, padding=2, dilation=2, groups=2), BN("sq.bn", 8)),
-        (Conv("h.conv", 4, 8, (1, 3), padding=(0, 2), dilation=2, groups=2), BN("h.bn", 8)),
-        (Conv("v.conv", 4, 8, (3, 1), padding=(2, 0), dilation=2, groups=2), BN("v.bn", 8))),
-        Conv("fused", 4, 8, 3, padding=2, dilation=2, groups=2)), Act("relu"))),
+    "asymmetric-g2-d2": Block(
+        "",
+        "AsymmetricDilated",
+        (
+            Rep(
+                (
+                    (Conv("sq.conv", 4, 8, 3, padding=2, dilation=2, groups=2), BN("sq.bn", 8)),
+                    (Conv("h.conv", 4, 8, (1, 3), padding=(0, 2), dilation=2, groups=2), BN("h.bn", 8)),
+                    (Conv("v.conv", 4, 8, (3, 1), padding=(2, 0), dilation=2, groups=2), BN("v.bn", 8)),
+                ),
+                Conv("fused", 4, 8, 3, padding=2, dilation=2, groups=2),
+            ),
+            Act("relu"),
+        ),
+    ),
     # DBB-like chains with a BN after the sum, stride 2
-    "chains-bn-after-sum-s2": Block("", "ChainsPostBN", (Rep((
-        (Conv("k.conv", 6, 6, 3, stride=2, padding=1), BN("k.bn", 6)),
-        (Conv("c.a", 6, 4, 1), PadBN("c.pad", 4, 1), Conv("c.b", 4, 6, 3, stride=2)),
-        (Conv("p.a", 6, 6, 1), PadBN("p.pad", 6, 1), AvgPool(3, 2), BN("p.bn", 6))),
-        Conv("fused", 6, 6, 3, stride=2, padding=1), bn=BN("post", 6)), Act("silu"))),
+    "chains-bn-after-sum-s2": Block(
+        "",
+        "ChainsPostBN",
+        (
+            Rep(
+                (
+                    (Conv("k.conv", 6, 6, 3, stride=2, padding=1), BN("k.bn", 6)),
+                    (Conv("c.a", 6, 4, 1), PadBN("c.pad", 4, 1), Conv("c.b", 4, 6, 3, stride=2)),
+                    (Conv("p.a", 6, 6, 1), PadBN("p.pad", 6, 1), AvgPool(3, 2), BN("p.bn", 6)),
+                ),
+                Conv("fused", 6, 6, 3, stride=2, padding=1),
+                bn=BN("post", 6),
+            ),
+            Act("silu"),
+        ),
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """`reparam bench` end to end on a tiny configuration: every backend in its own process, the
 table, the JSON with every figure and the plot. No assertion on any time."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ FAST = {"torch": "deploy/channels_last", "flax": "deploy/jit", "megengine": "dep
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.cli", "bench", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_bench_all_backends_writes_json_and_plot(tmp_path: Path) -> None:
@@ -46,17 +48,22 @@ def test_bench_all_backends_writes_json_and_plot(tmp_path: Path) -> None:
     torch_r = report["backends"]["torch"]["models"]["RepVGG-A0"]
     assert torch_r["ratios"]["int8_over_ort_fp32"] > 0
     precision = {ln.split()[2]: ln.split()[3] for ln in lines if ln.startswith("torch ")}
-    assert {k: precision[k] for k in ("deploy", "deploy/bf16-autocast", "deploy/onnxruntime",
-                                      "deploy/onnxruntime-int8")} == {
-        "deploy": "float32", "deploy/bf16-autocast": "bfloat16", "deploy/onnxruntime": "float32",
-        "deploy/onnxruntime-int8": "int8"}
+    assert {
+        k: precision[k] for k in ("deploy", "deploy/bf16-autocast", "deploy/onnxruntime", "deploy/onnxruntime-int8")
+    } == {
+        "deploy": "float32",
+        "deploy/bf16-autocast": "bfloat16",
+        "deploy/onnxruntime": "float32",
+        "deploy/onnxruntime-int8": "int8",
+    }
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
 
 
 def test_model_without_plain_reference(tmp_path: Path) -> None:
     out_json = tmp_path / "ghost.json"
-    proc = _bench("--backends", "torch,megengine", "--models", "repghostnet_0_5x", *TINY,
-                  "--no-memory", "--json", str(out_json))
+    proc = _bench(
+        "--backends", "torch,megengine", "--models", "repghostnet_0_5x", *TINY, "--no-memory", "--json", str(out_json)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for backend, res in json.loads(out_json.read_text())["backends"].items():
         r = res["models"]["repghostnet_0_5x"]
@@ -67,8 +74,19 @@ def test_model_without_plain_reference(tmp_path: Path) -> None:
 
 def test_conversion_only(tmp_path: Path) -> None:
     out_json = tmp_path / "conv.json"
-    proc = _bench("--backends", "torch", "--models", "RepVGG-A0", "--conversion-only",
-                  "--convert-repeats", "2", "--json", str(out_json), "--plot", str(tmp_path / "x.png"))
+    proc = _bench(
+        "--backends",
+        "torch",
+        "--models",
+        "RepVGG-A0",
+        "--conversion-only",
+        "--convert-repeats",
+        "2",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(tmp_path / "x.png"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out_json.read_text())["backends"]["torch"]["models"]["RepVGG-A0"]
     assert set(r) == {"params", "macs", "conversion"}
@@ -77,8 +95,7 @@ def test_conversion_only(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
-    for args, needle in ((["--models", "RepVGG-A9"], "RepVGG-A0"),
-                         (["--backends", "tensorflow"], "tensorflow")):
+    for args, needle in ((["--models", "RepVGG-A9"], "RepVGG-A0"), (["--backends", "tensorflow"], "tensorflow")):
         proc = _bench(*args, "--json", str(tmp_path / "x.json"))
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "x.json").exists()

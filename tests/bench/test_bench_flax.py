@@ -1,4 +1,5 @@
 """Flax side of `reparam bench`: the plain reference and the jitted fast paths are fair."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """`reparam bench`'s peak: CPU features read from /proc/cpuinfo text, and every form's
 conv-equivalent GFLOP/s divided by the best GEMM rate of any backend of the run."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,10 +26,13 @@ def test_cpu_info_reads_the_first_processor() -> None:
 
 
 def test_add_peak_divides_by_the_best_gemm_of_the_run() -> None:
-    report = {"backends": {
-        "torch": {"gemm_gflops": 180.0, "models": {"m": {"conv_equiv_gflops": {"deploy": 360.0}}}},
-        "flax": {"gemm_gflops": 300.0, "models": {"m": {"conv_equiv_gflops": {"deploy/jit": 150.0}}}},
-        "megengine": {"gemm_gflops": 45.0, "models": {"m": {"conversion": {}}}}}}
+    report = {
+        "backends": {
+            "torch": {"gemm_gflops": 180.0, "models": {"m": {"conv_equiv_gflops": {"deploy": 360.0}}}},
+            "flax": {"gemm_gflops": 300.0, "models": {"m": {"conv_equiv_gflops": {"deploy/jit": 150.0}}}},
+            "megengine": {"gemm_gflops": 45.0, "models": {"m": {"conversion": {}}}},
+        }
+    }
     add_peak(report)
     assert (report["best_gemm_gflops"], report["best_gemm_backend"]) == (300.0, "flax")
     assert report["backends"]["torch"]["models"]["m"]["of_best_gemm"] == {"deploy": pytest.approx(1.2)}

@@ -1,4 +1,5 @@
 """PyTorch side of `reparam bench`: the plain reference is a fair comparison (same outputs)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,14 @@ def test_plain_reference_equals_deploy_form(name: str) -> None:
     deploy = bench.reparameterize(train)
     plain = plain_model(name, bench.export_state(deploy))
     # written with torch's own layers only: no reparam block inside
-    assert {type(m) for m in plain.modules()} <= {nn.Sequential, nn.Conv2d, nn.ReLU,
-                                                  nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear}
+    assert {type(m) for m in plain.modules()} <= {
+        nn.Sequential,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.AdaptiveAvgPool2d,
+        nn.Flatten,
+        nn.Linear,
+    }
     assert sum(isinstance(m, nn.Conv2d) for m in plain.modules()) == len(get_spec(name).blocks())
     x = np.random.default_rng(0).standard_normal((2, 3, 40, 40)).astype(np.float32)
     y_deploy, y_plain = bench.predict(deploy, x), bench.predict(plain, x)
@@ -29,30 +36,46 @@ def test_plain_reference_equals_deploy_form(name: str) -> None:
 
 
 def test_bench_model_records_every_figure() -> None:
-    config = BenchConfig(models=("RepVGG-A0",), batch=1, size=32, repeats=2, convert_repeats=1,
-                         compile=False, memory=False)
+    config = BenchConfig(
+        models=("RepVGG-A0",), batch=1, size=32, repeats=2, convert_repeats=1, compile=False, memory=False
+    )
     bench = TorchBench()
     bench.setup(1)
     stages: list[str] = []
     r = bench_model(bench, "RepVGG-A0", config, "backends.torch.bench", stage=stages.append)
     assert len(stages) == 3
-    assert set(r["forms"]) == {"train", "deploy", "plain", "deploy/channels_last",
-                               "plain/channels_last", "deploy/bf16-autocast",
-                               "deploy/onnxruntime", "deploy/onnxruntime-int8"}
+    assert set(r["forms"]) == {
+        "train",
+        "deploy",
+        "plain",
+        "deploy/channels_last",
+        "plain/channels_last",
+        "deploy/bf16-autocast",
+        "deploy/onnxruntime",
+        "deploy/onnxruntime-int8",
+    }
     assert all(len(f["runs_s"]) == 2 and f["images_per_s"] > 0 for f in r["forms"].values())
     # ONNX Runtime float32 is checked like every float32 path; bf16 and int8 are reported apart
     assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5
     assert "deploy/onnxruntime" in r["check_rel_err_vs_deploy"]
-    assert r["precision"] == {"deploy/channels_last": "float32", "plain/channels_last": "float32",
-                              "deploy/bf16-autocast": "bfloat16", "deploy/onnxruntime": "float32",
-                              "deploy/onnxruntime-int8": "int8"}
+    assert r["precision"] == {
+        "deploy/channels_last": "float32",
+        "plain/channels_last": "float32",
+        "deploy/bf16-autocast": "bfloat16",
+        "deploy/onnxruntime": "float32",
+        "deploy/onnxruntime-int8": "int8",
+    }
     low = r["low_precision_vs_deploy"]
     assert set(low) == {"deploy/bf16-autocast", "deploy/onnxruntime-int8"}
     # bf16 keeps 8 mantissa bits, int8 QDQ about as many: off float32, nowhere near garbage
     assert all(1e-5 < v["rel_err"] < 0.5 for v in low.values()), low
     assert r["ratios"]["int8_over_ort_fp32"] > 0
-    assert set(r["ratios"]["fast_over_deploy"]) == {"deploy/channels_last", "deploy/bf16-autocast",
-                                                    "deploy/onnxruntime", "deploy/onnxruntime-int8"}
+    assert set(r["ratios"]["fast_over_deploy"]) == {
+        "deploy/channels_last",
+        "deploy/bf16-autocast",
+        "deploy/onnxruntime",
+        "deploy/onnxruntime-int8",
+    }
     assert r["params"] == {"train": 9108968, "deploy": 8309384}
     assert r["ratios"]["best_fast_path"] in ("deploy/channels_last", "deploy/onnxruntime")
     assert r["conversion"]["ratio"] > 0 and r["conversion"]["deepcopy_s"] > 0

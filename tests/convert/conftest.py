@@ -1,4 +1,5 @@
 """Fixtures shared by the convert tests (framework-free unless a test imports a framework)."""
+
 from __future__ import annotations
 
 import pytest

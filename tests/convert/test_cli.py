@@ -1,4 +1,5 @@
 """`reparam convert` on bad input: a clear message naming the problem, exit 1, no output file."""
+
 from __future__ import annotations
 
 import os
@@ -57,16 +58,24 @@ def test_missing_and_unexpected_keys(tmp_path, capsys, mini_train):
     state = dict(mini_train)
     del state["stage2.1.rbr_1x1.bn.running_mean"]
     state["stage2.1.extra.weight"] = np.zeros(3, np.float32)
-    err = fails(tmp_path, capsys, [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
-                "1 missing key(s): stage2.1.rbr_1x1.bn.running_mean")
+    err = fails(
+        tmp_path,
+        capsys,
+        [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
+        "1 missing key(s): stage2.1.rbr_1x1.bn.running_mean",
+    )
     assert "1 unexpected key(s): stage2.1.extra.weight" in err
 
 
 def test_wrong_shape(tmp_path, capsys, mini_train):
     state = dict(mini_train)
     state["linear.weight"] = state["linear.weight"][:, :-1].copy()
-    fails(tmp_path, capsys, [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
-          "linear.weight (1000, 255) != (1000, 256)")
+    fails(
+        tmp_path,
+        capsys,
+        [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
+        "linear.weight (1000, 255) != (1000, 256)",
+    )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -74,22 +83,31 @@ def test_nan_inf(tmp_path, capsys, mini_train, bad):
     state = dict(mini_train)
     state["stage1.0.rbr_dense.conv.weight"] = state["stage1.0.rbr_dense.conv.weight"].copy()
     state["stage1.0.rbr_dense.conv.weight"][0, 0, 1, 1] = bad
-    fails(tmp_path, capsys, [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
-          "stage1.0.rbr_dense.conv.weight holds 1 NaN or Inf")
+    fails(
+        tmp_path,
+        capsys,
+        [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
+        "stage1.0.rbr_dense.conv.weight holds 1 NaN or Inf",
+    )
 
 
 def test_negative_variance(tmp_path, capsys, mini_train):
     state = dict(mini_train)
     state["stage2.1.rbr_identity.running_var"] = state["stage2.1.rbr_identity.running_var"].copy()
     state["stage2.1.rbr_identity.running_var"][3] = -0.5
-    fails(tmp_path, capsys, [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
-          "stage2.1.rbr_identity.running_var is negative at channel 3")
+    fails(
+        tmp_path,
+        capsys,
+        [save(tmp_path / "a.safetensors", state), "--model", "RepVGG-mini"],
+        "stage2.1.rbr_identity.running_var is negative at channel 3",
+    )
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "pkl", "pth"])
 def test_truncated(tmp_path, capsys, mini_spec, mini_train, ext):
-    data = encode(mini_spec, mini_train, "train", {"safetensors": "safetensors", "pkl": "megengine",
-                                                    "pth": "torch"}[ext])
+    data = encode(
+        mini_spec, mini_train, "train", {"safetensors": "safetensors", "pkl": "megengine", "pth": "torch"}[ext]
+    )
     src = tmp_path / f"a.{ext}"
     src.write_bytes(data[: len(data) * 2 // 3])
     fails(tmp_path, capsys, [src, "--model", "RepVGG-mini"], str(src))
@@ -113,14 +131,22 @@ def test_code_running_pickle(tmp_path, capsys):
 
 def test_deploy_given_as_train(tmp_path, capsys, mini_deploy):
     src = save(tmp_path / "d.safetensors", mini_deploy)
-    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--from-form", "train"],
-          "this is a deploy-form checkpoint of RepVGG-mini, but a train-form one was expected")
+    fails(
+        tmp_path,
+        capsys,
+        [src, "--model", "RepVGG-mini", "--from-form", "train"],
+        "this is a deploy-form checkpoint of RepVGG-mini, but a train-form one was expected",
+    )
 
 
 def test_train_given_as_deploy(tmp_path, capsys, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--from-form", "deploy"],
-          "this is a train-form checkpoint of RepVGG-mini, but a deploy-form one was expected")
+    fails(
+        tmp_path,
+        capsys,
+        [src, "--model", "RepVGG-mini", "--from-form", "deploy"],
+        "this is a train-form checkpoint of RepVGG-mini, but a deploy-form one was expected",
+    )
 
 
 def test_missing_source(tmp_path, capsys):
@@ -129,8 +155,7 @@ def test_missing_source(tmp_path, capsys):
 
 def test_num_classes_zero_is_an_error_not_1000(tmp_path, capsys, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--num-classes", "0"],
-          "num_classes must be >= 1, got 0")
+    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--num-classes", "0"], "num_classes must be >= 1, got 0")
 
 
 def test_existing_destination_kept(tmp_path, capsys, mini_train):
@@ -153,46 +178,67 @@ def test_verify_failure_writes_nothing(tmp_path, capsys, monkeypatch, mini_train
         out = real(spec, state)
         out["linear.bias"] = out["linear.bias"] + 1.0
         return out
+
     monkeypatch.setattr(pipeline, "reparameterize_state", broken)
-    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-deploy", "--verify"],
-          "verification failed", code=1)
+    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-deploy", "--verify"], "verification failed", code=1)
 
 
 def test_verify_ok_and_report(tmp_path, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    report = convert(src, tmp_path / "d.safetensors", "RepVGG-mini", to_deploy=True, verify=True,
-                     predict=predict_in)
-    assert (report["from_form"], report["to_form"], report["to_format"]) == ("train", "deploy",
-                                                                            "safetensors")
+    report = convert(src, tmp_path / "d.safetensors", "RepVGG-mini", to_deploy=True, verify=True, predict=predict_in)
+    assert (report["from_form"], report["to_form"], report["to_format"]) == ("train", "deploy", "safetensors")
     assert report["verify"]["max_rel_err"] <= 1e-4
 
 
 def test_module_entry_point(tmp_path, mini_train):
     src = save(tmp_path / "t.safetensors", mini_train)
-    bad = subprocess.run([sys.executable, "-m", "scripts.convert", src, str(tmp_path / "o.pth"),
-                          "--model", "RepVGG-mni"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    bad = subprocess.run(
+        [sys.executable, "-m", "scripts.convert", src, str(tmp_path / "o.pth"), "--model", "RepVGG-mni"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert bad.returncode == 2 and "did you mean RepVGG-mini" in bad.stderr
     assert not (tmp_path / "o.pth").exists()
-    ok = subprocess.run([sys.executable, "-m", "scripts.convert", src, str(tmp_path / "o.pth"),
-                         "--model", "RepVGG-mini", "--to-deploy", "--json"], capture_output=True,
-                        text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.convert",
+            src,
+            str(tmp_path / "o.pth"),
+            "--model",
+            "RepVGG-mini",
+            "--to-deploy",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert ok.returncode == 0, ok.stderr
     assert '"to_form": "deploy"' in ok.stdout and (tmp_path / "o.pth").exists()
 
 
 def test_unknown_to_scheme(tmp_path, capsys, mini_train):
     src = save(tmp_path / "a.safetensors", mini_train)
-    fails(tmp_path, capsys, [src, "--model", "RepVGG-mini", "--to-scheme", "onnx"],
-          "RepVGG-mini has no 'onnx' naming scheme; known: canonical, basecls, mmpretrain, timm")
+    fails(
+        tmp_path,
+        capsys,
+        [src, "--model", "RepVGG-mini", "--to-scheme", "onnx"],
+        "RepVGG-mini has no 'onnx' naming scheme; known: canonical, basecls, mmpretrain, timm",
+    )
 
 
-@pytest.mark.parametrize("scheme,fmt,first", [("timm", "pth", "stem.conv_kxk.conv.weight"),
-                                              ("mmpretrain", "safetensors",
-                                               "backbone.stem.branch_3x3.conv.weight"),
-                                              ("basecls", "pkl", "stage0.rbr_dense.conv.weight")])
-def test_to_scheme_writes_foreign_names_and_reads_back(tmp_path, mini_spec, mini_train, scheme,
-                                                       fmt, first):
+@pytest.mark.parametrize(
+    "scheme,fmt,first",
+    [
+        ("timm", "pth", "stem.conv_kxk.conv.weight"),
+        ("mmpretrain", "safetensors", "backbone.stem.branch_3x3.conv.weight"),
+        ("basecls", "pkl", "stage0.rbr_dense.conv.weight"),
+    ],
+)
+def test_to_scheme_writes_foreign_names_and_reads_back(tmp_path, mini_spec, mini_train, scheme, fmt, first):
     """canonical -> foreign names on disk (the names another library loads) -> canonical again,
     values unchanged."""
     src = save(tmp_path / "a.safetensors", mini_train)

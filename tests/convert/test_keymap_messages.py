@@ -1,6 +1,7 @@
 """Errors about a checkpoint in another naming scheme quote keys as the user's file spells them:
 an unexpected key exactly as in the file (not half-renamed by the key map), a missing key in the
 file's scheme (timm's `stem.conv_kxk.conv.weight`, not the canonical `stage0.rbr_dense...`)."""
+
 from __future__ import annotations
 
 import numpy as np

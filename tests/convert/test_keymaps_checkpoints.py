@@ -1,4 +1,5 @@
 """Key schemes (timm / mmpretrain / basecls -> canonical) and the framework-free readers/writers."""
+
 from __future__ import annotations
 
 import pickle
@@ -40,8 +41,9 @@ def basecls_name(key: str) -> str:
     return re.sub(r"^linear\.", "head.fc.", key)
 
 
-@pytest.mark.parametrize("scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name),
-                                           ("basecls", basecls_name)])
+@pytest.mark.parametrize(
+    "scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name), ("basecls", basecls_name)]
+)
 @pytest.mark.parametrize("model", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"])
 @pytest.mark.parametrize("form", ["train", "deploy"])
 def test_foreign_schemes_map_to_canonical(scheme, rename, model, form):
@@ -49,8 +51,13 @@ def test_foreign_schemes_map_to_canonical(scheme, rename, model, form):
     keys = list(state_schema(spec, form))
     foreign = {rename(k): np.empty(0) for k in keys}
     if scheme != "mmpretrain":
-        foreign.update({rename(k).replace("running_var", "num_batches_tracked"): np.empty(0)
-                        for k in keys if k.endswith("running_var")})
+        foreign.update(
+            {
+                rename(k).replace("running_var", "num_batches_tracked"): np.empty(0)
+                for k in keys
+                if k.endswith("running_var")
+            }
+        )
     assert set(foreign) != set(keys)
     mapped, name = to_canonical(foreign, spec)
     assert name == scheme
@@ -63,8 +70,11 @@ def test_canonical_scheme_preferred(mini_spec, mini_train):
 
 
 def test_nothing_maps(mini_spec):
-    with pytest.raises(CheckpointError, match=r"no key maps onto RepVGG-mini.*first unmapped keys: "
-                                              r"encoder\.layer0\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no key maps onto RepVGG-mini.*first unmapped keys: "
+        r"encoder\.layer0\.weight",
+    ):
         to_canonical({"encoder.layer0.weight": np.zeros(3), "decoder.w": np.zeros(1)}, mini_spec)
 
 
@@ -100,7 +110,8 @@ def test_megengine_pickle_shapes_and_round_trip(tmp_path, model, form):
 
 def test_megengine_pickle_deterministic(mini_spec, mini_train):
     assert megengine_bytes(mini_spec, mini_train, "train") == megengine_bytes(
-        mini_spec, dict(reversed(list(mini_train.items()))), "train")
+        mini_spec, dict(reversed(list(mini_train.items()))), "train"
+    )
 
 
 def test_torch_zip_without_torch_and_wrappers(tmp_path, mini_spec, mini_train):
@@ -110,8 +121,11 @@ def test_torch_zip_without_torch_and_wrappers(tmp_path, mini_spec, mini_train):
     raw, fmt = read_raw(path)
     assert set(raw) == set(mini_train)  # DDP prefix stripped
     wrapped = tmp_path / "w.pkl"
-    wrapped.write_bytes(pickle.dumps({"epoch": 3, "optimizer": {"lr": 0.1},
-                                      "state_dict": {"module." + k: v for k, v in mini_train.items()}}))
+    wrapped.write_bytes(
+        pickle.dumps(
+            {"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {"module." + k: v for k, v in mini_train.items()}}
+        )
+    )
     raw2, _ = read_raw(wrapped)
     assert set(raw2) == set(mini_train)
 
@@ -128,9 +142,11 @@ def test_legacy_torch_refused(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["torch", "megengine", "safetensors"])
 def test_truncated_files(tmp_path, mini_spec, mini_train, fmt):
-    data = {"torch": torch_zip_bytes(mini_train),
-            "megengine": megengine_bytes(mini_spec, mini_train, "train"),
-            "safetensors": safetensors_io.dumps(mini_train)}[fmt]
+    data = {
+        "torch": torch_zip_bytes(mini_train),
+        "megengine": megengine_bytes(mini_spec, mini_train, "train"),
+        "safetensors": safetensors_io.dumps(mini_train),
+    }[fmt]
     path = tmp_path / "cut.bin"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt|truncated|not a valid|does not fit|missing"):
@@ -145,8 +161,9 @@ def test_detect_unknown(tmp_path):
         detect_format(path)
 
 
-@pytest.mark.parametrize("scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name),
-                                           ("basecls", basecls_name)])
+@pytest.mark.parametrize(
+    "scheme,rename", [("timm", timm_name), ("mmpretrain", mmpretrain_name), ("basecls", basecls_name)]
+)
 @pytest.mark.parametrize("model", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se"])
 def test_from_canonical_writes_foreign_names(scheme, rename, model):
     """canonical -> foreign gives the hand-written foreign names (the map's other direction)."""
@@ -173,8 +190,11 @@ def test_every_scheme_round_trips(model):
 
 
 def test_unknown_scheme_is_an_error(mini_spec):
-    with pytest.raises(SpecError, match=r"RepVGG-mini has no 'onnx' naming scheme; known: "
-                                        r"canonical, basecls, mmpretrain, timm"):
+    with pytest.raises(
+        SpecError,
+        match=r"RepVGG-mini has no 'onnx' naming scheme; known: "
+        r"canonical, basecls, mmpretrain, timm",
+    ):
         from_canonical({}, mini_spec, "onnx")
 
 

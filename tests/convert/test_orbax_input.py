@@ -1,5 +1,6 @@
 """Orbax checkpoint directories as `reparam convert` input: read by the Flax backend
 (`backends.flax.orbax_io`, orbax needs JAX), handed to the framework-free core as Flax keys."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,8 +49,7 @@ def test_not_an_orbax_directory(tmp_path) -> None:
 
 def test_reparam_convert_takes_an_orbax_directory(orbax_dir, tmp_path, mini_train) -> None:
     dst = tmp_path / "out.safetensors"
-    rc = cli.main(["convert", str(orbax_dir), str(dst), "--model", "RepVGG-mini", "--from-format",
-                   "orbax", "-q"])
+    rc = cli.main(["convert", str(orbax_dir), str(dst), "--model", "RepVGG-mini", "--from-format", "orbax", "-q"])
     assert rc == 0
     written, _ = safetensors_io.load_file(dst)
     for k, v in mini_train.items():

@@ -1,4 +1,5 @@
 """The restricted unpickler: numpy state dicts load, anything that imports code is refused."""
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,9 @@ class _Evals:
 
 
 def test_numpy_state_dicts_load():
-    state = collections.OrderedDict(a=np.arange(6, dtype=np.float32).reshape(2, 3),
-                                    b=np.float64(2.5), c=np.zeros((0, 4), np.float32))
+    state = collections.OrderedDict(
+        a=np.arange(6, dtype=np.float32).reshape(2, 3), b=np.float64(2.5), c=np.zeros((0, 4), np.float32)
+    )
     for proto in (2, 4, 5):
         out = safe_loads(pickle.dumps({"state_dict": state}, protocol=proto))
         assert np.array_equal(out["state_dict"]["a"], state["a"])
@@ -77,6 +79,7 @@ def test_persistent_id_in_plain_pickle_refused():
     class P(pickle.Pickler):
         def persistent_id(self, obj):
             return "ext" if isinstance(obj, str) and obj == "x" else None
+
     buf = io.BytesIO()
     P(buf, protocol=2).dump({"a": "x"})
     with pytest.raises(UnsafeFileError, match="persistent id"):
@@ -92,10 +95,8 @@ def test_truncated_pickle(cut):
 
 def test_rebuild_tensor_bounds():
     storage = np.arange(10, dtype=np.float32)
-    assert np.array_equal(rebuild_tensor(storage, 2, (2, 3), (3, 1)),
-                          np.arange(2, 8, dtype=np.float32).reshape(2, 3))
-    assert np.array_equal(rebuild_tensor(storage, 0, (3, 2), (1, 3)),
-                          np.arange(6, dtype=np.float32).reshape(2, 3).T)
+    assert np.array_equal(rebuild_tensor(storage, 2, (2, 3), (3, 1)), np.arange(2, 8, dtype=np.float32).reshape(2, 3))
+    assert np.array_equal(rebuild_tensor(storage, 0, (3, 2), (1, 3)), np.arange(6, dtype=np.float32).reshape(2, 3).T)
     with pytest.raises(CheckpointError, match="past the end"):
         rebuild_tensor(storage, 5, (2, 3), (3, 1))
     with pytest.raises(CheckpointError, match="malformed"):

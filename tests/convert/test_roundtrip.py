@@ -1,6 +1,7 @@
 """torch -> megengine -> flax -> safetensors -> torch is bit-exact (train form); deploy conversion
 matches the float64 oracle. Needs msgpack for the flax leg (the .venv environment); torch is used
 for the .pth legs when installed (otherwise the framework-free torch zip writer)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,13 +11,13 @@ from reparam_core import get_spec, oracle, random_state
 from reparam_core.convert import convert, verify_input
 from reparam_core.formats import encode, load_neutral
 
-CHAIN = [("m.pkl", "megengine"), ("m.msgpack", "flax"), ("m.safetensors", "safetensors"),
-         ("back.pth", "torch")]
+CHAIN = [("m.pkl", "megengine"), ("m.msgpack", "flax"), ("m.safetensors", "safetensors"), ("back.pth", "torch")]
 
 
 @pytest.mark.parametrize("model", ["RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se", "repghostnet_1_0x"])
 def test_chain_bit_exact(tmp_path, model):
     import msgpack  # noqa: F401
+
     spec = get_spec(model, num_classes=10)
     state = random_state(spec, "train", seed=5)
     src = tmp_path / "m.pth"
@@ -40,7 +41,7 @@ def test_deploy_matches_oracle(tmp_path, model, fmt):
     state = random_state(spec, "train", seed=6)
     src = tmp_path / "t.safetensors"
     src.write_bytes(encode(spec, state, "train", "safetensors"))
-    dst = tmp_path / f"d.{ {'megengine': 'pkl', 'flax': 'msgpack', 'torch': 'pth', 'safetensors': 'st'}[fmt]}"
+    dst = tmp_path / f"d.{ {'megengine': 'pkl', 'flax': 'msgpack', 'torch': 'pth', 'safetensors': 'st'}[fmt] }"
     report = convert(src, dst, model, to_deploy=True, to_format=fmt)
     assert report["to_form"] == "deploy" and report["num_classes"] == 10
     deployed, form, _, _ = load_neutral(str(dst), spec, fmt)

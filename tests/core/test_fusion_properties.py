@@ -1,5 +1,6 @@
 """Property tests of the fusion algebra: the fused conv equals the multi-branch computation of the
 float64 oracle to 1e-10 relative, over random block geometries (300 examples each in CI)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,11 +33,21 @@ def block_configs(draw) -> tuple[RepBlockSpec, tuple[int, int], int]:
     stride = draw(st.sampled_from([1, 2]))
     extra_pad = draw(st.sampled_from([0, 0, 0, 1, 2]))  # beyond "same": still fusable, no identity
     se = draw(st.sampled_from(["none", "pre", "post"]))
-    spec = RepBlockSpec(cin, cout, k, stride, d, g, padding=d * (k - 1) // 2 + extra_pad, se=se,
-                        se_channels=draw(st.integers(1, 4)) if se != "none" else 0,
-                        conv_bias=draw(st.booleans()), act=draw(st.sampled_from(["relu", "silu", "identity"])),
-                        eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
-                        naming=draw(st.sampled_from(["repvgg", "repconv"])))
+    spec = RepBlockSpec(
+        cin,
+        cout,
+        k,
+        stride,
+        d,
+        g,
+        padding=d * (k - 1) // 2 + extra_pad,
+        se=se,
+        se_channels=draw(st.integers(1, 4)) if se != "none" else 0,
+        conv_bias=draw(st.booleans()),
+        act=draw(st.sampled_from(["relu", "silu", "identity"])),
+        eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        naming=draw(st.sampled_from(["repvgg", "repconv"])),
+    )
     h = draw(st.integers(max(1, d * (k - 1) + 1 - 2 * spec.padding), 11))
     w = draw(st.integers(max(1, d * (k - 1) + 1 - 2 * spec.padding), 11))
     return spec, (h, w), draw(st.integers(0, 2**31 - 1))
@@ -49,8 +60,12 @@ def test_repblock_fused_equals_branches(cfg) -> None:
     params = {k: _random_tensor(rng, info) for k, info in block_schema(spec, "train").items()}
     x = rng.normal(size=(2, spec.in_channels, h, w))
     k, b = block_kernel_bias(spec, params)
-    assert k.dtype == np.float64 and k.shape == (spec.out_channels, spec.in_channels // spec.groups,
-                                                   spec.kernel_size, spec.kernel_size)
+    assert k.dtype == np.float64 and k.shape == (
+        spec.out_channels,
+        spec.in_channels // spec.groups,
+        spec.kernel_size,
+        spec.kernel_size,
+    )
     deploy = {key: v for key, v in params.items() if key.startswith(spec.se_module + ".")} if spec.se != "none" else {}
     deploy.update({"rbr_reparam.weight": k, "rbr_reparam.bias": b})
     y_train = block_forward(spec, params, x, "train")
@@ -59,8 +74,7 @@ def test_repblock_fused_equals_branches(cfg) -> None:
     assert rel_err(y_deploy, y_train) <= REL
 
 
-@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 3, 5]),
-       st.integers(0, 2**31 - 1))
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 3, 5]), st.integers(0, 2**31 - 1))
 def test_fuse_1x1_kxk_equals_sequence(groups: int, cpg: int, dpg: int, k: int, seed: int) -> None:
     """1x1 conv (bias b1) then kxk conv padded with b1 == one kxk conv (DBB transform III)."""
     rng = np.random.default_rng(seed)
@@ -81,8 +95,9 @@ def test_avg_pool_kernel_is_average_pooling(c: int, k: int, seed: int) -> None:
     x = np.random.default_rng(seed).normal(size=(1, c, 7, 8))
     y = conv2d(x, avg_pool_kernel(c, k), stride=1)
     ho, wo = 7 - k + 1, 8 - k + 1
-    want = np.stack([[x[0, ch, i:i + k, j:j + k].mean() for j in range(wo)] for ch in range(c)
-                     for i in range(ho)]).reshape(1, c, ho, wo)
+    want = np.stack(
+        [[x[0, ch, i : i + k, j : j + k].mean() for j in range(wo)] for ch in range(c) for i in range(ho)]
+    ).reshape(1, c, ho, wo)
     assert rel_err(y, want) <= REL
 
 

@@ -1,4 +1,5 @@
 """Kernel layout converters: exact round trips and the layouts each framework expects."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,8 +67,12 @@ def test_flax_keys() -> None:
     schema = state_schema(get_spec("RepVGG-A0"), "train")
     key = "stage1.0.rbr_dense.bn.running_var"
     assert flax_key(key, schema[key]) == "stage1.0.rbr_dense.bn.var"
-    assert flax_key("stage1.0.rbr_dense.conv.weight", schema["stage1.0.rbr_dense.conv.weight"]) \
+    assert (
+        flax_key("stage1.0.rbr_dense.conv.weight", schema["stage1.0.rbr_dense.conv.weight"])
         == "stage1.0.rbr_dense.conv.kernel"
+    )
     assert flax_key("linear.bias", schema["linear.bias"]) == "linear.bias"
-    assert flax_key("stage1.0.rbr_dense.bn.weight", schema["stage1.0.rbr_dense.bn.weight"]) \
+    assert (
+        flax_key("stage1.0.rbr_dense.bn.weight", schema["stage1.0.rbr_dense.bn.weight"])
         == "stage1.0.rbr_dense.bn.scale"
+    )

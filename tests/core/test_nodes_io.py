@@ -1,5 +1,6 @@
 """Descriptions as JSON data and back (reparam_core.nodes_io): every registry model and every
 node type survives json.dumps/loads unchanged; bad data names the node at fault."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,26 @@ from reparam_core import (
 )
 from reparam_core.nodes_io import description_from_data, description_to_data
 
-EVERY_PRIMITIVE = Block("", "AllPrimitives", (Rep((
-    (Conv("a.conv", 4, 4, (3, 3), padding=1), BN("a.bn", 4, 1e-3)),
-    (Conv("b.conv", 4, 6, 1), PadBN("b.pad", 6, 1), Conv("b.conv2", 6, 4, (3, 3))),
-    (Conv("c.conv", 4, 4, 1), PadBN("c.pad", 4, 1), AvgPool(3), BN("c.bn", 4)),
-    (Conv("e.conv", 4, 4, (1, 3), padding=(0, 1)),), (Scale("d", 4),), ()),
-    Conv("fused", 4, 4, 3, padding=1), bn=BN("post", 4)),
-    SE("se", 4, 2, "reduce", "expand", "hard_sigmoid"), Act("silu")))
+EVERY_PRIMITIVE = Block(
+    "",
+    "AllPrimitives",
+    (
+        Rep(
+            (
+                (Conv("a.conv", 4, 4, (3, 3), padding=1), BN("a.bn", 4, 1e-3)),
+                (Conv("b.conv", 4, 6, 1), PadBN("b.pad", 6, 1), Conv("b.conv2", 6, 4, (3, 3))),
+                (Conv("c.conv", 4, 4, 1), PadBN("c.pad", 4, 1), AvgPool(3), BN("c.bn", 4)),
+                (Conv("e.conv", 4, 4, (1, 3), padding=(0, 1)),),
+                (Scale("d", 4),),
+                (),
+            ),
+            Conv("fused", 4, 4, 3, padding=1),
+            bn=BN("post", 4),
+        ),
+        SE("se", 4, 2, "reduce", "expand", "hard_sigmoid"),
+        Act("silu"),
+    ),
+)
 
 
 def _round_trip(desc):
@@ -71,8 +85,9 @@ def test_bad_data_names_the_node():
     with pytest.raises(SpecError, match=r"bad SE node: .*gates"):
         description_from_data(data)
     with pytest.raises(SpecError, match="model description"):
-        block_spec_from_dict({"kind": "description",
-                              "description": description_to_data(describe(get_spec("RepVGG-mini")))})
+        block_spec_from_dict(
+            {"kind": "description", "description": description_to_data(describe(get_spec("RepVGG-mini")))}
+        )
 
 
 def test_a_rep_read_back_is_checked_again():

@@ -1,4 +1,5 @@
 """The oracle against a naive convolution; whole-model conversion in numpy; state checks."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,15 +32,20 @@ def naive_conv(x, w, b, stride, padding, dilation, groups):
     out = np.zeros((n, o, ho, wo))
     for oc, i, j in itertools.product(range(o), range(ho), range(wo)):
         g = oc // (o // groups)
-        patch = xp[:, g * cg:(g + 1) * cg, i * stride:i * stride + dilation * (kh - 1) + 1:dilation,
-                   j * stride:j * stride + dilation * (kw - 1) + 1:dilation]
+        patch = xp[
+            :,
+            g * cg : (g + 1) * cg,
+            i * stride : i * stride + dilation * (kh - 1) + 1 : dilation,
+            j * stride : j * stride + dilation * (kw - 1) + 1 : dilation,
+        ]
         out[:, oc, i, j] = (patch * w[oc]).sum(axis=(1, 2, 3)) + (b[oc] if b is not None else 0)
     return out
 
 
-@pytest.mark.parametrize("stride,padding,dilation,groups,k",
-                         [(1, 1, 1, 1, 3), (2, 1, 1, 2, 3), (1, 2, 2, 4, 3), (2, 0, 1, 8, 1),
-                          (1, 3, 1, 1, 7), (3, 2, 2, 2, 5)])
+@pytest.mark.parametrize(
+    "stride,padding,dilation,groups,k",
+    [(1, 1, 1, 1, 3), (2, 1, 1, 2, 3), (1, 2, 2, 4, 3), (2, 0, 1, 8, 1), (1, 3, 1, 1, 7), (3, 2, 2, 2, 5)],
+)
 def test_conv2d_matches_naive(stride, padding, dilation, groups, k) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 8, 9, 11))
@@ -64,8 +70,7 @@ def test_reparameterize_state_preserves_function(name: str) -> None:
 
 def test_fusion_errors_are_clear() -> None:
     with pytest.raises(FusionError, match="channel 1 has running_var=-2.0"):
-        fuse_conv_bn(np.ones((2, 1, 1, 1)), np.ones(2), np.zeros(2), np.zeros(2),
-                     np.array([1.0, -2.0]), 1e-5)
+        fuse_conv_bn(np.ones((2, 1, 1, 1)), np.ones(2), np.zeros(2), np.zeros(2), np.array([1.0, -2.0]), 1e-5)
     with pytest.raises(FusionError, match="shape"):
         fuse_conv_bn(np.ones((3, 1, 1, 1)), np.ones(2), np.zeros(2), np.zeros(2), np.ones(2), 1e-5)
     with pytest.raises(FusionError, match="does not line up"):
@@ -85,8 +90,9 @@ def test_running_var_zero_is_carried_by_eps() -> None:
 
 def test_fusion_keeps_caller_dtype_and_conv_bias() -> None:
     k = np.ones((2, 1, 3, 3), np.float32)
-    kf, bf = fuse_conv_bn(k, np.full(2, 2.0), np.ones(2), np.full(2, 0.5), np.full(2, 3.0), 1.0,
-                          bias=np.array([1.0, 2.0], np.float32))
+    kf, bf = fuse_conv_bn(
+        k, np.full(2, 2.0), np.ones(2), np.full(2, 0.5), np.full(2, 3.0), 1.0, bias=np.array([1.0, 2.0], np.float32)
+    )
     assert kf.dtype == np.float32 and bf.dtype == np.float32
     # b' = beta + gamma (b - mean) / sqrt(var + eps) = 1 + 2 (b - 0.5) / 2
     np.testing.assert_allclose(bf, [1.5, 2.5])

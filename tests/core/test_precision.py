@@ -1,4 +1,5 @@
 """Numerical edge cases: zero variance, zero gamma, huge means; half-precision casting."""
+
 from __future__ import annotations
 
 import warnings

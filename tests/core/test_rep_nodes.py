@@ -3,6 +3,7 @@ primitive (non-square kernels, dilation, groups, stride, conv+BN, 1x1 -> PadBN -
 1x1 -> PadBN -> average pool -> BN, per-channel scale, identity, a BN after the sum, channel
 concatenation), the float64 oracle of the deploy form equals the train form to 1e-10; and
 descriptions that are not exactly one conv are refused, naming the branch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,18 +65,35 @@ def rep_blocks(draw) -> tuple[Block, tuple[int, int], int]:
         n = f"b{i}"
         bias = draw(st.booleans())
         if kind == "kxk":
-            branches.append((Conv(f"{n}.conv", cin, cout, (kh, kw), padding=(ph, pw), bias=bias,
-                                  **geo), BN(f"{n}.bn", cout, 1e-3)))
+            branches.append(
+                (Conv(f"{n}.conv", cin, cout, (kh, kw), padding=(ph, pw), bias=bias, **geo), BN(f"{n}.bn", cout, 1e-3))
+            )
         elif kind == "1x1":
-            branches.append((Conv(f"{n}.conv", cin, cout, 1, padding=(ph - d * (kh - 1) // 2,
-                                                                     pw - d * (kw - 1) // 2),
-                                  bias=bias, **geo), BN(f"{n}.bn", cout)))
+            branches.append(
+                (
+                    Conv(
+                        f"{n}.conv",
+                        cin,
+                        cout,
+                        1,
+                        padding=(ph - d * (kh - 1) // 2, pw - d * (kw - 1) // 2),
+                        bias=bias,
+                        **geo,
+                    ),
+                    BN(f"{n}.bn", cout),
+                )
+            )
         elif kind == "asym":  # ACNet: 1 x kw and kh x 1
-            branches.append((Conv(f"{n}.conv", cin, cout, (1, kw), padding=(ph - d * (kh - 1) // 2, pw),
-                                  bias=bias, **geo), BN(f"{n}.bn", cout)))
+            branches.append(
+                (
+                    Conv(f"{n}.conv", cin, cout, (1, kw), padding=(ph - d * (kh - 1) // 2, pw), bias=bias, **geo),
+                    BN(f"{n}.bn", cout),
+                )
+            )
         elif kind == "scale":
-            branches.append((Conv(f"{n}.conv", cin, cout, (kh, kw), padding=(ph, pw), **geo),
-                             Scale(f"{n}.scale", cout)))
+            branches.append(
+                (Conv(f"{n}.conv", cin, cout, (kh, kw), padding=(ph, pw), **geo), Scale(f"{n}.scale", cout))
+            )
         elif kind == "bn":
             branches.append((BN(f"{n}", cout, 0.1),))
         elif kind == "empty":
@@ -84,21 +102,29 @@ def rep_blocks(draw) -> tuple[Block, tuple[int, int], int]:
             branches.append((Scale(f"{n}", cout),))
         elif kind == "chain":  # DBB 1x1 -> BN-and-pad -> kxk
             mid = g * draw(st.integers(1, 2))
-            branches.append((Conv(f"{n}.idconv1", cin, mid, 1, groups=g),
-                             PadBN(f"{n}.bn1", mid, ph),
-                             Conv(f"{n}.conv2", mid, cout, (kh, kw), stride=s, dilation=d,
-                                  groups=g, bias=bias),
-                             BN(f"{n}.bn2", cout)))
+            branches.append(
+                (
+                    Conv(f"{n}.idconv1", cin, mid, 1, groups=g),
+                    PadBN(f"{n}.bn1", mid, ph),
+                    Conv(f"{n}.conv2", mid, cout, (kh, kw), stride=s, dilation=d, groups=g, bias=bias),
+                    BN(f"{n}.bn2", cout),
+                )
+            )
         else:  # DBB 1x1 -> BN-and-pad -> average pool -> BN
-            branches.append((Conv(f"{n}.conv", cin, cout, 1, groups=g), PadBN(f"{n}.bn", cout, ph),
-                             AvgPool(kh, s, 0), BN(f"{n}.avgbn", cout)))
+            branches.append(
+                (
+                    Conv(f"{n}.conv", cin, cout, 1, groups=g),
+                    PadBN(f"{n}.bn", cout, ph),
+                    AvgPool(kh, s, 0),
+                    BN(f"{n}.avgbn", cout),
+                )
+            )
     post_bn = BN("bn", cout) if draw(st.booleans()) else None
     rep = Rep(tuple(branches), Conv("fused", cin, cout, (kh, kw), padding=(ph, pw), **geo), post_bn)
     tail = draw(st.sampled_from([(), (Act("relu"),), (SE("se", cout, 2), Act("silu"))]))
     block = Block("", "TestBlock", (rep, *tail))
     lo_h, lo_w = max(1, d * (kh - 1) + 1 - 2 * ph), max(1, d * (kw - 1) + 1 - 2 * pw)
-    return block, (draw(st.integers(lo_h, 9)), draw(st.integers(lo_w, 9))), draw(
-        st.integers(0, 2**31 - 1))
+    return block, (draw(st.integers(lo_h, 9)), draw(st.integers(lo_w, 9))), draw(st.integers(0, 2**31 - 1))
 
 
 @given(rep_blocks())
@@ -114,12 +140,14 @@ def test_random_rep_deploy_equals_train(cfg) -> None:
     assert k.dtype == np.float64 and np.array_equal(k, deploy["fused.weight"])
 
 
-@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from([(1, 3), (3, 1), (3, 3)]),
-       st.integers(0, 2**31 - 1))
+@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from([(1, 3), (3, 1), (3, 3)]), st.integers(0, 2**31 - 1))
 def test_concat_rep_equals_channel_concat(c: int, o: int, k2: tuple[int, int], seed: int) -> None:
     pad2 = (1 - (3 - k2[0]) // 2, 1 - (3 - k2[1]) // 2)  # centred in the fused 3x3, padding 1
-    rep = Rep(((Conv("a", c, o, 1), BN("abn", o)), (Conv("b", c, o + 1, k2, padding=pad2), BN("bbn", o + 1))),
-              Conv("fused", c, 2 * o + 1, 3, padding=1), combine="concat")
+    rep = Rep(
+        ((Conv("a", c, o, 1), BN("abn", o)), (Conv("b", c, o + 1, k2, padding=pad2), BN("bbn", o + 1))),
+        Conv("fused", c, 2 * o + 1, 3, padding=1),
+        combine="concat",
+    )
     block = Block("", "ConcatBlock", (rep,))
     params = random_tensors(schema_of(block), seed, np.float64)
     x = np.random.default_rng(seed).normal(size=(1, c, 6, 5))
@@ -129,8 +157,10 @@ def test_concat_rep_equals_channel_concat(c: int, o: int, k2: tuple[int, int], s
 
 
 def test_counts_follow_the_description() -> None:
-    rep = Rep(((Conv("d.conv", 4, 8, 3, padding=1), BN("d.bn", 8)),
-               (Conv("o.conv", 4, 8, 1), BN("o.bn", 8))), Conv("r", 4, 8, 3, padding=1))
+    rep = Rep(
+        ((Conv("d.conv", 4, 8, 3, padding=1), BN("d.bn", 8)), (Conv("o.conv", 4, 8, 1), BN("o.bn", 8))),
+        Conv("r", 4, 8, 3, padding=1),
+    )
     block = Block("", "B", (rep, Act("relu")))
     # train: 8*4*9 + 8*4 conv weights + 2 * (2 * 8) learnable BN; deploy: 8*4*9 + 8 bias
     assert count_params(block, "train") == 288 + 32 + 32
@@ -138,17 +168,20 @@ def test_counts_follow_the_description() -> None:
     assert count_macs(block, "train", size=5) == 25 * (288 + 32)  # 3-channel input not used here
 
 
-@pytest.mark.parametrize("branch,match", [
-    ((Conv("c", 4, 4, 1, padding=1), BN("b", 4)), "padding .* does not line up"),
-    ((Conv("c", 4, 4, 3, padding=1, stride=2), BN("b", 4)), "stride"),
-    ((Conv("c", 4, 4, 3, padding=1, groups=2), BN("b", 4)), "groups=2"),
-    ((Conv("c", 4, 4, 3, padding=1, dilation=2), BN("b", 4)), "dilation"),
-    ((Conv("c", 4, 4, 1), BN("b", 4), Conv("c2", 4, 4, 3, padding=1)), "biased value"),
-    ((Conv("c", 4, 4, 1, bias=True), PadBN("b", 4, 1), Conv("c2", 4, 4, 3)), "bias-free"),
-    ((Conv("c", 4, 4, 3, padding=1), Conv("c2", 4, 4, 1)), "only a 1x1"),
-    ((Conv("c", 4, 4, 4, padding=1), BN("b", 4)), "cannot be centred"),
-    ((BN("b", 5),), "5 channels"),
-])
+@pytest.mark.parametrize(
+    "branch,match",
+    [
+        ((Conv("c", 4, 4, 1, padding=1), BN("b", 4)), "padding .* does not line up"),
+        ((Conv("c", 4, 4, 3, padding=1, stride=2), BN("b", 4)), "stride"),
+        ((Conv("c", 4, 4, 3, padding=1, groups=2), BN("b", 4)), "groups=2"),
+        ((Conv("c", 4, 4, 3, padding=1, dilation=2), BN("b", 4)), "dilation"),
+        ((Conv("c", 4, 4, 1), BN("b", 4), Conv("c2", 4, 4, 3, padding=1)), "biased value"),
+        ((Conv("c", 4, 4, 1, bias=True), PadBN("b", 4, 1), Conv("c2", 4, 4, 3)), "bias-free"),
+        ((Conv("c", 4, 4, 3, padding=1), Conv("c2", 4, 4, 1)), "only a 1x1"),
+        ((Conv("c", 4, 4, 4, padding=1), BN("b", 4)), "cannot be centred"),
+        ((BN("b", 5),), "5 channels"),
+    ],
+)
 def test_rep_refuses_what_is_not_one_conv(branch, match: str) -> None:
     with pytest.raises(FusionError, match=match):
         Rep(((Conv("d", 4, 4, 3, padding=1), BN("e", 4)), branch), Conv("r", 4, 4, 3, padding=1))
@@ -156,5 +189,4 @@ def test_rep_refuses_what_is_not_one_conv(branch, match: str) -> None:
 
 def test_identity_branch_needs_same_shape() -> None:
     with pytest.raises(FusionError, match="identity branch needs"):
-        Rep(((Conv("d", 4, 4, 3, padding=1, stride=2), BN("e", 4)), ()),
-            Conv("r", 4, 4, 3, padding=1, stride=2))
+        Rep(((Conv("d", 4, 4, 3, padding=1, stride=2), BN("e", 4)), ()), Conv("r", 4, 4, 3, padding=1, stride=2))

@@ -1,4 +1,5 @@
 """The numpy-only safetensors reader/writer: round trip, determinism, malformed input."""
+
 from __future__ import annotations
 
 import struct
@@ -11,8 +12,11 @@ from reparam_core.safetensors_io import dumps, loads
 
 
 def test_round_trip_and_determinism() -> None:
-    state = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(3, np.float64),
-             "c": np.zeros((0, 2), np.float16)}
+    state = {
+        "b": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "a": np.ones(3, np.float64),
+        "c": np.zeros((0, 2), np.float16),
+    }
     data = dumps(state, {"format": "neutral"})
     assert data == dumps(dict(reversed(list(state.items()))), {"format": "neutral"})
     back, meta = loads(data)
@@ -28,12 +32,15 @@ def test_readable_by_the_reference_implementation() -> None:
     assert np.array_equal(loads(safetensors_numpy.save(state))[0]["w"], state["w"])
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda d: d[:5], "too short"),
-    (lambda d: struct.pack("<Q", 10**12) + d[8:], "header declares"),
-    (lambda d: d[:8] + b"#" + d[9:], "not JSON"),
-    (lambda d: d[:-4], "do not fit"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d[:5], "too short"),
+        (lambda d: struct.pack("<Q", 10**12) + d[8:], "header declares"),
+        (lambda d: d[:8] + b"#" + d[9:], "not JSON"),
+        (lambda d: d[:-4], "do not fit"),
+    ],
+)
 def test_malformed_files_are_refused(mutate, match) -> None:
     data = dumps({"w": np.ones((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match=match):

@@ -1,4 +1,5 @@
 """Spec-derived parameter counts equal the official figures; the registry and errors behave."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,10 +16,13 @@ from reparam_core import (
 
 # (name, form) -> official learnable parameters in millions (1000 classes), to 2 decimals
 OFFICIAL = {
-    ("RepVGG-A0", "deploy"): 8.31, ("RepVGG-A0", "train"): 9.11,
-    ("RepVGG-B1g4", "deploy"): 36.13, ("RepVGG-B3", "deploy"): 110.96,
+    ("RepVGG-A0", "deploy"): 8.31,
+    ("RepVGG-A0", "train"): 9.11,
+    ("RepVGG-B1g4", "deploy"): 36.13,
+    ("RepVGG-B3", "deploy"): 110.96,
     ("RepVGG-D2se", "deploy"): 120.39,
-    ("repghostnet_1_0x", "deploy"): 4.06, ("repghostnet_0_5x", "deploy"): 2.31,
+    ("repghostnet_1_0x", "deploy"): 4.06,
+    ("repghostnet_0_5x", "deploy"): 2.31,
     ("repghostnet_2_0x", "deploy"): 9.77,
 }
 
@@ -46,8 +50,7 @@ def test_official_macs() -> None:
 
 def test_registry_has_every_official_name() -> None:
     names = set(list_models())
-    for n in ["A0", "A1", "A2", "B0", "B1", "B1g2", "B1g4", "B2", "B2g2", "B2g4", "B3", "B3g2",
-              "B3g4", "D2se"]:
+    for n in ["A0", "A1", "A2", "B0", "B1", "B1g2", "B1g4", "B2", "B2g2", "B2g4", "B3", "B3g2", "B3g4", "D2se"]:
         assert f"RepVGG-{n}" in names
     assert "RepVGGplus-L2pse" in names
     for w in ["0_5x", "0_58x", "0_8x", "1_0x", "1_11x", "1_3x", "1_5x", "2_0x"]:
@@ -88,19 +91,29 @@ def test_schema_keys_are_official_names() -> None:
     assert "blocks.0.0.ghost1.cheap_operation.bias" in state_schema(get_spec("repghostnet_1_0x"), "deploy")
 
 
-@pytest.mark.parametrize("alias,name", [("repvgg_a0", "RepVGG-A0"), ("REPVGG-b1G4", "RepVGG-B1g4"),
-                                        ("repvgg_d2se", "RepVGG-D2se"),
-                                        ("repghostnet_100", "repghostnet_1_0x"),
-                                        ("repghostnet_058", "repghostnet_0_58x"),
-                                        ("RepGhostNet_0_5X", "repghostnet_0_5x")])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("repvgg_a0", "RepVGG-A0"),
+        ("REPVGG-b1G4", "RepVGG-B1g4"),
+        ("repvgg_d2se", "RepVGG-D2se"),
+        ("repghostnet_100", "repghostnet_1_0x"),
+        ("repghostnet_058", "repghostnet_0_58x"),
+        ("RepGhostNet_0_5X", "repghostnet_0_5x"),
+    ],
+)
 def test_aliases_and_case(alias, name):
     from reparam_core.specs import resolve_model_name
+
     assert resolve_model_name(alias) == name
     spec = get_spec(alias, 7)
     assert spec.name == name and spec == get_spec(name, 7)
 
 
 def test_unknown_alias_suggests_registry_names():
-    with pytest.raises(UnknownModelError, match=r"unknown model 'repvgg_a9'; did you mean "
-                                                r"RepVGG-A\d, RepVGG-A\d, RepVGG-A\d\?"):
+    with pytest.raises(
+        UnknownModelError,
+        match=r"unknown model 'repvgg_a9'; did you mean "
+        r"RepVGG-A\d, RepVGG-A\d, RepVGG-A\d\?",
+    ):
         get_spec("repvgg_a9")

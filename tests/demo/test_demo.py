@@ -5,6 +5,7 @@ Checks every file the demo writes (checkpoints read back in their own frameworks
 artifacts run in their own runtimes), that all frameworks, forms and artifacts predict the same
 classes as the trained PyTorch model, and that two runs with the same seed are identical.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,28 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "RepVGG-mini"
 FORMS = ("train", "deploy")
 CKPT_EXT = {"torch": ".pth", "megengine": ".pkl", "flax": ".msgpack", "safetensors": ".safetensors"}
-RESULT_KEYS = ("torch/train", "torch/deploy", "megengine/train", "megengine/deploy", "flax/train",
-               "flax/deploy", "artifact/onnx", "artifact/mge", "artifact/stablehlo")
+RESULT_KEYS = (
+    "torch/train",
+    "torch/deploy",
+    "megengine/train",
+    "megengine/deploy",
+    "flax/train",
+    "flax/deploy",
+    "artifact/onnx",
+    "artifact/mge",
+    "artifact/stablehlo",
+)
 LOGIT_ATOL = 1e-4  # float32 logits of the same weights in different frameworks (|logit| ~ 10)
 
 
 def _run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "demo", "--out", str(out), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "demo", "--out", str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -55,10 +70,12 @@ def run(runs):
 @pytest.fixture(scope="module")
 def data():
     from reparam_core.digits import load_digits_split
+
     return load_digits_split()
 
 
 # --------------------------------------------------------------------------- summary / table
+
 
 def test_summary_figures(run):
     d, s, _ = run
@@ -105,16 +122,14 @@ def test_throughput_figures_from_a_fixed_clock(monkeypatch):
         def call():
             calls.append(name)
             clock[0] += durations[name][calls.count(name) - 1]
+
         return call
 
     monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    out = timing.interleaved_throughput({"train": fn("train"), "deploy": fn("deploy")}, batch=8,
-                                        repeats=5)
+    out = timing.interleaved_throughput({"train": fn("train"), "deploy": fn("deploy")}, batch=8, repeats=5)
     assert calls == ["train", "deploy"] * 6  # interleaved rounds, warm-up included
-    assert out["train"] == {"median_s": 5.0, "images_per_s": 1.6,
-                            "runs_s": [3.0, 10.0, 5.0, 4.0, 8.0]}
-    assert out["deploy"] == {"median_s": 2.0, "images_per_s": 4.0,
-                             "runs_s": [1.0, 4.0, 4.0, 1.0, 2.0]}
+    assert out["train"] == {"median_s": 5.0, "images_per_s": 1.6, "runs_s": [3.0, 10.0, 5.0, 4.0, 8.0]}
+    assert out["deploy"] == {"median_s": 2.0, "images_per_s": 4.0, "runs_s": [1.0, 4.0, 4.0, 1.0, 2.0]}
     assert out["deploy_over_train"] == 3.0  # round ratios 3, 2.5, 1.25, 4, 4
 
 
@@ -138,9 +153,10 @@ def test_terminal_table(run):
     _, s, stdout = run
     lines = stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("framework"))
-    rows = lines[header + 2: header + 2 + len(RESULT_KEYS)]
-    for row, name in zip(rows, ("PyTorch", "PyTorch", "MegEngine", "MegEngine", "Flax", "Flax",
-                                "ONNX", "traced .mge", "StableHLO")):
+    rows = lines[header + 2 : header + 2 + len(RESULT_KEYS)]
+    for row, name in zip(
+        rows, ("PyTorch", "PyTorch", "MegEngine", "MegEngine", "Flax", "Flax", "ONNX", "traced .mge", "StableHLO")
+    ):
         assert row.startswith(name) and "359/359" in row
     acc = f"{s['results']['torch/train']['accuracy']:.2%}"
     assert all(acc in row for row in rows)
@@ -158,6 +174,7 @@ def test_determinism(runs):
 
 
 # --------------------------------------------------------------------------- files
+
 
 def test_every_file_written(run):
     d, s, _ = run
@@ -192,8 +209,7 @@ def reference(run, data):
     state = {k: v.numpy() for k, v in sd.items()}
     model = load_state(create_model(MODEL, num_classes=10), state)
     x = data.x_test[:32]
-    return {"state": state, "x": x, "train": predict(model, x),
-            "deploy": predict(reparameterize(model), x)}
+    return {"state": state, "x": x, "train": predict(model, x), "deploy": predict(reparameterize(model), x)}
 
 
 def test_checkpoints_load_back(run, reference):
@@ -238,6 +254,7 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
                     walk(v, key)
                 else:
                     flat[key] = np.asarray(v)
+
         walk(tree)
         assert set(flat) == {flax_key(k, i) for k, i in state_schema(spec, form).items()}
         model = load_native_state(empty_model(MODEL, num_classes=10, deploy=form == "deploy"), flat)
@@ -264,26 +281,40 @@ def test_artifacts_run(run, reference, tmp_path):
     assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)
     assert sum(n.op_type == "Conv" for n in graph.graph.node) == len(get_spec(MODEL, 10).blocks())
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    y = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(4)])
+    y = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(4)])
     np.testing.assert_allclose(y, ref[:4], atol=LOGIT_ATOL)
     # StableHLO: batch 1
     fn = load_stablehlo(d / "deploy" / f"{MODEL}.stablehlo")
-    np.testing.assert_allclose(np.concatenate([fn(x[i:i + 1]) for i in range(4)]), ref[:4], atol=LOGIT_ATOL)
+    np.testing.assert_allclose(np.concatenate([fn(x[i : i + 1]) for i in range(4)]), ref[:4], atol=LOGIT_ATOL)
     # traced .mge: in the MegEngine environment
     save_file({"x": x}, tmp_path / "x.safetensors")
-    code = ("import sys, numpy as np\n"
-            "from backends.megengine import run_traced\n"
-            "from reparam_core.safetensors_io import load_file, save_file\n"
-            "x = load_file(sys.argv[2])[0]['x']\n"
-            "save_file({'y': run_traced(sys.argv[1], x)}, sys.argv[3])\n")
-    proc = subprocess.run([str(mge_python()), "-c", code, str(d / "deploy" / f"{MODEL}.mge"),
-                           str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, numpy as np\n"
+        "from backends.megengine import run_traced\n"
+        "from reparam_core.safetensors_io import load_file, save_file\n"
+        "x = load_file(sys.argv[2])[0]['x']\n"
+        "save_file({'y': run_traced(sys.argv[1], x)}, sys.argv[3])\n"
+    )
+    proc = subprocess.run(
+        [
+            str(mge_python()),
+            "-c",
+            code,
+            str(d / "deploy" / f"{MODEL}.mge"),
+            str(tmp_path / "x.safetensors"),
+            str(tmp_path / "y.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(load_file(tmp_path / "y.safetensors")[0]["y"], ref, atol=LOGIT_ATOL)
 
 
 # --------------------------------------------------------------------------- shipped checkpoint / CLI
+
 
 def test_shipped_checkpoint(data):
     """assets/demo holds a trained train-form checkpoint that `--no-train` uses: >= 95% on the
@@ -308,23 +339,28 @@ def test_split_is_fixed_and_disjoint(data):
     assert len(data.train_idx) + len(data.test_idx) == 1797
     assert np.array_equal(load_digits_split().test_idx, data.test_idx)
     assert data.x_test.shape == (359, 3, 32, 32) and data.x_test.dtype == np.float32
-    assert sorted(np.bincount(data.y_test)) [0] >= 35  # stratified: every class ~36 times
+    assert sorted(np.bincount(data.y_test))[0] >= 35  # stratified: every class ~36 times
 
 
 def test_cli_arguments():
     from scripts import cli
 
-    args = cli.build_parser().parse_args(["demo", "--out", "x", "--epochs", "3", "--model", MODEL,
-                                          "--seed", "5", "--no-train"])
+    args = cli.build_parser().parse_args(
+        ["demo", "--out", "x", "--epochs", "3", "--model", MODEL, "--seed", "5", "--no-train"]
+    )
     assert (args.out, args.epochs, args.model, args.seed, args.no_train) == ("x", 3, MODEL, 5, True)
     args = cli.build_parser().parse_args(["demo"])
     assert (args.out, args.model, args.seed, args.no_train) == ("demo-out", MODEL, 0, False)
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "demo", "--model", "nope",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "demo", "--model", "nope", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown model" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -4,6 +4,7 @@ the official MobileOneBlock constructor, and the deploy artifacts of S0 (ONNX fr
 StableHLO from Flax; the traced .mge is in tests/megengine/test_mge_export.py). The train and
 deploy forms against the float64 oracle in all three backends are in tests/backends (S0 and the
 official blocks by default, S1..S4 with --slow) and in the parity matrix."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,15 +50,20 @@ def shapes(spec, form: str, prefix: str) -> dict[str, tuple[int, ...]]:
 # branches each in S0; the first depthwise block has stride 2 (no rbr_skip), a 1x1 block has no
 # rbr_scale; a module's keys come in the order rbr_skip, rbr_conv.i, rbr_scale.
 
-S0_STEM_TRAIN = {**conv_bn("stage0.rbr_conv.0", (48, 3, 3, 3)),
-                 **conv_bn("stage0.rbr_scale", (48, 3, 1, 1))}
-S0_STAGE1_0 = {**{k: v for i in range(4) for k, v in conv_bn(f"stage1.0.rbr_conv.{i}", (48, 1, 3, 3)).items()},
-               **conv_bn("stage1.0.rbr_scale", (48, 1, 1, 1))}
-S0_STAGE1_1 = {**bn("stage1.1.rbr_skip", 48),
-               **{k: v for i in range(4) for k, v in conv_bn(f"stage1.1.rbr_conv.{i}", (48, 48, 1, 1)).items()}}
-S0_STAGE1_2 = {**bn("stage1.2.rbr_skip", 48),
-               **{k: v for i in range(4) for k, v in conv_bn(f"stage1.2.rbr_conv.{i}", (48, 1, 3, 3)).items()},
-               **conv_bn("stage1.2.rbr_scale", (48, 1, 1, 1))}
+S0_STEM_TRAIN = {**conv_bn("stage0.rbr_conv.0", (48, 3, 3, 3)), **conv_bn("stage0.rbr_scale", (48, 3, 1, 1))}
+S0_STAGE1_0 = {
+    **{k: v for i in range(4) for k, v in conv_bn(f"stage1.0.rbr_conv.{i}", (48, 1, 3, 3)).items()},
+    **conv_bn("stage1.0.rbr_scale", (48, 1, 1, 1)),
+}
+S0_STAGE1_1 = {
+    **bn("stage1.1.rbr_skip", 48),
+    **{k: v for i in range(4) for k, v in conv_bn(f"stage1.1.rbr_conv.{i}", (48, 48, 1, 1)).items()},
+}
+S0_STAGE1_2 = {
+    **bn("stage1.2.rbr_skip", 48),
+    **{k: v for i in range(4) for k, v in conv_bn(f"stage1.2.rbr_conv.{i}", (48, 1, 3, 3)).items()},
+    **conv_bn("stage1.2.rbr_scale", (48, 1, 1, 1)),
+}
 
 
 def test_s0_stem_and_stage1_keys_are_the_official_ones() -> None:
@@ -68,15 +74,22 @@ def test_s0_stem_and_stage1_keys_are_the_official_ones() -> None:
     assert list(shapes(spec, "train", "stage1.1")) == list(S0_STAGE1_1)
     assert shapes(spec, "train", "stage1.1") == S0_STAGE1_1
     assert shapes(spec, "train", "stage1.2") == S0_STAGE1_2
-    assert shapes(spec, "deploy", "stage0") == {"stage0.reparam_conv.weight": (48, 3, 3, 3),
-                                                "stage0.reparam_conv.bias": (48,)}
-    assert shapes(spec, "deploy", "stage1.1") == {"stage1.1.reparam_conv.weight": (48, 48, 1, 1),
-                                                  "stage1.1.reparam_conv.bias": (48,)}
+    assert shapes(spec, "deploy", "stage0") == {
+        "stage0.reparam_conv.weight": (48, 3, 3, 3),
+        "stage0.reparam_conv.bias": (48,),
+    }
+    assert shapes(spec, "deploy", "stage1.1") == {
+        "stage1.1.reparam_conv.weight": (48, 48, 1, 1),
+        "stage1.1.reparam_conv.bias": (48,),
+    }
     # stage1 = 2 pairs, stage2 = 8 pairs (48 -> 128), stage4 = 1 pair (256 -> 1024), head
     blocks = {k.split(".rbr")[0].split(".reparam")[0] for k in state_schema(spec, "deploy")}
-    assert blocks == {"stage0", "linear.weight", "linear.bias",
-                      *(f"stage{s}.{j}" for s, n in ((1, 4), (2, 16), (3, 20), (4, 2))
-                        for j in range(n))}
+    assert blocks == {
+        "stage0",
+        "linear.weight",
+        "linear.bias",
+        *(f"stage{s}.{j}" for s, n in ((1, 4), (2, 16), (3, 20), (4, 2)) for j in range(n)),
+    }
     assert shapes(spec, "train", "stage2.1")["stage2.1.rbr_conv.3.conv.weight"] == (128, 48, 1, 1)
     assert "stage2.1.rbr_skip.weight" not in state_schema(spec, "train")  # 48 != 128
     assert state_schema(spec, "deploy")["stage4.1.reparam_conv.weight"].shape == (1024, 256, 1, 1)
@@ -87,19 +100,31 @@ def test_s0_stem_and_stage1_keys_are_the_official_ones() -> None:
 # SE on the last 10 // 2 = 5 pairs (modules stage3.10 ... stage3.19, both blocks of a pair);
 # stage4 = 1 pair 896 -> 2048 with SE. SEBlock(C): reduce C -> int(C * 0.0625), expand back,
 # both 1x1 with bias. One conv branch (num_conv_branches=1).
-S4_STAGE3_10 = {**bn("stage3.10.rbr_skip", 896), **conv_bn("stage3.10.rbr_conv.0", (896, 1, 3, 3)),
-                **conv_bn("stage3.10.rbr_scale", (896, 1, 1, 1)),
-                "stage3.10.se.reduce.weight": (56, 896, 1, 1), "stage3.10.se.reduce.bias": (56,),
-                "stage3.10.se.expand.weight": (896, 56, 1, 1), "stage3.10.se.expand.bias": (896,)}
+S4_STAGE3_10 = {
+    **bn("stage3.10.rbr_skip", 896),
+    **conv_bn("stage3.10.rbr_conv.0", (896, 1, 3, 3)),
+    **conv_bn("stage3.10.rbr_scale", (896, 1, 1, 1)),
+    "stage3.10.se.reduce.weight": (56, 896, 1, 1),
+    "stage3.10.se.reduce.bias": (56,),
+    "stage3.10.se.expand.weight": (896, 56, 1, 1),
+    "stage3.10.se.expand.bias": (896,),
+}
 
 
 def test_s4_se_blocks_are_the_official_ones() -> None:
     spec = get_spec("MobileOne-S4")
     assert shapes(spec, "train", "stage3.10") == S4_STAGE3_10
-    se = {"stage3.10.se.reduce.weight": (56, 896, 1, 1), "stage3.10.se.reduce.bias": (56,),
-          "stage3.10.se.expand.weight": (896, 56, 1, 1), "stage3.10.se.expand.bias": (896,)}
+    se = {
+        "stage3.10.se.reduce.weight": (56, 896, 1, 1),
+        "stage3.10.se.reduce.bias": (56,),
+        "stage3.10.se.expand.weight": (896, 56, 1, 1),
+        "stage3.10.se.expand.bias": (896,),
+    }
     assert shapes(spec, "deploy", "stage3.10") == {
-        "stage3.10.reparam_conv.weight": (896, 1, 3, 3), "stage3.10.reparam_conv.bias": (896,), **se}
+        "stage3.10.reparam_conv.weight": (896, 1, 3, 3),
+        "stage3.10.reparam_conv.bias": (896,),
+        **se,
+    }
     train = state_schema(spec, "train")
     with_se = sorted({k.split(".se.")[0] for k in train if ".se." in k})
     assert with_se == sorted([f"stage3.{j}" for j in range(10, 20)] + ["stage4.0", "stage4.1"])
@@ -186,29 +211,55 @@ def test_foreign_checkpoint_is_detected_and_converted_back(scheme: str, form: st
 
 # ----------------------------------------------------------------------------- official_block
 
-OFFICIAL_ARGS = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                 "groups", "inference_mode", "use_se", "num_conv_branches"]
+OFFICIAL_ARGS = [
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "inference_mode",
+    "use_se",
+    "num_conv_branches",
+]
 
 
 def test_official_signature_is_the_official_one() -> None:
     sig = official_signature("MobileOneBlock")
     assert list(sig.parameters) == OFFICIAL_ARGS
     assert {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty} == {
-        "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "inference_mode": False,
-        "use_se": False, "num_conv_branches": 1}
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+        "inference_mode": False,
+        "use_se": False,
+        "num_conv_branches": 1,
+    }
 
 
 def test_official_block_keys_equal_the_official_class_keys() -> None:
-    spec = official_block("MobileOneBlock", 32, 32, 3, padding=1, groups=32, use_se=True,
-                          num_conv_branches=2)
-    expected = {**bn("rbr_skip", 32), **conv_bn("rbr_conv.0", (32, 1, 3, 3)),
-                **conv_bn("rbr_conv.1", (32, 1, 3, 3)), **conv_bn("rbr_scale", (32, 1, 1, 1)),
-                "se.reduce.weight": (2, 32, 1, 1), "se.reduce.bias": (2,),
-                "se.expand.weight": (32, 2, 1, 1), "se.expand.bias": (32,)}
+    spec = official_block("MobileOneBlock", 32, 32, 3, padding=1, groups=32, use_se=True, num_conv_branches=2)
+    expected = {
+        **bn("rbr_skip", 32),
+        **conv_bn("rbr_conv.0", (32, 1, 3, 3)),
+        **conv_bn("rbr_conv.1", (32, 1, 3, 3)),
+        **conv_bn("rbr_scale", (32, 1, 1, 1)),
+        "se.reduce.weight": (2, 32, 1, 1),
+        "se.reduce.bias": (2,),
+        "se.expand.weight": (32, 2, 1, 1),
+        "se.expand.bias": (32,),
+    }
     assert {k: t.shape for k, t in block_schema(spec, "train").items()} == expected
-    deploy = {"se.reduce.weight": (2, 32, 1, 1), "se.reduce.bias": (2,),
-              "se.expand.weight": (32, 2, 1, 1), "se.expand.bias": (32,),
-              "reparam_conv.weight": (32, 1, 3, 3), "reparam_conv.bias": (32,)}
+    deploy = {
+        "se.reduce.weight": (2, 32, 1, 1),
+        "se.reduce.bias": (2,),
+        "se.expand.weight": (32, 2, 1, 1),
+        "se.expand.bias": (32,),
+        "reparam_conv.weight": (32, 1, 3, 3),
+        "reparam_conv.bias": (32,),
+    }
     assert {k: t.shape for k, t in block_schema(spec, "deploy").items()} == deploy
     # inference_mode=True: the official class holds the deploy form only
     inference = official_block("mobileoneblock", 32, 32, 3, 1, 1, 1, 32, True, True, 2)
@@ -221,23 +272,28 @@ def test_official_block_keys_equal_the_official_class_keys() -> None:
 def test_official_block_is_the_block_of_the_model() -> None:
     spec = get_spec("MobileOne-S0")
     assert official_block("MobileOneBlock", 3, 48, 3, stride=2, padding=1) == spec.stem
-    assert official_block("MobileOneBlock", 48, 48, 3, 2, 1, groups=48,
-                          num_conv_branches=4) == spec.stages[0][0]
+    assert official_block("MobileOneBlock", 48, 48, 3, 2, 1, groups=48, num_conv_branches=4) == spec.stages[0][0]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(deploy=True), r"MobileOneBlock: .*deploy.*accepted arguments: in_channels, "
-                        r"out_channels, kernel_size, stride=1, padding=0"),
-    (dict(dilation=2), r"dilation must be 1: .* \(got 2\)"),
-    (dict(padding=0), r"padding must be kernel_size // 2 = 1 .* got 0"),
-    (dict(kernel_size=2, padding=1), r"kernel_size must be 1 or odd .* got 2"),
-    (dict(groups=3), r"channels 8 -> 8 are not divisible by groups=3"),
-    (dict(use_se=True), r"use_se needs out_channels >= 16"),
-    (dict(num_conv_branches=0), r"num_conv_branches must be >= 1, got 0"),
-    (dict(use_se="yes"), r"use_se must be a bool, got 'yes'"),
-    (dict(stride=1.5), r"stride must be an int, got 1.5"),
-    (dict(padding=-1), r"padding must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(deploy=True),
+            r"MobileOneBlock: .*deploy.*accepted arguments: in_channels, "
+            r"out_channels, kernel_size, stride=1, padding=0",
+        ),
+        (dict(dilation=2), r"dilation must be 1: .* \(got 2\)"),
+        (dict(padding=0), r"padding must be kernel_size // 2 = 1 .* got 0"),
+        (dict(kernel_size=2, padding=1), r"kernel_size must be 1 or odd .* got 2"),
+        (dict(groups=3), r"channels 8 -> 8 are not divisible by groups=3"),
+        (dict(use_se=True), r"use_se needs out_channels >= 16"),
+        (dict(num_conv_branches=0), r"num_conv_branches must be >= 1, got 0"),
+        (dict(use_se="yes"), r"use_se must be a bool, got 'yes'"),
+        (dict(stride=1.5), r"stride must be an int, got 1.5"),
+        (dict(padding=-1), r"padding must be >= 0, got -1"),
+    ],
+)
 def test_official_block_rejects_what_the_official_class_cannot_build(kwargs, match) -> None:
     args = dict(in_channels=8, out_channels=8, kernel_size=3, padding=1) | kwargs
     with pytest.raises(SpecError, match=match):
@@ -279,8 +335,7 @@ def test_s0_onnx_is_a_plain_conv_stack(tmp_path, s0_deploy) -> None:
     graph = onnx.load(path)
     onnx.checker.check_model(graph)
     ops = Counter(n.op_type for n in graph.graph.node)
-    assert set(ops) <= {"Conv", "Relu", "GlobalAveragePool", "ReduceMean", "Flatten", "Gemm",
-                        "Reshape"}
+    assert set(ops) <= {"Conv", "Relu", "GlobalAveragePool", "ReduceMean", "Flatten", "Gemm", "Reshape"}
     assert ops["Conv"] == ops["Relu"] == N_CONVS
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {session.get_inputs()[0].name: x})

@@ -1,6 +1,7 @@
 """official_block: every official class's state keys in train and deploy form against names
 written out by hand from the official code (relative to the block), shapes of the asymmetric
 and identity-based convs, the identity-based 1x1 semantics, and argument validation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,57 +35,119 @@ def conv(name: str, bias: bool = False) -> set[str]:
 
 # (class, constructor arguments, train keys, deploy keys), from the official sources
 KEYS = [
-    ("RepVGGBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
-     bn("rbr_identity") | conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1.conv")
-     | bn("rbr_1x1.bn"), conv("rbr_reparam", True)),
-    ("RepVGGBlock", dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1,
-                         use_se=True),
-     conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1.conv") | bn("rbr_1x1.bn")
-     | conv("se.down", True) | conv("se.up", True),
-     conv("rbr_reparam", True) | conv("se.down", True) | conv("se.up", True)),
-    ("RepConv", dict(c1=8, c2=8),
-     bn("rbr_identity") | conv("rbr_dense.0") | bn("rbr_dense.1") | conv("rbr_1x1.0")
-     | bn("rbr_1x1.1"), conv("rbr_reparam", True)),
-    ("RepGhostModule", dict(inp=8, oup=12),
-     conv("primary_conv.0") | bn("primary_conv.1") | bn("fusion_bn.0")
-     | conv("cheap_operation.0") | bn("cheap_operation.1"),
-     conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation", True)),
-    ("RepGhostModule", dict(inp=8, oup=8, reparam_bn=False, reparam_identity=True),
-     conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation.0")
-     | bn("cheap_operation.1"),
-     conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation", True)),
-    ("QARepVGGBlockV2", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
-     conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
-     conv("rbr_reparam", True)),
-    ("yolov6.QARepVGGBlock", dict(in_channels=8, out_channels=16, stride=2),
-     conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
-     conv("rbr_reparam", True)),
-    ("yolov6.QARepVGGBlock", dict(in_channels=8, out_channels=8, keep_post_bn=True),
-     conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
-     conv("rbr_reparam", True) | bn("bn")),
-    ("yolov6.QARepVGGBlockV2", dict(in_channels=8, out_channels=8),  # rbr_avg: no tensors
-     conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
-     conv("rbr_reparam", True)),
-    ("DiverseBranchBlock", dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
-     conv("dbb_origin.conv") | bn("dbb_origin.bn") | conv("dbb_avg.conv") | bn("dbb_avg.bn.bn")
-     | bn("dbb_avg.avgbn") | conv("dbb_1x1.conv") | bn("dbb_1x1.bn")
-     | conv("dbb_1x1_kxk.idconv1") | bn("dbb_1x1_kxk.bn1.bn") | conv("dbb_1x1_kxk.conv2")
-     | bn("dbb_1x1_kxk.bn2"), conv("dbb_reparam", True)),
-    ("DiverseBranchBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
-     conv("dbb_origin.conv") | bn("dbb_origin.bn") | bn("dbb_avg.avgbn")
-     | conv("dbb_1x1_kxk.conv1") | bn("dbb_1x1_kxk.bn1.bn") | conv("dbb_1x1_kxk.conv2")
-     | bn("dbb_1x1_kxk.bn2"), conv("dbb_reparam", True)),
-    ("ACBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
-     conv("square_conv") | bn("square_bn") | conv("ver_conv") | bn("ver_bn") | conv("hor_conv")
-     | bn("hor_bn"), conv("fused_conv", True)),
-    ("ACBlock", dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, use_last_bn=True),
-     conv("square_conv") | bn("square_bn") | conv("ver_conv") | bn("ver_bn") | conv("hor_conv")
-     | bn("hor_bn") | bn("last_bn"), conv("fused_conv", True)),
+    (
+        "RepVGGBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+        bn("rbr_identity") | conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1.conv") | bn("rbr_1x1.bn"),
+        conv("rbr_reparam", True),
+    ),
+    (
+        "RepVGGBlock",
+        dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1, use_se=True),
+        conv("rbr_dense.conv")
+        | bn("rbr_dense.bn")
+        | conv("rbr_1x1.conv")
+        | bn("rbr_1x1.bn")
+        | conv("se.down", True)
+        | conv("se.up", True),
+        conv("rbr_reparam", True) | conv("se.down", True) | conv("se.up", True),
+    ),
+    (
+        "RepConv",
+        dict(c1=8, c2=8),
+        bn("rbr_identity") | conv("rbr_dense.0") | bn("rbr_dense.1") | conv("rbr_1x1.0") | bn("rbr_1x1.1"),
+        conv("rbr_reparam", True),
+    ),
+    (
+        "RepGhostModule",
+        dict(inp=8, oup=12),
+        conv("primary_conv.0")
+        | bn("primary_conv.1")
+        | bn("fusion_bn.0")
+        | conv("cheap_operation.0")
+        | bn("cheap_operation.1"),
+        conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation", True),
+    ),
+    (
+        "RepGhostModule",
+        dict(inp=8, oup=8, reparam_bn=False, reparam_identity=True),
+        conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation.0") | bn("cheap_operation.1"),
+        conv("primary_conv.0") | bn("primary_conv.1") | conv("cheap_operation", True),
+    ),
+    (
+        "QARepVGGBlockV2",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+        conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
+        conv("rbr_reparam", True),
+    ),
+    (
+        "yolov6.QARepVGGBlock",
+        dict(in_channels=8, out_channels=16, stride=2),
+        conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
+        conv("rbr_reparam", True),
+    ),
+    (
+        "yolov6.QARepVGGBlock",
+        dict(in_channels=8, out_channels=8, keep_post_bn=True),
+        conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
+        conv("rbr_reparam", True) | bn("bn"),
+    ),
+    (
+        "yolov6.QARepVGGBlockV2",
+        dict(in_channels=8, out_channels=8),  # rbr_avg: no tensors
+        conv("rbr_dense.conv") | bn("rbr_dense.bn") | conv("rbr_1x1") | bn("bn"),
+        conv("rbr_reparam", True),
+    ),
+    (
+        "DiverseBranchBlock",
+        dict(in_channels=8, out_channels=16, kernel_size=3, padding=1),
+        conv("dbb_origin.conv")
+        | bn("dbb_origin.bn")
+        | conv("dbb_avg.conv")
+        | bn("dbb_avg.bn.bn")
+        | bn("dbb_avg.avgbn")
+        | conv("dbb_1x1.conv")
+        | bn("dbb_1x1.bn")
+        | conv("dbb_1x1_kxk.idconv1")
+        | bn("dbb_1x1_kxk.bn1.bn")
+        | conv("dbb_1x1_kxk.conv2")
+        | bn("dbb_1x1_kxk.bn2"),
+        conv("dbb_reparam", True),
+    ),
+    (
+        "DiverseBranchBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
+        conv("dbb_origin.conv")
+        | bn("dbb_origin.bn")
+        | bn("dbb_avg.avgbn")
+        | conv("dbb_1x1_kxk.conv1")
+        | bn("dbb_1x1_kxk.bn1.bn")
+        | conv("dbb_1x1_kxk.conv2")
+        | bn("dbb_1x1_kxk.bn2"),
+        conv("dbb_reparam", True),
+    ),
+    (
+        "ACBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1),
+        conv("square_conv") | bn("square_bn") | conv("ver_conv") | bn("ver_bn") | conv("hor_conv") | bn("hor_bn"),
+        conv("fused_conv", True),
+    ),
+    (
+        "ACBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, use_last_bn=True),
+        conv("square_conv")
+        | bn("square_bn")
+        | conv("ver_conv")
+        | bn("ver_bn")
+        | conv("hor_conv")
+        | bn("hor_bn")
+        | bn("last_bn"),
+        conv("fused_conv", True),
+    ),
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs,train,deploy", KEYS,
-                         ids=[f"{k[0]}-{i}" for i, k in enumerate(KEYS)])
+@pytest.mark.parametrize("cls,kwargs,train,deploy", KEYS, ids=[f"{k[0]}-{i}" for i, k in enumerate(KEYS)])
 def test_official_keys_in_both_forms(cls, kwargs, train, deploy) -> None:
     spec = official_block(cls, **kwargs)
     assert set(block_schema(spec, "train")) == train
@@ -119,13 +182,31 @@ def test_identity_based_1x1_is_stored_weight_plus_identity(groups: int) -> None:
     ident = np.zeros((c, c // groups, 1, 1), np.float32)
     for i in range(c):
         ident[i, i % (c // groups), 0, 0] = 1.0
-    tail = (PadBN("dbb_1x1_kxk.bn1.bn", c, 1), Conv("dbb_1x1_kxk.conv2", c, c, 3, groups=groups),
-            BN("dbb_1x1_kxk.bn2", c))
-    plain = Block("", "Plain", (Rep(((Conv("dbb_1x1_kxk.idconv1", c, c, 1, groups=groups),) + tail,),
-                                    Conv("f", c, c, 3, padding=1, groups=groups)),))
-    based = Block("", "Based", (Rep(((Conv("dbb_1x1_kxk.idconv1", c, c, 1, groups=groups,
-                                            plus_identity=True),) + tail,),
-                                    Conv("f", c, c, 3, padding=1, groups=groups)),))
+    tail = (
+        PadBN("dbb_1x1_kxk.bn1.bn", c, 1),
+        Conv("dbb_1x1_kxk.conv2", c, c, 3, groups=groups),
+        BN("dbb_1x1_kxk.bn2", c),
+    )
+    plain = Block(
+        "",
+        "Plain",
+        (
+            Rep(
+                ((Conv("dbb_1x1_kxk.idconv1", c, c, 1, groups=groups),) + tail,),
+                Conv("f", c, c, 3, padding=1, groups=groups),
+            ),
+        ),
+    )
+    based = Block(
+        "",
+        "Based",
+        (
+            Rep(
+                ((Conv("dbb_1x1_kxk.idconv1", c, c, 1, groups=groups, plus_identity=True),) + tail,),
+                Conv("f", c, c, 3, padding=1, groups=groups),
+            ),
+        ),
+    )
     stored = params["dbb_1x1_kxk.idconv1.weight"].astype(np.float64)
     shifted = {**params, "dbb_1x1_kxk.idconv1.weight": stored + ident}
     x = np.random.default_rng(0).standard_normal((1, c, 6, 7))
@@ -170,8 +251,11 @@ def test_unknown_class_lists_the_accepted_ones() -> None:
 
 
 def test_unknown_or_missing_argument_lists_the_accepted_arguments() -> None:
-    with pytest.raises(SpecError, match=r"ACBlock: .*'bias'.*accepted arguments: in_channels, "
-                                        r"out_channels, kernel_size, stride=1, .*use_last_bn=False"):
+    with pytest.raises(
+        SpecError,
+        match=r"ACBlock: .*'bias'.*accepted arguments: in_channels, "
+        r"out_channels, kernel_size, stride=1, .*use_last_bn=False",
+    ):
         official_block("ACBlock", 8, 8, 3, padding=1, bias=True)
     with pytest.raises(SpecError, match="DiverseBranchBlock: .*kernel_size.*internal_channels_1x1_3x3"):
         official_block("DiverseBranchBlock", 8, 8)
@@ -181,7 +265,8 @@ def test_unknown_or_missing_argument_lists_the_accepted_arguments() -> None:
 
 def test_positional_arguments_follow_the_official_order() -> None:
     assert official_block("ACBlock", 8, 16, 5, 2, 3) == official_block(
-        "ACBlock", in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=3)
+        "ACBlock", in_channels=8, out_channels=16, kernel_size=5, stride=2, padding=3
+    )
 
 
 BAD = [  # (class, args, kwargs, the value the message must name)
@@ -207,8 +292,12 @@ BAD = [  # (class, args, kwargs, the value the message must name)
     ("DiverseBranchBlock", (8, 8, 4), dict(padding=2), "kernel_size=4"),
     ("DiverseBranchBlock", (8, 8, 3), dict(padding=1, dilation=2), "dilation=2"),
     ("DiverseBranchBlock", (16, 8, 3), dict(padding=1, groups=8), "groups=8"),
-    ("DiverseBranchBlock", (8, 8, 3), dict(padding=1, groups=2, internal_channels_1x1_3x3=5),
-     "internal_channels_1x1_3x3=5"),
+    (
+        "DiverseBranchBlock",
+        (8, 8, 3),
+        dict(padding=1, groups=2, internal_channels_1x1_3x3=5),
+        "internal_channels_1x1_3x3=5",
+    ),
     ("DiverseBranchBlock", (8, 8, 3), dict(padding=1, nonlinear=PReLU()), "nonlinear="),
     ("ACBlock", (8, 8, 3), dict(padding=0), "padding=0"),
     ("ACBlock", (8, 8, 4), dict(padding=2), "kernel_size=4"),
@@ -231,8 +320,7 @@ def test_accepted_init_only_arguments_and_activation_modules() -> None:
     base = official_block("ACBlock", 8, 8, 3, padding=1)
     assert official_block("ACBlock", 8, 8, 3, padding=1, reduce_gamma=True) == base
     assert official_block("ACBlock", 8, 8, 3, padding=1, gamma_init=0.3) == base
-    dbb = official_block("DiverseBranchBlock", 8, 8, 3, padding=1, nonlinear=ReLU(),
-                         single_init=True)
+    dbb = official_block("DiverseBranchBlock", 8, 8, 3, padding=1, nonlinear=ReLU(), single_init=True)
     assert dbb.act == "relu"
     assert official_block("QARepVGGBlockV2", 8, 8, 3, padding=1, act=ReLU).act == "relu"
     assert official_block("RepConv", 8, 8, act=False).act == "identity"

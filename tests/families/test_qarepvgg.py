@@ -1,6 +1,7 @@
 """QARepVGG models (cxxgtxy/QARepVGG create_QARepVGGBlockV2_A0/B0) as data: layout against the
 official constructor's widths, depths and strides written out by hand, key names in both forms,
 the official registry names as aliases, and the deploy form being exactly RepVGG's."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,10 +13,25 @@ from reparam_core.specs import resolve_model_name
 
 # (in, out, stride) of every block in forward order: stem 3 -> min(64, 64 w0) stride 2, then
 # stages of 64 w0, 128 w1, 256 w2, 512 w3 channels, the first block of each with stride 2.
-A0 = ([(3, 48, 2)] + [(48, 48, 2), (48, 48, 1)] + [(48, 96, 2)] + [(96, 96, 1)] * 3
-      + [(96, 192, 2)] + [(192, 192, 1)] * 13 + [(192, 1280, 2)])
-B0 = ([(3, 64, 2)] + [(64, 64, 2)] + [(64, 64, 1)] * 3 + [(64, 128, 2)] + [(128, 128, 1)] * 5
-      + [(128, 256, 2)] + [(256, 256, 1)] * 15 + [(256, 1280, 2)])
+A0 = (
+    [(3, 48, 2)]
+    + [(48, 48, 2), (48, 48, 1)]
+    + [(48, 96, 2)]
+    + [(96, 96, 1)] * 3
+    + [(96, 192, 2)]
+    + [(192, 192, 1)] * 13
+    + [(192, 1280, 2)]
+)
+B0 = (
+    [(3, 64, 2)]
+    + [(64, 64, 2)]
+    + [(64, 64, 1)] * 3
+    + [(64, 128, 2)]
+    + [(128, 128, 1)] * 5
+    + [(128, 256, 2)]
+    + [(256, 256, 1)] * 15
+    + [(256, 1280, 2)]
+)
 
 
 @pytest.mark.parametrize("name,layout", [("QARepVGG-A0", A0), ("QARepVGG-B0", B0)])
@@ -30,12 +46,13 @@ def test_layout_matches_the_official_constructor(name: str, layout: list) -> Non
     assert train["stage0.rbr_dense.conv.weight"].shape == (layout[0][1], 3, 3, 3)
     assert train["stage0.rbr_1x1.weight"].shape == (layout[0][1], 3, 1, 1)
     per_block = {"rbr_dense.conv.weight", "rbr_1x1.weight"} | {
-        f"{m}.{f}" for m in ("rbr_dense.bn", "bn")
-        for f in ("weight", "bias", "running_mean", "running_var")}
-    assert set(train) == {f"{p}.{k}" for p, _ in blocks for k in per_block} | {
-        "linear.weight", "linear.bias"}
+        f"{m}.{f}" for m in ("rbr_dense.bn", "bn") for f in ("weight", "bias", "running_mean", "running_var")
+    }
+    assert set(train) == {f"{p}.{k}" for p, _ in blocks for k in per_block} | {"linear.weight", "linear.bias"}
     assert set(deploy) == {f"{p}.rbr_reparam.{f}" for p, _ in blocks for f in ("weight", "bias")} | {
-        "linear.weight", "linear.bias"}
+        "linear.weight",
+        "linear.bias",
+    }
 
 
 @pytest.mark.parametrize("qa,plain", [("QARepVGG-A0", "RepVGG-A0"), ("QARepVGG-B0", "RepVGG-B0")])

@@ -1,4 +1,5 @@
 """Helpers shared by the flax backend tests: tolerances, random block states, fast model builds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,9 @@ from reparam_core import get_spec, random_state
 from reparam_core import random_tensors as random_params  # noqa: F401
 
 
-def loaded_model(name: str, state: dict[str, np.ndarray], deploy: bool = False,
-                 num_classes: int = 1000) -> bf.RepModule:
+def loaded_model(
+    name: str, state: dict[str, np.ndarray], deploy: bool = False, num_classes: int = 1000
+) -> bf.RepModule:
     """empty_model (abstract: no slow random init) filled by load_state."""
     return bf.load_state(bf.empty_model(name, num_classes=num_classes, deploy=deploy), state)
 

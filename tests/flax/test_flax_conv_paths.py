@@ -1,6 +1,7 @@
 """The Flax backend's convolution paths (backends/flax/layers.py) equal XLA's own convolution,
 `jax.lax.conv_general_dilated` with `feature_group_count`, over shapes, strides, dilations,
 groups and (torch-style symmetric, explicit) paddings."""
+
 from __future__ import annotations
 
 import jax
@@ -27,7 +28,7 @@ def conv_cases(draw: st.DrawFn, max_cg: int, max_groups: int) -> tuple:
     h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
     w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
     n = draw(st.integers(1, 2))
-    seed = draw(st.integers(0, 2 ** 16))
+    seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, h, w, groups * cg), dtype=np.float32)
     k = rng.standard_normal((kh, kw, cg, groups * og), dtype=np.float32)
@@ -35,9 +36,18 @@ def conv_cases(draw: st.DrawFn, max_cg: int, max_groups: int) -> tuple:
 
 
 def reference(x: np.ndarray, k: np.ndarray, strides, padding, dilation, groups) -> np.ndarray:
-    return np.asarray(jax.lax.conv_general_dilated(
-        x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=layers.NHWC_HWIO,
-        feature_group_count=groups, precision=jax.lax.Precision.HIGHEST))
+    return np.asarray(
+        jax.lax.conv_general_dilated(
+            x,
+            k,
+            strides,
+            padding,
+            rhs_dilation=dilation,
+            dimension_numbers=layers.NHWC_HWIO,
+            feature_group_count=groups,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    )
 
 
 def check(y: jax.Array, ref: np.ndarray, k: np.ndarray) -> None:
@@ -66,16 +76,24 @@ def test_split_conv_equals_xla_grouped_conv(case: tuple) -> None:
 def test_dispatch_equals_xla_grouped_conv(case: tuple) -> None:
     """Whatever path conv_path picks (shift up to 8 channels per group, split up to 8 groups)."""
     x, k, strides, padding, dilation, groups = case
-    y = layers.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilation,
-                                    dimension_numbers=layers.NHWC_HWIO,
-                                    feature_group_count=groups)
+    y = layers.conv_general_dilated(
+        x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=layers.NHWC_HWIO, feature_group_count=groups
+    )
     check(y, reference(x, k, strides, padding, dilation, groups), k)
 
 
-@pytest.mark.parametrize("groups, channels, platform, path", [
-    (1, 64, "cpu", "xla"), (32, 32, "cpu", "shift"), (16, 128, "cpu", "shift"),
-    (8, 128, "cpu", "split"), (2, 64, "cpu", "split"), (16, 256, "cpu", "xla"),
-    (32, 32, "gpu", "xla")])
+@pytest.mark.parametrize(
+    "groups, channels, platform, path",
+    [
+        (1, 64, "cpu", "xla"),
+        (32, 32, "cpu", "shift"),
+        (16, 128, "cpu", "shift"),
+        (8, 128, "cpu", "split"),
+        (2, 64, "cpu", "split"),
+        (16, 256, "cpu", "xla"),
+        (32, 32, "gpu", "xla"),
+    ],
+)
 def test_conv_path_rule(groups: int, channels: int, platform: str, path: str) -> None:
     assert layers.conv_path(groups, channels, platform) == path
 

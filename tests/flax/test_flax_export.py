@@ -1,5 +1,6 @@
 """Deployment artifacts: jax.export (StableHLO) round trip, nnx.jit of the deploy model,
 safetensors of native_state and an orbax checkpoint of the NNX state."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,6 +40,7 @@ def test_stablehlo_export_of_a_block(tmp_path) -> None:
     from flax_testutil import random_params
 
     from backends.flax.state import module_schema
+
     block = bf.empty_block(spec)
     bf.load_state(block, random_params(module_schema(block), 5))
     x = np.random.default_rng(0).standard_normal((1, 8, 15, 15)).astype(np.float32)
@@ -74,6 +76,7 @@ def test_safetensors_round_trip_of_native_state(tmp_path, trained_pair) -> None:
 
 def test_orbax_round_trip(tmp_path, trained_pair) -> None:
     import orbax.checkpoint as ocp  # works offline: a local directory checkpoint
+
     _, deploy = trained_pair
     state = nnx.state(deploy)
     with ocp.StandardCheckpointer() as ckptr:

@@ -1,6 +1,7 @@
 """Flax-specific model checks: native NNX state paths == flax_key(schema) with HWIO shapes, fresh
 models predict (the models against the oracle run for every backend in tests/backends and
 parity_tests)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,7 @@ def assert_native_paths_equal_schema(model, name: str, form: str) -> None:
     assert model.deploy is (form == "deploy")
     schema = state_schema(get_spec(name, model.spec.num_classes), form)
     native = {k: tuple(v.get_value().shape) for k, v in variables(model).items()}
-    expected = {flax_key(k, info): to_flax(np.zeros(info.shape, np.float32), info).shape
-                for k, info in schema.items()}
+    expected = {flax_key(k, info): to_flax(np.zeros(info.shape, np.float32), info).shape for k, info in schema.items()}
     assert native == expected
 
 

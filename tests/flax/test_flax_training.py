@@ -2,6 +2,7 @@
 UNBIASED batch variance in the running var), gradients reach every branch, optax steps with
 nnx.Optimizer, and the trained model still converts exactly. RepVGGplus aux heads and custom_l2
 against the torch backend."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -32,8 +33,7 @@ def test_batchnorm_running_stats_match_torch() -> None:
     mean, var = rng.normal(0, 0.2, c), rng.uniform(0.5, 2.0, c)
     tbn = torch.nn.BatchNorm2d(c, eps=1e-5, momentum=0.1).train()
     with torch.no_grad():
-        for p, v in ((tbn.weight, gamma), (tbn.bias, beta), (tbn.running_mean, mean),
-                     (tbn.running_var, var)):
+        for p, v in ((tbn.weight, gamma), (tbn.bias, beta), (tbn.running_mean, mean), (tbn.running_var, var)):
             p.copy_(torch.from_numpy(v.astype(np.float32)))
     fbn = BatchNorm(c, eps=1e-5)  # momentum 0.9 (Flax convention) == torch 0.1
     assert fbn.momentum == pytest.approx(0.9)
@@ -48,10 +48,8 @@ def test_batchnorm_running_stats_match_torch() -> None:
         yf = np.asarray(fbn(jnp.asarray(x.transpose(0, 2, 3, 1)))).transpose(0, 3, 1, 2)
         nbn(jnp.asarray(x.transpose(0, 2, 3, 1)))
         np.testing.assert_allclose(yf, yt, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(fbn.mean[...]), tbn.running_mean.numpy(), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.asarray(fbn.var[...]), tbn.running_var.numpy(), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fbn.mean[...]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fbn.var[...]), tbn.running_var.numpy(), rtol=1e-6, atol=1e-6)
     # the documented difference: nnx.BatchNorm's running var differs from torch's
     assert np.abs(np.asarray(nbn.var[...]) - tbn.running_var.numpy()).max() > 1e-3
     # inference mode uses the running statistics
@@ -62,12 +60,14 @@ def test_batchnorm_running_stats_match_torch() -> None:
     np.testing.assert_allclose(yf, yt, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [RepBlockSpec(6, 6, groups=2, conv_bias=True),
-                                  bf.repconv_spec(6, 12, stride=2)], ids=["repvgg", "repconv"])
+@pytest.mark.parametrize(
+    "spec", [RepBlockSpec(6, 6, groups=2, conv_bias=True), bf.repconv_spec(6, 12, stride=2)], ids=["repvgg", "repconv"]
+)
 def test_block_training_mode_matches_torch_backend(spec: RepBlockSpec) -> None:
     from flax_testutil import random_params
 
     from reparam_core.schema import block_schema
+
     params = random_params(block_schema(spec, "train"), 3)
     fb = bf.load_state(bf.empty_block(spec), params)
     tb = bt.load_state(bt.build_block(spec), params).train()
@@ -81,8 +81,9 @@ def test_block_training_mode_matches_torch_backend(spec: RepBlockSpec) -> None:
 
 
 def _tiny_plus():
-    return repvgg_spec("tiny-plus", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
-                       se_divisor=4, num_classes=10, plus=True)
+    return repvgg_spec(
+        "tiny-plus", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=10, plus=True
+    )
 
 
 def test_training_steps_reach_every_branch_and_still_convert() -> None:
@@ -97,8 +98,7 @@ def test_training_steps_reach_every_branch_and_still_convert() -> None:
 
     before = bf.export_state(model)
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-    flat = {".".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(grads)}
+    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     params = variables(model, (nnx.Param,))
     assert set(flat) == set(params)
     for key, g in flat.items():  # every branch of every block, the head too
@@ -137,8 +137,7 @@ def test_repvggplus_aux_heads_and_custom_l2_match_torch() -> None:
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         t_out = tm.forward_with_aux(torch.from_numpy(x))
-    f_out = nnx.jit(lambda m, v: m.forward_with_aux(v))(bf.inference_view(fm),
-                                                        jnp.asarray(x.transpose(0, 2, 3, 1)))
+    f_out = nnx.jit(lambda m, v: m.forward_with_aux(v))(bf.inference_view(fm), jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert set(f_out) == {"main", "stage1_aux", "stage2_aux", "stage3_first_aux"} == set(t_out)
     for k in f_out:
         assert rel_err(np.asarray(f_out[k]), t_out[k].numpy()) <= 1e-5, k

@@ -2,6 +2,7 @@
 them (their own names, `a + b + c`, `torch.add`, `sum([...])`, nn.Sequential branches,
 functional convs), and traps that must not fuse. BN statistics are randomised so that every
 fold is visible in the output."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,7 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def cbn(cin: int, cout: int, k, stride=1, padding=0, dilation=1, groups=1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False),
-                         nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False), nn.BatchNorm2d(cout))
 
 
 class PlusBlock(nn.Module):
@@ -63,8 +63,7 @@ class SumListBlock(nn.Module):
         self.gain = nn.Parameter(torch.randn(C))
 
     def forward(self, x):
-        parts = [F.conv2d(x, self.w3, self.b3, padding=1), F.conv2d(x, self.w1),
-                 x * self.gain.view(1, -1, 1, 1)]
+        parts = [F.conv2d(x, self.w3, self.b3, padding=1), F.conv2d(x, self.w1), x * self.gain.view(1, -1, 1, 1)]
         return sum(parts)
 
 
@@ -102,10 +101,15 @@ class DBBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.origin, self.one = cbn(C, C, 3, padding=1), cbn(C, C, 1)
-        self.avg = nn.Sequential(nn.Conv2d(C, C, 1, bias=False), BNAndPad(C, 1),
-                                 nn.AvgPool2d(3, 1, 0), nn.BatchNorm2d(C))
-        self.kxk = nn.Sequential(nn.Conv2d(C, 2 * C, 1, bias=False), BNAndPad(2 * C, 1),
-                                 nn.Conv2d(2 * C, C, 3, bias=False), nn.BatchNorm2d(C))
+        self.avg = nn.Sequential(
+            nn.Conv2d(C, C, 1, bias=False), BNAndPad(C, 1), nn.AvgPool2d(3, 1, 0), nn.BatchNorm2d(C)
+        )
+        self.kxk = nn.Sequential(
+            nn.Conv2d(C, 2 * C, 1, bias=False),
+            BNAndPad(2 * C, 1),
+            nn.Conv2d(2 * C, C, 3, bias=False),
+            nn.BatchNorm2d(C),
+        )
 
     def forward(self, x):
         return self.origin(x) + self.one(x) + self.avg(x) + self.kxk(x)
@@ -116,8 +120,7 @@ class QABlock(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dense, self.one, self.bn = cbn(C, C, 3, padding=1), nn.Conv2d(C, C, 1), \
-            nn.BatchNorm2d(C)
+        self.dense, self.one, self.bn = cbn(C, C, 3, padding=1), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)
 
     def forward(self, x):
         return F.relu(self.bn(self.dense(x) + self.one(x) + x))
@@ -174,12 +177,10 @@ class AsymPad(nn.Module):
 def trap(name: str) -> nn.Module:
     """The trap modules (all with 4 -> 4 channels, input 8x8 or larger)."""
     return {
-        "relu-in-branch": lambda: TwoBranch(cbn(C, C, 3, padding=1),
-                                            nn.Sequential(cbn(C, C, 1), nn.ReLU())),
+        "relu-in-branch": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.Sequential(cbn(C, C, 1), nn.ReLU())),
         "resnet-basic-block": BasicBlock,
         "stride-mismatch": lambda: TwoBranch(cbn(C, C, 3, 2, 1), cbn(C, C, 5)),
-        "dilation-mismatch": lambda: TwoBranch(cbn(C, C, 3, padding=2, dilation=2),
-                                               cbn(C, C, 3, padding=1)),
+        "dilation-mismatch": lambda: TwoBranch(cbn(C, C, 3, padding=2, dilation=2), cbn(C, C, 3, padding=1)),
         "other-tensor": OtherTensor,
         "asymmetric-padding": AsymPad,
         "bn-train-mode": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.BatchNorm2d(C)),

@@ -1,6 +1,7 @@
 """The core refuses a branch that pads a biased value: a BN (or biased conv) before a padded conv
 or pool, even when it is the branch's first conv (the graph passes meet such chains in user
 models; fusing them would change the border pixels)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """backends.torch.fuse on this project's train-form models, on user-style modules (own names,
 `a + b + c`, torch.add, sum([...]), nn.Sequential and functional branches, ACNet, DBB,
 QARepVGG), on traps that must stay unfused, and on random branch sums (hypothesis)."""
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,7 @@ def _multi(report) -> list:
     return [f for f in report.fused if len([b for b in f.branches if b != "then bn"]) > 1]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
-                                  for n in list_models()])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()])
 def test_registry_model_fuses_to_deploy_form(name: str) -> None:
     spec = get_spec(name, 10)
     state = random_state(spec, "train", 0)
@@ -50,13 +50,14 @@ def test_registry_model_fuses_to_deploy_form(name: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
 
 
-USER = {"plus": (PlusBlock, ("conv3x3+bn", "conv1x1+bn", "bn"), (3, 3)),
-        "torch-add": (TorchAddBlock, ("conv3x3+bn", "identity", "avgpool3+bn"), (3, 3)),
-        "sum-list": (SumListBlock, ("conv3x3", "conv1x1", "scale"), (3, 3)),
-        "acnet": (ACBlock, ("conv3x3+bn", "conv1x3+bn", "conv3x1+bn"), (3, 3)),
-        "dbb": (DBBlock, ("conv3x3+bn", "conv1x1+bn", "conv1x1+bnpad1+avgpool3+bn",
-                          "conv1x1+bnpad1+conv3x3+bn"), (3, 3)),
-        "qarepvgg": (QABlock, ("conv3x3+bn", "conv1x1", "identity", "then bn"), (3, 3))}
+USER = {
+    "plus": (PlusBlock, ("conv3x3+bn", "conv1x1+bn", "bn"), (3, 3)),
+    "torch-add": (TorchAddBlock, ("conv3x3+bn", "identity", "avgpool3+bn"), (3, 3)),
+    "sum-list": (SumListBlock, ("conv3x3", "conv1x1", "scale"), (3, 3)),
+    "acnet": (ACBlock, ("conv3x3+bn", "conv1x3+bn", "conv3x1+bn"), (3, 3)),
+    "dbb": (DBBlock, ("conv3x3+bn", "conv1x1+bn", "conv1x1+bnpad1+avgpool3+bn", "conv1x1+bnpad1+conv3x3+bn"), (3, 3)),
+    "qarepvgg": (QABlock, ("conv3x3+bn", "conv1x1", "identity", "then bn"), (3, 3)),
+}
 
 
 @pytest.mark.parametrize("case", list(USER))
@@ -75,13 +76,15 @@ def test_user_block_fuses_to_one_conv(case: str) -> None:
     assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
 
 
-TRAPS = {"relu-in-branch": "(module ReLU), the others read x",
-         "resnet-basic-block": "branch 1 reads x",
-         "stride-mismatch": "stride (2, 2) differs",
-         "dilation-mismatch": "dilation (1, 1) differs",
-         "other-tensor": "reads tanh",
-         "asymmetric-padding": "branch 1 reads pad (function pad)",
-         "bn-train-mode": "training mode"}
+TRAPS = {
+    "relu-in-branch": "(module ReLU), the others read x",
+    "resnet-basic-block": "branch 1 reads x",
+    "stride-mismatch": "stride (2, 2) differs",
+    "dilation-mismatch": "dilation (1, 1) differs",
+    "other-tensor": "reads tanh",
+    "asymmetric-padding": "branch 1 reads pad (function pad)",
+    "bn-train-mode": "training mode",
+}
 
 
 @pytest.mark.parametrize("name", list(TRAPS))
@@ -140,16 +143,20 @@ def test_export_fallback_and_uncapturable_module() -> None:
 
 # --------------------------------------------------------------------------- property
 
-BRANCHES = {"conv3": lambda: cbn(C, C, 3, padding=1), "conv1": lambda: cbn(C, C, 1),
-            "bn": lambda: nn.BatchNorm2d(C), "identity": nn.Identity,
-            "avg": lambda: nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(C)),
-            "hor": lambda: cbn(C, C, (1, 3), padding=(0, 1)),
-            "chain": lambda: nn.Sequential(nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 1),
-                                           nn.BatchNorm2d(C))}
-TRAP_BRANCHES = {"relu": lambda: nn.Sequential(cbn(C, C, 3, padding=1), nn.ReLU()),
-                 "train-bn": lambda: nn.BatchNorm2d(C).train(),
-                 "bn-then-padded-conv": lambda: nn.Sequential(nn.BatchNorm2d(C),
-                                                              nn.Conv2d(C, C, 3, padding=1))}
+BRANCHES = {
+    "conv3": lambda: cbn(C, C, 3, padding=1),
+    "conv1": lambda: cbn(C, C, 1),
+    "bn": lambda: nn.BatchNorm2d(C),
+    "identity": nn.Identity,
+    "avg": lambda: nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(C)),
+    "hor": lambda: cbn(C, C, (1, 3), padding=(0, 1)),
+    "chain": lambda: nn.Sequential(nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)),
+}
+TRAP_BRANCHES = {
+    "relu": lambda: nn.Sequential(cbn(C, C, 3, padding=1), nn.ReLU()),
+    "train-bn": lambda: nn.BatchNorm2d(C).train(),
+    "bn-then-padded-conv": lambda: nn.Sequential(nn.BatchNorm2d(C), nn.Conv2d(C, C, 3, padding=1)),
+}
 
 
 class _RandomSum(nn.Module):
@@ -165,8 +172,11 @@ class _RandomSum(nn.Module):
 
 
 @settings(max_examples=max(10, settings.default.max_examples // 30))
-@given(st.lists(st.sampled_from(sorted(BRANCHES)), min_size=1, max_size=4),
-       st.lists(st.sampled_from(sorted(TRAP_BRANCHES)), max_size=1), st.integers(0, 2 ** 16))
+@given(
+    st.lists(st.sampled_from(sorted(BRANCHES)), min_size=1, max_size=4),
+    st.lists(st.sampled_from(sorted(TRAP_BRANCHES)), max_size=1),
+    st.integers(0, 2**16),
+)
 def test_random_branch_sums(good: list[str], traps: list[str], seed: int) -> None:
     kinds = good + traps
     if len(kinds) < 2:

@@ -1,4 +1,5 @@
 """Shared helpers for the MegEngine backend tests (imported by the test files in this folder)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,5 +13,3 @@ from reparam_core import random_tensors as random_block_params  # noqa: F401
 
 def rand_input(shape, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-

@@ -1,5 +1,6 @@
 """MegEngine side of `reparam bench` (.venv-mge): the plain reference and the traced fast paths
 compute what the deploy form computes, so the comparison is fair."""
+
 from __future__ import annotations
 
 import megengine.module as M
@@ -47,4 +48,3 @@ def test_plain_weights_are_really_written(bench: MegEngineBench) -> None:
     conv = next(m for m in plain.modules() if isinstance(m, M.Conv2d))
     np.testing.assert_array_equal(conv.weight.numpy(), state["stage0.rbr_reparam.weight"])
     np.testing.assert_array_equal(conv.bias.numpy().reshape(-1), state["stage0.rbr_reparam.bias"])
-

@@ -1,6 +1,7 @@
 """MegEngine-specific block checks (the oracle matrix runs for every backend in tests/backends):
 class choice, deploy conversion really writes (MegEngine has no `.data`); custom L2; training with
 SGD + GradManager and torch-equivalent BN momentum checked against a numpy reference."""
+
 from __future__ import annotations
 
 import megengine as mge
@@ -107,24 +108,25 @@ def _custom_l2_reference(spec, state):
         t = lambda bn: p(f"{bn}.weight") / np.sqrt(p(f"{bn}.running_var") + b.eps)  # noqa: E731
         k3, k1 = p("rbr_dense.conv.weight"), p("rbr_1x1.conv.weight")
         c = b.kernel_size // 2
-        centre = k3[:, :, c:c + 1, c:c + 1]
+        centre = k3[:, :, c : c + 1, c : c + 1]
         t3 = t("rbr_dense.bn")[:, None, None, None]
         t1 = t("rbr_1x1.bn")[:, None, None, None]
         eq = centre * t3 + k1 * t1
-        den = t3 ** 2 + t1 ** 2
+        den = t3**2 + t1**2
         if b.has_identity:
             eye = identity_kernel(b.out_channels, b.groups, 1)
             tid = t("rbr_identity")[:, None, None, None]
-            eq, den = eq + eye * tid, den + eye * tid ** 2
-        total += (k3 ** 2).sum() - (centre ** 2).sum() + (eq ** 2 / den).sum()
+            eq, den = eq + eye * tid, den + eye * tid**2
+        total += (k3**2).sum() - (centre**2).sum() + (eq**2 / den).sum()
     return total
 
 
 def test_repvggplus_aux_and_custom_l2():
     # RepVGGplus-L2pse itself is covered by test_mge_models; a small RepVGGplus of the same
     # structure (post-SE, split stage3, aux heads) keeps this test fast.
-    spec = repvgg_spec("RepVGGplus-small", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
-                       se_divisor=4, num_classes=5, plus=True)
+    spec = repvgg_spec(
+        "RepVGGplus-small", (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=5, plus=True
+    )
     state = random_state(spec, "train", seed=11)
     model = load_state(RepVGGplus(spec), state)
     x = rand_input((1, 3, 32, 32))
@@ -149,8 +151,7 @@ def _bn_reference(x, running_mean, running_var, momentum=0.1):
     mean = x.mean(axis=(0, 2, 3), dtype=np.float64)
     n = x.shape[0] * x.shape[2] * x.shape[3]
     var_unbiased = x.var(axis=(0, 2, 3), dtype=np.float64) * n / (n - 1)
-    return ((1 - momentum) * running_mean + momentum * mean,
-            (1 - momentum) * running_var + momentum * var_unbiased)
+    return ((1 - momentum) * running_mean + momentum * mean, (1 - momentum) * running_var + momentum * var_unbiased)
 
 
 def test_bn_momentum_matches_torch_semantics():
@@ -197,12 +198,19 @@ def test_training_reaches_every_branch_and_still_converts():
             loss = F.nn.cross_entropy(model(x), y)
             gm.backward(loss)
         if step == 0:
-            for branch in ("rbr_dense.conv.weight", "rbr_dense.bn.weight", "rbr_1x1.conv.weight",
-                           "rbr_1x1.bn.weight", "rbr_identity.weight", "rbr_identity.bias"):
+            for branch in (
+                "rbr_dense.conv.weight",
+                "rbr_dense.bn.weight",
+                "rbr_1x1.conv.weight",
+                "rbr_1x1.bn.weight",
+                "rbr_identity.weight",
+                "rbr_identity.bias",
+            ):
                 keys = [k for k in params if k.endswith(branch)]
                 assert keys, branch
-                assert any(params[k].grad is not None and np.abs(params[k].grad.numpy()).max() > 0
-                           for k in keys), branch
+                assert any(params[k].grad is not None and np.abs(params[k].grad.numpy()).max() > 0 for k in keys), (
+                    branch
+                )
         opt.step().clear_grad()
     after = export_state(model)
     for k in before:

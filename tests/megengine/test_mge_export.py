@@ -1,4 +1,5 @@
 """Traced .mge artifacts reproduce predict; no CUDA noise reaches stderr."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ARTIFACT_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("name,size", [("RepVGG-mini", 32), ("repghostnet_0_5x", 64),
-                                       ("RepVGG-A0", 32), ("MobileOne-S0", 32)])
+@pytest.mark.parametrize(
+    "name,size", [("RepVGG-mini", 32), ("repghostnet_0_5x", 64), ("RepVGG-A0", 32), ("MobileOne-S0", 32)]
+)
 def test_traced_artifact_matches_predict(tmp_path, name, size):
     spec = get_spec(name, 10)
     model = load_state(create_model(name, num_classes=10), random_state(spec, "train", 1))
@@ -33,22 +35,25 @@ def test_traced_artifact_matches_predict(tmp_path, name, size):
 
 
 def test_filter_noise_keeps_other_lines():
-    text = ("info: ++++++++++\ninfo: + Failed to load CUDA driver library, MegEngine works +\n"
-            "info: + Refer to https://discuss.megengine.org.cn/t/topic/1264 for more. +\n"
-            "debug: failed to load cuda func: cuDeviceGetCount\nreal warning here\n")
+    text = (
+        "info: ++++++++++\ninfo: + Failed to load CUDA driver library, MegEngine works +\n"
+        "info: + Refer to https://discuss.megengine.org.cn/t/topic/1264 for more. +\n"
+        "debug: failed to load cuda func: cuDeviceGetCount\nreal warning here\n"
+    )
     assert filter_noise(text) == "real warning here\n"
 
 
 def test_subprocess_predict_prints_no_cuda_noise():
-    code = ("import numpy as np\n"
-            "from backends.megengine import create_model, predict\n"
-            "import sys\n"
-            "print('keep-me', file=sys.stderr)\n"
-            "y = predict(create_model('RepVGG-mini', num_classes=3), "
-            "np.ones((1, 3, 32, 32), np.float32))\n"
-            "print(y.shape)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    code = (
+        "import numpy as np\n"
+        "from backends.megengine import create_model, predict\n"
+        "import sys\n"
+        "print('keep-me', file=sys.stderr)\n"
+        "y = predict(create_model('RepVGG-mini', num_classes=3), "
+        "np.ones((1, 3, 32, 32), np.float32))\n"
+        "print(y.shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "cuda" not in r.stderr.lower(), r.stderr
     assert "keep-me" in r.stderr

@@ -1,5 +1,6 @@
 """MegEngine fastrun (profiled kernel selection): same outputs as the default heuristic kernels
 within float rounding, eager and through the traced artifact; the global setting is restored."""
+
 from __future__ import annotations
 
 import megengine as mge
@@ -12,10 +13,14 @@ from reparam_core import get_spec, random_state
 FASTRUN_RTOL = 1e-5  # another algorithm (Winograd, im2col, direct) sums in another order
 
 
-@pytest.mark.parametrize("name,size", [
-    ("RepVGG-mini", 32),
-    # profiling every depthwise shape of a fresh machine takes ~70 s on 2 cores
-    pytest.param("repghostnet_0_5x", 32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        ("RepVGG-mini", 32),
+        # profiling every depthwise shape of a fresh machine takes ~70 s on 2 cores
+        pytest.param("repghostnet_0_5x", 32, marks=pytest.mark.slow),
+    ],
+)
 def test_fastrun_equals_default(tmp_path, name: str, size: int) -> None:
     spec = get_spec(name, 10)
     train = load_state(create_model(name, num_classes=10), random_state(spec, "train", 2))

@@ -1,4 +1,5 @@
 """basecls-named checkpoints (megvii-research/basecls RepVGG) load through the key map."""
+
 from __future__ import annotations
 
 import re
@@ -23,11 +24,19 @@ def to_basecls(state: dict) -> dict:
 
 
 def test_key_translation_tables():
-    keys = {"head.fc.weight": 1, "stage1.0.se.f_ex.0.bias": 2, "stage1.0.se.f_ex.2.weight": 3,
-            "stage1.0.rbr_dense.conv.weight": 4}
+    keys = {
+        "head.fc.weight": 1,
+        "stage1.0.se.f_ex.0.bias": 2,
+        "stage1.0.se.f_ex.2.weight": 3,
+        "stage1.0.rbr_dense.conv.weight": 4,
+    }
     canonical = apply_scheme(keys, KEYMAPS["basecls"])
-    assert canonical == {"linear.weight": 1, "stage1.0.se.down.bias": 2,
-                         "stage1.0.se.up.weight": 3, "stage1.0.rbr_dense.conv.weight": 4}
+    assert canonical == {
+        "linear.weight": 1,
+        "stage1.0.se.down.bias": 2,
+        "stage1.0.se.up.weight": 3,
+        "stage1.0.rbr_dense.conv.weight": 4,
+    }
     assert to_basecls(canonical) == keys
     assert apply_scheme(canonical, KEYMAPS["basecls"], reverse=True) == keys
 
@@ -47,8 +56,7 @@ def _as_basecls_checkpoint(spec: RepVGGSpec, state: dict) -> dict:
 
 def test_load_basecls_checkpoint_se_model_and_grouped():
     spec = get_spec("RepVGG-D2se", 10)
-    small = RepVGGSpec("D2se-small", spec.stem, tuple(
-        type(st)(st.name, st.blocks[:2]) for st in spec.stages[:2]), 10)
+    small = RepVGGSpec("D2se-small", spec.stem, tuple(type(st)(st.name, st.blocks[:2]) for st in spec.stages[:2]), 10)
     # a small same-structure SE model (D2se itself is large), plus a grouped model
     for sp in (small, get_spec("RepVGG-B1g2", 10)):
         state = random_state(sp, "train", seed=4)

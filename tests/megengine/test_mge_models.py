@@ -1,5 +1,6 @@
 """Every registered model: native naming == canonical schema, neutral round trip, conversion;
 grouped kernels are 5-D natively."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,8 +49,7 @@ def test_model_native_state_and_conversion(name):
 
 def test_grouped_model_native_state_is_5d_and_round_trips():
     # same structure as RepVGG-B1g4 (groups=4 on the official layers), small widths for speed
-    spec = repvgg_spec("RepVGG-g4-small", (2, 2, 2, 1), (0.5, 0.5, 0.5, 0.5), groups=4,
-                       num_classes=NUM_CLASSES)
+    spec = repvgg_spec("RepVGG-g4-small", (2, 2, 2, 1), (0.5, 0.5, 0.5, 0.5), groups=4, num_classes=NUM_CLASSES)
     for form in ("train", "deploy"):
         schema = state_schema(spec, form)
         state = random_state(spec, form, seed=5)
@@ -66,7 +66,6 @@ def test_grouped_model_native_state_is_5d_and_round_trips():
         for k in bias:
             assert native[k].shape == (1, schema[k].shape[0], 1, 1)
         back = export_state(model)
-        assert all(np.array_equal(back[k], state[k]) and back[k].shape == state[k].shape
-                   for k in schema)
+        assert all(np.array_equal(back[k], state[k]) and back[k].shape == state[k].shape for k in schema)
         again = export_state(load_state(model_from_spec(spec, deploy=form == "deploy"), back))
         assert all(np.array_equal(again[k], state[k]) for k in schema)

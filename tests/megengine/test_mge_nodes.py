@@ -2,6 +2,7 @@
 AvgPool, Scale, non-square kernels, concatenation, a BN after the sum, every activation and
 gate), built by the generic RepModule for kinds no class was written for: native names ==
 schema, train and deploy forward vs the float64 oracle, auxiliary heads, a traced artifact."""
+
 from __future__ import annotations
 
 import megengine as mge
@@ -53,45 +54,85 @@ C = 8
 
 def acnet(name: str = "") -> Block:
     """3x3 + 1x3 + 3x1 (non-square kernels), each with a BN."""
-    return Block(name, "ACNetTestBlock", (
-        Rep(((Conv("square.conv", C, C, 3, padding=1), BN("square.bn", C)),
-             (Conv("hor.conv", C, C, (1, 3), padding=(0, 1)), BN("hor.bn", C)),
-             (Conv("ver.conv", C, C, (3, 1), padding=(1, 0)), BN("ver.bn", C))),
-            Conv("fused", C, C, 3, padding=1)),
-        Act("silu")))
+    return Block(
+        name,
+        "ACNetTestBlock",
+        (
+            Rep(
+                (
+                    (Conv("square.conv", C, C, 3, padding=1), BN("square.bn", C)),
+                    (Conv("hor.conv", C, C, (1, 3), padding=(0, 1)), BN("hor.bn", C)),
+                    (Conv("ver.conv", C, C, (3, 1), padding=(1, 0)), BN("ver.bn", C)),
+                ),
+                Conv("fused", C, C, 3, padding=1),
+            ),
+            Act("silu"),
+        ),
+    )
 
 
 def dbb(name: str = "") -> Block:
     """Diverse Branch Block: 1x1 -> PadBN -> avg pool, 1x1 -> PadBN -> 3x3; numeric paths."""
-    return Block(name, "DBBTestBlock", (
-        Rep(((Conv("dbb_origin.conv", C, C, 3, padding=1), BN("dbb_origin.bn", C)),
-             (Conv("dbb_1x1.conv", C, C, 1), BN("dbb_1x1.bn", C)),
-             (Conv("dbb_avg.conv", C, C, 1), PadBN("dbb_avg.bn", C, 1), AvgPool(3),
-              BN("dbb_avg.avgbn", C)),
-             (Conv("dbb_1x1_kxk.idconv1", C, C, 1), PadBN("dbb_1x1_kxk.bn1", C, 1),
-              Conv("dbb_1x1_kxk.conv2", C, C, 3), BN("dbb_1x1_kxk.bn2", C))),
-            Conv("dbb_reparam", C, C, 3, padding=1)),
-        Act("relu")))
+    return Block(
+        name,
+        "DBBTestBlock",
+        (
+            Rep(
+                (
+                    (Conv("dbb_origin.conv", C, C, 3, padding=1), BN("dbb_origin.bn", C)),
+                    (Conv("dbb_1x1.conv", C, C, 1), BN("dbb_1x1.bn", C)),
+                    (Conv("dbb_avg.conv", C, C, 1), PadBN("dbb_avg.bn", C, 1), AvgPool(3), BN("dbb_avg.avgbn", C)),
+                    (
+                        Conv("dbb_1x1_kxk.idconv1", C, C, 1),
+                        PadBN("dbb_1x1_kxk.bn1", C, 1),
+                        Conv("dbb_1x1_kxk.conv2", C, C, 3),
+                        BN("dbb_1x1_kxk.bn2", C),
+                    ),
+                ),
+                Conv("dbb_reparam", C, C, 3, padding=1),
+            ),
+            Act("relu"),
+        ),
+    )
 
 
 def mobileone(name: str = "") -> Block:
     """Identity (empty branch), a per-channel Scale branch and a BN after the sum (QARepVGG)."""
-    return Block(name, "SumBNTestBlock", (
-        Rep(((Conv("rbr_dense.0", C, C, 3, padding=1), BN("rbr_dense.1", C)),
-             (Conv("rbr_1x1.0", C, C, 1, bias=True),), (Scale("rbr_scale", C),), ()),
-            Conv("rbr_reparam", C, C, 3, padding=1), bn=BN("bn", C)),
-        Act("hard_sigmoid"),
-        SE("se", C, 2, "fc1", "fc2", "hard_sigmoid")))
+    return Block(
+        name,
+        "SumBNTestBlock",
+        (
+            Rep(
+                (
+                    (Conv("rbr_dense.0", C, C, 3, padding=1), BN("rbr_dense.1", C)),
+                    (Conv("rbr_1x1.0", C, C, 1, bias=True),),
+                    (Scale("rbr_scale", C),),
+                    (),
+                ),
+                Conv("rbr_reparam", C, C, 3, padding=1),
+                bn=BN("bn", C),
+            ),
+            Act("hard_sigmoid"),
+            SE("se", C, 2, "fc1", "fc2", "hard_sigmoid"),
+        ),
+    )
 
 
 def concat(name: str = "") -> Block:
     """Concatenated branches (5 + 3 channels), then a non-fusable residual Add."""
-    return Block(name, "ConcatTestBlock", (
-        Rep(((Conv("a.conv", C, 5, 3, padding=1), BN("a.bn", 5)),
-             (Conv("b.conv", C, 3, 1), BN("b.bn", 3))),
-            Conv("cat", C, C, 3, padding=1), combine="concat"),
-        Add(((Act("sigmoid"), Conv("post.0", C, C, 1, groups=2, bias=True)), ())),
-        Act("identity")))
+    return Block(
+        name,
+        "ConcatTestBlock",
+        (
+            Rep(
+                ((Conv("a.conv", C, 5, 3, padding=1), BN("a.bn", 5)), (Conv("b.conv", C, 3, 1), BN("b.bn", 3))),
+                Conv("cat", C, C, 3, padding=1),
+                combine="concat",
+            ),
+            Add(((Act("sigmoid"), Conv("post.0", C, C, 1, groups=2, bias=True)), ())),
+            Act("identity"),
+        ),
+    )
 
 
 BLOCKS = {"acnet": acnet, "dbb": dbb, "sum_bn": mobileone, "concat": concat}
@@ -127,12 +168,34 @@ def test_new_kinds_match_the_oracle_in_both_forms(key):
 
 
 def tiny_model() -> Model:
-    return Model("tiny", "TinyTestNet", (
-        acnet("stem"), dbb("stages.0.0"), mobileone("stages.0.1"), concat("stages.1.0"),
-        GlobalPool(), Flatten(), Dropout(0.3), Linear("head.fc", C, 5)),
-        aux=(Aux("stages_aux", "stages.0.1", (
-            Conv("stages_aux.0.conv", C, C, 3, stride=2, padding=1), BN("stages_aux.0.bn", C),
-            Act("relu"), GlobalPool(), Flatten(), Linear("stages_aux.3", C, 5))),))
+    return Model(
+        "tiny",
+        "TinyTestNet",
+        (
+            acnet("stem"),
+            dbb("stages.0.0"),
+            mobileone("stages.0.1"),
+            concat("stages.1.0"),
+            GlobalPool(),
+            Flatten(),
+            Dropout(0.3),
+            Linear("head.fc", C, 5),
+        ),
+        aux=(
+            Aux(
+                "stages_aux",
+                "stages.0.1",
+                (
+                    Conv("stages_aux.0.conv", C, C, 3, stride=2, padding=1),
+                    BN("stages_aux.0.bn", C),
+                    Act("relu"),
+                    GlobalPool(),
+                    Flatten(),
+                    Linear("stages_aux.3", C, 5),
+                ),
+            ),
+        ),
+    )
 
 
 def test_generic_model_aux_heads_state_and_trace(tmp_path):

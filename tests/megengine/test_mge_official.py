@@ -2,6 +2,7 @@
 MegEngine: native names == the official keys, train and deploy form against the float64 oracle,
 the deploy state against reparam_core.reparameterize_state; a traced .mge of one block per
 family; the QARepVGG-A0 model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,12 @@ def test_official_block_native(case) -> None:
     assert rel_err(predict(deployed, x), ref) <= BLOCK_RTOL
 
 
-ARTIFACT = ("official-qarepvgg-v2", "official-yolov6-qarep-v2-keep-bn-g2", "official-dbb-k5-s2-g2",
-            "official-acb-last-bn")
+ARTIFACT = (
+    "official-qarepvgg-v2",
+    "official-yolov6-qarep-v2-keep-bn-g2",
+    "official-dbb-k5-s2-g2",
+    "official-acb-last-bn",
+)
 
 
 @pytest.mark.parametrize("name", ARTIFACT)

@@ -1,6 +1,7 @@
 """`backends.megengine` resolves its public names lazily (MegEngine is imported on first use, so
 that the worker client `backends.megengine.remote` imports in the main environment): every name
 in `__all__` is the object it names, also after every submodule has been imported."""
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,8 @@ def test_public_names_are_objects_not_submodules() -> None:
 
 
 def test_client_imports_without_megengine() -> None:
-    code = ("import sys, backends.megengine.remote as r; "
-            "print('megengine' in sys.modules, callable(r.MgeWorker))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = "import sys, backends.megengine.remote as r; print('megengine' in sys.modules, callable(r.MgeWorker))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "True"]

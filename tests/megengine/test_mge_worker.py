@@ -1,4 +1,5 @@
 """The JSON-lines worker, driven as a subprocess with the .venv-mge python."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def worker():
-    proc = subprocess.Popen([sys.executable, "-m", "backends.megengine.worker"], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.megengine.worker"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
 
     def call(req: dict) -> dict:
         proc.stdin.write(json.dumps(req) + "\n")
@@ -59,10 +66,18 @@ def test_worker_protocol(worker, tmp_path):
     x = rand_input((2, 3, 32, 32))
     save_file(state, tmp_path / "state.safetensors")
     save_file({"x": x}, tmp_path / "x.safetensors")
-    req = {"op": "predict", "model": "RepVGG-mini", "block": None, "num_classes": 10,
-           "form": "train", "state": str(tmp_path / "state.safetensors"),
-           "input": str(tmp_path / "x.safetensors"), "output": str(tmp_path / "y.safetensors"),
-           "reparameterize": True, "export_state": str(tmp_path / "deploy.safetensors")}
+    req = {
+        "op": "predict",
+        "model": "RepVGG-mini",
+        "block": None,
+        "num_classes": 10,
+        "form": "train",
+        "state": str(tmp_path / "state.safetensors"),
+        "input": str(tmp_path / "x.safetensors"),
+        "output": str(tmp_path / "y.safetensors"),
+        "reparameterize": True,
+        "export_state": str(tmp_path / "deploy.safetensors"),
+    }
     r = timed(worker, req)
     assert r["ok"] is True and r["form"] == "deploy" and "seconds" in r, r
     ref = oracle.forward(spec, state, x, "train")
@@ -78,28 +93,46 @@ def test_worker_protocol(worker, tmp_path):
     xb = rand_input((1, 8, 7, 9))
     save_file(params, tmp_path / "b.safetensors")
     save_file({"x": xb}, tmp_path / "xb.safetensors")
-    r = timed(worker, {"op": "predict", "model": None, "block": block_spec_to_dict(bspec),
-                       "num_classes": 10, "form": "train",
-                       "state": str(tmp_path / "b.safetensors"),
-                       "input": str(tmp_path / "xb.safetensors"),
-                       "output": str(tmp_path / "yb.safetensors"),
-                       "reparameterize": False, "export_state": None})
+    r = timed(
+        worker,
+        {
+            "op": "predict",
+            "model": None,
+            "block": block_spec_to_dict(bspec),
+            "num_classes": 10,
+            "form": "train",
+            "state": str(tmp_path / "b.safetensors"),
+            "input": str(tmp_path / "xb.safetensors"),
+            "output": str(tmp_path / "yb.safetensors"),
+            "reparameterize": False,
+            "export_state": None,
+        },
+    )
     assert r["ok"] is True and r["form"] == "train" and "seconds" in r, r
     yb = load_file(tmp_path / "yb.safetensors")[0]["y"]
     assert rel_err(yb, oracle.block_forward(bspec, params, xb, "train")) <= BLOCK_RTOL
 
     # traced artifact
     art = tmp_path / "mini.mge"
-    r = timed(worker, {"op": "export_traced", "model": "RepVGG-mini", "block": None,
-                       "num_classes": 10, "form": "train", "state": str(tmp_path / "state.safetensors"),
-                       "input": str(tmp_path / "x.safetensors"), "artifact": str(art),
-                       "output": str(tmp_path / "ya.safetensors")})
+    r = timed(
+        worker,
+        {
+            "op": "export_traced",
+            "model": "RepVGG-mini",
+            "block": None,
+            "num_classes": 10,
+            "form": "train",
+            "state": str(tmp_path / "state.safetensors"),
+            "input": str(tmp_path / "x.safetensors"),
+            "artifact": str(art),
+            "output": str(tmp_path / "ya.safetensors"),
+        },
+    )
     assert r["ok"] is True and art.exists() and "seconds" in r, r
     assert rel_err(load_file(tmp_path / "ya.safetensors")[0]["y"], ref) <= MODEL_RTOL
 
     # errors are replies, and the worker keeps serving
-    bad = worker({**req, "state": str(tmp_path / "deploy.safetensors"), "export_state": None,
-                  "reparameterize": False})
+    bad = worker({**req, "state": str(tmp_path / "deploy.safetensors"), "export_state": None, "reparameterize": False})
     assert bad["ok"] is False and bad["type"] == "CheckpointError" and "deploy" in bad["error"]
     unknown = worker({**req, "model": "RepVGG-Z9"})
     assert unknown["ok"] is False and unknown["type"] == "UnknownModelError"

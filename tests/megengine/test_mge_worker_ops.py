@@ -1,5 +1,6 @@
 """The worker's `run_traced` and `time` operations through their client (MgeWorker), which
 `reparam demo` uses for the traced artifact's outputs and MegEngine's throughput."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,9 @@ def test_run_traced_any_batch(worker, state, tmp_path):
     spec = get_spec(MODEL, 10)
     deploy = reparameterize_state(spec, state)
     art = tmp_path / "mini.mge"
-    first = worker.export_traced(model=MODEL, num_classes=10, form="deploy", state=deploy,
-                                 x=rand_input((1, 3, 32, 32)), artifact=art)
+    first = worker.export_traced(
+        model=MODEL, num_classes=10, form="deploy", state=deploy, x=rand_input((1, 3, 32, 32)), artifact=art
+    )
     x = rand_input((5, 3, 32, 32), seed=2)
     y = worker.run_traced(art, x)
     ref = oracle.forward(spec, state, x, "train")
@@ -47,6 +49,7 @@ def test_time_forms(worker, state):
     assert set(times) == {"train", "deploy"}
     assert all(len(v) == 3 and all(t > 0 for t in v) for v in times.values()), times
     with pytest.raises(ReparamError, match="train form"):
-        worker.request(op="time", model=MODEL, block=None, num_classes=10, form="deploy",
-                       state="unused", input="unused", repeats=1)
+        worker.request(
+            op="time", model=MODEL, block=None, num_classes=10, form="deploy", state="unused", input="unused", repeats=1
+        )
     assert worker.request(op="ping")["ok"] is True  # still serving

@@ -1,6 +1,7 @@
 """`reparam quantize`: int8 QDQ graphs that ONNX Runtime runs, with accuracy and per-layer SQNR
 measured on the shipped demo model (RepVGG-mini trained on digits); SQNR itself on a signal of
 known noise; calibration determinism; every bad input exits 2 and writes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ MIN_AGREEMENT = {"per-channel": 0.97, "per-tensor": 0.85}
 
 def test_sqnr_of_known_noise():
     ref = np.ones(1000)
-    noise = 0.1 * np.where(np.arange(1000) % 2, 1.0, -1.0)   # power 0.01 per element
+    noise = 0.1 * np.where(np.arange(1000) % 2, 1.0, -1.0)  # power 0.01 per element
     assert sqnr_db(ref, ref + noise) == pytest.approx(20.0, abs=1e-9)
     assert sqnr_db(2 * ref, 2 * ref + noise) == pytest.approx(10 * np.log10(400), abs=1e-9)
     assert sqnr_db(ref, ref) == float("inf")
@@ -54,8 +55,18 @@ def _run(tmp_path, *extra, dst="q.onnx"):
 @pytest.mark.parametrize("granularity", ["per-channel", "per-tensor"])
 def test_quantized_demo_model(tmp_path, capsys, granularity):
     extra = ["--per-tensor"] if granularity == "per-tensor" else ["--torch-pt2e"]
-    rc, out = _run(tmp_path, "--calib", "digits", "--eval", "digits", "--json",
-                   str(tmp_path / "r.json"), "--plot", str(tmp_path / "sqnr.png"), *extra)
+    rc, out = _run(
+        tmp_path,
+        "--calib",
+        "digits",
+        "--eval",
+        "digits",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "sqnr.png"),
+        *extra,
+    )
     assert rc == 0, capsys.readouterr().err
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["QuantizeLinear"] >= 8 and ops["DequantizeLinear"] >= 16 and ops["Conv"] == 7
@@ -66,9 +77,12 @@ def test_quantized_demo_model(tmp_path, capsys, granularity):
     assert rep["fp32_top1"] == pytest.approx(0.9861, abs=0.006)  # the demo model's accuracy
     assert rep["int8_top1"] >= rep["fp32_top1"] - (1 - MIN_AGREEMENT[granularity])
     deploy = to_deploy(describe(get_spec("RepVGG-mini", 10)))
-    layers = [k[:-len(".weight")] for k, info in schema_of(deploy).items()
-              if k.endswith(".weight") and len(info.shape) in (2, 4)]
-    assert [lr["name"] for lr in rep["layers"]] == layers          # 7 convs and the linear
+    layers = [
+        k[: -len(".weight")]
+        for k, info in schema_of(deploy).items()
+        if k.endswith(".weight") and len(info.shape) in (2, 4)
+    ]
+    assert [lr["name"] for lr in rep["layers"]] == layers  # 7 convs and the linear
     assert all(np.isfinite(lr["sqnr_db"]) and lr["sqnr_db"] > 5 for lr in rep["layers"])
     assert rep["bytes"]["int8"] < rep["bytes"]["fp32"] / 3
     assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,8 +139,7 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     _fails(tmp_path, capsys, "class 'cat' has no images", "--calib", str(tmp_path / "noimg"))
     sizes = _png_folder(tmp_path / "sizes", [(32, 32), (32, 32), (24, 32)])
-    _fails(tmp_path, capsys, "sizes/a/2.png: image of size 32x24, the others are 32x32",
-           "--calib", str(sizes))
+    _fails(tmp_path, capsys, "sizes/a/2.png: image of size 32x24, the others are 32x32", "--calib", str(sizes))
     broken = _png_folder(tmp_path / "broken", [(32, 32)])
     (broken / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     _fails(tmp_path, capsys, "broken/b/1.png: not a readable image", "--calib", str(broken))

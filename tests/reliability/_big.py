@@ -1,5 +1,6 @@
 """Helpers for the tests that need a large checkpoint (RepVGG-B1 / B3): written tensor by tensor
 so the test process never holds a second copy."""
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ a message; anything else (another exception type, an empty message, a per-case t
 MemoryError under the RLIMIT_AS cap set at start-up) is recorded as a failure in the JSON
 written to --out, together with the case counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,13 +66,14 @@ def _alarm(signum, frame):
 
 # --------------------------------------------------------------------------- encoders
 
+
 def _flax_pack(tree) -> bytes:
     def default(obj):
         if isinstance(obj, np.ndarray):
-            payload = msgpack.packb((list(obj.shape), obj.dtype.name, obj.tobytes("C")),
-                                    use_bin_type=True)
+            payload = msgpack.packb((list(obj.shape), obj.dtype.name, obj.tobytes("C")), use_bin_type=True)
             return msgpack.ExtType(1, payload)
         raise TypeError(type(obj).__name__)
+
     return msgpack.packb(tree, default=default, use_bin_type=True)
 
 
@@ -121,9 +123,27 @@ DTYPES = [np.float64, np.float16, np.int32, np.int64, np.uint8, np.bool_, np.int
 def mutated_state(draw, form):
     state = dict(STATES[form])
     keys = list(state)
-    ops = draw(st.lists(st.sampled_from(["none", "delete", "rename", "duplicate", "shape", "dtype",
-                                         "nan", "negvar", "scalar", "empty", "swap", "extra"]),
-                        max_size=3))
+    ops = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "none",
+                    "delete",
+                    "rename",
+                    "duplicate",
+                    "shape",
+                    "dtype",
+                    "nan",
+                    "negvar",
+                    "scalar",
+                    "empty",
+                    "swap",
+                    "extra",
+                ]
+            ),
+            max_size=3,
+        )
+    )
     for op in ops:
         if not keys or op == "none":
             continue
@@ -178,10 +198,11 @@ def mutated_state(draw, form):
 
 # --------------------------------------------------------------------------- byte mutations
 
+
 def _patch(data: bytearray, pos: int, fmt: str, value: int) -> None:
     size = struct.calcsize(fmt)
     if 0 <= pos <= len(data) - size:
-        data[pos:pos + size] = struct.pack(fmt, value)
+        data[pos : pos + size] = struct.pack(fmt, value)
 
 
 def _find_all(data: bytes, sig: bytes, limit: int = 64) -> list[int]:
@@ -197,8 +218,8 @@ def huge_safetensors(draw, data: bytes) -> bytes:
     n = struct.unpack("<Q", data[:8])[0]
     if kind == "length":
         return struct.pack("<Q", draw(st.sampled_from([TB, 2**63 - 1, 2**64 - 1, n + 1, len(data)]))) + data[8:]
-    header = json.loads(data[8:8 + n])
-    body = data[8 + n:]
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         return data
@@ -223,8 +244,7 @@ def huge_safetensors(draw, data: bytes) -> bytes:
 
 def huge_zip(draw, data: bytes) -> bytes:
     b = bytearray(data)
-    kind = draw(st.sampled_from(["cd_sizes", "local_sizes", "eocd", "lying_pickle", "zip64",
-                                 "bomb"]))
+    kind = draw(st.sampled_from(["cd_sizes", "local_sizes", "eocd", "lying_pickle", "zip64", "bomb"]))
     big = draw(st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFE, 1 << 30]))
     if kind == "cd_sizes":
         for pos in draw(st.lists(st.sampled_from(_find_all(data, b"PK\x01\x02") or [0]), max_size=3)):
@@ -280,8 +300,13 @@ def hostile_pickles() -> list[bytes]:
         # ndarray((2**20, 2**20), 'f4') called directly
         b"\x80\x02" + nd + b"(\x8a\x03\x00\x00\x10\x8a\x03\x00\x00\x10\x86" + dt + b"\x86R.",
         # BUILD with a huge shape and 8 bytes of data
-        b"\x80\x02" + rec + b"(" + nd + b"K\x00\x85C\x01btR(K\x01\x8a\x05\x00\x00\x00\x00\x01K\x10\x86"
-        + dt + b"\x89C\x08\x00\x00\x00\x00\x00\x00\x00\x00tb.",
+        b"\x80\x02"
+        + rec
+        + b"("
+        + nd
+        + b"K\x00\x85C\x01btR(K\x01\x8a\x05\x00\x00\x00\x00\x01K\x10\x86"
+        + dt
+        + b"\x89C\x08\x00\x00\x00\x00\x00\x00\x00\x00tb.",
         # BINBYTES8 / FRAME / BINUNICODE8 claiming a terabyte
         b"\x80\x04\x8e" + struct.pack("<Q", TB) + b"abc.",
         b"\x80\x04\x95" + struct.pack("<Q", TB) + b"}.",
@@ -295,10 +320,25 @@ def hostile_pickles() -> list[bytes]:
     ]
     # _frombuffer of one 1 MiB buffer referenced 3000 times (memo): 3 GiB of copies
     fb = _global("numpy.core.numeric", "_frombuffer")
-    one = (fb + b"(B" + struct.pack("<I", 1 << 20) + b"\0" * (1 << 20) + b"q\x00" + dt
-           + b"\x8a\x03\x00\x00\x04\x85X\x01\x00\x00\x00Ctq\x01R")
-    rep = b"".join(b"X" + struct.pack("<I", len(f"k{i}")) + f"k{i}".encode() + fb + b"(h\x00"
-                   + dt + b"\x8a\x03\x00\x00\x04\x85X\x01\x00\x00\x00CtR" for i in range(3000))
+    one = (
+        fb
+        + b"(B"
+        + struct.pack("<I", 1 << 20)
+        + b"\0" * (1 << 20)
+        + b"q\x00"
+        + dt
+        + b"\x8a\x03\x00\x00\x04\x85X\x01\x00\x00\x00Ctq\x01R"
+    )
+    rep = b"".join(
+        b"X"
+        + struct.pack("<I", len(f"k{i}"))
+        + f"k{i}".encode()
+        + fb
+        + b"(h\x00"
+        + dt
+        + b"\x8a\x03\x00\x00\x04\x85X\x01\x00\x00\x00CtR"
+        for i in range(3000)
+    )
     out.append(b"\x80\x02}(X\x01\x00\x00\x00a" + one + rep + b"u.")
     return out
 
@@ -318,8 +358,7 @@ def huge_pickle(draw, data: bytes) -> bytes:
         positions = _find_all(data, b"\x8e") + _find_all(data, b"B")
         if positions:
             pos = draw(st.sampled_from(positions))
-            _patch(b, pos + 1, "<Q" if data[pos] == 0x8E else "<I",
-                   draw(st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF])))
+            _patch(b, pos + 1, "<Q" if data[pos] == 0x8E else "<I", draw(st.sampled_from([0xFFFFFFFF, 0x7FFFFFFF])))
         return bytes(b)
     return draw(st.sampled_from(HOSTILE_PICKLES))
 
@@ -348,8 +387,7 @@ def huge_msgpack(draw, data: bytes) -> bytes:
     return msgpack.packb({"w": msgpack.ExtType(1, payload)}, use_bin_type=True)
 
 
-HUGE = {"safetensors": huge_safetensors, "torch": huge_zip, "megengine": huge_pickle,
-        "flax": huge_msgpack}
+HUGE = {"safetensors": huge_safetensors, "torch": huge_zip, "megengine": huge_pickle, "flax": huge_msgpack}
 
 
 @st.composite
@@ -359,8 +397,7 @@ def mutated_file(draw, fmt: str):
     data = encode(fmt, state, form, draw(st.integers(2, 5)))
     if draw(st.integers(0, 4)) == 0:
         data = HUGE[fmt](draw, data)
-    ops = draw(st.lists(st.sampled_from(["flip", "truncate", "overwrite", "insert", "delete",
-                                         "none"]), max_size=4))
+    ops = draw(st.lists(st.sampled_from(["flip", "truncate", "overwrite", "insert", "delete", "none"]), max_size=4))
     b = bytearray(data)
     for op in ops:
         if not b:
@@ -372,15 +409,16 @@ def mutated_file(draw, fmt: str):
             del b[pos:]
         elif op == "overwrite":
             chunk = draw(st.binary(min_size=1, max_size=16))
-            b[pos:pos + len(chunk)] = chunk
+            b[pos : pos + len(chunk)] = chunk
         elif op == "insert":
             b[pos:pos] = draw(st.binary(min_size=1, max_size=64))
         elif op == "delete":
-            del b[pos:pos + draw(st.integers(1, 4096))]
+            del b[pos : pos + draw(st.integers(1, 4096))]
     return fmt, bytes(b)
 
 
 # --------------------------------------------------------------------------- harness
+
 
 class Recorder:
     def __init__(self, timeout: float) -> None:
@@ -420,8 +458,9 @@ class Recorder:
 
     def fail(self, component: str, label: str, detail: str) -> None:
         if len(self.failures) < 50:
-            self.failures.append({"component": component, "call": label, "detail": detail,
-                                  "sample": self.current_sample})
+            self.failures.append(
+                {"component": component, "call": label, "detail": detail, "sample": self.current_sample}
+            )
 
     current_sample = ""
 
@@ -442,10 +481,16 @@ def run_readers(rec: Recorder, workdir: str, per_format: int, derandomize: bool)
     path_of = {fmt: os.path.join(workdir, "case" + EXT[fmt]) for fmt in FORMATS}
 
     for fmt in FORMATS:
-        @settings(max_examples=per_format, deadline=None, database=None, derandomize=derandomize,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(case=mutated_file(fmt), other=st.sampled_from(FORMATS),
-               ext=st.sampled_from([".bin", None]))
+
+        @settings(
+            max_examples=per_format,
+            deadline=None,
+            database=None,
+            derandomize=derandomize,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=mutated_file(fmt), other=st.sampled_from(FORMATS), ext=st.sampled_from([".bin", None]))
         def one(case, other, ext):
             fmt_, data = case
             path = path_of[fmt_] if ext is None else path_of[fmt_] + ext
@@ -459,19 +504,29 @@ def run_readers(rec: Recorder, workdir: str, per_format: int, derandomize: bool)
             rec.call(fmt_, f"reader[{other}]", READERS[other], path)
             if ok:
                 raw, f2 = got
-                ok2, neutral = rec.call(fmt_, "to_neutral", to_neutral, raw, SPEC, f2,
-                                        None, path)
+                ok2, neutral = rec.call(fmt_, "to_neutral", to_neutral, raw, SPEC, f2, None, path)
                 if ok2 and neutral[1] == "train":
                     rec.call(fmt_, "reparameterize_state", reparameterize_state, SPEC, neutral[0])
             os.unlink(path)
+
         one()
 
 
 def run_convert(rec: Recorder, workdir: str, n: int, derandomize: bool) -> None:
-    @settings(max_examples=n, deadline=None, database=None, derandomize=derandomize,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=st.sampled_from(FORMATS).flatmap(mutated_file), to_fmt=st.sampled_from(FORMATS),
-           deploy=st.booleans(), nc=st.sampled_from([None, 10]))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=derandomize,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        case=st.sampled_from(FORMATS).flatmap(mutated_file),
+        to_fmt=st.sampled_from(FORMATS),
+        deploy=st.booleans(),
+        nc=st.sampled_from([None, 10]),
+    )
     def one(case, to_fmt, deploy, nc):
         fmt, data = case
         src = os.path.join(workdir, "src" + EXT[fmt])
@@ -480,14 +535,25 @@ def run_convert(rec: Recorder, workdir: str, n: int, derandomize: bool) -> None:
             f.write(data)
         rec.current_sample = f"convert {fmt}->{to_fmt} {len(data)} bytes head={data[:24]!r}"
         rec.cases["convert"] += 1
-        rec.call("convert", "convert", convert, src, dst, MODEL, to_deploy=deploy,
-                 to_format=to_fmt, num_classes=nc, overwrite=True)
+        rec.call(
+            "convert",
+            "convert",
+            convert,
+            src,
+            dst,
+            MODEL,
+            to_deploy=deploy,
+            to_format=to_fmt,
+            num_classes=nc,
+            overwrite=True,
+        )
         for p in (src, dst):
             if os.path.exists(p):
                 os.unlink(p)
         leftovers = [x for x in os.listdir(workdir) if x.endswith(".tmp")]
         if leftovers:
             rec.fail("convert", "temp files", f"left behind: {leftovers}")
+
     one()
 
 
@@ -512,11 +578,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         run_readers(rec, workdir, args.per_format, args.derandomize)
         run_convert(rec, workdir, args.convert, args.derandomize)
-    result = {"cases": dict(rec.cases), "total_cases": sum(rec.cases.values()),
-              "outcomes": {k: dict(v) for k, v in rec.counts.items()},
-              "failures": rec.failures, "seconds": round(time.time() - t0, 1),
-              "slowest_call_s": round(rec.slowest, 3), "rlimit_as_bytes": cap,
-              "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    result = {
+        "cases": dict(rec.cases),
+        "total_cases": sum(rec.cases.values()),
+        "outcomes": {k: dict(v) for k, v in rec.counts.items()},
+        "failures": rec.failures,
+        "seconds": round(time.time() - t0, 1),
+        "slowest_call_s": round(rec.slowest, 3),
+        "rlimit_as_bytes": cap,
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0

@@ -6,6 +6,7 @@ without --overwrite, and with --overwrite it is the old or the new file, never a
 Temp files: convert writes `.DST.<pid>-<random>.tmp` next to DST. A killed process leaves it
 behind; the next convert to the same DST removes temp files whose pid is no longer running
 (a live process's temp file is left alone)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,9 +47,13 @@ def b1(tmp_path_factory):
 
 def start(src, dst, *extra):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "scripts.convert", str(src), str(dst),
-                             "--model", MODEL, "--to-deploy", "-q", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "scripts.convert", str(src), str(dst), "--model", MODEL, "--to-deploy", "-q", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def temps(directory, dst):

@@ -1,5 +1,6 @@
 """Determinism (same input -> byte-identical output in every format; the streaming path and the
 whole-state --verify path write the same bytes) and the --dtype float16|bfloat16 option."""
+
 from __future__ import annotations
 
 import warnings
@@ -72,7 +73,7 @@ def test_float16_output(tmp_path, fmt):
     dst = tmp_path / f"h.{EXT[fmt]}"
     rep = convert(src, dst, "RepVGG-mini", to_deploy=True, dtype="float16")
     assert rep["dtype"] == "float16" and not rep["precision"]["overflowed"]
-    assert 0 < rep["precision"]["max_rel_err"] <= 2.0 ** -10
+    assert 0 < rep["precision"]["max_rel_err"] <= 2.0**-10
     again = tmp_path / f"h2.{EXT[fmt]}"
     convert(src, again, "RepVGG-mini", to_deploy=True, dtype="float16")
     assert dst.read_bytes() == again.read_bytes()
@@ -91,10 +92,9 @@ def test_bfloat16_safetensors_and_refused_elsewhere(tmp_path):
     train = random_state(spec, "train", seed=7)
     src = tmp_path / "src.safetensors"
     safetensors_io.save_file(train, src)
-    rep = convert(src, tmp_path / "b.safetensors", "RepVGG-mini", to_deploy=True,
-                  dtype="bfloat16", verify=True)
+    rep = convert(src, tmp_path / "b.safetensors", "RepVGG-mini", to_deploy=True, dtype="bfloat16", verify=True)
     assert rep["verify"]["max_rel_err"] <= rep["verify"]["tolerance"] == 5e-2
-    assert 0 < rep["precision"]["max_rel_err"] <= 2.0 ** -7
+    assert 0 < rep["precision"]["max_rel_err"] <= 2.0**-7
     data = (tmp_path / "b.safetensors").read_bytes()
     assert b'"BF16"' in data
     with pytest.raises(CheckpointError, match="bfloat16 is only supported for safetensors"):
@@ -105,17 +105,16 @@ def test_bfloat16_safetensors_and_refused_elsewhere(tmp_path):
 def test_float16_overflow_warns_and_reports(tmp_path, capsys):
     spec = get_spec("RepVGG-mini", 10)
     train = random_state(spec, "train", seed=8)
-    train["stage1.0.rbr_dense.bn.running_var"] = np.full_like(
-        train["stage1.0.rbr_dense.bn.running_var"], 1e-12)
+    train["stage1.0.rbr_dense.bn.running_var"] = np.full_like(train["stage1.0.rbr_dense.bn.running_var"], 1e-12)
     train["stage1.0.rbr_dense.bn.weight"] = np.full_like(train["stage1.0.rbr_dense.bn.weight"], 1e3)
     src = tmp_path / "src.safetensors"
     safetensors_io.save_file(train, src)
     with pytest.warns(PrecisionWarning, match="stage1.0.rbr_reparam"):
-        rep = convert(src, tmp_path / "o.safetensors", "RepVGG-mini", to_deploy=True,
-                      dtype="float16")
+        rep = convert(src, tmp_path / "o.safetensors", "RepVGG-mini", to_deploy=True, dtype="float16")
     assert any(k.startswith("stage1.0.rbr_reparam") for k in rep["precision"]["overflowed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
-        rc = cv.main([str(src), str(tmp_path / "o2.safetensors"), "--model", "RepVGG-mini",
-                      "--to-deploy", "--dtype", "float16"])
+        rc = cv.main(
+            [str(src), str(tmp_path / "o2.safetensors"), "--model", "RepVGG-mini", "--to-deploy", "--dtype", "float16"]
+        )
     assert rc == 0 and "float16: max relative rounding error" in capsys.readouterr().out

@@ -6,6 +6,7 @@ hang shows up as a recorded failure instead of taking pytest down. Case counts s
 hypothesis profile: settings.default.max_examples (300 in "ci", 3000 in "slow" / --slow) x 25/6
 per format, x 1/2 for convert -> 5,150 cases in CI and 51,500 with --slow.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,18 +26,27 @@ def test_fuzz_readers_never_crash_hang_or_blow_up(tmp_path):
     per_format = math.ceil(base * 25 / 6)
     n_convert = max(base // 2, 20)
     out = tmp_path / "fuzz.json"
-    cmd = [sys.executable, os.path.join(HERE, "fuzz_driver.py"), "--per-format", str(per_format),
-           "--convert", str(n_convert), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "fuzz_driver.py"),
+        "--per-format",
+        str(per_format),
+        "--convert",
+        str(n_convert),
+        "--out",
+        str(out),
+    ]
     if settings.default.derandomize:
         cmd.append("--derandomize")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=max(600, per_format * 0.2))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(600, per_format * 0.2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    print(f"\nfuzz: {result['total_cases']} cases {result['cases']} in {result['seconds']} s; "
-          f"outcomes {result['outcomes']}; slowest call {result['slowest_call_s']} s; "
-          f"peak RSS {result['peak_rss_kib'] // 1024} MiB")
+    print(
+        f"\nfuzz: {result['total_cases']} cases {result['cases']} in {result['seconds']} s; "
+        f"outcomes {result['outcomes']}; slowest call {result['slowest_call_s']} s; "
+        f"peak RSS {result['peak_rss_kib'] // 1024} MiB"
+    )
     assert not result["failures"], json.dumps(result["failures"][:5], indent=1)
     assert result["total_cases"] >= 4 * per_format + n_convert
     assert result["total_cases"] >= 2000
@@ -44,5 +54,4 @@ def test_fuzz_readers_never_crash_hang_or_blow_up(tmp_path):
         outcomes = result["outcomes"][fmt]
         # both valid files and refusals are exercised, and nothing unexpected happened
         assert outcomes.get("result", 0) > 0 and outcomes.get("CheckpointError", 0) > 0, outcomes
-        assert all(k == "result" or k.endswith("Error") and not k.startswith("UNEXPECTED")
-                   for k in outcomes), outcomes
+        assert all(k == "result" or k.endswith("Error") and not k.startswith("UNEXPECTED") for k in outcomes), outcomes

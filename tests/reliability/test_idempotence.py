@@ -2,6 +2,7 @@
 the torch and flax backends, and the train-form-only API (RepVGGplus.custom_l2) on a deploy model
 raises a clear ReparamError. (MegEngine: not covered here -- its backend lives behind the worker
 process in .venv-mge; see backends/megengine tests.)"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +17,7 @@ BACKENDS = ["torch", "flax"]
 def backend(name):
     pytest.importorskip({"torch": "torch", "flax": "flax"}[name])
     import importlib
+
     return importlib.import_module(f"backends.{name}")
 
 

@@ -1,6 +1,7 @@
 """No code execution: a corpus of malicious pickles (protocols 0-5, plain and inside a torch zip
 as data.pkl) is refused by every reader and by the CLI, nothing runs (a marker file is never
 created) and the error names what the file tried to load (`module.name`)."""
+
 from __future__ import annotations
 
 import builtins
@@ -40,6 +41,7 @@ class Call:
 def attacks(marker: str) -> dict[str, tuple[object, str]]:
     """name -> (object whose pickle runs `touch marker`, the module.name the error must show)."""
     import subprocess as sp
+
     shell = f"touch {marker}"
     py = f"__import__('os').system({shell!r})"
     return {
@@ -47,11 +49,12 @@ def attacks(marker: str) -> dict[str, tuple[object, str]]:
         "eval": (Call(builtins.eval, py), "builtins.eval"),
         "exec": (Call(builtins.exec, py), "builtins.exec"),
         "popen": (Call(sp.Popen, ["touch", marker]), "subprocess.Popen"),
-        "getattr-chain": (Call(Call(builtins.getattr, Call(builtins.__import__, "os"), "system"),
-                               shell), "builtins.getattr"),
+        "getattr-chain": (
+            Call(Call(builtins.getattr, Call(builtins.__import__, "os"), "system"), shell),
+            "builtins.getattr",
+        ),
         "import": (Call(builtins.__import__, "os"), "builtins.__import__"),
-        "compile-exec": (Call(builtins.exec, Call(builtins.compile, py, "x", "exec")),
-                         "builtins.exec"),
+        "compile-exec": (Call(builtins.exec, Call(builtins.compile, py, "x", "exec")), "builtins.exec"),
     }
 
 
@@ -105,8 +108,7 @@ def test_corpus_refused_by_every_reader(tmp_path):
             ("read_torch", lambda: read_torch(pth)),
             ("read_any(pth)", lambda: read_raw(str(pth))),
             ("convert(pkl)", lambda: convert(pkl, tmp_path / "o.safetensors", "RepVGG-mini")),
-            ("convert(pth)", lambda: convert(pth, tmp_path / "o.pkl", "RepVGG-mini",
-                                             to_deploy=True)),
+            ("convert(pth)", lambda: convert(pth, tmp_path / "o.pkl", "RepVGG-mini", to_deploy=True)),
         ]
         for name, fn in calls:
             with pytest.raises(UnsafeFileError) as e:
@@ -126,9 +128,13 @@ def test_cli_runs_nothing(tmp_path, attack):
     src = tmp_path / "evil.pkl"
     src.write_bytes(pickle.dumps(wrap(obj, "dict"), protocol=2))
     dst = tmp_path / "out.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "convert", str(src), str(dst),
-                           "--model", "RepVGG-mini", "--to-deploy"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "convert", str(src), str(dst), "--model", "RepVGG-mini", "--to-deploy"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert any(f"refusing to load {x}" in proc.stderr for x in _expected(expect, 2)), proc.stderr
     assert "Traceback" not in proc.stderr
@@ -142,8 +148,13 @@ def test_reparam_console_script_on_torch_zip(tmp_path):
     src.write_bytes(torch_zip(pickle.dumps(wrap(obj, "nested"), protocol=4)))
     exe = os.path.join(os.path.dirname(sys.executable), "reparam")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "scripts.cli"]
-    proc = subprocess.run([*cmd, "convert", str(src), str(tmp_path / "o.pth"), "--model",
-                           "RepVGG-mini"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*cmd, "convert", str(src), str(tmp_path / "o.pth"), "--model", "RepVGG-mini"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and f"refusing to load {expect}" in proc.stderr, proc.stderr
     assert not marker.exists() and not (tmp_path / "o.pth").exists()
 
@@ -153,8 +164,7 @@ def test_in_process_cli_main(tmp_path, capsys):
     for attack, (obj, expect) in attacks(str(marker)).items():
         src = tmp_path / f"{attack}.pkl"
         src.write_bytes(pickle.dumps(wrap(obj, "bare"), protocol=5))
-        rc = cli.main(["convert", str(src), str(tmp_path / "o.safetensors"), "--model",
-                       "RepVGG-mini", "-q"])
+        rc = cli.main(["convert", str(src), str(tmp_path / "o.safetensors"), "--model", "RepVGG-mini", "-q"])
         err = capsys.readouterr().err
         assert rc != 0 and f"refusing to load {expect}" in err, err
     assert not marker.exists()

@@ -7,6 +7,7 @@ anonymous and file-backed pages) from /proc/self/status. Peak minus baseline mus
 the checkpoint's size. The conversion streams (block-by-block fusion, tensor-by-tensor reads and
 writes) so this stays near 1x.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,16 +47,24 @@ def test_b3_deploy_conversion_peak_memory(tmp_path):
     size = write_train_safetensors("RepVGG-B3", src)
     dst = tmp_path / "b3_deploy.safetensors"
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dst)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["reset"], "could not reset VmHWM: the measurement would include start-up"
     extra = m["peak"] - m["baseline"]
     ratio = extra / size
-    print(f"\nRepVGG-B3 train safetensors {size / 2**20:.1f} MiB -> deploy "
-          f"{m['bytes'] / 2**20:.1f} MiB: peak RSS {m['peak'] / 2**20:.1f} MiB, baseline "
-          f"{m['baseline'] / 2**20:.1f} MiB, extra {extra / 2**20:.1f} MiB = {ratio:.2f}x the "
-          "checkpoint")
+    print(
+        f"\nRepVGG-B3 train safetensors {size / 2**20:.1f} MiB -> deploy "
+        f"{m['bytes'] / 2**20:.1f} MiB: peak RSS {m['peak'] / 2**20:.1f} MiB, baseline "
+        f"{m['baseline'] / 2**20:.1f} MiB, extra {extra / 2**20:.1f} MiB = {ratio:.2f}x the "
+        "checkpoint"
+    )
     assert ratio <= 2.5
     assert dst.stat().st_size == m["bytes"]

@@ -1,4 +1,5 @@
 """The module-level API: reparameterize semantics, load_state validation, predict."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,9 @@ from reparam_core.schema import block_schema
 
 
 def _mini() -> bt.RepModule:
-    return bt.load_state(bt.create_model("RepVGG-mini", num_classes=10),
-                         random_state(get_spec("RepVGG-mini", 10), "train", 1))
+    return bt.load_state(
+        bt.create_model("RepVGG-mini", num_classes=10), random_state(get_spec("RepVGG-mini", 10), "train", 1)
+    )
 
 
 def test_reparameterize_leaves_the_input_untouched() -> None:

@@ -1,5 +1,6 @@
 """Torch-specific block checks (the block matrix against the oracle runs for every backend in
 tests/backends)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ import backends.torch as bt
 
 def test_repconv_uses_yolov7_names_silu_and_spec_eps() -> None:
     block = bt.build_block(bt.repconv_spec(8, 8))
-    assert {"rbr_dense.0.weight", "rbr_dense.1.running_var", "rbr_1x1.0.weight",
-            "rbr_identity.weight"} <= set(block.state_dict())
+    assert {"rbr_dense.0.weight", "rbr_dense.1.running_var", "rbr_1x1.0.weight", "rbr_identity.weight"} <= set(
+        block.state_dict()
+    )
     assert block.rbr_dense[1].eps == 1e-3 and block.rbr_identity.eps == 1e-3
     deploy = block.reparameterize()
     assert set(deploy.state_dict()) == {"rbr_reparam.weight", "rbr_reparam.bias"}

@@ -3,6 +3,7 @@ average pooling, per-channel scale, non-square kernels, channel concatenation, a
 sum, nested blocks in a residual Add, SE gates, dropout, auxiliary heads) built by the torch
 backend with no family code, against the float64 oracle in train form and after
 reparameterize(); classes made on the fly for unknown kinds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,45 +43,113 @@ def _cbn(name: str, cin: int, cout: int, kernel, padding, **geo) -> tuple:
 
 
 BLOCKS = {
-    "dbb-padbn-avgpool": Block("", "DBBTest", (Rep((
-        _cbn("dbb_origin", 4, 4, 3, 1),
-        (Conv("dbb_1x1_kxk.idconv1", 4, 6, 1), PadBN("dbb_1x1_kxk.bn1", 6, 1),
-         Conv("dbb_1x1_kxk.conv2", 6, 4, 3), BN("dbb_1x1_kxk.bn2", 4)),
-        (Conv("dbb_avg.conv", 4, 4, 1), PadBN("dbb_avg.bn", 4, 1), AvgPool(3, 1, 0),
-         BN("dbb_avg.avgbn", 4)),
-        _cbn("dbb_1x1", 4, 4, 1, 0)), Conv("dbb_reparam", 4, 4, 3, padding=1)), Act("relu"))),
-    "acnet-non-square-g2-s2": Block("", "ACBTest", (Rep((
-        _cbn("square", 4, 6, 3, 1, stride=2, groups=2),
-        _cbn("hor", 4, 6, (1, 3), (0, 1), stride=2, groups=2),
-        _cbn("ver", 4, 6, (3, 1), (1, 0), stride=2, groups=2)),
-        Conv("fused", 4, 6, 3, padding=1, stride=2, groups=2)), Act("silu"))),
-    "mobileone-scale-identity": Block("", "MobileOneTest", (Rep((
-        (Conv("rbr_conv.0.conv", 6, 6, 3, padding=1, groups=3), BN("rbr_conv.0.bn", 6)),
-        (Conv("rbr_scale.conv", 6, 6, 1, groups=3), Scale("rbr_scale.scale", 6)),
-        (Scale("rbr_skip", 6),), (BN("rbr_identity", 6),)),
-        Conv("reparam_conv", 6, 6, 3, padding=1, groups=3)),
-        SE("se", 6, 2, "reduce", "expand", "hard_sigmoid"), Act("hard_sigmoid"))),
-    "qarepvgg-bn-after-sum": Block("", "QARepVGGTest", (Rep((
-        _cbn("rbr_dense", 4, 4, 3, 1), (Conv("rbr_1x1", 4, 4, 1, bias=True),), ()),
-        Conv("rbr_reparam", 4, 4, 3, padding=1), bn=BN("bn", 4)), Act("relu"))),
-    "concat-non-square-fused": Block("", "ConcatTest", (Rep((
-        _cbn("a", 3, 2, (1, 5), (0, 2)), _cbn("b", 3, 3, (1, 1), (0, 0))),
-        Conv("fused", 3, 5, (1, 5), padding=(0, 2)), combine="concat"), Act("sigmoid"))),
+    "dbb-padbn-avgpool": Block(
+        "",
+        "DBBTest",
+        (
+            Rep(
+                (
+                    _cbn("dbb_origin", 4, 4, 3, 1),
+                    (
+                        Conv("dbb_1x1_kxk.idconv1", 4, 6, 1),
+                        PadBN("dbb_1x1_kxk.bn1", 6, 1),
+                        Conv("dbb_1x1_kxk.conv2", 6, 4, 3),
+                        BN("dbb_1x1_kxk.bn2", 4),
+                    ),
+                    (
+                        Conv("dbb_avg.conv", 4, 4, 1),
+                        PadBN("dbb_avg.bn", 4, 1),
+                        AvgPool(3, 1, 0),
+                        BN("dbb_avg.avgbn", 4),
+                    ),
+                    _cbn("dbb_1x1", 4, 4, 1, 0),
+                ),
+                Conv("dbb_reparam", 4, 4, 3, padding=1),
+            ),
+            Act("relu"),
+        ),
+    ),
+    "acnet-non-square-g2-s2": Block(
+        "",
+        "ACBTest",
+        (
+            Rep(
+                (
+                    _cbn("square", 4, 6, 3, 1, stride=2, groups=2),
+                    _cbn("hor", 4, 6, (1, 3), (0, 1), stride=2, groups=2),
+                    _cbn("ver", 4, 6, (3, 1), (1, 0), stride=2, groups=2),
+                ),
+                Conv("fused", 4, 6, 3, padding=1, stride=2, groups=2),
+            ),
+            Act("silu"),
+        ),
+    ),
+    "mobileone-scale-identity": Block(
+        "",
+        "MobileOneTest",
+        (
+            Rep(
+                (
+                    (Conv("rbr_conv.0.conv", 6, 6, 3, padding=1, groups=3), BN("rbr_conv.0.bn", 6)),
+                    (Conv("rbr_scale.conv", 6, 6, 1, groups=3), Scale("rbr_scale.scale", 6)),
+                    (Scale("rbr_skip", 6),),
+                    (BN("rbr_identity", 6),),
+                ),
+                Conv("reparam_conv", 6, 6, 3, padding=1, groups=3),
+            ),
+            SE("se", 6, 2, "reduce", "expand", "hard_sigmoid"),
+            Act("hard_sigmoid"),
+        ),
+    ),
+    "qarepvgg-bn-after-sum": Block(
+        "",
+        "QARepVGGTest",
+        (
+            Rep(
+                (_cbn("rbr_dense", 4, 4, 3, 1), (Conv("rbr_1x1", 4, 4, 1, bias=True),), ()),
+                Conv("rbr_reparam", 4, 4, 3, padding=1),
+                bn=BN("bn", 4),
+            ),
+            Act("relu"),
+        ),
+    ),
+    "concat-non-square-fused": Block(
+        "",
+        "ConcatTest",
+        (
+            Rep(
+                (_cbn("a", 3, 2, (1, 5), (0, 2)), _cbn("b", 3, 3, (1, 1), (0, 0))),
+                Conv("fused", 3, 5, (1, 5), padding=(0, 2)),
+                combine="concat",
+            ),
+            Act("sigmoid"),
+        ),
+    ),
 }
 
-INNER = Block("inner", "ToyRepBlock", (Rep((_cbn("dense", 8, 8, 3, 1), ()),
-                                           Conv("reparam", 8, 8, 3, padding=1)), Act("relu")))
-TOY = Model("toy", "ToyNet", (
-    Conv("stem", 3, 8, 3, stride=2, padding=1), BN("stem_bn", 8), Act("relu"),
-    Block("stages.0", "ToyRepBlock", INNER.body),
-    Block("stages.1", "ToyResidual", (Add(((INNER, SE("se", 8, 2)), (_cbn("down", 8, 8, 1, 0)))),)),
-    GlobalPool(), Flatten(), Dropout(0.5), Linear("head", 8, 5)),
-    aux=(Aux("stages_aux", "stages.0", (GlobalPool(), Flatten(), Linear("stages_aux.fc", 8, 5))),))
+INNER = Block(
+    "inner", "ToyRepBlock", (Rep((_cbn("dense", 8, 8, 3, 1), ()), Conv("reparam", 8, 8, 3, padding=1)), Act("relu"))
+)
+TOY = Model(
+    "toy",
+    "ToyNet",
+    (
+        Conv("stem", 3, 8, 3, stride=2, padding=1),
+        BN("stem_bn", 8),
+        Act("relu"),
+        Block("stages.0", "ToyRepBlock", INNER.body),
+        Block("stages.1", "ToyResidual", (Add(((INNER, SE("se", 8, 2)), (_cbn("down", 8, 8, 1, 0)))),)),
+        GlobalPool(),
+        Flatten(),
+        Dropout(0.5),
+        Linear("head", 8, 5),
+    ),
+    aux=(Aux("stages_aux", "stages.0", (GlobalPool(), Flatten(), Linear("stages_aux.fc", 8, 5))),),
+)
 
 
 def _keys(module: bt.RepModule) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()
-            if not k.endswith("num_batches_tracked")}
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 def _check(desc, x: np.ndarray) -> tuple[bt.RepModule, dict]:

@@ -1,5 +1,6 @@
 """ONNX export of the deploy form: op set (no BatchNormalization, no Add of branches) and
 onnxruntime parity with predict."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -43,15 +44,26 @@ def test_repghostnet_onnx_has_no_bn_and_only_residual_adds(tmp_path) -> None:
     model = loaded_model(name, model_state(name))
     ops, err = _export_and_run(model, tmp_path / "ghost.onnx", (1, 3, 64, 64))
     assert "BatchNormalization" not in ops
-    assert set(ops) <= {"Conv", "Relu", "Add", "Mul", "HardSigmoid", "GlobalAveragePool",
-                        "ReduceMean", "Flatten", "Gemm", "Reshape"}
+    assert set(ops) <= {
+        "Conv",
+        "Relu",
+        "Add",
+        "Mul",
+        "HardSigmoid",
+        "GlobalAveragePool",
+        "ReduceMean",
+        "Flatten",
+        "Gemm",
+        "Reshape",
+    }
     n_bottlenecks = sum(len(stage) for stage in get_spec(name).stages)
     assert ops["Add"] == n_bottlenecks  # one residual Add per bottleneck, no branch Adds
     assert err <= ORT_RTOL
 
 
-@pytest.mark.parametrize("spec", [bt.repconv_spec(8, 8), bt.repconv_spec(8, 8, groups=8)],
-                         ids=["repconv", "repconv-dw"])
+@pytest.mark.parametrize(
+    "spec", [bt.repconv_spec(8, 8), bt.repconv_spec(8, 8, groups=8)], ids=["repconv", "repconv-dw"]
+)
 def test_repconv_block_onnx_is_conv_silu(tmp_path, spec) -> None:
     block = bt.build_block(spec)
     ops, err = _export_and_run(block, tmp_path / "rc.onnx", (1, 8, 15, 15))

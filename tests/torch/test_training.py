@@ -1,5 +1,6 @@
 """Training: SGD steps update BN running statistics, gradients reach every branch, the trained
 model still converts exactly; RepVGGplus aux heads and custom L2 (identity branch included)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,9 @@ import backends.torch as bt
 from reparam_core import ReparamError, get_spec, oracle
 from reparam_core.specs import repvgg_spec
 
-PLUS_MINI = repvgg_spec("RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
-                        se_divisor=4, num_classes=10, plus=True)
+PLUS_MINI = repvgg_spec(
+    "RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=10, plus=True
+)
 
 
 def _bn_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,8 +59,7 @@ def test_repvgg_sgd_updates_bn_and_reaches_every_branch() -> None:
     assert all(int(v) == 3 for k, v in model.state_dict().items() if k.endswith("tracked"))
     n_identity = 0
     for prefix, block in model.rep_blocks():
-        for branch in ("rbr_dense.conv.weight", "rbr_1x1.conv.weight", "rbr_dense.bn.weight",
-                       "rbr_1x1.bn.bias"):
+        for branch in ("rbr_dense.conv.weight", "rbr_1x1.conv.weight", "rbr_dense.bn.weight", "rbr_1x1.bn.bias"):
             assert grads[f"{prefix}.{branch}"].abs().sum() > 0, f"{prefix}.{branch}"
         if block.rbr_identity is not None:
             n_identity += 1
@@ -74,8 +75,12 @@ def test_repghostnet_sgd_updates_fusion_bn() -> None:
     grads = _train(model, _ce, steps=2)
     after = _bn_stats(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    for name in ("blocks.0.0.ghost1.fusion_bn.0.weight", "blocks.0.0.ghost1.cheap_operation.0.weight",
-                 "blocks.8.3.ghost2.fusion_bn.0.bias", "blocks.8.3.se.conv_reduce.weight"):
+    for name in (
+        "blocks.0.0.ghost1.fusion_bn.0.weight",
+        "blocks.0.0.ghost1.cheap_operation.0.weight",
+        "blocks.8.3.ghost2.fusion_bn.0.bias",
+        "blocks.8.3.se.conv_reduce.weight",
+    ):
         assert grads[name].abs().sum() > 0, name
     _check_trained_converts(model, get_spec("repghostnet_0_5x", 10))
 
@@ -88,14 +93,14 @@ def _numpy_custom_l2(spec, state: dict[str, np.ndarray], with_identity: bool = T
         k3, k1 = g("rbr_dense.conv.weight"), g("rbr_1x1.conv.weight")
         t3, t1 = t("rbr_dense.bn"), t("rbr_1x1.bn")
         eq = k3[:, :, 1:2, 1:2] * t3 + k1 * t1
-        denom = np.broadcast_to(t3 ** 2 + t1 ** 2, eq.shape).copy()
+        denom = np.broadcast_to(t3**2 + t1**2, eq.shape).copy()
         if with_identity and b.has_identity:
             tid = t("rbr_identity")[:, 0, 0, 0]
             per = b.in_channels // b.groups
             for i in range(b.out_channels):  # identity taps: (i, i mod C/g)
                 eq[i, i % per] += tid[i]
                 denom[i, i % per] += tid[i] ** 2
-        total += (k3 ** 2).sum() - (k3[:, :, 1, 1] ** 2).sum() + (eq ** 2 / denom).sum()
+        total += (k3**2).sum() - (k3[:, :, 1, 1] ** 2).sum() + (eq**2 / denom).sum()
     return total
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the torch backend tests: tolerances, random block states, fast model builds."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ from reparam_core import get_spec, random_state
 from reparam_core import random_tensors as random_params  # noqa: F401
 
 
-def loaded_model(name: str, state: dict[str, np.ndarray], deploy: bool = False,
-                 num_classes: int = 1000) -> bt.RepModule:
+def loaded_model(
+    name: str, state: dict[str, np.ndarray], deploy: bool = False, num_classes: int = 1000
+) -> bt.RepModule:
     """empty_model (no slow initialisation), loaded."""
     return bt.load_state(bt.empty_model(name, num_classes=num_classes, deploy=deploy), state)
 

@@ -1,6 +1,7 @@
 """The runs shared by several `reparam train` test files: the uninterrupted digits run (resume
 and porting tests) and a PyTorch run from a given --init state (the other trainers' steps are
 compared to it)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Image folders: a folder of PNGs written here trains (both frameworks read it the same way);
 a missing folder, an empty class, a corrupt or truncated image each give a one-line error that
 names the folder or file, exit status 2, and no output folder."""
+
 from __future__ import annotations
 
 import io
@@ -69,9 +70,12 @@ def _bad_inputs(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(_shape("square", np.random.default_rng(1))).save(buf, format="PNG")
     (truncated / "square" / "cut.png").write_bytes(buf.getvalue()[:60])
-    return {"missing folder": (missing, missing), "empty class": (empty, empty / "zebra"),
-            "corrupt image": (corrupt, corrupt / "cross" / "bad.png"),
-            "truncated image": (truncated, truncated / "square" / "cut.png")}
+    return {
+        "missing folder": (missing, missing),
+        "empty class": (empty, empty / "zebra"),
+        "corrupt image": (corrupt, corrupt / "cross" / "bad.png"),
+        "truncated image": (truncated, truncated / "square" / "cut.png"),
+    }
 
 
 def test_bad_inputs_exit_2_naming_the_file(tmp_path) -> None:

@@ -6,6 +6,7 @@ fail).
 The two runs differ only by float rounding (other reduction orders), which training amplifies
 with the learning rate: after these 5 steps at the recipe's lr (0.1 * 16 / 256) the largest
 relative difference is ~3e-6 (8e-6 at lr 0.05, 1e-2 at lr 0.2, measured)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,7 @@ RTOL = 1e-5
 COMMON = ("--max-steps", "5", "--global-batch", "16", "--no-augment")  # the recipe's lr
 
 
-RUNS = {"one": ("--sync-bn",), "two": ("--sync-bn", "--nproc", "2"),
-        "two_local_bn": ("--nproc", "2")}
+RUNS = {"one": ("--sync-bn",), "two": ("--sync-bn", "--nproc", "2"), "two_local_bn": ("--nproc", "2")}
 
 
 class _Runs(dict):
@@ -53,8 +53,7 @@ def test_two_processes_equal_one(runs) -> None:
     init = _init_state()
     assert np.abs(one["stage2.1.rbr_dense.conv.weight"] - init["stage2.1.rbr_dense.conv.weight"]).max() > 1e-4
     # the training losses of the two runs agree as well (global sums over the processes)
-    assert metrics(runs["two"])[0]["train_loss"] == pytest.approx(metrics(runs["one"])[0]["train_loss"],
-                                                                rel=1e-5)
+    assert metrics(runs["two"])[0]["train_loss"] == pytest.approx(metrics(runs["one"])[0]["train_loss"], rel=1e-5)
 
 
 def _init_state() -> dict[str, np.ndarray]:
@@ -78,10 +77,29 @@ def test_without_sync_bn_the_processes_normalise_apart(runs) -> None:
 def test_two_nodes_equal_one_node_with_two_processes(runs, tmp_path) -> None:
     port = free_port()
     out = tmp_path / "nodes"
-    procs = [subprocess.Popen(command(out, *COMMON, "--sync-bn", "--nproc", "1", "--nnodes", "2",
-                                      "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}"),
-                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            command(
+                out,
+                *COMMON,
+                "--sync-bn",
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+            ),
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     nodes, _ = trained(out)

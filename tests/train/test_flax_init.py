@@ -6,6 +6,7 @@
   warm-up, weight decay, label smoothing, Nesterov momentum, EMA) end with PyTorch's weights and
   BN statistics.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,20 @@ RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 def test_flax_lr0_step_keeps_init_parameters(init_file, tmp_path) -> None:
     out = tmp_path / "lr0"
-    run_train(out, "--framework", "flax", "--init", str(init_file), "--max-steps", "1",
-              "--global-batch", "16", "--no-augment", "--lr", "0")
+    run_train(
+        out,
+        "--framework",
+        "flax",
+        "--init",
+        str(init_file),
+        "--max-steps",
+        "1",
+        "--global-batch",
+        "16",
+        "--no-augment",
+        "--lr",
+        "0",
+    )
     init, _ = load_file(init_file)
     final, meta = trained(out)
     assert "flax" in meta["producer"]

@@ -1,6 +1,7 @@
 """Flax data parallel: the same 5 steps on 2 host devices (the batch sharded, the parameters
 replicated, BN statistics over the global batch) and on 1 device give the same weights and BN
 statistics. Each run is a subprocess: XLA_FLAGS must be set before JAX starts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,5 +24,4 @@ def test_two_devices_equal_one(tmp_path) -> None:
     rel, key = max_rel_diff(two, one)
     assert rel <= RTOL, (key, rel)
     assert not np.allclose(one["stage1.0.rbr_dense.bn.running_mean"], 0.0)
-    assert metrics(runs[2])[0]["train_loss"] == pytest.approx(metrics(runs[1])[0]["train_loss"],
-                                                                rel=1e-5)
+    assert metrics(runs[2])[0]["train_loss"] == pytest.approx(metrics(runs[1])[0]["train_loss"], rel=1e-5)

@@ -1,6 +1,7 @@
 """The trained multi-branch model (the uninterrupted digits run) converts to deploy form and
 gives identical predictions on the validation split in PyTorch, Flax and MegEngine (through the
 worker in .venv-mge), in both forms, and from the deploy file the trainer wrote."""
+
 from __future__ import annotations
 
 import json
@@ -42,17 +43,18 @@ def test_trained_model_ports_to_every_framework(digits_run, val) -> None:
     logits = {
         "torch/deploy (reparameterized)": bt.predict(bt.reparameterize(torch_train), x),
         "torch/deploy (file)": bt.predict(
-            bt.load_state(bt.create_model(MODEL, num_classes=10, deploy=True), deploy_state), x),
+            bt.load_state(bt.create_model(MODEL, num_classes=10, deploy=True), deploy_state), x
+        ),
         "flax/train": bf.predict(flax_train, x),
         "flax/deploy (reparameterized)": bf.predict(bf.reparameterize(flax_train), x),
         "flax/deploy (file)": bf.predict(
-            bf.load_state(bf.empty_model(MODEL, num_classes=10, deploy=True), deploy_state), x),
-        "megengine/train": worker.predict(model=MODEL, num_classes=10, form="train",
-                                          state=train_state, x=x),
+            bf.load_state(bf.empty_model(MODEL, num_classes=10, deploy=True), deploy_state), x
+        ),
+        "megengine/train": worker.predict(model=MODEL, num_classes=10, form="train", state=train_state, x=x),
         "megengine/deploy (reparameterized)": worker.predict(
-            model=MODEL, num_classes=10, form="train", state=train_state, x=x, reparameterize=True),
-        "megengine/deploy (file)": worker.predict(model=MODEL, num_classes=10, form="deploy",
-                                                  state=deploy_state, x=x),
+            model=MODEL, num_classes=10, form="train", state=train_state, x=x, reparameterize=True
+        ),
+        "megengine/deploy (file)": worker.predict(model=MODEL, num_classes=10, form="deploy", state=deploy_state, x=x),
     }
     for name, out in logits.items():
         assert np.array_equal(out.argmax(1), ref.argmax(1)), name

@@ -1,6 +1,7 @@
 """The recipe in each backend: which parameters get plain weight decay (none of BN and biases;
 for RepVGGplus, not the kernels its custom L2 covers), the same set in PyTorch and Flax, and
 the Flax update rule equal to PyTorch's SGD (Nesterov, weight decay) step for step."""
+
 from __future__ import annotations
 
 import jax
@@ -19,8 +20,9 @@ from reparam_core.layouts import flax_key
 from reparam_core.schema import state_schema
 from reparam_core.specs import repvgg_spec
 
-PLUS_MINI = repvgg_spec("RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post",
-                        se_divisor=4, num_classes=10, plus=True)
+PLUS_MINI = repvgg_spec(
+    "RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=10, plus=True
+)
 
 
 def _torch_decayed(model: torch.nn.Module, kernels: set[str]) -> set[str]:
@@ -37,14 +39,19 @@ def test_weight_decay_sets_agree_between_backends(spec) -> None:
     spec = tm.spec
     kernels = tr.custom_l2_kernels(spec)
     decayed = _torch_decayed(tm, kernels)
-    conv_weights = {k for k, info in state_schema(spec, "train").items()
-                    if k.endswith(".weight") and len(info.shape) > 1}
+    conv_weights = {
+        k for k, info in state_schema(spec, "train").items() if k.endswith(".weight") and len(info.shape) > 1
+    }
     assert decayed == conv_weights - kernels
     if spec is PLUS_MINI:
         assert kernels and not decayed & kernels
         assert any(".post_se." in k for k in decayed) and any("_aux." in k for k in decayed)
-    fm = bf.load_state(nnx.eval_shape(lambda: bf.RepVGGplus(spec)) if spec is PLUS_MINI
-                       else bf.empty_model("RepVGG-mini", num_classes=10), bt.export_state(tm))
+    fm = bf.load_state(
+        nnx.eval_shape(lambda: bf.RepVGGplus(spec))
+        if spec is PLUS_MINI
+        else bf.empty_model("RepVGG-mini", num_classes=10),
+        bt.export_state(tm),
+    )
     schema = state_schema(spec, "train")
     mask = _decay_mask(nnx.state(fm, nnx.Param), {flax_key(k, schema[k]) for k in kernels})
     flax_decayed = {_key(path) for path, on in jax.tree_util.tree_flatten_with_path(mask)[0] if on}

@@ -1,6 +1,7 @@
 """Checkpoints: SIGKILL during an epoch, then --resume, ends with the weights of the
 uninterrupted run (bit for bit) and the same metrics; SIGTERM mid-epoch writes a checkpoint
 there (exit 143) and --resume from it does too."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ STEPS_PER_EPOCH = 22
 
 
 def _start(out):
-    return subprocess.Popen(command(out, *RUN), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(out, *RUN), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _checkpoint_step(out) -> int:
@@ -42,8 +44,7 @@ def _same_run(out, reference) -> None:
     for k in expected:
         assert np.array_equal(resumed[k], expected[k]), k
     keys = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images")
-    assert [{k: r[k] for k in keys} for r in metrics(out)] == \
-        [{k: r[k] for k in keys} for r in metrics(reference)]
+    assert [{k: r[k] for k in keys} for r in metrics(out)] == [{k: r[k] for k in keys} for r in metrics(reference)]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path) -> None:
@@ -91,8 +92,9 @@ def test_flax_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
     reference = tmp_path / "reference"
     run_train(reference, *args)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(out, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

@@ -1,6 +1,7 @@
 """reparam_core.training without a framework (torch only as a reference for the resampling):
 schedule, split, sample order over processes, augmentation draws, weight-decay rule, CLI
 arguments of the torchrun workers."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,7 @@ def test_schedule_and_default_lr() -> None:
     sched = tr.make_schedule(cfg, 100)
     assert (sched.steps_per_epoch, sched.total, sched.warmup, sched.epochs) == (6, 18, 1, 3)
     assert cfg.base_lr == pytest.approx(0.1 * 16 / 256)
-    capped = tr.make_schedule(tr.TrainConfig(model="m", epochs=10, global_batch=10,
-                                             warmup_epochs=5), 200)
+    capped = tr.make_schedule(tr.TrainConfig(model="m", epochs=10, global_batch=10, warmup_epochs=5), 200)
     assert (capped.total, capped.warmup) == (200, 20)  # 5 epochs = 100 steps, capped at 10%
     assert tr.make_schedule(tr.TrainConfig(model="m", max_steps=7, global_batch=10), 35).epochs == 3
     with pytest.raises(tr.TrainError, match="larger than the training split"):
@@ -61,8 +61,13 @@ def test_crop_resize_matches_torch_bilinear() -> None:
 
     img = np.random.default_rng(0).random((8, 6, 3)).astype(np.float32)
     ours = tr.crop_resize(img, (0.0, 0.0, 8.0, 6.0), 20)
-    ref = F.interpolate(torch.from_numpy(img.transpose(2, 0, 1))[None], size=(20, 20),
-                        mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+    ref = (
+        F.interpolate(
+            torch.from_numpy(img.transpose(2, 0, 1))[None], size=(20, 20), mode="bilinear", align_corners=False
+        )[0]
+        .numpy()
+        .transpose(1, 2, 0)
+    )
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     np.testing.assert_allclose(tr.crop_resize(img[:6], (0.0, 0.0, 6.0, 6.0), 6), img[:6], atol=1e-7)
     # a box: the top-left 4x4 quarter of a 8x8 ramp, resized to 4x4, is that quarter
@@ -87,8 +92,7 @@ def test_augmentation_depends_on_the_image_not_the_batch() -> None:
     other_epoch, _ = tr.batch(data, np.array([3]), augment=True, flip=True, seed=0, epoch=2)
     assert not np.array_equal(other_epoch[0], xa[0])
     plain, _ = tr.batch(data, np.array([3]), augment=False, flip=True, seed=0, epoch=1)
-    np.testing.assert_allclose(plain[0], ((data.images[3] - data.mean) / data.std).transpose(2, 0, 1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(plain[0], ((data.images[3] - data.mean) / data.std).transpose(2, 0, 1), rtol=1e-6)
     # normalised with the training split's statistics
     xt, _ = tr.batch(data, data.train_idx, augment=False, flip=False, seed=0, epoch=0)
     np.testing.assert_allclose(xt.mean(axis=(0, 2, 3)), 0, atol=1e-5)
@@ -117,9 +121,36 @@ def test_worker_arguments_round_trip() -> None:
     from scripts.train import config, worker_argv
 
     args = cli.build_parser().parse_args(
-        ["train", "--model", "RepVGG-mini", "--out", "o", "--max-steps", "7", "--global-batch", "32",
-         "--lr", "0.05", "--wd", "3e-5", "--label-smoothing", "0.2", "--ema", "0.99", "--clip", "5",
-         "--amp", "bf16", "--sync-bn", "--seed", "4", "--no-augment", "--nproc", "2"])
+        [
+            "train",
+            "--model",
+            "RepVGG-mini",
+            "--out",
+            "o",
+            "--max-steps",
+            "7",
+            "--global-batch",
+            "32",
+            "--lr",
+            "0.05",
+            "--wd",
+            "3e-5",
+            "--label-smoothing",
+            "0.2",
+            "--ema",
+            "0.99",
+            "--clip",
+            "5",
+            "--amp",
+            "bf16",
+            "--sync-bn",
+            "--seed",
+            "4",
+            "--no-augment",
+            "--nproc",
+            "2",
+        ]
+    )
     cfg = config(args)
     again = config(cli.build_parser().parse_args(["train", *worker_argv(cfg, resume=True)]))
     assert again == cfg

@@ -8,6 +8,7 @@
 - the trained deploy file predicts what the train form does (in MegEngine);
 - settings it does not have are refused before anything starts (exit 2, one line).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def mge_run(tmp_path_factory):
 
 def _checkpoint(out, prefix: str) -> dict[str, np.ndarray]:
     arrays, _ = load_file(out / "checkpoint.safetensors")
-    return {k[len(prefix):]: v for k, v in arrays.items()
-            if k.startswith(prefix) and not k.endswith("num_batches_tracked")}
+    return {
+        k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix) and not k.endswith("num_batches_tracked")
+    }
 
 
 def _vector_rel_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -96,11 +98,21 @@ def test_sigterm_then_resume_equals_uninterrupted(mge_run, tmp_path) -> None:
     out.mkdir()
     data = tr.load_digits(32)
     tr.save_dataset(tmp_path / "digits.safetensors", data)
-    cfg = tr.TrainConfig(model=MODEL, out=str(out), framework="megengine", max_steps=8, global_batch=64,
-                         ema=0.5)
-    proc = subprocess.run([str(mge_python()), "-c", _STOP_SCRIPT.format(stop=STOP_AT),
-                           json.dumps(vars(cfg)), str(tmp_path / "digits.safetensors")],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    cfg = tr.TrainConfig(model=MODEL, out=str(out), framework="megengine", max_steps=8, global_batch=64, ema=0.5)
+    proc = subprocess.run(
+        [
+            str(mge_python()),
+            "-c",
+            _STOP_SCRIPT.format(stop=STOP_AT),
+            json.dumps(vars(cfg)),
+            str(tmp_path / "digits.safetensors"),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"steps": STOP_AT, "stopped": True}
     progress = json.loads(load_file(out / "checkpoint.safetensors")[1]["reparam_train"])
@@ -142,7 +154,15 @@ def test_unsupported_settings_exit_2(tmp_path, flags, named) -> None:
 
 @pytest.mark.parametrize("framework", ["megengine", "flax"])
 def test_init_refused_before_start(tmp_path, framework) -> None:
-    proc = run_train(tmp_path / "x", "--framework", framework, "--max-steps", "1",
-                     "--init", str(tmp_path / "missing.safetensors"), check=False)
+    proc = run_train(
+        tmp_path / "x",
+        "--framework",
+        framework,
+        "--max-steps",
+        "1",
+        "--init",
+        str(tmp_path / "missing.safetensors"),
+        check=False,
+    )
     assert proc.returncode == 2 and "--init: no file" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x").exists()

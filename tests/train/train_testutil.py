@@ -1,5 +1,6 @@
 """Helpers of the `reparam train` tests: run the command in a subprocess, read its outputs,
 compare two trained states."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,14 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def run_train(out: Path, *args: str, timeout: float = 300, check: bool = True,
-              **env_extra: str) -> subprocess.CompletedProcess:
+def run_train(
+    out: Path, *args: str, timeout: float = 300, check: bool = True, **env_extra: str
+) -> subprocess.CompletedProcess:
     """`reparam train --model MODEL --out OUT ARGS` in a subprocess; asserts exit 0 unless
     check=False."""
-    proc = subprocess.run(command(out, *args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env(**env_extra))
+    proc = subprocess.run(
+        command(out, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env(**env_extra)
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
