@@ -347,6 +347,12 @@ class DropoutStream(nnx.Module):
         self.rngs = _rngs(rngs)["dropout"].fork()
         self.deterministic = deterministic
 
+    def reseed(self, key: jax.Array) -> None:
+        """Restart the stream from `key` (a typed JAX key): the next draws are those of a stream
+        created with it, whatever was drawn before."""
+        self.rngs.key.set_value(key)
+        self.rngs.count.set_value(jnp.zeros((), jnp.uint32))
+
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by nnx.view (inference / training views)."""
         if deterministic is not None:

@@ -33,6 +33,7 @@ from reparam_core.schema import state_schema
 
 from .api import predict
 from .blocks import RepModule
+from .layers import DropoutStream
 from .models import create_model
 from .state import export_state, load_state
 
@@ -61,6 +62,16 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> ja
     """Mean cross-entropy against (1 - s) one-hot + s / K targets."""
     target = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), target).mean()
+
+
+def reseed_dropout(model: nnx.Module, seed: int | jax.Array, step: int | jax.Array) -> None:
+    """Set the dropout stream's key to a function of (seed, step), as the torch and MegEngine
+    trainers seed theirs: the masks of a step do not depend on what ran before it, so a resumed
+    run draws the masks of the uninterrupted one. A model without dropout is left as it is."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, DropoutStream):
+            module.reseed(key)
 
 
 def _flat(tree: Any, prefix: str) -> dict[str, np.ndarray]:
@@ -134,8 +145,9 @@ def train(
 
     @nnx.jit
     def step_fn(
-        m: RepModule, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array
+        m: RepModule, opt: Any, e: Any, x: jax.Array, y: jax.Array, lr: jax.Array, step: jax.Array
     ) -> tuple[Any, Any, jax.Array, jax.Array]:
+        reseed_dropout(m, cfg.seed, step)
         grads, (main, correct) = nnx.grad(loss_fn, has_aux=True)(m, x, y)
         p = nnx.state(m, nnx.Param)
         updates, opt = tx.update(grads, opt, p)
@@ -169,7 +181,7 @@ def train(
             t0 = time.perf_counter() - prep_s
             x = jax.make_array_from_process_local_data(sharded, xb.transpose(0, 2, 3, 1))
             y = jax.make_array_from_process_local_data(sharded, yb.astype(np.int32))
-            opt_state, ema, main, correct = step_fn(model, opt_state, ema, x, y, jnp.float32(lr))
+            opt_state, ema, main, correct = step_fn(model, opt_state, ema, x, y, jnp.float32(lr), jnp.uint32(step))
             main_loss = float(main)
             sums.add(main_loss, int(correct), cfg.global_batch)
             sums.seconds += time.perf_counter() - t0
