@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
 from .errors import FusionError
 
@@ -124,6 +124,21 @@ class Conv:
                 f"kernel sides, got {self.in_channels} -> {self.out_channels}, "
                 f"kernel {self.kernel}"
             )
+
+
+def conv2d_arguments(conv: Conv) -> dict[str, Any]:
+    """The keyword arguments of the framework conv module for `conv` (torch.nn.Conv2d and
+    megengine.module.Conv2d take the same names); `plus_identity` is the builder's business."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias,
+    }
 
 
 @dataclass(frozen=True)
@@ -366,6 +381,7 @@ def rep_blocks(node: Node | Model, prefix: str = "") -> list[tuple[str, Block]]:
 
 
 __all__ = [
+    "conv2d_arguments",
     "Pair",
     "pair",
     "join_key",

@@ -27,7 +27,20 @@ from megengine import Tensor  # noqa: E402
 from reparam_core import SpecError  # noqa: E402
 from reparam_core.fusion import identity_offset  # noqa: E402
 from reparam_core.layouts import to_megengine  # noqa: E402
-from reparam_core.nodes import BN, SE, Act, AvgPool, Conv, Dropout, Flatten, GlobalPool, Linear, PadBN, Scale  # noqa: E402
+from reparam_core.nodes import (  # noqa: E402
+    BN,
+    SE,
+    Act,
+    AvgPool,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    Linear,
+    PadBN,
+    Scale,
+    conv2d_arguments,
+)
 from reparam_core.schema import conv_entries  # noqa: E402
 
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
@@ -142,17 +155,7 @@ class IdentityPlusConv2d(Conv2d):
     the native layout, not a tensor attribute, so it is no part of the state."""
 
     def __init__(self, node: Conv, empty: bool = False) -> None:
-        super().__init__(
-            node.in_channels,
-            node.out_channels,
-            node.kernel,
-            stride=node.stride,
-            padding=node.padding,
-            dilation=node.dilation,
-            groups=node.groups,
-            bias=node.bias,
-            empty=empty,
-        )
+        super().__init__(**conv2d_arguments(node), empty=empty)
         offset = identity_offset(node.out_channels, node.groups, node.kernel)
         info = conv_entries("", node)["weight"]
         self._identity = to_megengine(offset.astype(np.float32), info)
@@ -162,19 +165,7 @@ class IdentityPlusConv2d(Conv2d):
 
 
 def conv2d(node: Conv, empty: bool = False) -> Conv2d:
-    if node.plus_identity:
-        return IdentityPlusConv2d(node, empty)
-    return Conv2d(
-        node.in_channels,
-        node.out_channels,
-        node.kernel,
-        stride=node.stride,
-        padding=node.padding,
-        dilation=node.dilation,
-        groups=node.groups,
-        bias=node.bias,
-        empty=empty,
-    )
+    return IdentityPlusConv2d(node, empty) if node.plus_identity else Conv2d(**conv2d_arguments(node), empty=empty)
 
 
 def leaf_module(node: ParamLeaf, empty: bool = False) -> M.Module:

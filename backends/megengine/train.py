@@ -30,33 +30,20 @@ import numpy as np
 
 from reparam_core import training as tr
 from reparam_core.errors import CheckpointError
-from reparam_core.layouts import from_megengine
 from reparam_core.schema import TensorInfo
 from reparam_core.train_process import child_main
 
 from .api import create_model, export_state, load_state, predict
-from .blocks import RepModule, module_layout
+from .blocks import RepModule, live_tensors, module_layout, neutral_array
 from .layers import F, Tensor, mge
 
 StepCallback = Callable[[int, int, float, float], None]
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def _tensors(model: RepModule) -> dict[str, Tensor]:
-    """The model's live tensors (parameters and BN statistics) by canonical key."""
-    out = {}
-    for key in model.schema():
-        path, name = key.rsplit(".", 1)
-        out[key] = getattr(model.module_at(path), name)
-    return out
-
-
 def _neutral(values: dict[str, Tensor], schema: dict[str, TensorInfo]) -> dict[str, np.ndarray]:
     """MegEngine tensors in their module layout as neutral arrays (canonical shapes, float32)."""
-    return {
-        k: np.ascontiguousarray(from_megengine(np.asarray(v.numpy(), np.float32), schema[k]), np.float32)
-        for k, v in values.items()
-    }
+    return {k: neutral_array(v, schema[k]) for k, v in values.items()}
 
 
 def _native(arrays: dict[str, np.ndarray], schema: dict[str, TensorInfo]) -> dict[str, Tensor]:
@@ -71,7 +58,7 @@ def _optimizer(
     (1, C, 1, 1) inside MegEngine: the schema's shape decides), minus the custom-L2 kernels.
     Also returns the parameters by canonical key."""
     schema = model.schema()
-    params = {k: t for k, t in _tensors(model).items() if isinstance(t, mge.Parameter)}
+    params = {k: t for k, t in live_tensors(model).items() if isinstance(t, mge.Parameter)}
     groups: dict[bool, list[Tensor]] = {True: [], False: []}
     for key, p in params.items():
         groups[tr.decays(key, len(schema[key].shape), l2_kernels)].append(p)
@@ -119,7 +106,7 @@ def train(
     aux = tr.has_aux_heads(spec)
     opt, params = _optimizer(model, cfg, l2_kernels)
     gm = mge.autodiff.GradManager().attach(list(params.values()))
-    ema = {k: F.copy(t) for k, t in _tensors(model).items()} if cfg.ema else None
+    ema = {k: F.copy(t) for k, t in live_tensors(model).items()} if cfg.ema else None
     ema_weight = 1.0 - (cfg.ema or 0.0)  # ema <- ema + (1 - decay) (now - ema), as torch's lerp_
     ema_model = create_model(cfg.model, num_classes=len(data.classes)) if cfg.ema else None
     point = tr.resume_point(cfg, sched, resume)
@@ -147,7 +134,7 @@ def train(
                 mge.optimizer.clip_grad_norm(list(params.values()), cfg.clip)
             opt.step().clear_grad()
             if ema is not None:
-                for key, v in _tensors(model).items():
+                for key, v in live_tensors(model).items():
                     ema[key] = ema[key] + ema_weight * (v.detach() - ema[key])
             main_loss = float(losses["main"].item())
             sums.add(main_loss, int((outs["main"].numpy().argmax(1) == yb).sum()), len(yb))

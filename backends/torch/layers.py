@@ -23,6 +23,7 @@ from torch import nn
 
 from reparam_core import BN, SE, Act, AvgPool, Conv, Flatten, GlobalPool, Linear, PadBN, Scale
 from reparam_core.fusion import identity_offset
+from reparam_core.nodes import conv2d_arguments
 
 Tensor = torch.Tensor
 Rule = Callable[[nn.Module, Tensor, Any], Tensor]
@@ -107,16 +108,7 @@ class IdentityPlusConv2d(nn.Conv2d):
     identity: Tensor  # registered as a buffer in __init__
 
     def __init__(self, node: Conv) -> None:
-        super().__init__(
-            node.in_channels,
-            node.out_channels,
-            node.kernel,
-            node.stride,
-            node.padding,
-            node.dilation,
-            node.groups,
-            bias=node.bias,
-        )
+        super().__init__(**conv2d_arguments(node))
         offset = identity_offset(node.out_channels, node.groups, node.kernel)
         self.register_buffer("identity", torch.from_numpy(offset.astype(np.float32)), persistent=False)
 
@@ -126,18 +118,7 @@ class IdentityPlusConv2d(nn.Conv2d):
 
 
 def _conv(node: Conv) -> nn.Module:
-    if node.plus_identity:
-        return IdentityPlusConv2d(node)
-    return nn.Conv2d(
-        node.in_channels,
-        node.out_channels,
-        node.kernel,
-        node.stride,
-        node.padding,
-        node.dilation,
-        node.groups,
-        bias=node.bias,
-    )
+    return IdentityPlusConv2d(node) if node.plus_identity else nn.Conv2d(**conv2d_arguments(node))
 
 
 ModuleLeaf = Conv | BN | PadBN | Scale | SE | Linear

@@ -71,9 +71,6 @@ def grouped(cls: str, in_channels: int, out_channels: int, groups: int) -> None:
     )
 
 
-__all__ = ["ActName", "activation", "train_form_only", "zeros_padding", "require", "positive", "grouped", "ACT_NAMES"]
-
-
 def repvgg_geometry(
     cls: str,
     in_channels: int,
@@ -102,3 +99,16 @@ def repvgg_geometry(
     grouped(cls, in_channels, out_channels, groups)
     zeros_padding(cls, padding_mode)
     train_form_only(cls, deploy)
+
+
+__all__ = [
+    "ACT_NAMES",
+    "ActName",
+    "activation",
+    "grouped",
+    "positive",
+    "repvgg_geometry",
+    "require",
+    "train_form_only",
+    "zeros_padding",
+]
