@@ -1,8 +1,9 @@
 """Shared pytest options: `--slow` selects the long hypothesis profile and slow-marked tests;
-`--allow-missing-backend` lets the parity matrix (parity_tests/) skip, instead of fail, when a
-backend (torch, flax, or MegEngine through its worker in .venv-mge) cannot start here (never
-under CI=true). Registered here, not in parity_tests/conftest.py, so that the option is known
-to every pytest run that scripts/test.sh passes its arguments to."""
+`--allow-missing-backend` lets a test skip, instead of fail, when a backend it needs (torch,
+flax, MegEngine through its worker in .venv-mge, onnx...) cannot start here (never under CI=true;
+the rule: parity_tests/backend_rule.py, used by the parity matrix and by tests/). Registered
+here, not in parity_tests/conftest.py, so that the option is known to every pytest run that
+scripts/test.sh passes its arguments to."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--allow-missing-backend",
         action="store_true",
-        help="parity matrix: skip (not fail) when a backend is unavailable; ignored under CI=true",
+        help="skip (not fail) tests whose backend is unavailable; ignored under CI=true",
     )
 
 

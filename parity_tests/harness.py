@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -147,11 +146,6 @@ def make_runners(names: tuple[str, ...] = BACKENDS) -> tuple[dict[str, Runner], 
         except (ImportError, ReparamError, OSError) as e:
             unavailable[name] = f"{type(e).__name__}: {e}"
     return runners, unavailable
-
-
-def strict() -> bool:
-    """Under CI a missing backend is a failure, never a skip."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @dataclass

@@ -24,8 +24,6 @@ from reparam_core.specs import ModelSpec
 BLOCK_REL = 1e-5
 MODEL_BASE_REL = 1e-5
 MODEL_PER_LAYER_REL = 1e-6
-# The loosest model_tolerance over the registry, for tests that check many models at once.
-MODEL_REL_BOUND = 1e-4
 # A fused deploy state against reparam_core.reparameterize_state (both float32 roundings of
 # the same float64 values).
 FUSED_STATE_REL = 1e-6

@@ -49,4 +49,6 @@ def test_deploy_matches_oracle(tmp_path, model, fmt):
     x = verify_input(spec)
     ref = oracle.forward(spec, state, x, "train")
     out = oracle.forward(spec, deployed, x, "deploy")
-    assert np.max(np.abs(ref - out)) <= 1e-4 * np.max(np.abs(ref))
+    # both in float64: the only difference is the written deploy state's float32 rounding
+    # (measured 5.1e-8 for RepVGG-A0, 2.6e-8 for repghostnet_1_0x, the same in every format)
+    assert np.max(np.abs(ref - out)) <= 5e-7 * np.max(np.abs(ref))

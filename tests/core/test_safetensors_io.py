@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from parity_tests.backend_rule import require_module
 from reparam_core import CheckpointError
 from reparam_core.safetensors_io import dumps, loads
 
@@ -25,8 +26,8 @@ def test_round_trip_and_determinism() -> None:
         assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k])
 
 
-def test_readable_by_the_reference_implementation() -> None:
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+def test_readable_by_the_reference_implementation(pytestconfig) -> None:
+    safetensors_numpy = require_module(pytestconfig, "safetensors.numpy")
     state = {"w": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)}
     assert np.array_equal(safetensors_numpy.load(dumps(state))["w"], state["w"])
     assert np.array_equal(loads(safetensors_numpy.save(state))[0]["w"], state["w"])

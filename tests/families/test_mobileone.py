@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from parity_tests.backend_rule import require_module
 from parity_tests.tolerance import model_tolerance, rel_err
 from reparam_core import (
     SpecError,
@@ -320,9 +321,9 @@ def s0_deploy() -> tuple:
     return spec, reparameterize_state(spec, state), x, forward(spec, state, x, "train")
 
 
-def test_s0_onnx_is_a_plain_conv_stack(tmp_path, s0_deploy) -> None:
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+def test_s0_onnx_is_a_plain_conv_stack(tmp_path, s0_deploy, pytestconfig) -> None:
+    onnx = require_module(pytestconfig, "onnx")
+    ort = require_module(pytestconfig, "onnxruntime")
     import torch
 
     import backends.torch as bt

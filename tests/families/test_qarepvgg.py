@@ -76,4 +76,5 @@ def test_a0_fused_state_matches_the_oracle() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     y = forward(spec, state, x, "train")
     yd = forward(spec, reparameterize_state(spec, state), x, "deploy")
-    assert np.abs(yd - y).max() <= 1e-4 * np.abs(y).max()
+    # both in float64: the only difference is the fused state's float32 rounding (measured 6.6e-8)
+    assert np.abs(yd - y).max() <= 7e-7 * np.abs(y).max()

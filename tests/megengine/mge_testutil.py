@@ -6,8 +6,7 @@ import numpy as np
 
 # The tolerance policy lives in parity_tests/tolerance.py (numpy only: importable here).
 from parity_tests.tolerance import BLOCK_REL as BLOCK_RTOL  # noqa: F401
-from parity_tests.tolerance import MODEL_REL_BOUND as MODEL_RTOL  # noqa: F401
-from parity_tests.tolerance import rel_err  # noqa: F401
+from parity_tests.tolerance import model_tolerance, rel_err  # noqa: F401
 from reparam_core import random_tensors as random_block_params  # noqa: F401
 
 

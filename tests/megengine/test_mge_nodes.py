@@ -8,7 +8,7 @@ from __future__ import annotations
 import megengine as mge
 import numpy as np
 import pytest
-from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, rel_err
+from mge_testutil import BLOCK_RTOL, model_tolerance, rand_input, rel_err
 
 from backends.megengine import (
     RepModule,
@@ -211,15 +211,18 @@ def test_generic_model_aux_heads_state_and_trace(tmp_path):
     model.eval()
     out = model.forward_with_aux(mge.tensor(x))
     ref = oracle.forward_with_aux(desc, state, x)
+    # measured 1.4e-7 / 1.1e-7 (main, aux head), deploy 8.5e-8, traced 1.1e-7;
+    # model_tolerance: 1.5e-5 (5 convs deep)
+    tol = model_tolerance(desc)
     assert set(out) == set(ref) == {"main", "stages_aux"}
-    assert all(rel_err(out[k].numpy(), ref[k]) <= MODEL_RTOL for k in ref)
+    assert all(rel_err(out[k].numpy(), ref[k]) <= tol for k in ref)
     deployed = reparameterize(model)
     assert set(deployed.state_dict()) == set(schema_for(desc, "deploy"))
-    assert rel_err(predict(deployed, x), ref["main"]) <= MODEL_RTOL
+    assert rel_err(predict(deployed, x), ref["main"]) <= tol
     with pytest.raises(ReparamError, match="train form only"):
         deployed.forward_with_aux(mge.tensor(x))
     path = export_traced(model, tmp_path / "tiny.mge", input_shape=x.shape)
-    assert rel_err(run_traced(path, x), ref["main"]) <= MODEL_RTOL
+    assert rel_err(run_traced(path, x), ref["main"]) <= tol
 
 
 def test_reparameterize_copies_and_keeps_the_mode():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, rel_err
+from mge_testutil import BLOCK_RTOL, model_tolerance, rand_input, rel_err
 
 from backends.megengine import (
     build_block,
@@ -72,5 +72,7 @@ def test_qarepvgg_a0_native() -> None:
     load_state(model, state)
     x = rand_input((1, 3, 32, 32), 2)
     ref = oracle.forward(spec, state, x, "train")
-    assert rel_err(predict(model, x), ref) <= MODEL_RTOL
-    assert rel_err(predict(reparameterize(model), x), ref) <= MODEL_RTOL
+    # measured 7.0e-7 (train form) and 4.6e-7 (deploy form); model_tolerance: 3.2e-5 (22 convs)
+    tol = model_tolerance(spec)
+    assert rel_err(predict(model, x), ref) <= tol
+    assert rel_err(predict(reparameterize(model), x), ref) <= tol

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from mge_testutil import BLOCK_RTOL, MODEL_RTOL, rand_input, random_block_params, rel_err
+from mge_testutil import BLOCK_RTOL, model_tolerance, rand_input, random_block_params, rel_err
 
 from reparam_core import RepBlockSpec, block_spec_to_dict, get_spec, oracle, random_state, reparameterize_state
 from reparam_core.safetensors_io import load_file, save_file
@@ -81,7 +81,7 @@ def test_worker_protocol(worker, tmp_path):
     r = timed(worker, req)
     assert r["ok"] is True and r["form"] == "deploy" and "seconds" in r, r
     ref = oracle.forward(spec, state, x, "train")
-    assert rel_err(load_file(tmp_path / "y.safetensors")[0]["y"], ref) <= MODEL_RTOL
+    assert rel_err(load_file(tmp_path / "y.safetensors")[0]["y"], ref) <= model_tolerance(spec)
     dstate = load_file(tmp_path / "deploy.safetensors")[0]
     expected = reparameterize_state(spec, state)
     assert set(dstate) == set(expected)
@@ -129,7 +129,7 @@ def test_worker_protocol(worker, tmp_path):
         },
     )
     assert r["ok"] is True and art.exists() and "seconds" in r, r
-    assert rel_err(load_file(tmp_path / "ya.safetensors")[0]["y"], ref) <= MODEL_RTOL
+    assert rel_err(load_file(tmp_path / "ya.safetensors")[0]["y"], ref) <= model_tolerance(spec)
 
     # errors are replies, and the worker keeps serving
     bad = worker({**req, "state": str(tmp_path / "deploy.safetensors"), "export_state": None, "reparameterize": False})

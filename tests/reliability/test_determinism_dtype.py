@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from parity_tests.backend_rule import require_module
 from reparam_core import get_spec, oracle, random_state, safetensors_io
 from reparam_core.convert import convert, verify_input
 from reparam_core.errors import CheckpointError
@@ -52,8 +53,8 @@ def test_streaming_equals_verify_path_on_a_deep_model(tmp_path):
     assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "v.safetensors").read_bytes()
 
 
-def test_torch_output_is_ours_and_loads_in_torch(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_torch_output_is_ours_and_loads_in_torch(tmp_path, pytestconfig):
+    torch = require_module(pytestconfig, "torch")
     spec = get_spec("RepVGG-mini", 10)
     src = tmp_path / "src.safetensors"
     state = random_state(spec, "train", seed=5)

@@ -8,23 +8,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from parity_tests.backend_rule import require_module
 from reparam_core import get_spec, random_state
 from reparam_core.errors import ReparamError
 
 BACKENDS = ["torch", "flax"]
 
 
-def backend(name):
-    pytest.importorskip({"torch": "torch", "flax": "flax"}[name])
-    import importlib
-
-    return importlib.import_module(f"backends.{name}")
+def backend(name, config):
+    require_module(config, name)
+    return require_module(config, f"backends.{name}")
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("model", ["RepVGG-mini", "repghostnet_0_5x"])
-def test_reparameterize_deploy_is_a_no_op(name, model):
-    be = backend(name)
+def test_reparameterize_deploy_is_a_no_op(name, model, pytestconfig):
+    be = backend(name, pytestconfig)
     spec = get_spec(model, 10)
     m = be.create_model(model, num_classes=10, deploy=False)
     be.load_state(m, random_state(spec, "train", seed=1))
@@ -41,8 +40,8 @@ def test_reparameterize_deploy_is_a_no_op(name, model):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_custom_l2_on_deploy_repvggplus_raises(name):
-    be = backend(name)
+def test_custom_l2_on_deploy_repvggplus_raises(name, pytestconfig):
+    be = backend(name, pytestconfig)
     m = be.create_model("RepVGGplus-L2pse", num_classes=10, deploy=True)
     with pytest.raises(ReparamError, match="train form only"):
         m.custom_l2()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_testutil import MODEL_RTOL, rel_err
+from torch_testutil import model_tolerance, rel_err
 
 import backends.torch as bt
 from reparam_core import ReparamError, get_spec, oracle
@@ -42,8 +42,8 @@ def _train(model: torch.nn.Module, loss_fn, steps: int = 3, size: int = 32) -> d
 def _check_trained_converts(model: bt.RepModule, spec, size: int = 32) -> None:
     x = np.random.default_rng(5).standard_normal((2, 3, size, size)).astype(np.float32)
     expected = oracle.forward(spec, bt.export_state(model), x, "train")
-    assert rel_err(bt.predict(model, x), expected) <= MODEL_RTOL
-    assert rel_err(bt.predict(bt.reparameterize(model), x), expected) <= MODEL_RTOL
+    assert rel_err(bt.predict(model, x), expected) <= model_tolerance(spec)
+    assert rel_err(bt.predict(bt.reparameterize(model), x), expected) <= model_tolerance(spec)
 
 
 def _ce(model, x, y):

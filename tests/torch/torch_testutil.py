@@ -9,8 +9,7 @@ import backends.torch as bt
 # The tolerance policy lives in parity_tests/tolerance.py.
 from parity_tests.tolerance import BLOCK_REL as BLOCK_RTOL  # noqa: F401
 from parity_tests.tolerance import FUSED_STATE_REL as FUSE_RTOL  # noqa: F401
-from parity_tests.tolerance import MODEL_REL_BOUND as MODEL_RTOL  # noqa: F401
-from parity_tests.tolerance import rel_err  # noqa: F401
+from parity_tests.tolerance import model_tolerance, rel_err  # noqa: F401
 from reparam_core import get_spec, random_state
 from reparam_core import random_tensors as random_params  # noqa: F401
 

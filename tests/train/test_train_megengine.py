@@ -19,10 +19,18 @@ import pytest
 from train_testutil import INIT_STEPS, MODEL, ROOT, env, max_rel_diff, metrics, run_train, trained
 
 from backends.megengine.remote import mge_python
+from parity_tests.backend_rule import missing_backend
 from reparam_core import training as tr
 from reparam_core.safetensors_io import load_file
 
-pytestmark = pytest.mark.skipif(not mge_python().exists(), reason="no .venv-mge")
+
+@pytest.fixture(autouse=True, scope="module")
+def _megengine_environment(pytestconfig) -> None:
+    """Every test here runs the MegEngine trainer: without its environment they fail (under CI, or
+    without --allow-missing-backend), never skip silently."""
+    if not mge_python().exists():
+        missing_backend(pytestconfig, f"MegEngine environment not found ({mge_python()})")
+
 
 # Weights and BN statistics after 2 steps: largest per-tensor relative difference 3.1e-5
 # (measured; PyTorch against itself with 1 or 2 OpenMP threads: 1e-6). MegEngine's CPU gradients
