@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create or refresh the project's two environments, idempotently:
 #   .venv      Python 3.11: torch (CPU), jax, flax, onnx, test tools   (requirements/main.lock)
+#              + timm, ultralytics, mmpretrain, torchvision               (requirements/zoo.lock, --no-deps:
+#              fully pinned there; resolving would pull GUI opencv; torchvision is imported through
+#              backends/torch/zoo.py, see that file)
 #   .venv-mge  Python 3.10: megengine 1.13.0, numpy < 2                 (requirements/mge.lock)
 # MegEngine's last release has wheels only for CPython <= 3.10 and breaks with numpy 2, hence two.
 # A stamp (hash of the lock file and pyproject.toml) in each venv makes a second run a no-op.
@@ -23,10 +26,10 @@ pip_quiet() {  # run pip, show its output only when it fails
   rm -f "$log"
 }
 
-make_env() {  # make_env DIR PYTHON LOCKFILE EXTRA
-  local dir="$1" python="$2" lock="$3" extra="$4"
+make_env() {  # make_env DIR PYTHON LOCKFILE EXTRA [NODEPS_LOCKFILE]
+  local dir="$1" python="$2" lock="$3" extra="$4" nodeps_lock="${5:-}"
   local want
-  want="$(cat "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+  want="$(cat "$lock" ${nodeps_lock:+"$nodeps_lock"} pyproject.toml | sha256sum | cut -c1-16)"
   if [[ -f "$dir/.reparam-stamp" && "$(cat "$dir/.reparam-stamp")" == "$want" ]]; then
     return 0
   fi
@@ -37,10 +40,13 @@ make_env() {  # make_env DIR PYTHON LOCKFILE EXTRA
   echo "setup: building $dir with $("$python" --version 2>&1) from $lock (first time only) ..." >&2
   [[ -x "$dir/bin/python" ]] || "$python" -m venv "$dir"
   pip_quiet "$dir/bin/python" -m pip install --disable-pip-version-check -r "$lock"
+  if [[ -n "$nodeps_lock" ]]; then  # every package pinned in the file itself; torch stays as $lock put it
+    pip_quiet "$dir/bin/python" -m pip install --disable-pip-version-check --no-deps -r "$nodeps_lock"
+  fi
   pip_quiet "$dir/bin/python" -m pip install --disable-pip-version-check --no-deps -e ".[$extra]"
   "$dir/bin/python" -c "import reparam_core" || { echo "setup: $dir is broken" >&2; return 1; }
   echo "$want" > "$dir/.reparam-stamp"
 }
 
-make_env .venv "$py311" requirements/main.lock "torch,flax,dev"
+make_env .venv "$py311" requirements/main.lock "torch,flax,dev" requirements/zoo.lock
 make_env .venv-mge "$py310" requirements/mge.lock "megengine"
