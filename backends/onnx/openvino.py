@@ -82,6 +82,17 @@ def read_model(src: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: OpenVINO cannot read it: {str(e).splitlines()[0]}") from None
 
 
+def model_from_onnx_bytes(data: bytes) -> Any:
+    """An `openvino.Model` of a serialized ONNX graph (e.g. the int8 QDQ graph `quantize_qdq`
+    returns); CheckpointError when OpenVINO cannot read it."""
+    import io
+
+    try:
+        return ov_core().read_model(io.BytesIO(data))
+    except RuntimeError as e:
+        raise CheckpointError(f"<ONNX bytes>: OpenVINO cannot read them: {str(e).splitlines()[0]}") from None
+
+
 def compile_model(model: Any, precision: str = "float32", threads: int | None = None) -> Any:
     """`model` (an openvino.Model or a path read_model takes) compiled for CPU with
     compile_config; ReparamError if the compiled model does not report the precision asked."""
@@ -184,6 +195,7 @@ __all__ = [
     "has_bf16",
     "compile_config",
     "read_model",
+    "model_from_onnx_bytes",
     "compile_model",
     "runner",
     "run_openvino",
