@@ -194,11 +194,11 @@ def _openvino_logits(fp32: str, int8: bytes, x: np.ndarray) -> tuple[Any, np.nda
 def _engine_fields(engine: str) -> dict[str, Any]:
     """What the report says about the engine: its name, the file format and the kernels measured."""
     if engine == "openvino":
-        import openvino
+        from backends.onnx.openvino import import_openvino
 
         return {
             "engine": "openvino",
-            "openvino": openvino.get_version(),
+            "openvino": import_openvino().get_version(),
             "inference_precision_hint": "f32",
             "format": "OpenVINO IR int8 (the QDQ graph calibrated with ONNX Runtime)",
             "kernels": "OpenVINO int8 kernels",

@@ -15,13 +15,15 @@ repghostnet_1_0x, x1.98 vs x1.07, at the same logits SQNR; on the trained demo R
 QDQ graph gave 29.5 dB logits SQNR against NNCF's 23.1 dB). One calibration and one file serve
 both engines, and the per-layer SQNR of the QDQ math is the same for both; no extra dependency.
 
-openvino is imported when a function is called, never at import time.
+openvino is imported when a function is called, never at import time, and with its usage
+telemetry off (`import_openvino`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from functools import lru_cache
 from typing import Any
@@ -36,12 +38,29 @@ PRECISIONS: dict[str, str] = {"float32": "f32", "bfloat16": "bf16"}  # ours -> O
 DEVICE = "CPU"
 
 
+def import_openvino() -> Any:
+    """The `openvino` module, imported without its usage telemetry. A plain `import openvino`
+    sends an event to Google Analytics from a forked process and writes a client id under
+    ~/intel unless the user opted out (openvino-telemetry, a dependency of openvino); hidden
+    from that first import, openvino binds its own no-op stub instead. The telemetry package is
+    importable again afterwards (NNCF needs it). An openvino imported before is returned as is."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    hidden = "openvino_telemetry" not in sys.modules
+    if hidden:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # makes its import fail
+    try:
+        import openvino
+    finally:
+        if hidden:
+            del sys.modules["openvino_telemetry"]
+    return openvino
+
+
 @lru_cache(maxsize=1)
 def ov_core() -> Any:
     """One `openvino.Core` per process."""
-    import openvino as ov
-
-    return ov.Core()
+    return import_openvino().Core()
 
 
 def has_bf16() -> bool:
@@ -96,8 +115,7 @@ def model_from_onnx_bytes(data: bytes) -> Any:
 def compile_model(model: Any, precision: str = "float32", threads: int | None = None) -> Any:
     """`model` (an openvino.Model or a path read_model takes) compiled for CPU with
     compile_config; ReparamError if the compiled model does not report the precision asked."""
-    import openvino as ov
-
+    ov = import_openvino()
     if isinstance(model, (str, os.PathLike)):
         model = read_model(model)
     compiled = ov_core().compile_model(model, DEVICE, compile_config(precision, threads))
@@ -151,8 +169,7 @@ def stable_names(model: Any) -> Any:
 def ir_bytes(model: Any) -> tuple[bytes, bytes]:
     """The IR (xml, bin) of `model` with stable names and float32 weights as they are (no fp16
     compression); the same graph gives the same bytes."""
-    import openvino as ov
-
+    ov = import_openvino()
     model = stable_names(model.clone())
     with tempfile.TemporaryDirectory(prefix="reparam-ir-") as tmp:
         xml = os.path.join(tmp, "model.xml")
@@ -191,6 +208,7 @@ def write_ir(model: Any, dst: str | os.PathLike[str], *, overwrite: bool = False
 
 __all__ = [
     "PRECISIONS",
+    "import_openvino",
     "ov_core",
     "has_bf16",
     "compile_config",
