@@ -182,7 +182,8 @@ def write_ir(model: Any, dst: str | os.PathLike[str], *, overwrite: bool = False
     """Write `model` as DST.xml + DST.bin, each atomically (temp file, fsync, rename), weights
     first; the xml is read back by OpenVINO (with the new weights) before it takes its place.
     Without `overwrite` neither file may exist; on failure a weights file this call created is
-    removed. Returns the two paths."""
+    removed. With `overwrite`, a failure of the xml's write (a full disk) leaves the new weights
+    beside the old xml. Returns the two paths."""
     xml, weights = ir_paths(dst)
     if not overwrite:
         for path in (xml, weights):
