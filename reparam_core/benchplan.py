@@ -44,6 +44,7 @@ from reparam_core.timing import interleaved_times, paired_ratio, summarize
 Fn = Callable[[], Any]
 GEMM_N = 2048  # the float32 GEMM probe: GEMM_N x GEMM_N x GEMM_N
 ORT_PATH, INT8_PATH = "deploy/onnxruntime", "deploy/onnxruntime-int8"  # int8 over float32, same runtime
+OV_PATH, OV_BF16_PATH, OV_INT8_PATH = "deploy/openvino", "deploy/openvino-bf16", "deploy/openvino-int8"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class BenchConfig:
     memory: bool = True
     mge_fastrun: bool = False  # MegEngine's profiled kernels as extra fast paths
     onnxruntime: bool = True  # torch side: the deploy form in ONNX Runtime, float32 and int8
-    bf16: bool = True  # torch side: the deploy form under CPU bf16 autocast
+    openvino: bool = True  # torch side: the deploy form in OpenVINO, float32, bf16 (where the CPU has it) and int8
+    bf16: bool = True  # torch side: the deploy form under CPU bf16 autocast (and in OpenVINO bf16)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class FastPath:
     output: np.ndarray
     compile_s: float = 0.0
     precision: str = "float32"  # "int8", "bfloat16": its outputs are compared, not required equal
+    engine: str | None = None  # what runs it ("onnxruntime", "openvino"); None: the backend itself
 
 
 class Bench(Protocol):
@@ -215,6 +218,7 @@ def bench_model(
     }
     out["check_rel_err_vs_deploy"]["train"] = rel_err(outputs["train"], outputs["deploy"])
     out["precision"] = {k: f.precision for k, f in fast.items()}
+    out["engine"] = {k: f.engine or bench.name for k, f in fast.items()}
     if low:  # reduced precision: how far from float32, not a correctness check
         out["low_precision_vs_deploy"] = {
             k: {
@@ -240,6 +244,7 @@ def bench_model(
         ratios.update(best_fast_path=best, best_fast_over_deploy=float32_fast[best])
     if INT8_PATH in times and ORT_PATH in times:
         ratios["int8_over_ort_fp32"] = paired_ratio(times[ORT_PATH], times[INT8_PATH])
+    ratios.update(best_int8(times, [k for k, f in fast.items() if f.precision == "int8"]))
     out["ratios"] = ratios
     out["conv_equiv_gflops"] = {
         k: 2 * out["macs"]["train" if k.split("/")[0] == "train" else "deploy"] * config.batch / v["median_s"] / 1e9
@@ -248,6 +253,24 @@ def bench_model(
     if config.memory:
         stage(f"{model}: memory")
         out["memory"] = {f: memory_in_child(module, model, f, config) for f in modules}
+    return out
+
+
+def best_int8(times: Mapping[str, list[float]], int8: Sequence[str]) -> dict[str, Any]:
+    """The fastest of the `int8` paths over ONNX Runtime float32 (`best_int8_path`,
+    `best_int8_over_ort_fp32`) and over OpenVINO float32 (`best_int8_over_openvino_fp32`), each
+    a median of paired rounds; only the figures whose paths were timed."""
+    if not int8:
+        return {}
+    ref = ORT_PATH if ORT_PATH in times else OV_PATH if OV_PATH in times else None
+    if ref is None:
+        return {}
+    over = {k: paired_ratio(times[ref], times[k]) for k in int8}
+    best = max(over, key=over.__getitem__)
+    out: dict[str, Any] = {"best_int8_path": best}
+    for key, path in (("best_int8_over_ort_fp32", ORT_PATH), ("best_int8_over_openvino_fp32", OV_PATH)):
+        if path in times:
+            out[key] = paired_ratio(times[path], times[best])
     return out
 
 
@@ -334,6 +357,10 @@ __all__ = [
     "GEMM_N",
     "ORT_PATH",
     "INT8_PATH",
+    "OV_PATH",
+    "OV_BF16_PATH",
+    "OV_INT8_PATH",
+    "best_int8",
     "BenchConfig",
     "FastPath",
     "Bench",

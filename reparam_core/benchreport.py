@@ -74,7 +74,9 @@ def headline_table(report: dict[str, Any]) -> str:
             "x eager",
             "conv-equiv GFLOP/s",
             "of best GEMM",
+            "best int8",
             "int8/ORT fp32",
+            "int8/OV fp32",
             "convert/copy",
             "convert s",
             "params M",
@@ -86,7 +88,7 @@ def headline_table(report: dict[str, Any]) -> str:
             conv = r["conversion"]
             params = f"{r['params']['train'] / 1e6:.2f}->{r['params']['deploy'] / 1e6:.2f}"
             if "ratios" not in r:  # conversion only
-                rows.append([b, m] + ["-"] * 7 + [_x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}", params, "-"])
+                rows.append([b, m] + ["-"] * 9 + [_x(conv["ratio"]), f"{conv['reparameterize_s']:.2f}", params, "-"])
                 continue
             ra = r["ratios"]
             best = ra.get("best_fast_path")
@@ -107,7 +109,9 @@ def headline_table(report: dict[str, Any]) -> str:
                     _x(ra.get("best_fast_over_deploy")),
                     f"{g:.1f}",
                     f"{frac:.2f}",
-                    _x(ra.get("int8_over_ort_fp32")),
+                    ra.get("best_int8_path", "-"),
+                    _x(ra.get("best_int8_over_ort_fp32")),
+                    _x(ra.get("best_int8_over_openvino_fp32")),
                     _x(conv["ratio"]),
                     f"{conv['reparameterize_s']:.2f}",
                     params,
@@ -127,6 +131,7 @@ def forms_table(report: dict[str, Any]) -> str:
             "model",
             "form",
             "precision",
+            "engine",
             "img/s",
             "ms/batch",
             "conv-equiv GFLOP/s",
@@ -146,6 +151,7 @@ def forms_table(report: dict[str, Any]) -> str:
                         m,
                         form,
                         r.get("precision", {}).get(form, "float32"),
+                        r.get("engine", {}).get(form, b),
                         f"{f['images_per_s']:.1f}",
                         f"{f['median_s'] * 1e3:.1f}",
                         f"{r['conv_equiv_gflops'][form]:.1f}",
@@ -168,8 +174,9 @@ def footnote(report: dict[str, Any]) -> str:
         "fewer operations, so it can pass the GEMM rate). CPU: "
         f"{report['machine']['cpu']['model_name']}, {', '.join(feats) or 'no listed features'}. "
         "Ratios are medians of paired rounds; 'x eager' is the best float32 fast path over the "
-        "eager deploy form; 'int8/ORT fp32' is ONNX Runtime's int8 QDQ graph over its float32 "
-        "graph (int8 is fast only with VNNI or AMX)."
+        "eager deploy form; 'best int8' is the fastest int8 path (the same QDQ graph in ONNX Runtime "
+        "or OpenVINO), 'int8/ORT fp32' and 'int8/OV fp32' its speed over the float32 graph in ONNX "
+        "Runtime and in OpenVINO (int8 is fast only with VNNI or AMX)."
     )
 
 

@@ -25,7 +25,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"top-1 fp32 {_pct(rep['fp32_top1'])}  int8 {_pct(rep['int8_top1'])}  agreement "
         f"{_pct(rep['agreement'])} on {rep['n_eval']} images; logits SQNR "
         f"{rep['logits_sqnr_db']:.1f} dB; size {rep['bytes']['fp32'] / 1e6:.2f} MB -> "
-        f"{rep['bytes']['int8'] / 1e6:.2f} MB (ONNX Runtime int8 kernels on this CPU)",
+        f"{rep['bytes']['int8'] / 1e6:.2f} MB ({rep.get('kernels', 'ONNX Runtime int8 kernels')} on this CPU)",
         f"QDQ math (unfused): agreement {_pct(rep['agreement_qdq_math'])}, logits SQNR "
         f"{rep['logits_sqnr_db_qdq_math']:.1f} dB; per layer (QDQ math):",
         f"{'layer':<28}{'SQNR dB':>9}{'w min':>9}{'w max':>9}{'act min':>9}{'act max':>9}",

@@ -96,7 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the torch deploy form in ONNX Runtime (float32 and int8 QDQ)",
     )
-    parser.add_argument("--no-bf16", action="store_true", help="skip torch's CPU bf16 autocast path")
+    parser.add_argument(
+        "--no-openvino",
+        action="store_true",
+        help="skip the torch deploy form in OpenVINO (float32, bf16 where the CPU has it, int8 QDQ)",
+    )
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="skip the bf16 paths (torch's CPU autocast, OpenVINO's bf16)"
+    )
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw throughput per backend and form")
 
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         mge_fastrun=args.mge_fastrun,
         onnxruntime=not args.no_onnxruntime,
+        openvino=not args.no_openvino,
         bf16=not args.no_bf16,
     )
     report = new_report(asdict(config))

@@ -25,7 +25,7 @@ COMMANDS = {
     "convert": ("convert", "convert a checkpoint between frameworks / to deploy form"),
     "verify": ("verify", "run the parity matrix and print a table of relative errors"),
     "bench": ("bench", "benchmark train form vs deploy form vs a plain conv stack per backend"),
-    "quantize": ("quantize", "int8 ONNX of a checkpoint's deploy form, with accuracy and per-layer SQNR"),
+    "quantize": ("quantize", "int8 ONNX or OpenVINO IR of a deploy form, with accuracy and per-layer SQNR"),
     "demo": ("demo", "train on sklearn digits, re-parameterize and port to every framework"),
     "fuse": ("fuse_cmd", "merge the parallel conv/BN branches of an ONNX graph into one conv"),
     "train": ("train", "train the multi-branch form (torch DDP / Flax sharding), resumable"),

@@ -260,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL,MODEL",
         help="instead: train each model (default "
         f"{QUANTIZE_MODELS}), quantize to int8 per channel and per tensor, "
-        "and compare accuracy and per-layer SQNR",
+        "and compare accuracy and per-layer SQNR in ONNX Runtime and OpenVINO",
     )
     parser.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
     # maintainers: refresh the shipped checkpoint (assets/demo/) from this run's training

@@ -4,9 +4,11 @@ Trains each model (default RepVGG-mini and QARepVGG-mini, the same size) with th
 (`reparam train`'s trainer, scripts/demo_train.py) and seed on the digits, then quantizes each
 deploy form with ONNX Runtime (200 calibration digits from the training split) with per-channel
 and per-tensor weights, and compares float32 and int8 on the 359 test digits: top-1, agreement
-and SQNR, per model and per layer. Writes DIR/train/<model>/ (the trainer's files),
-DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx,
-DIR/quantize.json and DIR/summary.png (per-layer SQNR side by side).
+and SQNR, per model and per layer, in ONNX Runtime and (the same calibrated QDQ graph as an
+OpenVINO IR) in OpenVINO. Writes DIR/train/<model>/ (the trainer's files),
+DIR/checkpoints/<model>-digits.safetensors, DIR/int8/<model>-<granularity>.onnx and .xml/.bin,
+DIR/quantize.json (the ONNX Runtime report, OpenVINO's figures under "openvino") and
+DIR/summary.png (per-layer SQNR side by side).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .demo_train import train_model
 from .quantize import quantize_checkpoint
 
 GRANULARITIES = ("per-channel", "per-tensor")
+ENGINES = {"onnxruntime": ".onnx", "openvino": ".xml"}  # engine -> the int8 file it writes
 Results = dict[str, dict[str, dict[str, Any]]]  # model -> granularity -> quantize report
 
 
@@ -40,36 +43,52 @@ def compare(
         module, _, _ = train_model(model, data, root / "train" / model, epochs=epochs, seed=seed, quiet=quiet)
         ckpt = root / "checkpoints" / f"{model}-digits.safetensors"
         save_file(export_state(module), str(ckpt), metadata={"model": model, "form": "train"})
-        results[model] = {
-            g: quantize_checkpoint(
-                str(ckpt),
-                str(root / "int8" / f"{model}-{g}.onnx"),
-                model,
-                calib="digits",
-                samples=samples,
-                per_channel=g == "per-channel",
-                eval_source="digits",
-                overwrite=True,
-            )
-            for g in GRANULARITIES
-        }
+        results[model] = {}
+        for g in GRANULARITIES:
+            reports = {
+                engine: quantize_checkpoint(
+                    str(ckpt),
+                    str(root / "int8" / f"{model}-{g}{ext}"),
+                    model,
+                    calib="digits",
+                    samples=samples,
+                    per_channel=g == "per-channel",
+                    eval_source="digits",
+                    overwrite=True,
+                    engine=engine,
+                )
+                for engine, ext in ENGINES.items()
+            }
+            results[model][g] = {**reports["onnxruntime"], "openvino": _engine_figures(reports["openvino"])}
     (root / "quantize.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
+def _engine_figures(rep: dict[str, Any]) -> dict[str, Any]:
+    """What an engine's report adds to ONNX Runtime's for the same graph: its int8 top-1,
+    agreement, logits SQNR and the size of what it wrote."""
+    keys = ("engine", "format", "int8_top1", "agreement", "logits_sqnr_db", "bytes")
+    return {k: rep[k] for k in keys if k in rep}
+
+
 def format_comparison(results: Results) -> str:
+    """One row per model and weight granularity: float32 and int8 top-1, then agreement and
+    logits SQNR of int8 in ONNX Runtime (ORT) and in OpenVINO (OV), and the worst layer's SQNR
+    (the QDQ math, the same graph in both)."""
     head = (
         f"{'model':<16}{'weights':<13}{'bits':>5}{'fp32 top-1':>11}{'int8 top-1':>11}"
-        f"{'agree':>8}{'logit SQNR':>11}{'min layer SQNR':>16}"
+        f"{'ORT agree':>10}{'ORT SQNR':>10}{'OV agree':>10}{'OV SQNR':>9}{'min layer SQNR':>16}"
     )
     lines = [head, "-" * len(head)]
     for model, by_g in results.items():
         for g, r in by_g.items():
             worst = min(lr["sqnr_db"] for lr in r["layers"])
+            ov = r["openvino"]
             lines.append(
                 f"{model:<16}{g:<13}{r['weight_bits']:>5}{100 * r['fp32_top1']:>10.2f}%"
-                f"{100 * r['int8_top1']:>10.2f}%{100 * r['agreement']:>7.2f}%"
-                f"{r['logits_sqnr_db']:>9.1f}dB{worst:>14.1f}dB"
+                f"{100 * r['int8_top1']:>10.2f}%{100 * r['agreement']:>9.2f}%"
+                f"{r['logits_sqnr_db']:>8.1f}dB{100 * ov['agreement']:>9.2f}%"
+                f"{ov['logits_sqnr_db']:>7.1f}dB{worst:>14.1f}dB"
             )
     return "\n".join(lines)
 

@@ -1,11 +1,12 @@
 """`reparam quantize`: a checkpoint's deploy form as an int8 ONNX graph (ONNX Runtime static
 quantization, QDQ), with the measurements that tell whether int8 is good enough: float32 vs
 int8 top-1 and their agreement, and per layer the SQNR of int8 against float32, the weight range
-and the calibrated activation range.
+and the calibrated activation range. `--engine openvino` writes the same calibrated QDQ graph as
+an OpenVINO IR (DST.xml + DST.bin) and measures it in OpenVINO (precision hint f32).
 
-    reparam quantize SRC DST.onnx --model NAME --calib digits|DIR [--samples N]
+    reparam quantize SRC DST.onnx|DST.xml --model NAME --calib digits|DIR [--samples N]
         [--method minmax|entropy|percentile] [--per-tensor] [--eval digits|DIR]
-        [--json FILE] [--plot FILE.png] [--overwrite]
+        [--engine onnxruntime|openvino] [--json FILE] [--plot FILE.png] [--overwrite]
 
 Images: `digits` is scikit-learn's bundled digits preprocessed as `reparam demo` does (calibration
 from its training split, evaluation on its test split); a DIR is `DIR/<class>/<image>` of one
@@ -28,9 +29,12 @@ import numpy as np
 
 from reparam_core import ReparamError, get_spec
 from reparam_core.atomic import atomic_write
+from reparam_core.errors import ArgumentError
 from reparam_core.formats import infer_num_classes, read_raw, to_neutral
 from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
 from reparam_core.quantreport import format_report, plot_layers
+
+ENGINES = ("onnxruntime", "openvino")  # what runs (and what is written): an ONNX file, an OpenVINO IR
 
 
 @lru_cache(maxsize=1)
@@ -69,10 +73,12 @@ def quantize_checkpoint(
     overwrite: bool = False,
     reduce_range: str = "auto",
     torch_pt2e: bool = False,
+    engine: str = "onnxruntime",
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> dict[str, Any]:
-    """Quantize checkpoint `src` of `model` to `dst` (int8 ONNX); returns the report. Raises
+    """Quantize checkpoint `src` of `model` to `dst` (int8 ONNX; with `engine` 'openvino' the same
+    graph as an OpenVINO IR, DST.xml + DST.bin, measured in OpenVINO); returns the report. Raises
     ReparamError subclasses on bad input, before anything is written. `reduce_range`: 'on'
     (7-bit weights), 'off', or 'auto' (on where this CPU has no VNNI/AMX int8 dot product).
     `torch_pt2e`: also quantize with torchao's PT2E X86 Inductor flow and report its agreement
@@ -81,8 +87,9 @@ def quantize_checkpoint(
     from backends.onnx.quantize import compare_logits, measure_int8, quantize_qdq, run_onnx
     from reparam_core.hardware import cpu_features, cpu_model, has_int8_dot
 
-    if os.path.exists(dst) and not overwrite:
-        raise ReparamError(f"{dst} already exists; pass --overwrite to replace it")
+    for path in _outputs(dst, engine):
+        if os.path.exists(path) and not overwrite:
+            raise ReparamError(f"{path} already exists; pass --overwrite to replace it")
     if reduce_range not in ("auto", "on", "off"):
         raise ReparamError(f"--reduce-range must be auto, on or off, got {reduce_range!r}")
     seven_bit = reduce_range == "on" or (reduce_range == "auto" and not has_int8_dot())
@@ -118,8 +125,11 @@ def quantize_checkpoint(
             per_channel=per_channel,
             reduce_range=seven_bit,
         )
-        (y32,) = run_onnx(fp32, x_eval)
-        measured = measure_int8(fp32, y32, int8, x_eval, y_eval, x_cal)
+        if engine == "openvino":
+            ir, y32, y8 = _openvino_logits(fp32, int8, x_eval)
+        else:
+            (y32,), y8 = run_onnx(fp32, x_eval), None
+        measured = measure_int8(fp32, y32, int8, x_eval, y_eval, x_cal, int8_logits=y8)
     report = {
         "src": src,
         "dst": dst,
@@ -132,7 +142,7 @@ def quantize_checkpoint(
         "weight_bits": 7 if seven_bit else 8,
         "reduce_range": reduce_range,
         "cpu": {"model": cpu_model(), **cpu_features()},
-        "format": "QDQ int8 (ONNX Runtime)",
+        **_engine_fields(engine),
         "eval": eval_source or f"{calib} (calibration set)",
         "n_eval": int(len(x_eval)),
         **measured,
@@ -147,8 +157,58 @@ def quantize_checkpoint(
             "logits_sqnr_db": pt2e["logits_sqnr_db"],
             "int8_top1": pt2e["top1"],
         }
-    atomic_write(dst, int8, overwrite=overwrite)
+    if engine == "openvino":
+        from backends.onnx.openvino import write_ir
+
+        report["bytes"] = {
+            **report["bytes"],
+            "int8_onnx": len(int8),
+            "int8": _ir_size(write_ir(ir, dst, overwrite=overwrite)),
+        }
+    else:
+        atomic_write(dst, int8, overwrite=overwrite)
     return report
+
+
+def _outputs(dst: str, engine: str) -> tuple[str, ...]:
+    """The files `engine` writes for `dst`: the ONNX file, or the IR's xml and bin (ArgumentError
+    for an unknown engine or an IR path not ending with .xml)."""
+    if engine == "onnxruntime":
+        return (dst,)
+    if engine == "openvino":
+        from backends.onnx.openvino import ir_paths
+
+        return ir_paths(dst)
+    raise ArgumentError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+
+
+def _openvino_logits(fp32: str, int8: bytes, x: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(the int8 graph as an openvino.Model, OpenVINO's float32 logits of `fp32` on `x`, its int8
+    logits), both compiled with precision hint f32."""
+    from backends.onnx.openvino import compile_model, model_from_onnx_bytes, run_openvino
+
+    ir = model_from_onnx_bytes(int8)
+    return ir, run_openvino(compile_model(fp32), x), run_openvino(compile_model(ir), x)
+
+
+def _engine_fields(engine: str) -> dict[str, Any]:
+    """What the report says about the engine: its name, the file format and the kernels measured."""
+    if engine == "openvino":
+        from backends.onnx.openvino import import_openvino
+
+        return {
+            "engine": "openvino",
+            "openvino": import_openvino().get_version(),
+            "inference_precision_hint": "f32",
+            "format": "OpenVINO IR int8 (the QDQ graph calibrated with ONNX Runtime)",
+            "kernels": "OpenVINO int8 kernels",
+        }
+    return {"engine": "onnxruntime", "format": "QDQ int8 (ONNX Runtime)", "kernels": "ONNX Runtime int8 kernels"}
+
+
+def _ir_size(paths: tuple[str, ...]) -> int:
+    """Bytes of the files written."""
+    return sum(os.path.getsize(p) for p in paths)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -160,7 +220,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint (train or deploy form, any format reparam reads)")
-    parser.add_argument("dst", help="int8 ONNX file to write")
+    parser.add_argument("dst", help="int8 ONNX file to write (DST.xml with --engine openvino: an OpenVINO IR)")
     parser.add_argument("--model", "-m", required=True, help="architecture name (reparam list)")
     parser.add_argument("--calib", required=True, help="calibration images: digits, or DIR/<class>/<image>")
     parser.add_argument("--samples", type=int, default=200, help="calibration images (default 200)")
@@ -179,6 +239,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--torch-pt2e",
         action="store_true",
         help="also quantize in PyTorch (torchao PT2E, X86 Inductor quantizer) and report its agreement",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="onnxruntime",
+        help="onnxruntime (default): write and measure the QDQ ONNX graph; openvino: write it as an "
+        "OpenVINO IR (DST.xml + DST.bin) and measure it in OpenVINO",
     )
     parser.add_argument(
         "--eval", dest="eval_source", default=None, help="labelled images for top-1: digits (its test split) or a DIR"
@@ -206,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         std=args.std,
         reduce_range=args.reduce_range,
         torch_pt2e=args.torch_pt2e,
+        engine=args.engine,
     )
     print(format_report(rep))
     if args.json:

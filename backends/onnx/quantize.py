@@ -250,16 +250,18 @@ def measure_int8(
     x: np.ndarray,
     labels: np.ndarray | None,
     calib: np.ndarray,
+    int8_logits: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The int8 graph against the float32 graph `fp32`, whose logits on the NCHW images `x` are
     `y32` (`run_onnx(fp32, x)`), on the same images (`labels` for top-1):
-    `fp32_top1`, `int8_top1` (None without labels), `agreement` and `logits_sqnr_db` with ONNX
-    Runtime's fused int8 kernels, the same two for the QDQ math (`run_onnx(optimize=False)`),
+    `fp32_top1`, `int8_top1` (None without labels), `agreement` and `logits_sqnr_db` of
+    `int8_logits` (the int8 graph run by another engine; default ONNX Runtime's fused int8
+    kernels), the same two for the QDQ math (`run_onnx(optimize=False)`),
     `bytes` of both graphs, the int8 graph's `ops` (op type -> count) and per conv/gemm `layers`
     (layer_reports on the first 256 images, activation ranges on `calib`)."""
     import onnx
 
-    fused = compare_logits(y32, run_onnx(int8, x)[0], labels)
+    fused = compare_logits(y32, run_onnx(int8, x)[0] if int8_logits is None else int8_logits, labels)
     qdq = compare_logits(y32, run_onnx(int8, x, optimize=False)[0])
     ops: dict[str, int] = {}
     for node in onnx.load_from_string(int8).graph.node:

@@ -6,7 +6,9 @@ reparam_core.plain and loaded with the deploy form's weights). Fast paths of the
 channels_last, `torch.compile`, and both; the plain reference in channels_last too. Other
 runtimes and precisions of the same deploy form: its ONNX export in ONNX Runtime (float32, and
 int8 QDQ quantized per output channel, calibrated on the bench input: a speed figure, accuracy
-is `reparam quantize`'s), and torch eager under CPU bf16 autocast.
+is `reparam quantize`'s), the same two graphs in OpenVINO (float32 and int8 with precision hint
+f32, and the float32 graph in bf16 where the CPU has AVX-512 BF16 or AMX), and torch eager under
+CPU bf16 autocast.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ from torch import nn
 
 from backends import torch as bt
 from reparam_core import get_spec, state_schema
-from reparam_core.benchplan import INT8_PATH, ORT_PATH, BackendBench, BenchConfig, FastPath, gemm_gflops, main
+from reparam_core.benchplan import (
+    INT8_PATH,
+    ORT_PATH,
+    OV_BF16_PATH,
+    OV_INT8_PATH,
+    OV_PATH,
+    BackendBench,
+    BenchConfig,
+    FastPath,
+    gemm_gflops,
+    main,
+)
 from reparam_core.plain import plain_layers
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
@@ -111,9 +124,9 @@ class TorchBench(BackendBench):
             out["deploy/compile+channels_last"] = self._fast(torch.compile(_channels_last(modules["deploy"])), x, True)
         if config.bf16:
             out["deploy/bf16-autocast"] = self._bf16(modules["deploy"], x)
-        if config.onnxruntime:
+        if config.onnxruntime or config.openvino:
             # the deploy form is one of ours (build), what export_onnx takes
-            out.update(self._onnxruntime(cast(bt.RepModule, modules["deploy"]), x))
+            out.update(self._onnx_engines(cast(bt.RepModule, modules["deploy"]), x, config))
         return out
 
     def _bf16(self, module: nn.Module, x: np.ndarray) -> FastPath:
@@ -130,28 +143,37 @@ class TorchBench(BackendBench):
         y = fn().float().numpy()
         return FastPath(fn, y, time.perf_counter() - t0, "bfloat16")
 
-    def _onnxruntime(self, module: bt.RepModule, x: np.ndarray) -> dict[str, FastPath]:
-        """The deploy form exported to ONNX and run by ONNX Runtime with torch's thread count:
-        float32 as exported, and int8 (QDQ, weights per output channel, 7-bit where the CPU has
-        no VNNI/AMX int8 dot product) calibrated on `x`. first-call s: export (+ quantization)
-        and session creation."""
+    def _onnx_engines(self, module: bt.RepModule, x: np.ndarray, config: BenchConfig) -> dict[str, FastPath]:
+        """The deploy form exported to ONNX, float32 as exported and int8 (QDQ, weights per output
+        channel, 7-bit where the CPU has no VNNI/AMX int8 dot product) calibrated on `x`, run with
+        torch's thread count by ONNX Runtime (`config.onnxruntime`) and by OpenVINO
+        (`config.openvino`; bf16 too with `config.bf16` where the CPU has it). first-call s:
+        export (+ quantization), then session creation or compilation and the first run."""
         from backends.onnx import quantize_qdq
         from reparam_core.hardware import has_int8_dot
 
         with tempfile.TemporaryDirectory(prefix="reparam-bench-") as tmp:
             t0 = time.perf_counter()
             path = bt.export_onnx(module, os.path.join(tmp, "deploy.onnx"), x.shape)
-            fp32 = _ort_path(path, x, t0, "float32")
+            export_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             int8 = quantize_qdq(path, x, reduce_range=not has_int8_dot(), batch=len(x))
-            return {ORT_PATH: fp32, INT8_PATH: _ort_path(int8, x, t0, "int8")}
+            quantize_s = time.perf_counter() - t0
+            out: dict[str, FastPath] = {}
+            if config.onnxruntime:
+                out[ORT_PATH] = _ort_path(path, x, export_s, "float32")
+                out[INT8_PATH] = _ort_path(int8, x, quantize_s, "int8")
+            if config.openvino:
+                out.update(_openvino_paths(path, int8, x, export_s, quantize_s, config.bf16))
+            return out
 
 
-def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> FastPath:
+def _ort_path(graph: str | bytes, x: np.ndarray, prior_s: float, precision: str) -> FastPath:
     """An ONNX Runtime session over `graph` with torch's thread count, run once on `x`;
-    compile_s counts from `t0` (export or quantization) to the end of that first run."""
+    compile_s is `prior_s` (export or quantization) plus the session's creation and first run."""
     from backends.onnx import ort_session
 
+    t0 = time.perf_counter()
     sess = ort_session(graph, threads=torch.get_num_threads())
     feed = {sess.get_inputs()[0].name: x}  # type: ignore[attr-defined]
 
@@ -160,7 +182,33 @@ def _ort_path(graph: str | bytes, x: np.ndarray, t0: float, precision: str) -> F
         return y
 
     y = np.asarray(fn(), np.float32)
-    return FastPath(fn, y, time.perf_counter() - t0, precision)
+    return FastPath(fn, y, prior_s + time.perf_counter() - t0, precision, "onnxruntime")
+
+
+def _openvino_paths(
+    path: str, int8: bytes, x: np.ndarray, export_s: float, quantize_s: float, bf16: bool
+) -> dict[str, FastPath]:
+    """The float32 graph at `path` and the int8 QDQ graph `int8` compiled by OpenVINO for CPU
+    with torch's thread count and precision hint f32; with `bf16` (and a CPU that has it) the
+    float32 graph with hint bf16 too."""
+    from backends.onnx.openvino import has_bf16, model_from_onnx_bytes, read_model
+
+    out = {OV_PATH: _openvino_path(read_model(path), x, export_s, "float32")}
+    if bf16 and has_bf16():
+        out[OV_BF16_PATH] = _openvino_path(read_model(path), x, export_s, "bfloat16")
+    out[OV_INT8_PATH] = _openvino_path(model_from_onnx_bytes(int8), x, quantize_s, "int8")
+    return out
+
+
+def _openvino_path(model: object, x: np.ndarray, prior_s: float, precision: str) -> FastPath:
+    """`model` compiled by OpenVINO (precision hint f32 for float32 and int8, bf16 for bfloat16)
+    and run once on `x`; compile_s is `prior_s` plus the compilation and the first run."""
+    from backends.onnx.openvino import compile_model, runner
+
+    t0 = time.perf_counter()
+    run = runner(compile_model(model, "bfloat16" if precision == "bfloat16" else "float32", torch.get_num_threads()))
+    y = run(x)
+    return FastPath(lambda: run(x), y, prior_s + time.perf_counter() - t0, precision, "openvino")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--batch", "1", "--size", "32", "--repeats", "2", "--convert-repeats", "1", "--no-compile"]
 FAST = {"torch": "deploy/channels_last", "flax": "deploy/jit", "megengine": "deploy/traced"}
+FORMS = {  # torch's form: [precision, engine]
+    "deploy": ["float32", "torch"],
+    "deploy/bf16-autocast": ["bfloat16", "torch"],
+    "deploy/onnxruntime": ["float32", "onnxruntime"],
+    "deploy/onnxruntime-int8": ["int8", "onnxruntime"],
+    "deploy/openvino": ["float32", "openvino"],
+    "deploy/openvino-int8": ["int8", "openvino"],
+}
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -44,18 +52,14 @@ def test_bench_all_backends_writes_json_and_plot(tmp_path: Path) -> None:
     rows = sum(ln.startswith(("torch ", "flax ", "megengine ")) for ln in lines)
     forms = sum(len(m["forms"]) for r in report["backends"].values() for m in r["models"].values())
     assert rows == 3 + forms  # the headline row of each backend, then every timed form
-    # issue 18's paths: torch's deploy form in ONNX Runtime float32 and int8, and bf16 autocast
+    # issue 18's paths: torch's deploy form in ONNX Runtime float32 and int8, and bf16 autocast;
+    # issue 27's: the same graphs in OpenVINO, the best int8 over both engines' float32
     torch_r = report["backends"]["torch"]["models"]["RepVGG-A0"]
     assert torch_r["ratios"]["int8_over_ort_fp32"] > 0
-    precision = {ln.split()[2]: ln.split()[3] for ln in lines if ln.startswith("torch ")}
-    assert {
-        k: precision[k] for k in ("deploy", "deploy/bf16-autocast", "deploy/onnxruntime", "deploy/onnxruntime-int8")
-    } == {
-        "deploy": "float32",
-        "deploy/bf16-autocast": "bfloat16",
-        "deploy/onnxruntime": "float32",
-        "deploy/onnxruntime-int8": "int8",
-    }
+    assert torch_r["ratios"]["best_int8_over_ort_fp32"] > 0 and torch_r["ratios"]["best_int8_over_openvino_fp32"] > 0
+    rows = {ln.split()[2]: ln.split()[3:5] for ln in lines if ln.startswith("torch ")}
+    assert {k: rows[k] for k in FORMS} == FORMS
+    assert "  best int8  int8/ORT fp32  int8/OV fp32  " in lines[0]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from torch import nn
 
+from backends.onnx.openvino import has_bf16
 from backends.torch.bench import TorchBench, plain_model
 from reparam_core import get_spec, random_state
 from reparam_core.benchplan import BenchConfig, bench_model, memory_in_child, rel_err
@@ -44,40 +45,38 @@ def test_bench_model_records_every_figure() -> None:
     stages: list[str] = []
     r = bench_model(bench, "RepVGG-A0", config, "backends.torch.bench", stage=stages.append)
     assert len(stages) == 3
-    assert set(r["forms"]) == {
-        "train",
-        "deploy",
-        "plain",
-        "deploy/channels_last",
-        "plain/channels_last",
-        "deploy/bf16-autocast",
-        "deploy/onnxruntime",
-        "deploy/onnxruntime-int8",
-    }
-    assert all(len(f["runs_s"]) == 2 and f["images_per_s"] > 0 for f in r["forms"].values())
-    # ONNX Runtime float32 is checked like every float32 path; bf16 and int8 are reported apart
-    assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5
-    assert "deploy/onnxruntime" in r["check_rel_err_vs_deploy"]
-    assert r["precision"] == {
+    ov_bf16 = {"deploy/openvino-bf16": "bfloat16"} if has_bf16() else {}  # this CPU's: AVX-512 BF16
+    precision = {
         "deploy/channels_last": "float32",
         "plain/channels_last": "float32",
         "deploy/bf16-autocast": "bfloat16",
         "deploy/onnxruntime": "float32",
         "deploy/onnxruntime-int8": "int8",
+        "deploy/openvino": "float32",
+        **ov_bf16,
+        "deploy/openvino-int8": "int8",
+    }
+    assert set(r["forms"]) == {"train", "deploy", "plain", *precision}
+    assert all(len(f["runs_s"]) == 2 and f["images_per_s"] > 0 for f in r["forms"].values())
+    # ONNX Runtime and OpenVINO float32 are checked like every float32 path (OpenVINO's precision
+    # hint f32: its bf16 default would be ~5e-3 off); bf16 and int8 are reported apart
+    assert max(r["check_rel_err_vs_deploy"].values()) < 1e-5
+    assert {"deploy/onnxruntime", "deploy/openvino"} <= set(r["check_rel_err_vs_deploy"])
+    assert r["precision"] == precision
+    assert r["engine"] == {
+        k: "onnxruntime" if "onnxruntime" in k else "openvino" if "openvino" in k else "torch" for k in precision
     }
     low = r["low_precision_vs_deploy"]
-    assert set(low) == {"deploy/bf16-autocast", "deploy/onnxruntime-int8"}
+    assert set(low) == {k for k, v in precision.items() if v != "float32"}
     # bf16 keeps 8 mantissa bits, int8 QDQ about as many: off float32, nowhere near garbage
     assert all(1e-5 < v["rel_err"] < 0.5 for v in low.values()), low
-    assert r["ratios"]["int8_over_ort_fp32"] > 0
-    assert set(r["ratios"]["fast_over_deploy"]) == {
-        "deploy/channels_last",
-        "deploy/bf16-autocast",
-        "deploy/onnxruntime",
-        "deploy/onnxruntime-int8",
-    }
+    ra = r["ratios"]
+    assert ra["int8_over_ort_fp32"] > 0
+    assert ra["best_int8_path"] in ("deploy/onnxruntime-int8", "deploy/openvino-int8")
+    assert ra["best_int8_over_ort_fp32"] > 0 and ra["best_int8_over_openvino_fp32"] > 0
+    assert set(ra["fast_over_deploy"]) == set(precision) - {"plain/channels_last"}
     assert r["params"] == {"train": 9108968, "deploy": 8309384}
-    assert r["ratios"]["best_fast_path"] in ("deploy/channels_last", "deploy/onnxruntime")
+    assert ra["best_fast_path"] in ("deploy/channels_last", "deploy/onnxruntime", "deploy/openvino")
     assert r["conversion"]["ratio"] > 0 and r["conversion"]["deepcopy_s"] > 0
     g = r["conv_equiv_gflops"]["deploy"]
     assert g == pytest.approx(2 * r["macs"]["deploy"] / r["forms"]["deploy"]["median_s"] / 1e9)

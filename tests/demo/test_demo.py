@@ -378,6 +378,12 @@ def test_quantize_mode_compares_both_models_at_both_granularities(tmp_path: Path
             assert 0.5 <= r["agreement"] <= 1 and np.isfinite(r["logits_sqnr_db"])
             assert len(r["layers"]) == 8  # 7 convs and the linear of the mini layout
             assert (tmp_path / "int8" / f"{model}-{g}.onnx").stat().st_size < r["bytes"]["fp32"] / 3
+            # the same QDQ graph as an OpenVINO IR, measured in OpenVINO beside ONNX Runtime
+            ov = r["openvino"]
+            assert ov["engine"] == "openvino" and 0.5 <= ov["agreement"] <= 1 and np.isfinite(ov["logits_sqnr_db"])
+            assert ov["bytes"]["int8"] == sum(
+                (tmp_path / "int8" / f"{model}-{g}.{ext}").stat().st_size for ext in ("xml", "bin")
+            )
         # both granularities quantize the same trained checkpoint: one float32 accuracy
         assert by_g["per-channel"]["fp32_top1"] == by_g["per-tensor"]["fp32_top1"]
     rows = [ln.split()[:2] for ln in proc.stdout.splitlines() if ln.startswith(("RepVGG", "QARep"))]
