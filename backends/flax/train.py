@@ -27,9 +27,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reparam_core import training as tr
+from reparam_core.blocks.schema import state_schema
 from reparam_core.errors import CheckpointError
-from reparam_core.layouts import flax_key
-from reparam_core.schema import state_schema
+from reparam_core.weights.layouts import flax_key
 
 from .api import predict
 from .blocks import RepModule

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ..nodes import BN, SE, Act, Add, Block, Branch, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
+from ..blocks.nodes import BN, SE, Act, Add, Block, Branch, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
 from .official_args import positive, require, train_form_only
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from backends.dispatch import predict_in
-from reparam_core import convert as pipeline
-from reparam_core import get_spec, random_state, safetensors_io
-from reparam_core.convert import convert
-from reparam_core.formats import encode, load_neutral, read_raw
+from reparam_core import get_spec, random_state
+from reparam_core.formats import convert as pipeline
+from reparam_core.formats import encode, load_neutral, read_raw, safetensors_io
+from reparam_core.formats.convert import convert
 from scripts import convert as cv
 
 

@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from reparam_core import get_spec, list_models, random_state, safetensors_io, state_schema
+from reparam_core import get_spec, list_models, random_state, state_schema
 from reparam_core.errors import CheckpointError, SpecError
-from reparam_core.formats import detect_format, read_raw, to_neutral
+from reparam_core.formats import detect_format, read_raw, safetensors_io, to_neutral
 from reparam_core.formats.megengine_pickle import megengine_bytes
 from reparam_core.formats.torch_zip import torch_zip_bytes
-from reparam_core.keymaps import apply_scheme, from_canonical, map_key, schemes_for, to_canonical
+from reparam_core.weights.keymaps import apply_scheme, from_canonical, map_key, schemes_for, to_canonical
 
 
 # Foreign names written out by hand from the upstream sources (independent of keymaps.SCHEMES).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from reparam_core import CheckpointError
-from reparam_core.safetensors_io import dumps, loads
+from reparam_core.formats.safetensors_io import dumps, loads
 
 
 def test_round_trip_and_determinism() -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import backends.torch as bt
 from reparam_core import Block, block_schema, describe
-from reparam_core.nodes import BN, Add, Branch, Node, PadBN, Rep, SpecLike
+from reparam_core.blocks.nodes import BN, Add, Branch, Node, PadBN, Rep, SpecLike
 
 Checkpoint = dict[str, torch.Tensor]
 

@@ -20,7 +20,7 @@ from train_testutil import INIT_STEPS, MODEL, ROOT, env, max_rel_diff, metrics, 
 
 from backends.megengine.remote import mge_python
 from reparam_core import training as tr
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 pytestmark = pytest.mark.skipif(not mge_python().exists(), reason="no .venv-mge")
 
