@@ -54,7 +54,7 @@ def _key(path: tuple) -> str:
 
 
 def _decay_mask(params: nnx.State, l2_kernels: set[str]) -> Any:
-    """True where plain weight decay applies (reparam_core.training.decays, on Flax keys)."""
+    """True where plain weight decay applies (reparam_core.training.recipe.decays, on Flax keys)."""
     return jax.tree_util.tree_map_with_path(lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
 
 

@@ -20,7 +20,7 @@ from ..blocks.schema import Form
 from ..errors import CheckpointError
 from ..families.specs import ModelSpec
 from ..formats import encode, load_neutral
-from ..training import write_bytes
+from ..training.checkpoints import write_bytes
 
 SUFFIX = {"torch": ".pth", "megengine": ".pkl", "flax": ".msgpack", "safetensors": ".safetensors"}
 

@@ -1,69 +1,78 @@
 """The framework-free half of `reparam train`, shared by the PyTorch, Flax and MegEngine
-trainers: data
-(digits or an image folder, a fixed stratified split, augmentation and normalisation in numpy),
-the recipe (SGD + Nesterov, cosine schedule with warm-up, which weights decay), the sample order
-of every step on any number of processes, checkpoints, the metrics file and the final neutral
-files of both forms.
+trainers, by concern:
 
-Augmentation: a random resized crop (area CROP_SCALE, aspect CROP_RATIO, bilinear) per image,
-plus a horizontal flip for image folders (not for the digits, which mirroring changes).
+- `recipe`: the settings (`TrainConfig`), the step schedule and learning rate, which weights decay.
+- `data`: digits or an image folder (`imagefolder` reads the files) as arrays, the fixed split,
+  augmentation, normalisation and the samples of every step on any number of processes;
+  `digits`: the digits' held-out split for evaluation (`reparam demo`, `reparam quantize`).
+- `checkpoints`: the files of a run (checkpoint, metrics, the final neutral files, `--init`).
+- `loop`: a trainer loop's bookkeeping (SIGTERM, batches per step, resuming, epoch records,
+  evaluation, the summary).
+- `process`: a trainer run in another interpreter (the MegEngine environment).
 
-Determinism: everything random is a function of (seed, epoch, sample index) or (seed, step), never
-of a generator's history, so a resumed run, or a run on W processes (rank r takes the r-th
-contiguous part of each global batch), draws exactly what an uninterrupted single-process run
-draws.
+The names every trainer uses (`from reparam_core import training as tr`; `tr.TrainConfig`,
+`tr.local_batches`, `tr.summarize`, ...) are re-exported here.
 """
 
-from .data import (
-    AUX_WEIGHT,
+from .checkpoints import (
     CHECKPOINT,
-    DIGITS,
     METRICS,
-    SPLIT_SEED,
-    VAL_FRACTION,
-    Dataset,
-    EpochSums,
-    Resumed,
-    Schedule,
-    StopFlag,
-    TrainConfig,
-    TrainError,
-    batch,
-    check_supported,
-    checkpoint,
-    crop_resize,
-    custom_l2_kernels,
-    decays,
-    epoch_order,
-    epoch_record,
-    evaluate,
-    has_aux_heads,
     initial_state,
-    is_digits,
-    is_epoch_end,
-    learning_rate,
     load_checkpoint,
-    load_dataset,
-    load_digits,
-    load_image_folder,
-    log_epoch,
-    make_dataset,
-    make_schedule,
-    metadata,
-    rank_indices,
-    read_dataset,
     read_metrics,
-    resume_point,
-    sample_box,
     save_arrays,
     save_checkpoint,
-    save_dataset,
-    steps_of,
-    stratified_split,
-    summarize,
     write_bytes,
     write_final,
     write_metrics,
+)
+from .data import (
+    CROP_RATIO,
+    CROP_SCALE,
+    SPLIT_SEED,
+    VAL_FRACTION,
+    Dataset,
+    batch,
+    crop_resize,
+    epoch_order,
+    is_digits,
+    load_dataset,
+    load_digits,
+    load_image_folder,
+    make_dataset,
+    rank_indices,
+    read_dataset,
+    sample_box,
+    save_dataset,
+    stratified_split,
+)
+from .loop import (
+    EpochSums,
+    Resumed,
+    StopFlag,
+    checkpoint,
+    epoch_record,
+    evaluate,
+    is_epoch_end,
+    local_batches,
+    log_epoch,
+    metadata,
+    resume_point,
+    steps_of,
+    summarize,
+)
+from .recipe import (
+    AUX_WEIGHT,
+    DIGITS,
+    Schedule,
+    TrainConfig,
+    TrainError,
+    check_supported,
+    custom_l2_kernels,
+    decays,
+    has_aux_heads,
+    learning_rate,
+    make_schedule,
 )
 
 __all__ = [
@@ -116,4 +125,7 @@ __all__ = [
     "SPLIT_SEED",
     "VAL_FRACTION",
     "DIGITS",
+    "CROP_SCALE",
+    "CROP_RATIO",
+    "local_batches",
 ]

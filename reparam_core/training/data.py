@@ -1,9 +1,5 @@
-"""The framework-free half of `reparam train`, shared by the PyTorch, Flax and MegEngine
-trainers: data
-(digits or an image folder, a fixed stratified split, augmentation and normalisation in numpy),
-the recipe (SGD + Nesterov, cosine schedule with warm-up, which weights decay), the sample order
-of every step on any number of processes, checkpoints, the metrics file and the final neutral
-files of both forms.
+"""Training data as numpy arrays: digits or an image folder, the fixed stratified split,
+normalisation, augmentation, and the samples of every step on any number of processes.
 
 Augmentation: a random resized crop (area CROP_SCALE, aspect CROP_RATIO, bilinear) per image,
 plus a horizontal flip for image folders (not for the digits, which mirroring changes).
@@ -19,149 +15,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..blocks.fuse import reparameterize_state
-from ..blocks.l2 import l2_terms
-from ..blocks.nodes import SpecLike, in_form, join_key, rep_blocks
-from ..errors import CheckpointError, ReparamError
-from ..families.specs import block_kind
 from ..formats import safetensors_io
-from ..formats.atomic import atomic_write
-from ..weights.state import check_state, strip_ignored
+from .checkpoints import save_arrays
 from .imagefolder import DataError, decode_image, scan_image_folder
+from .recipe import DIGITS, TrainError
 
 SPLIT_SEED = 0  # the train/validation split never depends on --seed
 VAL_FRACTION = 0.2
-AUX_WEIGHT = 0.1  # RepVGGplus: weight of each auxiliary head's loss next to the main head's
-DIGITS = "digits"  # --data digits: scikit-learn's bundled 8x8 digits, upsampled
 CROP_SCALE = (0.35, 1.0)  # random resized crop: area fraction (small images: not ImageNet's 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
-_META_KEY = "reparam_train"
-
-
-class TrainError(ReparamError, ValueError):
-    """Training settings that cannot work (batch too large for the data, bad split, ...)."""
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained weights (and the output folder). `lr=None` means the
-    official linear scaling rule, 0.1 per 256 images of global batch."""
-
-    model: str
-    data: str = DIGITS
-    out: str = "train-out"
-    framework: str = "torch"
-    epochs: int = 10
-    max_steps: int | None = None
-    global_batch: int = 64
-    lr: float | None = None
-    wd: float = 1e-4
-    label_smoothing: float = 0.1
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    ema: float | None = None
-    clip: float | None = None
-    amp: str | None = None
-    sync_bn: bool = False
-    seed: int = 0
-    augment: bool = True
-    image_size: int = 32
-    init: str | None = None  # a neutral train-form state to start from (else seeded random init)
-
-    @property
-    def base_lr(self) -> float:
-        """The peak learning rate: `lr`, or 0.1 * global_batch / 256."""
-        return self.lr if self.lr is not None else 0.1 * self.global_batch / 256
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with the run that resumes it (all but `out`;
-        the number of processes is not a setting: it does not change the weights)."""
-        d = asdict(self)
-        d.pop("out")
-        d["base_lr"] = self.base_lr
-        return d
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Steps of a run: `steps_per_epoch` (full global batches), `total` steps, `warmup` steps."""
-
-    steps_per_epoch: int
-    total: int
-    warmup: int
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.total / self.steps_per_epoch)
-
-
-def make_schedule(cfg: TrainConfig, n_train: int) -> Schedule:
-    """steps_per_epoch = floor(n_train / B) (the incomplete last batch is dropped so every step
-    sees B images, split evenly over the processes); total = max_steps or epochs *
-    steps_per_epoch; warmup = min(round(warmup_epochs * steps_per_epoch), total // 10), at least
-    1 step when warm-up is on."""
-    if cfg.global_batch < 1:
-        raise TrainError(f"--global-batch must be >= 1, got {cfg.global_batch}")
-    spe = n_train // cfg.global_batch
-    if spe < 1:
-        raise TrainError(f"--global-batch {cfg.global_batch} is larger than the training split ({n_train} images)")
-    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * spe
-    if total < 1:
-        raise TrainError("nothing to train: --epochs and --max-steps must be >= 1")
-    warm = min(round(cfg.warmup_epochs * spe), total // 10)
-    return Schedule(spe, total, max(warm, 1) if cfg.warmup_epochs > 0 else 0)
-
-
-def learning_rate(base: float, step: int, sched: Schedule) -> float:
-    """The learning rate of step `step` (0-based): linear warm-up, then cosine to 0:
-
-    lr = base * (step + 1) / W                                  for step < W
-    lr = base * (1 + cos(pi * (step - W) / (T - W))) / 2        otherwise
-    """
-    if step < sched.warmup:
-        return base * (step + 1) / sched.warmup
-    span = max(sched.total - sched.warmup, 1)
-    return base * 0.5 * (1.0 + math.cos(math.pi * (step - sched.warmup) / span))
-
-
-def custom_l2_kernels(spec: SpecLike) -> set[str]:
-    """Canonical keys of the kernels RepVGGplus' custom L2 regularises (the kxk and 1x1 conv of
-    every re-parameterizable block); empty for models without it (every model but RepVGGplus)."""
-    if block_kind(spec) != "RepVGGplus":
-        return set()
-    out = set()
-    for path, block in rep_blocks(in_form(spec, "train")):
-        t = l2_terms(block)
-        out |= {join_key(join_key(path, t.dense_conv), "weight"), join_key(join_key(path, t.one_conv), "weight")}
-    return out
-
-
-def has_aux_heads(spec: SpecLike) -> bool:
-    """Whether the train form has auxiliary classifier heads (RepVGGplus)."""
-    return bool(getattr(in_form(spec, "train"), "aux", ()))
-
-
-def decays(key: str, ndim: int, l2_kernels: set[str]) -> bool:
-    """Whether plain weight decay applies to a parameter: not to 1-D tensors (BN scale/shift,
-    biases) and not to the kernels the custom L2 regularises instead."""
-    return ndim > 1 and key not in l2_kernels
-
-
-# --------------------------------------------------------------------------- data
 
 
 @dataclass
@@ -336,38 +203,6 @@ def is_digits(data: str) -> bool:
     return data == DIGITS
 
 
-def check_supported(cfg: TrainConfig, processes: int) -> None:
-    """TrainError naming the setting a framework's trainer does not have: MegEngine trains in
-    one process; MegEngine and Flax train in float32 (--amp is PyTorch's)."""
-    if cfg.framework == "megengine":
-        if processes > 1:
-            raise TrainError(
-                "--nproc/--nnodes: MegEngine trains in one process here (megengine."
-                "distributed takes GPU devices with NCCL/RCCL only; on CPU its process "
-                "group refuses to start)"
-            )
-        if cfg.amp:
-            raise TrainError(
-                "--amp bf16: the MegEngine trainer runs in float32 (MegEngine's autocast is float16 on CUDA only)"
-            )
-    if cfg.framework == "flax" and cfg.amp:
-        raise TrainError("--amp bf16: the Flax trainer runs in float32 (PyTorch only)")
-
-
-def initial_state(cfg: TrainConfig, spec: SpecLike) -> dict[str, np.ndarray] | None:
-    """The neutral train-form state of `cfg.init` (canonical keys, OIHW), checked against the
-    model's schema (CheckpointError / ShapeMismatchError name the file), or None without --init.
-    The same file gives every framework the same starting weights (seeded initialisations
-    differ between frameworks)."""
-    if cfg.init is None:
-        return None
-    if not os.path.isfile(cfg.init):
-        raise CheckpointError(f"--init: no file {cfg.init}")
-    state = strip_ignored(safetensors_io.load_file(cfg.init)[0])
-    check_state(spec, state, "train", source=f"--init {cfg.init}")
-    return state
-
-
 def save_dataset(path: str | os.PathLike[str], data: Dataset) -> None:
     """The whole Dataset (images, labels, split, normalisation) as one safetensors file, for a
     trainer in another interpreter (the MegEngine environment has no scikit-learn or Pillow)."""
@@ -397,255 +232,11 @@ def read_dataset(path: str | os.PathLike[str]) -> Dataset:
     )
 
 
-# --------------------------------------------------------------------------- checkpoints, metrics
-
-
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file, fsync, rename), with the umask's mode
-    (atomic_write's temp files are private)."""
-    atomic_write(os.fspath(path), data, overwrite=True)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def save_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
-    """A safetensors file written atomically, replacing `path`."""
-    write_bytes(path, safetensors_io.dumps(arrays, meta))
-
-
-def save_checkpoint(
-    path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], progress: Mapping[str, Any]
-) -> None:
-    """The training state (`arrays`: model, optimizer, EMA; `progress`: step, config
-    fingerprint, partial-epoch sums) as one safetensors file, written atomically."""
-    save_arrays(path, arrays, {_META_KEY: json.dumps(progress, sort_keys=True)})
-
-
-def load_checkpoint(path: str | os.PathLike[str], cfg: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(arrays, progress) of a checkpoint written by save_checkpoint for the same settings;
-    CheckpointError when there is none or it was made with other settings."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--resume: no checkpoint at {path}")
-    arrays, meta = safetensors_io.load_file(path)
-    if _META_KEY not in meta:
-        raise CheckpointError(f"{path}: not a reparam train checkpoint")
-    progress = json.loads(meta[_META_KEY])
-    want = json.loads(json.dumps(cfg.fingerprint()))
-    if progress.get("config") != want:
-        diff = sorted(k for k in want if progress.get("config", {}).get(k) != want[k])
-        raise CheckpointError(f"--resume: {path} was written with other settings ({', '.join(diff)})")
-    return arrays, progress
-
-
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a metrics file (JSON lines); [] when it does not exist."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_metrics(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
-    """Replace the metrics file atomically with `records`, one JSON object per line."""
-    write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-
-
-def write_final(out: Path, spec: SpecLike, state: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> dict[str, str]:
-    """`MODEL-train.safetensors` (the trained neutral state) and `MODEL-deploy.safetensors`
-    (re-parameterized by the core, float64 algebra); returns their paths by form."""
-    name = in_form(spec, "train").name
-    paths = {form: os.fspath(out / f"{name}-{form}.safetensors") for form in ("train", "deploy")}
-    train = {k: np.asarray(v, np.float32) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    save_arrays(paths["train"], train, {**meta, "form": "train"})
-    save_arrays(paths["deploy"], reparameterize_state(spec, train), {**meta, "form": "deploy"})
-    return paths
-
-
-# --------------------------------------------------------------------------- loop bookkeeping
-
-
-class StopFlag:
-    """Set by SIGTERM (the handler only records it): the trainer checks it after each step,
-    writes a checkpoint and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
-@dataclass
-class EpochSums:
-    """Running sums of the current epoch: loss * images, correct predictions, images, seconds."""
-
-    loss: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-
-    def add(self, loss: float, correct: int, n: int) -> None:
-        self.loss += loss * n
-        self.correct += correct
-        self.seen += n
-
-
-def steps_of(sched: Schedule, start: int) -> Iterator[tuple[int, int, int]]:
-    """(step, epoch, step_in_epoch) from `start` to the end of the run."""
-    for step in range(start, sched.total):
-        yield step, step // sched.steps_per_epoch, step % sched.steps_per_epoch
-
-
-def local_batches(
-    cfg: TrainConfig, sched: Schedule, data: Dataset, start: int, part: int, parts: int
-) -> Iterator[tuple[int, int, int, float, np.ndarray, np.ndarray, float]]:
-    """Every step from `start` as (step, epoch, step_in_epoch, lr, x, y, prep_s): this part's
-    share (rank_indices) of the global batch in the epoch's sample order (epoch_order: a function
-    of seed and epoch), augmented (NCHW float32 x, int y), the step's learning rate, and the
-    seconds spent preparing the batch (counted in the step's time by the trainers)."""
-    flip = not is_digits(cfg.data)
-    order_epoch, order = -1, np.empty(0, np.int64)
-    for step, epoch, k in steps_of(sched, start):
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(data.train_idx, cfg.seed, epoch)
-        t0 = time.perf_counter()
-        idx = rank_indices(order, k, cfg.global_batch, part, parts)
-        x, y = batch(data, idx, augment=cfg.augment, flip=flip, seed=cfg.seed, epoch=epoch)
-        yield step, epoch, k, learning_rate(cfg.base_lr, step, sched), x, y, time.perf_counter() - t0
-
-
-@dataclass
-class Resumed:
-    """Where a run continues: the checkpoint's arrays (empty for a fresh run), the first step,
-    the partial epoch's sums and the metrics records of the finished epochs."""
-
-    arrays: dict[str, np.ndarray]
-    start: int = 0
-    sums: EpochSums = field(default_factory=EpochSums)
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resume_point(cfg: TrainConfig, sched: Schedule, resume: bool) -> Resumed:
-    """The checkpoint of OUT (load_checkpoint: same settings) and the metrics lines of the
-    epochs it has finished, when `resume`; a fresh start otherwise."""
-    if not resume:
-        return Resumed({})
-    out = Path(cfg.out)
-    arrays, progress = load_checkpoint(out / CHECKPOINT, cfg)
-    start = int(progress["step"])
-    records = [r for r in read_metrics(out / METRICS) if r["epoch"] <= start // sched.steps_per_epoch]
-    return Resumed(arrays, start, EpochSums(**progress["sums"]), records)
-
-
-def is_epoch_end(sched: Schedule, step: int) -> bool:
-    """Whether step `step` (0-based) ends an epoch (or the run)."""
-    return (step + 1) % sched.steps_per_epoch == 0 or step == sched.total - 1
-
-
-def log_epoch(
-    cfg: TrainConfig,
-    records: list[dict[str, Any]],
-    record: dict[str, Any],
-    on_epoch: Callable[[dict[str, Any]], None] | None,
-) -> None:
-    """Append an epoch's record, rewrite the metrics file, report it."""
-    records.append(record)
-    write_metrics(Path(cfg.out) / METRICS, records)
-    if on_epoch:
-        on_epoch(record)
-
-
-def checkpoint(
-    cfg: TrainConfig, steps_done: int, arrays: Mapping[str, np.ndarray], sums: EpochSums, end_of_epoch: bool
-) -> None:
-    """OUT/checkpoint.safetensors after `steps_done` steps; the epoch's sums are kept when the
-    checkpoint is written mid-epoch (SIGTERM), so the resumed epoch's figures cover all of it."""
-    kept = EpochSums() if end_of_epoch else sums
-    save_checkpoint(
-        Path(cfg.out) / CHECKPOINT, arrays, {"step": steps_done, "config": cfg.fingerprint(), "sums": vars(kept)}
-    )
-
-
-def epoch_record(
-    epoch: int, step: int, sums: EpochSums, lr: float, val: Mapping[str, float], world: int
-) -> dict[str, Any]:
-    """One line of the metrics file (train loss/accuracy over the epoch's images on every
-    process, validation figures, throughput of the epoch)."""
-    return {
-        "epoch": epoch + 1,
-        "step": step,
-        "lr": lr,
-        "train_loss": sums.loss / max(sums.seen, 1),
-        "train_acc": sums.correct / max(sums.seen, 1),
-        **dict(val),
-        "images": sums.seen,
-        "seconds": sums.seconds,
-        "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
-        "processes": world,
-    }
-
-
-def evaluate(
-    predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, batch: int = 256
-) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the logits `predict` gives for x (N, C, H, W), in
-    batches of `batch`, against labels y (N,): with z = logits - max, log p = z - log sum exp z
-    (float64), loss = -mean log p[i, y_i]."""
-    logits = np.concatenate([predict(x[i : i + batch]) for i in range(0, len(x), batch)])
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean())
-
-
-def summarize(
-    cfg: TrainConfig,
-    data: Dataset,
-    spec: SpecLike,
-    framework: str,
-    *,
-    steps: int,
-    stopped: bool,
-    rank: int,
-    world: int,
-    records: list[dict[str, Any]],
-    final_state: Callable[[], Mapping[str, np.ndarray]],
-) -> dict[str, Any]:
-    """What a trainer returns: `steps` done, `stopped` (by SIGTERM), this process' `rank`, the
-    `world` size, the metrics `records`; rank 0 of a finished run also writes the final neutral
-    files (write_final of final_state(), the trained weights: the EMA's with --ema) and lists
-    them under `files`."""
-    summary: dict[str, Any] = {"steps": steps, "stopped": stopped, "rank": rank, "world": world, "records": records}
-    if rank == 0 and not stopped:
-        summary["files"] = write_final(Path(cfg.out), spec, final_state(), metadata(cfg, data, framework))
-    return summary
-
-
-def metadata(cfg: TrainConfig, data: Dataset, framework: str) -> dict[str, str]:
-    """The metadata of the final neutral files."""
-    return {
-        "model": cfg.model,
-        "format": "pt",
-        "producer": f"reparam train ({framework})",
-        "num_classes": str(len(data.classes)),
-        "data": json.dumps(data.describe()),
-        "config": json.dumps(cfg.fingerprint(), sort_keys=True),
-    }
-
-
 __all__ = [
-    "TrainConfig",
-    "TrainError",
-    "Schedule",
-    "make_schedule",
-    "learning_rate",
-    "custom_l2_kernels",
-    "has_aux_heads",
-    "decays",
+    "SPLIT_SEED",
+    "VAL_FRACTION",
+    "CROP_SCALE",
+    "CROP_RATIO",
     "Dataset",
     "crop_resize",
     "stratified_split",
@@ -658,33 +249,6 @@ __all__ = [
     "epoch_order",
     "rank_indices",
     "is_digits",
-    "check_supported",
-    "initial_state",
     "save_dataset",
     "read_dataset",
-    "Resumed",
-    "resume_point",
-    "is_epoch_end",
-    "log_epoch",
-    "checkpoint",
-    "AUX_WEIGHT",
-    "write_bytes",
-    "save_arrays",
-    "save_checkpoint",
-    "load_checkpoint",
-    "read_metrics",
-    "write_metrics",
-    "write_final",
-    "StopFlag",
-    "EpochSums",
-    "steps_of",
-    "epoch_record",
-    "evaluate",
-    "summarize",
-    "metadata",
-    "CHECKPOINT",
-    "METRICS",
-    "SPLIT_SEED",
-    "VAL_FRACTION",
-    "DIGITS",
 ]

@@ -1,5 +1,5 @@
 """scikit-learn's digits as arrays for evaluation: the dataset `reparam train` trains on
-(reparam_core.training.load_digits: x / 16, bilinear 8 -> 32, gray repeated to 3 channels, the
+(reparam_core.training.data.load_digits: x / 16, bilinear 8 -> 32, gray repeated to 3 channels, the
 fixed stratified split, normalised with the training split's mean and std), without
 augmentation. Its held-out split (the trainer's validation split) is called `test` here: `reparam
 demo` and `reparam quantize --eval digits` score on it, and nothing trains on it.
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Dataset, load_digits
+from .data import Dataset, load_digits
 
 
 @dataclass(frozen=True)

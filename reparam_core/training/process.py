@@ -2,7 +2,7 @@
 Python 3.10, without scikit-learn or Pillow).
 
 The parent reads the data (so bad input fails before anything starts), writes it as one
-safetensors file (training.save_dataset) and starts `PYTHON -m MODULE --config JSON --dataset
+safetensors file (training.data.save_dataset) and starts `PYTHON -m MODULE --config JSON --dataset
 FILE [--resume]`. The child (`child_main`) trains and reports on stdout, one line per event,
 each `EVENT_PREFIX` + a JSON object: `step` (done, total, loss, images), `epoch` (the metrics
 record), `summary` (the trainer's summary) or `error` (a ReparamError: its class name and
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import errors
-from .. import training as tr
+from .data import Dataset, read_dataset, save_dataset
 from .imagefolder import DataError
+from .recipe import TrainConfig, TrainError
 
 EVENT_PREFIX = "@reparam-train "
 StepCallback = Callable[[int, int, float, float], None]
@@ -53,19 +54,17 @@ class EventWriter:
 
 def child_main(train: TrainFunction, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """The entry of a trainer module: `--config JSON` (a TrainConfig's fields), `--dataset FILE`
-    (training.save_dataset), `--resume`. Exit 0 (done), 143 (stopped by SIGTERM, checkpoint
+    (training.data.save_dataset), `--resume`. Exit 0 (done), 143 (stopped by SIGTERM, checkpoint
     written) or 2 (a ReparamError, reported as an `error` event)."""
     p = argparse.ArgumentParser(prog=prog, description="one reparam train process (see reparam_core.training.process)")
     p.add_argument("--config", required=True, metavar="JSON", help="TrainConfig fields as JSON")
-    p.add_argument("--dataset", required=True, metavar="FILE", help="training.save_dataset file")
+    p.add_argument("--dataset", required=True, metavar="FILE", help="training.data.save_dataset file")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     events = EventWriter(sys.stdout)
     try:
-        cfg = tr.TrainConfig(**json.loads(args.config))
-        summary = train(
-            cfg, tr.read_dataset(args.dataset), resume=args.resume, on_step=events.step, on_epoch=events.epoch
-        )
+        cfg = TrainConfig(**json.loads(args.config))
+        summary = train(cfg, read_dataset(args.dataset), resume=args.resume, on_step=events.step, on_epoch=events.epoch)
     except errors.ReparamError as e:
         events.emit("error", type=type(e).__name__, message=str(e))
         return 2
@@ -74,9 +73,9 @@ def child_main(train: TrainFunction, argv: Sequence[str] | None = None, prog: st
 
 
 def _error_class(name: str) -> type[errors.ReparamError]:
-    known = {c.__name__: c for c in (tr.TrainError, DataError)}
+    known = {c.__name__: c for c in (TrainError, DataError)}
     cls = known.get(name, getattr(errors, name, None))
-    return cls if isinstance(cls, type) and issubclass(cls, errors.ReparamError) else tr.TrainError
+    return cls if isinstance(cls, type) and issubclass(cls, errors.ReparamError) else TrainError
 
 
 class ProcessTrainer:
@@ -92,14 +91,14 @@ class ProcessTrainer:
     ) -> None:
         self.python, self.module, self.cwd, self.env = Path(python), module, cwd, env
 
-    def command(self, cfg: tr.TrainConfig, dataset: str, resume: bool) -> list[str]:
+    def command(self, cfg: TrainConfig, dataset: str, resume: bool) -> list[str]:
         cmd = [os.fspath(self.python), "-m", self.module, "--config", json.dumps(vars(cfg)), "--dataset", dataset]
         return cmd + (["--resume"] if resume else [])
 
     def train(
         self,
-        cfg: tr.TrainConfig,
-        data: tr.Dataset,
+        cfg: TrainConfig,
+        data: Dataset,
         *,
         resume: bool = False,
         on_step: StepCallback | None = None,
@@ -111,7 +110,7 @@ class ProcessTrainer:
             )
         with tempfile.TemporaryDirectory(prefix="reparam-train-") as tmp:
             dataset = os.path.join(tmp, "dataset.safetensors")
-            tr.save_dataset(dataset, data)
+            save_dataset(dataset, data)
             proc = subprocess.Popen(
                 self.command(cfg, dataset, resume),
                 cwd=self.cwd,
