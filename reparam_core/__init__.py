@@ -1,8 +1,12 @@
 """reparam_core: framework-free structural re-parameterization (numpy only).
 
-The fusion algebra, the block description (nodes) and its rules (schema, fusion, oracle,
-counts), the families as data, kernel layouts, the neutral state and the float64 oracle. Never
-imports a deep-learning framework; runs on Python 3.10 + numpy 1.26 and on Python 3.11 + numpy 2.
+One folder per concern, each importing only those before it: `blocks` (the block description,
+its fusion algebra and rules: schema, fusion, oracle, counts), `families` (the families as data,
+the model registry, official constructors), `weights` (key maps, kernel layouts, the neutral
+state, half-precision casts), `formats` (checkpoint files and the convert pipeline), `training`,
+`quant`, `bench`, `demo`; `errors` is shared by all. This module re-exports the names most
+callers need. Never imports a deep-learning framework; runs on Python 3.10 + numpy 1.26 and on
+Python 3.11 + numpy 2.
 """
 
 from .blocks.counting import count_macs, count_params, count_params_folded

@@ -35,11 +35,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from reparam_core import count_macs, count_params, get_spec, random_state
 from reparam_core.bench.plain import has_plain_reference
 from reparam_core.bench.protocol import open_protocol
 from reparam_core.bench.timing import interleaved_times, paired_ratio, summarize
+from reparam_core.blocks.counting import count_macs, count_params
 from reparam_core.errors import BackendUnavailableError
+from reparam_core.families.specs import get_spec
+from reparam_core.weights.state import random_state
 
 Fn = Callable[[], Any]
 GEMM_N = 2048  # the float32 GEMM probe: GEMM_N x GEMM_N x GEMM_N

@@ -44,17 +44,10 @@ from ..errors import CheckpointError, VerificationError
 from ..families.specs import ModelSpec, get_spec
 from ..weights import keymaps
 from ..weights.precision import HalfDtype, PrecisionWarning, cast_state
-from . import (
-    FORMATS,
-    DirectoryReader,
-    format_from_extension,
-    infer_num_classes,
-    load_neutral,
-    read_raw,
-    safetensors_io,
-    to_neutral,
-)
+from . import safetensors_io
 from .atomic import atomic_write_stream
+from .detect import FORMATS, format_from_extension
+from .read import DirectoryReader, infer_num_classes, load_neutral, read_raw, to_neutral
 from .write import Entry, write_stream
 
 State = dict[str, np.ndarray]
