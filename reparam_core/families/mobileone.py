@@ -205,6 +205,7 @@ ALIASES: dict[str, str] = {n.replace("MobileOne-", "mobileone_").lower(): n for 
 #   `backbone.stage{1..4}.{j}`; inside a block `branch_conv_list.{i}.conv`/`.norm`,
 #   `branch_scale.conv`/`.norm`, `branch_norm`, `branch_reparam`, SE `se.conv1.conv`/
 #   `se.conv2.conv`; head `head.fc` (LinearClsHead).
+# - basecls has no MobileOne, so no scheme of its own here.
 KEYMAPS: dict[str, list[tuple[str, str]]] = {
     "mmpretrain": [
         ("^backbone.stage{i}.", "^stage{i}."),

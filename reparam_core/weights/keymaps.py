@@ -1,7 +1,10 @@
 """Key maps between the canonical (official PyTorch) names and other implementations' names, as
 data, in both directions.
 
-A family file exports `KEYMAPS: dict[scheme, Rules]`. A rule is a pair of templates
+The schemes are those of SCHEMES: the official names (`canonical`) and the libraries that
+implement some families. A family file exports `KEYMAPS: dict[scheme, Rules]`, one entry per
+library that implements the family: an empty list where that library uses the official names (a
+scheme that is the identity for a family is still that family's scheme). A rule is a pair of templates
 `(foreign, canonical)`: literal text with placeholders `{i}` that match a decimal index; a
 placeholder may be affine on either side (`{i+1}`, `{i*2+1}`). A template that starts with `^`
 matches at the start of a key, any other at the start or right after a dot. Foreign -> canonical
@@ -28,6 +31,9 @@ from ..errors import CheckpointError, SpecError
 
 Rule = tuple[str, str]
 Rules = list[Rule]
+
+# Every naming scheme of the ecosystem, `canonical` (the official PyTorch names) first.
+SCHEMES = ("canonical", "basecls", "mmpretrain", "timm")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _EXPR = re.compile(r"^([A-Za-z_]\w*)(?:\*(\d+))?(?:([+-])(\d+))?$")
@@ -193,15 +199,18 @@ def to_canonical(
 
 def from_canonical(state: Mapping[str, np.ndarray], spec: object, scheme: str) -> dict[str, np.ndarray]:
     """A canonical state under `scheme`'s names (e.g. 'timm', to hand a converted checkpoint
-    back to timm). SpecError when the model's family has no such scheme."""
+    back to timm). SpecError, naming the family's schemes, when the family has no such scheme: an
+    unknown name, or a library of SCHEMES that does not implement the family."""
     schemes = schemes_for(spec)
     if scheme not in schemes:
         name_of = getattr(spec, "name", type(spec).__name__)
-        raise SpecError(f"{name_of} has no {scheme!r} naming scheme; known: {', '.join(schemes)}")
+        why = f" ({scheme} does not implement this model's family)" if scheme in SCHEMES else ""
+        raise SpecError(f"{name_of} has no {scheme!r} naming scheme{why}; known: {', '.join(schemes)}")
     return apply_scheme(state, schemes[scheme], reverse=True)
 
 
 __all__ = [
+    "SCHEMES",
     "Rule",
     "Rules",
     "map_key",
