@@ -1,6 +1,6 @@
 """Run a model in the framework that owns a checkpoint format, chosen by name at call time.
 
-The core (`reparam_core.convert`) runs no framework; it takes a `Predict` function. `predict_in`
+The core (`reparam_core.formats.convert`) runs no framework; it takes a `Predict` function. `predict_in`
 is that function for every format: torch and flax through `backends.<name>`, megengine through
 the MegEngine worker process (`backends.megengine.remote.MgeWorker`, its own Python), safetensors
 (no framework of its own) through the float64 oracle. Backends are imported on first use, so this
@@ -13,10 +13,10 @@ import importlib
 
 import numpy as np
 
-from reparam_core.convert import State, oracle_predict
+from reparam_core.blocks.schema import Form
 from reparam_core.errors import BackendUnavailableError, CheckpointError
-from reparam_core.schema import Form
-from reparam_core.specs import ModelSpec
+from reparam_core.families.specs import ModelSpec
+from reparam_core.formats.convert import State, oracle_predict
 
 
 def predict_in(fmt: str, spec: ModelSpec, state: State, form: Form, x: np.ndarray) -> np.ndarray:

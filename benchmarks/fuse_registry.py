@@ -22,7 +22,8 @@ import torch
 import backends.onnx as bo
 import backends.torch as bt
 from parity_tests.tolerance import model_tolerance, rel_err
-from reparam_core import get_spec, list_models, oracle, random_state
+from reparam_core import get_spec, list_models, random_state
+from reparam_core.blocks import oracle
 
 
 def _convs(m: torch.nn.Module) -> int:

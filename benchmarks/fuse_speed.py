@@ -1,6 +1,6 @@
 """Speed of `backends.torch.fuse(train model)` against the library's hand-written deploy form
 (`backends.torch.reparameterize`) of the same model: interleaved rounds, median of per-round
-ratios (reparam_core/timing.py). A benchmark, not a test.
+ratios (reparam_core/bench/timing.py). A benchmark, not a test.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/fuse_speed.py [--model RepVGG-A0] [--batch 8]
 """
@@ -14,7 +14,7 @@ import torch
 
 import backends.torch as bt
 from reparam_core import get_spec, random_state
-from reparam_core.timing import interleaved_times, paired_ratio
+from reparam_core.bench.timing import interleaved_times, paired_ratio
 
 
 def main() -> None:

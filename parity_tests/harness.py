@@ -20,8 +20,8 @@ from typing import Protocol
 import numpy as np
 
 from reparam_core import ReparamError, SpecError, get_spec, random_state
-from reparam_core.oracle import block_forward, forward
-from reparam_core.specs import BlockSpec, block_spec_to_dict
+from reparam_core.blocks.oracle import block_forward, forward
+from reparam_core.families.specs import BlockSpec, block_spec_to_dict
 
 from .tolerance import BLOCK_REL, model_tolerance, rel_err
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reparam_core.counting import conv_depth
-from reparam_core.specs import ModelSpec
+from reparam_core.blocks.counting import conv_depth
+from reparam_core.families.specs import ModelSpec
 
 BLOCK_REL = 1e-5
 MODEL_BASE_REL = 1e-5

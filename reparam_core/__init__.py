@@ -1,23 +1,17 @@
 """reparam_core: framework-free structural re-parameterization (numpy only).
 
-The fusion algebra, the block description (nodes) and its rules (schema, fusion, oracle,
-counts), the families as data, kernel layouts, the neutral state and the float64 oracle. Never
-imports a deep-learning framework; runs on Python 3.10 + numpy 1.26 and on Python 3.11 + numpy 2.
+One folder per concern, each importing only those before it: `blocks` (the block description,
+its fusion algebra and rules: schema, fusion, oracle, counts), `families` (the families as data,
+the model registry, official constructors), `weights` (key maps, kernel layouts, the neutral
+state, half-precision casts), `formats` (checkpoint files and the convert pipeline), `training`,
+`quant`, `bench`, `demo`; `errors` is shared by all. This module re-exports the names most
+callers need. Never imports a deep-learning framework; runs on Python 3.10 + numpy 1.26 and on
+Python 3.11 + numpy 2.
 """
 
-from .counting import count_macs, count_params, count_params_folded
-from .errors import (
-    BackendUnavailableError,
-    CheckpointError,
-    FusionError,
-    ReparamError,
-    ShapeMismatchError,
-    SpecError,
-    UnknownModelError,
-    UnsafeFileError,
-)
-from .fuse import block_kernel_bias, iter_deploy_state, rep_kernel_bias, reparameterize_state
-from .nodes import (
+from .blocks.counting import count_macs, count_params, count_params_folded
+from .blocks.fuse import block_kernel_bias, iter_deploy_state, rep_kernel_bias, reparameterize_state
+from .blocks.nodes import (
     BN,
     SE,
     Act,
@@ -39,9 +33,19 @@ from .nodes import (
     in_form,
     to_deploy,
 )
-from .official import official_block, official_classes
-from .schema import FORMS, Form, TensorInfo, block_schema, detect_form, schema_for, schema_of, state_schema
-from .specs import (
+from .blocks.schema import FORMS, Form, TensorInfo, block_schema, detect_form, schema_for, schema_of, state_schema
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    FusionError,
+    ReparamError,
+    ShapeMismatchError,
+    SpecError,
+    UnknownModelError,
+    UnsafeFileError,
+)
+from .families.official import official_block, official_classes
+from .families.specs import (
     BlockSpec,
     ModelSpec,
     RepBlockSpec,
@@ -57,7 +61,7 @@ from .specs import (
     repconv_spec,
     repvgg_spec,
 )
-from .state import check_state, random_state, random_tensors, strip_ignored
+from .weights.state import check_state, random_state, random_tensors, strip_ignored
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """`reparam bench`: train form vs deploy form vs a plain conv stack, per backend, side by side.
 
 Each backend runs in a process of its own (`python -m backends.<backend>.bench`; MegEngine with
-.venv-mge's interpreter) through the plan in reparam_core/benchplan.py: every form of a model is
+.venv-mge's interpreter) through the plan in reparam_core/bench/plan.py: every form of a model is
 timed in interleaved rounds after warm-up, so the ratios, the headline figures, hold on a noisy
 machine; absolute times are printed beside them. `--json` keeps every figure, `--plot` draws
 throughput per backend and form.
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from reparam_core import ReparamError, get_spec
-from reparam_core.benchplan import BenchConfig, run_child, stage_count
-from reparam_core.benchreport import add_peak, format_report, new_report, plot
+from reparam_core.bench.plan import BenchConfig, run_child, stage_count
+from reparam_core.bench.report import add_peak, format_report, new_report, plot
 from reparam_core.errors import BackendUnavailableError
 
 from .progress import Progress

@@ -2,7 +2,7 @@
 
     python -m scripts.convert SRC DST --model RepVGG-A0 [--to-deploy] [--verify] [--overwrite]
 
-The command parses its arguments and calls `reparam_core.convert.convert` (read, key map, fuse,
+The command parses its arguments and calls `reparam_core.formats.convert.convert` (read, key map, fuse,
 cast, streamed atomic write; see there), with `backends.dispatch.predict_in` for --verify: source
 and destination run in their own frameworks (torch: backends.torch, flax: backends.flax,
 megengine: the MegEngine worker, safetensors: the float64 oracle) on one random input; above
@@ -17,9 +17,10 @@ import json
 import sys
 
 from backends.dispatch import predict_in, read_orbax
-from reparam_core.convert import DTYPES, VERIFY_RTOL, convert
+from reparam_core.blocks.schema import FORMS
 from reparam_core.formats import FORMATS
-from reparam_core.schema import FORMS
+from reparam_core.formats.convert import DTYPES, VERIFY_RTOL, convert
+from reparam_core.weights.keymaps import SCHEMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--to-scheme",
         default="canonical",
         metavar="SCHEME",
-        help="write the keys under another implementation's names: timm, "
-        "mmpretrain, basecls (those the model's family has; default: the "
-        "official names)",
+        help=f"write the keys under another implementation's names: {', '.join(SCHEMES[1:])} (those "
+        "that implement the model's family; default: the official names)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")

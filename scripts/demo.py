@@ -3,7 +3,7 @@ both forms to MegEngine and Flax, with proof that the predictions did not change
 
     reparam demo [--out DIR] [--epochs N] [--model NAME] [--seed S] [--no-train]
 
-Data: scikit-learn's bundled digits as `reparam train` reads them (reparam_core.digits: 1,797
+Data: scikit-learn's bundled digits as `reparam train` reads them (reparam_core.training.digits: 1,797
 8x8 images, bilinear to 32x32, gray repeated to 3 channels, normalised with the training split's
 mean/std; the fixed stratified 80/20 split, independent of --seed, so the shipped checkpoint is
 always scored on images it never saw). --seed sets the initialisation, the sample order and the
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from reparam_core import ReparamError, count_params, get_spec
-from reparam_core.agreement import gallery, max_state_diff
-from reparam_core.checkpoint_set import write_every_format
-from reparam_core.digits import load_digits_split
+from reparam_core.bench.timing import interleaved_throughput, paired_ratio, summarize
+from reparam_core.demo.agreement import gallery, max_state_diff
+from reparam_core.demo.checkpoint_set import write_every_format
 from reparam_core.errors import VerificationError
-from reparam_core.timing import interleaved_throughput, paired_ratio, summarize
+from reparam_core.training.digits import load_digits_split
 
 from . import demo_report as report
 from . import demo_train

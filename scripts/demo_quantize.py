@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reparam_core.digits import load_digits_split
-from reparam_core.safetensors_io import save_file
+from reparam_core.formats.safetensors_io import save_file
+from reparam_core.training.digits import load_digits_split
 
 from .demo_train import train_model
 from .quantize import quantize_checkpoint

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from reparam_core.agreement import compare
+from reparam_core.demo.agreement import compare
 
 REFERENCE = "torch/train"
 # each check of the port: (name, reference logits, compared logits)

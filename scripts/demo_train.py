@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from reparam_core import training as tr
-from reparam_core.digits import DigitsSplit
 from reparam_core.errors import CheckpointError
-from reparam_core.safetensors_io import load_file, save_file
+from reparam_core.formats.safetensors_io import load_file, save_file
+from reparam_core.training.digits import DigitsSplit
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET_DIR = ROOT / "assets" / "demo"

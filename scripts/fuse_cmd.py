@@ -29,7 +29,7 @@ def _histogram(h: dict[str, int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import backends.onnx as bo
-    from reparam_core.atomic import atomic_write
+    from reparam_core.formats.atomic import atomic_write
 
     src = bo.load(args.src)
     fused, report = bo.fuse_model(src)

@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 
 from reparam_core import count_macs, count_params, count_params_folded, get_spec
-from reparam_core.nodes import SE, Add, Block, Conv, GlobalPool, Node, Rep, describe, walk
+from reparam_core.blocks.nodes import SE, Add, Block, Conv, GlobalPool, Node, Rep, describe, walk
 
 
 def _stage(path: str) -> str:

@@ -28,18 +28,18 @@ from typing import Any
 import numpy as np
 
 from reparam_core import ReparamError, get_spec
-from reparam_core.atomic import atomic_write
 from reparam_core.errors import ArgumentError
 from reparam_core.formats import infer_num_classes, read_raw, to_neutral
-from reparam_core.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
-from reparam_core.quantreport import format_report, plot_layers
+from reparam_core.formats.atomic import atomic_write
+from reparam_core.quant.report import format_report, plot_layers
+from reparam_core.training.imagefolder import IMAGENET_MEAN, IMAGENET_STD, DataError, read_image_folder
 
 ENGINES = ("onnxruntime", "openvino")  # what runs (and what is written): an ONNX file, an OpenVINO IR
 
 
 @lru_cache(maxsize=1)
 def _digits() -> object:
-    from reparam_core.digits import load_digits_split
+    from reparam_core.training.digits import load_digits_split
 
     return load_digits_split()
 
@@ -85,7 +85,7 @@ def quantize_checkpoint(
     (eager: the quantization's math; Inductor's int8 kernels need torch.compile)."""
     import backends.torch as bt
     from backends.onnx.quantize import compare_logits, measure_int8, quantize_qdq, run_onnx
-    from reparam_core.hardware import cpu_features, cpu_model, has_int8_dot
+    from reparam_core.quant.hardware import cpu_features, cpu_model, has_int8_dot
 
     for path in _outputs(dst, engine):
         if os.path.exists(path) and not overwrite:

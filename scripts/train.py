@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             backend.initialize_hosts(args.rdzv_endpoint or "", args.nnodes, args.node_rank)
     elif cfg.framework == "megengine":
         from backends.megengine.remote import mge_python
-        from reparam_core.train_process import ProcessTrainer
+        from reparam_core.training.process import ProcessTrainer
 
         backend = ProcessTrainer(mge_python(), "backends.megengine.train", ROOT, _child_env())
     else:

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from reparam_core.training import write_bytes
+from reparam_core.training.checkpoints import write_bytes
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -14,7 +14,7 @@ import time
 from parity_tests.cases import block_matrix, model_cases
 from parity_tests.harness import BACKENDS, FORMS, Case, CaseResult, make_runners, run_case
 from reparam_core.errors import ArgumentError, BackendUnavailableError, VerificationError
-from reparam_core.specs import resolve_model_name
+from reparam_core.families.specs import resolve_model_name
 
 from .progress import Progress
 

@@ -3,9 +3,9 @@ descriptions.
 
 One generic module (`RepModule`) builds and interprets any description; the named classes are
 thin subclasses checked against the spec's kind. Attribute paths mirror the canonical names: the
-NNX state path of each tensor joined with "." is reparam_core.layouts.flax_key(canonical key).
-Every layout conversion goes through reparam_core.layouts and every fusion through
-reparam_core.fuse (float64). Activations are NHWC inside; `predict` and the exported artifact
+NNX state path of each tensor joined with "." is reparam_core.weights.layouts.flax_key(canonical key).
+Every layout conversion goes through reparam_core.weights.layouts and every fusion through
+reparam_core.blocks.fuse (float64). Activations are NHWC inside; `predict` and the exported artifact
 take NCHW.
 """
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from reparam_core import ReparamError, ShapeMismatchError
-from reparam_core.nodes import Model
+from reparam_core.blocks.nodes import Model
 
 from .blocks import RepModule, SegmentFn
 from .state import export_state, load_native_state, load_state, native_state

@@ -2,7 +2,7 @@
 
 Forms: train and deploy (our modules, inference view, eager op-by-op NHWC forward) and the plain
 reference (`PlainNet`: `nnx.Conv` computing through the backend's conv primitive + activation,
-global mean pool, `nnx.Linear`, built from reparam_core.plain and loaded with the deploy form's
+global mean pool, `nnx.Linear`, built from reparam_core.bench.plain and loaded with the deploy form's
 weights). Fast paths: every form as one whole-model `jax.jit` (nnx.split outside, nnx.merge
 inside), compile time reported apart.
 """
@@ -25,9 +25,9 @@ from jaxlib import version as jaxlib_version
 from backends import flax as bf
 from backends.flax import layers as bf_layers
 from reparam_core import SpecError, get_spec, state_schema
-from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
-from reparam_core.layouts import to_flax
-from reparam_core.plain import plain_layers
+from reparam_core.bench.plain import plain_layers
+from reparam_core.bench.plan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
+from reparam_core.weights.layouts import to_flax
 
 ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu, "silu": jax.nn.silu, "identity": lambda x: x}
 

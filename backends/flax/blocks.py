@@ -3,7 +3,7 @@ thin named classes, the kind registry and the block builders.
 
 `RepModule(spec, deploy)` builds every parameterised leaf of its description at its dotted
 module path (nnx.Dict containers, so the NNX state path of every tensor joined with "." is
-reparam_core.layouts.flax_key(canonical key): `rbr_dense.conv.kernel`, `rbr_dense.0.kernel`
+reparam_core.weights.layouts.flax_key(canonical key): `rbr_dense.conv.kernel`, `rbr_dense.0.kernel`
 (RepConv), `cheap_operation.1.scale`, ...), nested Blocks as child modules of class
 `block_class(kind)`, and interprets the description in `__call__` (NHWC inside; the api's
 `predict` takes NCHW). Its form is fixed at construction; `reparameterize()` returns a NEW
@@ -25,11 +25,11 @@ import numpy as np
 from flax import nnx
 
 from reparam_core import ReparamError, SpecError, block_kind
-from reparam_core.fusion import identity_kernel
-from reparam_core.l2 import L2Terms, custom_l2_penalty, l2_terms
-from reparam_core.layouts import to_flax
-from reparam_core.nodes import Block, Dropout, Model, Rep, SpecLike, describe, in_form, rep_blocks
-from reparam_core.schema import TensorInfo
+from reparam_core.blocks.fusion import identity_kernel
+from reparam_core.blocks.l2 import L2Terms, custom_l2_penalty, l2_terms
+from reparam_core.blocks.nodes import Block, Dropout, Model, Rep, SpecLike, describe, in_form, rep_blocks
+from reparam_core.blocks.schema import TensorInfo
+from reparam_core.weights.layouts import to_flax
 
 from .interpret import DROPOUT, Chain, apply, module_at, module_paths, run, scope_body, scope_nodes, set_module
 from .layers import LEAF_TYPES, BatchNorm, DropoutStream, _rngs, leaf_module
@@ -184,7 +184,7 @@ class RepModule(nnx.Module):
         """RepVGGplus' custom L2 summed over every re-parameterizable block, identity branch
         included: the dense kernel's squares off the centre tap plus sum(eq^2 / (t3^2 + t1^2
         [+ tid^2 on identity taps])), eq = K3_centre t3 + K1 t1 (+ I tid), every t = gamma /
-        sqrt(var + eps) detached (reparam_core.l2). Train form only."""
+        sqrt(var + eps) detached (reparam_core.blocks.l2). Train form only."""
         if self.deploy:
             raise ReparamError(f"custom_l2 is defined in train form only; this {type(self).__name__} is in deploy form")
         return sum((_block_l2(self._get(path), l2_terms(block)) for path, block in self._rep_units()), jnp.float32(0.0))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from reparam_core import SpecError
-from reparam_core.nodes import Act, Add, AvgPool, Block, Dropout, Flatten, GlobalPool, Model, Node, Rep, children
+from reparam_core.blocks.nodes import Act, Add, AvgPool, Block, Dropout, Flatten, GlobalPool, Model, Node, Rep, children
 
 from .layers import ACTIVATIONS, LEAF_TYPES, Leaf, avg_pool, flatten, global_pool
 

@@ -3,7 +3,7 @@
 
 Layout: activations are NHWC inside; conv kernels HWIO with I = in / groups (nnx.Conv with
 `feature_group_count`); linear kernels (in, out). Canonical <-> native tensor conversion happens
-only through reparam_core.layouts (see state.py).
+only through reparam_core.weights.layouts (see state.py).
 
 Convolutions compute through `conv_general_dilated` (handed to nnx.Conv), which picks the fastest
 formulation of a grouped convolution on XLA's CPU backend by `conv_path`; the parameters and
@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
-from reparam_core import ShapeMismatchError, nodes
-from reparam_core.fusion import identity_offset
-from reparam_core.layouts import oihw_to_hwio
+from reparam_core import ShapeMismatchError
+from reparam_core.blocks import nodes
+from reparam_core.blocks.fusion import identity_offset
+from reparam_core.weights.layouts import oihw_to_hwio
 
 # torch.nn.BatchNorm2d's default momentum is 0.1 (new = 0.9 * old + 0.1 * batch); in the Flax
 # convention (new = momentum * old + (1 - momentum) * batch) that is 0.9.

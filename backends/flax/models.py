@@ -1,7 +1,7 @@
 """The model classes (thin named RepModule subclasses) and the model builders.
 
 Module paths follow the official PyTorch ones (containers are nnx.Dict), so the NNX state path
-of each tensor joined with "." equals reparam_core.layouts.flax_key(canonical key), e.g.
+of each tensor joined with "." equals reparam_core.weights.layouts.flax_key(canonical key), e.g.
 `stage1.0.rbr_dense.conv.kernel`, `stage2.blocks.3.post_se.down.kernel`,
 `blocks.3.0.ghost1.primary_conv.1.scale`. Inputs are NHWC inside.
 """

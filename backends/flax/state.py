@@ -1,9 +1,9 @@
-"""Native NNX state <-> neutral state, driven by reparam_core.schema and reparam_core.layouts,
+"""Native NNX state <-> neutral state, driven by reparam_core.blocks.schema and reparam_core.weights.layouts,
 and the load of the core's fused state into a deploy-form module.
 
 A module's native tensors are its nnx.Param and nnx.BatchStat variables; the NNX state path of
-each, joined with ".", equals reparam_core.layouts.flax_key(canonical_key, info) (containers are
-nnx.Dict, whose keys appear as path entries). Reads go through reparam_core.layouts.from_flax;
+each, joined with ".", equals reparam_core.weights.layouts.flax_key(canonical_key, info) (containers are
+nnx.Dict, whose keys appear as path entries). Reads go through reparam_core.weights.layouts.from_flax;
 writes copy a canonical tensor into the canonical-layout view of a fresh Flax-layout buffer
 (`_canonical_view`, the view form of layouts.to_flax), one blockwise pass per tensor.
 """
@@ -20,10 +20,10 @@ from flax import nnx
 from flax.typing import PathParts
 
 from reparam_core import CheckpointError, ReparamError, ShapeMismatchError, check_state
-from reparam_core.fuse import iter_deploy_state
-from reparam_core.layouts import flax_key, from_flax
-from reparam_core.nodes import Block, Description, Model, SpecLike
-from reparam_core.schema import Schema, TensorInfo, schema_for, schema_of
+from reparam_core.blocks.fuse import iter_deploy_state
+from reparam_core.blocks.nodes import Block, Description, Model, SpecLike
+from reparam_core.blocks.schema import Schema, TensorInfo, schema_for, schema_of
+from reparam_core.weights.layouts import flax_key, from_flax
 
 if TYPE_CHECKING:  # blocks imports this module
     from .blocks import RepModule
@@ -169,7 +169,7 @@ def load_fused_state(
     spec: SpecLike, train: Mapping[str, nnx.Variable[Any]], deploy: Mapping[str, nnx.Variable[Any]]
 ) -> None:
     """Fill the deploy-form variables `deploy` (by Flax key, abstract) with the core's deploy
-    state (reparam_core.fuse.iter_deploy_state, streamed) of the train-form variables `train`
+    state (reparam_core.blocks.fuse.iter_deploy_state, streamed) of the train-form variables `train`
     of `spec`, with no layout transpose on the fused path: the core reads every tensor as a
     canonical-layout VIEW of its Flax array (HWIO kernels as transposed OIHW views) and writes
     each fused kernel straight into an aligned HWIO buffer of its own (handed to it as an OIHW

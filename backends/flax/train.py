@@ -27,9 +27,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reparam_core import training as tr
+from reparam_core.blocks.schema import state_schema
 from reparam_core.errors import CheckpointError
-from reparam_core.layouts import flax_key
-from reparam_core.schema import state_schema
+from reparam_core.weights.layouts import flax_key
 
 from .api import predict
 from .blocks import RepModule
@@ -54,7 +54,7 @@ def _key(path: tuple) -> str:
 
 
 def _decay_mask(params: nnx.State, l2_kernels: set[str]) -> Any:
-    """True where plain weight decay applies (reparam_core.training.decays, on Flax keys)."""
+    """True where plain weight decay applies (reparam_core.training.recipe.decays, on Flax keys)."""
     return jax.tree_util.tree_map_with_path(lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from reparam_core import ShapeMismatchError, SpecError, check_state, describe, get_spec, strip_ignored
+from reparam_core.blocks.nodes import Model, SpecLike
+from reparam_core.families.specs import ModelSpec
 from reparam_core.formats import to_neutral
-from reparam_core.nodes import Model, SpecLike
-from reparam_core.specs import ModelSpec
 
 from .blocks import M, RepModule, block_class, mge, neutral_state, write_state
 from .profiling import fastrun as _fastrun

@@ -2,7 +2,7 @@
 
 Forms: train and deploy (our blocks, eager, eval mode) and the plain reference (`PlainNet`:
 `megengine.module.Conv2d` + activation, global average pool, `megengine.module.Linear`, built from
-reparam_core.plain and loaded with the deploy form's weights). Fast paths: each form as a
+reparam_core.bench.plain and loaded with the deploy form's weights). Fast paths: each form as a
 `jit.trace(symbolic=True, capture_as_const=True)` graph; `compile_s` is its first (tracing) call.
 With `mge_fastrun` (`reparam bench --mge-fastrun`) also the deploy form with MegEngine's profiled
 kernels (backends.megengine.profiling): `deploy/fastrun` (eager, every call inside `fastrun()`) and
@@ -41,8 +41,8 @@ from backends.megengine.blocks import write_tensor
 from backends.megengine.export import TracedGraph
 from backends.megengine.profiling import fastrun
 from reparam_core import get_spec, state_schema
-from reparam_core.benchplan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
-from reparam_core.plain import plain_layers
+from reparam_core.bench.plain import plain_layers
+from reparam_core.bench.plan import BackendBench, BenchConfig, FastPath, gemm_gflops, main
 
 ACTS = {"relu": M.ReLU, "silu": M.SiLU, "identity": M.Identity}
 

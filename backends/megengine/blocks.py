@@ -1,4 +1,4 @@
-"""One generic MegEngine module built from a block description (reparam_core.nodes).
+"""One generic MegEngine module built from a block description (reparam_core.blocks.nodes).
 
 `RepModule(spec, deploy)` holds the description of its form (`desc`), builds every
 parameterised leaf (layers.py) at its dotted module path (name scopes become `Scope` modules,
@@ -27,12 +27,24 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reparam_core import ReparamError, ShapeMismatchError, SpecError, TensorInfo
-from reparam_core.fuse import reparameterize_state
-from reparam_core.fusion import identity_kernel
-from reparam_core.l2 import custom_l2_penalty, l2_terms
-from reparam_core.layouts import from_megengine, oihw_to_megengine, to_megengine
-from reparam_core.nodes import Add, Aux, Block, Description, Model, Node, Rep, SpecLike, children, in_form, rep_blocks
-from reparam_core.schema import Form, schema_of
+from reparam_core.blocks.fuse import reparameterize_state
+from reparam_core.blocks.fusion import identity_kernel
+from reparam_core.blocks.l2 import custom_l2_penalty, l2_terms
+from reparam_core.blocks.nodes import (
+    Add,
+    Aux,
+    Block,
+    Description,
+    Model,
+    Node,
+    Rep,
+    SpecLike,
+    children,
+    in_form,
+    rep_blocks,
+)
+from reparam_core.blocks.schema import Form, schema_of
+from reparam_core.weights.layouts import from_megengine, oihw_to_megengine, to_megengine
 
 from .layers import FREE_LEAVES, PARAM_LEAVES, F, M, Tensor, functional, leaf_module, mge
 

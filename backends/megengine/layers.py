@@ -25,9 +25,8 @@ import megengine.module as M  # noqa: E402
 from megengine import Tensor  # noqa: E402
 
 from reparam_core import SpecError  # noqa: E402
-from reparam_core.fusion import identity_offset  # noqa: E402
-from reparam_core.layouts import to_megengine  # noqa: E402
-from reparam_core.nodes import (  # noqa: E402
+from reparam_core.blocks.fusion import identity_offset  # noqa: E402
+from reparam_core.blocks.nodes import (  # noqa: E402
     BN,
     SE,
     Act,
@@ -41,7 +40,8 @@ from reparam_core.nodes import (  # noqa: E402
     Scale,
     conv2d_arguments,
 )
-from reparam_core.schema import conv_entries  # noqa: E402
+from reparam_core.blocks.schema import conv_entries  # noqa: E402
+from reparam_core.weights.layouts import to_megengine  # noqa: E402
 
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from reparam_core import errors
-from reparam_core.safetensors_io import load_file, save_file
-from reparam_core.specs import BlockSpec, block_spec_to_dict
+from reparam_core.families.specs import BlockSpec, block_spec_to_dict
+from reparam_core.formats.safetensors_io import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

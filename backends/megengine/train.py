@@ -1,5 +1,5 @@
 """`reparam train` in MegEngine: one process (run in `.venv-mge` as `python -m
-backends.megengine.train`, driven by reparam_core.train_process from the CLI).
+backends.megengine.train`, driven by reparam_core.training.process from the CLI).
 
 The recipe and every framework-free part are reparam_core.training's, as in the PyTorch trainer:
 megengine.optimizer.SGD with Nesterov momentum, whose update is torch's
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from reparam_core import training as tr
+from reparam_core.blocks.schema import TensorInfo
 from reparam_core.errors import CheckpointError
-from reparam_core.schema import TensorInfo
-from reparam_core.train_process import child_main
+from reparam_core.training.process import child_main
 
 from .api import create_model, export_state, load_state, predict
 from .blocks import RepModule, live_tensors, module_layout, neutral_array

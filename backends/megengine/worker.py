@@ -3,7 +3,7 @@
 Run as `python -m backends.megengine.worker` inside .venv-mge. One JSON object per line on stdin,
 one JSON line reply on the ORIGINAL stdout: at start fd 1 is duplicated for the protocol and then
 pointed at fd 2, so anything MegEngine (or Python code) prints goes to stderr and cannot corrupt the
-channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all paths absolute.
+channel. Arrays travel as safetensors files (reparam_core.formats.safetensors_io); all paths absolute.
 
   {"op": "ping"} -> {"ok": true, "megengine": version, "python": version}
   {"op": "predict", "model": NAME|null, "block": block_spec_dict|null, "num_classes": int,
@@ -19,7 +19,7 @@ channel. Arrays travel as safetensors files (reparam_core.safetensors_io); all p
    "repeats": int, "warmup": int (default 1), "fastrun": bool}
      -> {"ok": true, "times": {"train": [s, ...], "deploy": [s, ...]}, "seconds": float}: the
      loaded train form and its re-parameterized deploy form each predict on input, in interleaved
-     rounds (reparam_core.timing.interleaved_times; `warmup` untimed rounds first)
+     rounds (reparam_core.bench.timing.interleaved_times; `warmup` untimed rounds first)
   {"op": "shutdown"} -> {"ok": true}, then exit.
 Errors: {"ok": false, "type": exception class name, "error": message}; the worker keeps serving.
 """
@@ -32,8 +32,8 @@ import sys
 import time
 from typing import Any
 
+from reparam_core.bench.protocol import open_protocol
 from reparam_core.errors import ArgumentError, SpecError
-from reparam_core.protocol import open_protocol
 
 
 def _build(req: dict[str, Any]) -> Any:
@@ -53,7 +53,7 @@ def _build(req: dict[str, Any]) -> Any:
 
 def _loaded(req: dict[str, Any]) -> tuple[Any, Any]:
     from backends.megengine import load_state
-    from reparam_core.safetensors_io import load_file
+    from reparam_core.formats.safetensors_io import load_file
 
     module = _build(req)
     state, _ = load_file(req["state"])
@@ -64,7 +64,7 @@ def _loaded(req: dict[str, Any]) -> tuple[Any, Any]:
 
 def _predict(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import export_state, predict, reparameterize
-    from reparam_core.safetensors_io import save_file
+    from reparam_core.formats.safetensors_io import save_file
 
     module, x = _loaded(req)
     if req.get("reparameterize"):
@@ -78,7 +78,7 @@ def _predict(req: dict[str, Any]) -> dict[str, Any]:
 
 def _export_traced(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import export_traced, run_traced
-    from reparam_core.safetensors_io import save_file
+    from reparam_core.formats.safetensors_io import save_file
 
     module, x = _loaded(req)
     export_traced(module, req["artifact"], tuple(x.shape))
@@ -89,7 +89,7 @@ def _export_traced(req: dict[str, Any]) -> dict[str, Any]:
 
 def _run_traced(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import run_traced
-    from reparam_core.safetensors_io import load_file, save_file
+    from reparam_core.formats.safetensors_io import load_file, save_file
 
     x = load_file(req["input"])[0]["x"]
     save_file({"y": run_traced(req["artifact"], x, fastrun=bool(req.get("fastrun", False)))}, req["output"])
@@ -98,7 +98,7 @@ def _run_traced(req: dict[str, Any]) -> dict[str, Any]:
 
 def _time(req: dict[str, Any]) -> dict[str, Any]:
     from backends.megengine import predict, reparameterize
-    from reparam_core.timing import interleaved_times
+    from reparam_core.bench.timing import interleaved_times
 
     if req.get("form", "train") != "train":
         raise SpecError("time: the state must be of the train form (its deploy form is made here)")

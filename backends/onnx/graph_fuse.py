@@ -6,7 +6,7 @@ Block as exported by torch: `Sub c -> Pad -> Add c` with c the padded value), pl
 BatchNormalization right after it, and every lone Conv followed by BatchNormalization or
 per-channel Mul/Add constants, becomes one Conv. The pass translates what it finds into the
 core's block description and the core decides and computes the fusion
-(reparam_core.graphfuse.fuse_branches: Rep validation, float64 kernel and bias); what it
+(reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias); what it
 refuses stays as it was and is listed in the report with the reason. `Identity` nodes are
 looked through; values computed from constants only (constant folding left undone) are
 evaluated with onnx's numpy reference evaluator. onnx + numpy only.
@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, PadBN, Scale
-from reparam_core.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn, branch_kind, fuse_branches
+from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn, branch_kind, fuse_branches
 
 
 def load(path: str) -> onnx.ModelProto:

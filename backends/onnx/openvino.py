@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from reparam_core.atomic import atomic_write
 from reparam_core.errors import ArgumentError, CheckpointError, ReparamError
-from reparam_core.hardware import cpu_features
+from reparam_core.formats.atomic import atomic_write
+from reparam_core.quant.hardware import cpu_features
 
 PRECISIONS: dict[str, str] = {"float32": "f32", "bfloat16": "bf16"}  # ours -> OpenVINO's hint
 DEVICE = "CPU"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from reparam_core.errors import ReparamError
-from reparam_core.precision import sqnr_db
+from reparam_core.weights.precision import sqnr_db
 
 METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")  # calibration (ONNX Runtime's)
 _QUANTIZED_SUFFIX = "_quantized"
@@ -59,7 +59,7 @@ def quantize_qdq(
         method: how activation ranges are taken from the calibration outputs (one of METHODS).
         per_channel: one weight scale per output channel; False: one per tensor.
         reduce_range: 7-bit weights, exact on x86 CPUs without VNNI/AMX (whose int8 kernels sum
-            u8 x s8 products in saturating 16 bits); see reparam_core.hardware.has_int8_dot.
+            u8 x s8 products in saturating 16 bits); see reparam_core.quant.hardware.has_int8_dot.
     Returns the serialized model; the same inputs give the same bytes."""
     from onnxruntime.quantization import (
         CalibrationDataReader,

@@ -2,7 +2,7 @@
 
 One generic module class (RepModule) built from reparam_core's block description, with thin
 named classes per official class. Module paths (and so `state_dict()` keys) are the canonical,
-official names; every fusion goes through reparam_core.fuse (float64).
+official names; every fusion goes through reparam_core.blocks.fuse (float64).
 """
 
 from reparam_core import repconv_spec  # the YOLOv7 RepConv spec, re-exported

@@ -2,7 +2,7 @@
 
 Forms: train and deploy (our blocks, eager NCHW, inference mode) and the plain reference
 (`nn.Sequential` of `nn.Conv2d` + activation, pool, `nn.Linear`, built from
-reparam_core.plain and loaded with the deploy form's weights). Fast paths of the deploy form:
+reparam_core.bench.plain and loaded with the deploy form's weights). Fast paths of the deploy form:
 channels_last, `torch.compile`, and both; the plain reference in channels_last too. Other
 runtimes and precisions of the same deploy form: its ONNX export in ONNX Runtime (float32, and
 int8 QDQ quantized per output channel, calibrated on the bench input: a speed figure, accuracy
@@ -27,7 +27,8 @@ from torch import nn
 
 from backends import torch as bt
 from reparam_core import get_spec, state_schema
-from reparam_core.benchplan import (
+from reparam_core.bench.plain import plain_layers
+from reparam_core.bench.plan import (
     INT8_PATH,
     ORT_PATH,
     OV_BF16_PATH,
@@ -39,7 +40,6 @@ from reparam_core.benchplan import (
     gemm_gflops,
     main,
 )
-from reparam_core.plain import plain_layers
 
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 Net = Callable[[torch.Tensor], torch.Tensor]  # a module or its torch.compile'd form
@@ -150,7 +150,7 @@ class TorchBench(BackendBench):
         (`config.openvino`; bf16 too with `config.bf16` where the CPU has it). first-call s:
         export (+ quantization), then session creation or compilation and the first run."""
         from backends.onnx import quantize_qdq
-        from reparam_core.hardware import has_int8_dot
+        from reparam_core.quant.hardware import has_int8_dot
 
         with tempfile.TemporaryDirectory(prefix="reparam-bench-") as tmp:
             t0 = time.perf_counter()

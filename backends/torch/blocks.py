@@ -1,5 +1,5 @@
 """Re-parameterizable blocks and models as native torch.nn modules, built from the block
-description (reparam_core.nodes) by ONE generic class, `RepModule`.
+description (reparam_core.blocks.nodes) by ONE generic class, `RepModule`.
 
 A module's form (`deploy`) is fixed at construction; `desc` is the spec's description in that
 form. Every parameterised leaf is a native module at its (official, dotted) name, intermediate
@@ -34,9 +34,9 @@ from reparam_core import (
     in_form,
     reparameterize_state,
 )
-from reparam_core.fusion import identity_kernel
-from reparam_core.l2 import L2Terms, custom_l2_penalty, l2_terms
-from reparam_core.nodes import Description, Node, SpecLike, rep_blocks
+from reparam_core.blocks.fusion import identity_kernel
+from reparam_core.blocks.l2 import L2Terms, custom_l2_penalty, l2_terms
+from reparam_core.blocks.nodes import Description, Node, SpecLike, rep_blocks
 
 from .layers import LEAF_FUNCTIONS, LEAF_MODULES, ModuleLeaf, Plan, Step, add, call, dropout, rep, run, submodule
 
@@ -83,7 +83,7 @@ def _conv_weight(block: nn.Module, path: str) -> Tensor:
 
 
 def _block_l2(block: nn.Module, t: L2Terms) -> Tensor:
-    """The custom L2 of one re-parameterizable block module (see reparam_core.l2)."""
+    """The custom L2 of one re-parameterizable block module (see reparam_core.blocks.l2)."""
     k3, k1 = _conv_weight(block, t.dense_conv), _conv_weight(block, t.one_conv)
     ch, cw = t.centre
     centre = k3[:, :, ch : ch + 1, cw : cw + 1]
@@ -253,7 +253,7 @@ class RepModule(nn.Module):
 
     def custom_l2(self) -> Tensor:
         """RepVGGplus' custom L2 summed over every re-parameterizable unit, identity branch
-        included (train form only; reparam_core.l2.custom_l2_penalty)."""
+        included (train form only; reparam_core.blocks.l2.custom_l2_penalty)."""
         self._train_form_only("custom_l2 is defined")
         terms = []
         for path, block in self.rep_blocks():

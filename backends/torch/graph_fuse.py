@@ -5,9 +5,9 @@ where tracing fails), finds every sum whose operands are branches reading the sa
 conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse Branch
 Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1), plus a BN right after the sum, and every
 lone conv -> BN pair, and replaces each with ONE conv. The pass only translates what it finds
-into the core's block description (`reparam_core.nodes.Rep`); whether the branches are exactly
-one conv is decided by the core (`Rep` validation, reparam_core.fuse.check_rep) and the fused
-kernel and bias are computed by the core (reparam_core.fuse.rep_kernel_bias, float64). Anything
+into the core's block description (`reparam_core.blocks.nodes.Rep`); whether the branches are exactly
+one conv is decided by the core (`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused
+kernel and bias are computed by the core (reparam_core.blocks.fuse.rep_kernel_bias, float64). Anything
 the core refuses, or that is not a branch primitive (a nonlinearity, train-mode BN, a branch
 reading another tensor), is left exactly as it was and listed in the report with the reason.
 """
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
-from reparam_core.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, branch_kind, fuse_branches
-from reparam_core.nodes import Pair, pair
+from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, branch_kind, fuse_branches
+from reparam_core.blocks.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import BN, SE, Act, AvgPool, Conv, Flatten, GlobalPool, Linear, PadBN, Scale
-from reparam_core.fusion import identity_offset
-from reparam_core.nodes import conv2d_arguments
+from reparam_core.blocks.fusion import identity_offset
+from reparam_core.blocks.nodes import conv2d_arguments
 
 Tensor = torch.Tensor
 Rule = Callable[[nn.Module, Tensor, Any], Tensor]

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..blocks.nodes import BN, Block, Conv, Geometry, Rep
 from ..errors import FusionError
-from ..nodes import BN, Block, Conv, Geometry, Rep
 from .official_args import grouped, positive, require, train_form_only, zeros_padding
 
 

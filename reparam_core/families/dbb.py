@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..blocks.nodes import BN, Act, AvgPool, Block, Branch, Conv, PadBN, Rep
 from ..errors import FusionError
-from ..nodes import BN, Act, AvgPool, Block, Branch, Conv, PadBN, Rep
 from .official_args import ActName, activation, grouped, positive, require, train_form_only
 
 

@@ -20,8 +20,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from ..blocks.nodes import (
+    BN,
+    SE,
+    Act,
+    Block,
+    Branch,
+    Conv,
+    Flatten,
+    Geometry,
+    GlobalPool,
+    Linear,
+    Model,
+    Node,
+    Rep,
+    to_deploy,
+)
 from ..errors import SpecError
-from ..nodes import BN, SE, Act, Block, Branch, Conv, Flatten, Geometry, GlobalPool, Linear, Model, Node, Rep, to_deploy
 
 SE_RATIO = 0.0625  # the official SEBlock's rd_ratio: hidden = int(channels * 0.0625)
 
@@ -180,7 +195,7 @@ MODELS: dict[str, Callable[[int], MobileOneSpec]] = {n: _entry(n, kw) for n, kw 
 # timm's names (`mobileone_s0` ... `mobileone_s4`).
 ALIASES: dict[str, str] = {n.replace("MobileOne-", "mobileone_").lower(): n for n in _MOBILEONE}
 
-# Other implementations' names (reparam_core.keymaps: (foreign, canonical) templates, both ways).
+# Other implementations' names (reparam_core.weights.keymaps: (foreign, canonical) templates, both ways).
 # Checked against the sources (facts only):
 # - timm `byobnet.py` (`mobileone_s0` ... `mobileone_s4`): the stem MobileOneBlock is `stem`,
 #   stages `stages.{0..3}.{j}` with the same interleaved depthwise/pointwise blocks, so the map is
@@ -190,6 +205,7 @@ ALIASES: dict[str, str] = {n.replace("MobileOne-", "mobileone_").lower(): n for 
 #   `backbone.stage{1..4}.{j}`; inside a block `branch_conv_list.{i}.conv`/`.norm`,
 #   `branch_scale.conv`/`.norm`, `branch_norm`, `branch_reparam`, SE `se.conv1.conv`/
 #   `se.conv2.conv`; head `head.fc` (LinearClsHead).
+# - basecls has no MobileOne, so no scheme of its own here.
 KEYMAPS: dict[str, list[tuple[str, str]]] = {
     "mmpretrain": [
         ("^backbone.stage{i}.", "^stage{i}."),

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..blocks.nodes import BN, Act, AvgPool, Block, Branch, Conv, Geometry, Node, Rep
 from ..errors import FusionError
-from ..nodes import BN, Act, AvgPool, Block, Branch, Conv, Geometry, Node, Rep
 from .official_args import ActName, activation, repvgg_geometry, require
 from .repvgg import RepVGGSpec, StageSpec
 

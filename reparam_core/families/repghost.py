@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ..nodes import BN, SE, Act, Add, Block, Branch, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
+from ..blocks.nodes import BN, SE, Act, Add, Block, Branch, Conv, Dropout, Flatten, GlobalPool, Linear, Model, Node, Rep
 from .official_args import positive, require, train_form_only
 
 
@@ -223,6 +223,16 @@ ALIASES: dict[str, str] = {
     f"repghostnet_{round(w * 100):03d}": f"repghostnet_{tag}" for tag, w in _REPGHOST_WIDTHS.items()
 }
 
+# Other implementations' names (reparam_core.weights.keymaps). Checked against the sources (facts
+# only): timm `repghost.py` (`repghostnet_050` ... `repghostnet_200`, its weights converted from the
+# official release with no key filter) keeps every official module name: `conv_stem`, `bn1`,
+# `blocks.{i}.{j}` with `ghost1`/`ghost2` (`primary_conv.0`/`.1`, `cheap_operation.0`/`.1`,
+# `fusion_bn.0`; deploy form: `cheap_operation` one conv with bias), `conv_dw`, `bn_dw`, SE
+# `se.conv_reduce`/`se.conv_expand`, `shortcut.{0..3}`, the last stage's ConvBnAct as
+# `blocks.9.0.conv`/`.bn1`, `conv_head`, `classifier`. So its scheme is the identity. mmpretrain and
+# basecls have no RepGhostNet, so no scheme of theirs.
+KEYMAPS: dict[str, list[tuple[str, str]]] = {"timm": []}
+
 
 def official_repghost_module(
     inp: int,
@@ -260,4 +270,5 @@ __all__ = [
     "make_divisible",
     "MODELS",
     "ALIASES",
+    "KEYMAPS",
 ]

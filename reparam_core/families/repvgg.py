@@ -14,9 +14,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from ..blocks.fusion import branch_padding
+from ..blocks.nodes import (
+    BN,
+    SE,
+    Act,
+    Aux,
+    Block,
+    Branch,
+    Conv,
+    Flatten,
+    Geometry,
+    GlobalPool,
+    Linear,
+    Model,
+    Node,
+    Rep,
+)
 from ..errors import FusionError
-from ..fusion import branch_padding
-from ..nodes import BN, SE, Act, Aux, Block, Branch, Conv, Flatten, Geometry, GlobalPool, Linear, Model, Node, Rep
 from .official_args import ActName, activation, grouped, positive, repvgg_geometry, require, train_form_only
 
 SEMode = Literal["none", "pre", "post"]
@@ -300,7 +315,7 @@ ALIASES: dict[str, str] = {
     n.replace("RepVGG-", "repvgg_").lower(): n for n in _REPVGG if n.startswith("RepVGG-") and n != "RepVGG-mini"
 }
 
-# Other implementations' names (reparam_core.keymaps: (foreign, canonical) templates, both ways).
+# Other implementations' names (reparam_core.weights.keymaps: (foreign, canonical) templates, both ways).
 # Checked against the sources (facts only):
 # - timm `byobnet.py` (`repvgg_a0` ... `repvgg_d2se`): the stem RepVggBlock is `stem`, stages
 #   `stages.{0..3}.{j}` with the official depths, strides and channels, so the map is 1:1.

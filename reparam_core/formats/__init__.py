@@ -1,15 +1,18 @@
-"""Checkpoint files without frameworks, one module per format; numpy and the standard library only.
+"""Checkpoint files without frameworks, and the conversion between them; numpy and the standard
+library only.
 
 - `detect`: which format a file is in (`detect_format`, `format_from_extension`).
 - `torch_zip`: PyTorch zip checkpoints, read and written (legacy non-zip pickles are refused).
 - `megengine_pickle`: MegEngine pickles of numpy arrays, read and written.
 - `flax_msgpack`: Flax msgpack files, read and written (msgpack imported on first use); orbax
   directories need JAX and are read by `backends.flax.orbax_io.read_orbax`, passed to `read_raw`.
-- safetensors: `reparam_core.safetensors_io`.
+- `safetensors_io`: a strict safetensors reader and writer.
+- `pickle_safe`: the restricted unpickler the pickle-based formats read with.
+- `atomic`: atomic file writes (temp file, fsync, rename).
 - `tree`: nested checkpoint objects -> flat states (wrappers, `module.` prefixes).
 - `read`: any file -> raw state (`read_raw`) -> neutral state (`to_neutral`, `load_neutral`).
 - `write`: a neutral state -> any format (`encode`, streamed by `write_stream`).
-Atomic writing is `reparam_core.atomic`; the restricted unpickler is `reparam_core.pickle_safe`.
+- `convert`: the pipeline of `reparam convert` (read, key map, fuse, cast, atomic write, verify).
 """
 
 from .detect import EXTENSIONS, FORMATS, detect_format, format_from_extension

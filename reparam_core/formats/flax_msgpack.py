@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from ..blocks.schema import Form, state_schema
 from ..errors import BackendUnavailableError, CheckpointError
-from ..layouts import flax_key, to_flax
-from ..schema import Form, state_schema
-from ..specs import ModelSpec
+from ..families.specs import ModelSpec
+from ..weights.layouts import flax_key, to_flax
 from .tree import State, flatten_arrays, read_bytes, unwrap
 
 _MSGPACK_NDARRAY = 1  # flax.serialization's ext type code for numpy arrays

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..layouts import to_megengine
-from ..pickle_safe import safe_loads
-from ..schema import Form, state_schema
-from ..specs import ModelSpec
+from ..blocks.schema import Form, state_schema
+from ..families.specs import ModelSpec
+from ..weights.layouts import to_megengine
+from .pickle_safe import safe_loads
 from .torch_zip import is_legacy_torch, legacy_torch_error
 from .tree import State, flatten_arrays, read_bytes, strip_module_prefix, unwrap
 

@@ -14,13 +14,13 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .. import safetensors_io
+from ..blocks.schema import FORMS, Form, TensorInfo, state_schema
 from ..errors import BackendUnavailableError, CheckpointError, ReparamError
-from ..keymaps import key_names, to_canonical
-from ..layouts import flax_key, from_flax, from_megengine
-from ..schema import FORMS, Form, TensorInfo, state_schema
-from ..specs import ModelSpec
-from ..state import check_state, strip_ignored
+from ..families.specs import ModelSpec
+from ..weights.keymaps import key_names, to_canonical
+from ..weights.layouts import flax_key, from_flax, from_megengine
+from ..weights.state import check_state, strip_ignored
+from . import safetensors_io
 from .detect import FORMATS, detect_format
 from .flax_msgpack import read_flax_msgpack
 from .megengine_pickle import read_pickle

@@ -23,7 +23,7 @@ from zlib import error as zlib_error
 import numpy as np
 
 from ..errors import CheckpointError, UnsafeFileError
-from ..pickle_safe import TORCH_DTYPE_STORAGES, TorchStorageType, safe_loads
+from .pickle_safe import TORCH_DTYPE_STORAGES, TorchStorageType, safe_loads
 from .tree import State, flatten_arrays, strip_module_prefix, unwrap
 
 # The pickled magic number that starts a legacy (pre-1.6, non-zip) torch.save file.

@@ -16,10 +16,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .. import keymaps, safetensors_io
+from ..blocks.schema import Form, state_schema
 from ..errors import CheckpointError
-from ..schema import Form, state_schema
-from ..specs import ModelSpec
+from ..families.specs import ModelSpec
+from ..weights import keymaps
+from . import safetensors_io
 from .detect import FORMATS
 from .flax_msgpack import flax_msgpack_bytes
 from .megengine_pickle import megengine_bytes

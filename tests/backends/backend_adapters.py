@@ -24,9 +24,9 @@ import numpy as np
 
 from parity_tests.tolerance import FUSED_STATE_REL, rel_err
 from reparam_core import describe, schema_for
-from reparam_core.fuse import fused_modules
-from reparam_core.nodes import in_form
-from reparam_core.schema import is_model
+from reparam_core.blocks.fuse import fused_modules
+from reparam_core.blocks.nodes import in_form
+from reparam_core.blocks.schema import is_model
 
 BACKENDS = ("torch", "flax", "megengine")
 IN_PROCESS = ("torch", "flax")
@@ -206,7 +206,7 @@ class FlaxAdapter(InProcess):
         return {k: tuple(np.shape(v)) for k, v in self.api.native_state(module).items()}
 
     def expected_native(self, schema: dict) -> dict[str, tuple[int, ...]]:
-        from reparam_core.layouts import flax_key, to_flax
+        from reparam_core.weights.layouts import flax_key, to_flax
 
         return {flax_key(k, info): to_flax(np.zeros(info.shape, np.float32), info).shape for k, info in schema.items()}
 

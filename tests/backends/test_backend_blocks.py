@@ -28,7 +28,7 @@ from reparam_core import (
     reparameterize_state,
     repconv_spec,
 )
-from reparam_core.oracle import block_forward
+from reparam_core.blocks.oracle import block_forward
 
 
 @lru_cache(maxsize=1)

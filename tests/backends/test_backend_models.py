@@ -31,8 +31,8 @@ from reparam_core import (
     reparameterize_state,
     schema_for,
 )
-from reparam_core.oracle import forward, forward_with_aux
-from reparam_core.specs import repvgg_spec
+from reparam_core.blocks.oracle import forward, forward_with_aux
+from reparam_core.families.specs import repvgg_spec
 
 NUM_CLASSES = 10
 SIZE = 32

@@ -20,7 +20,7 @@ from parity_tests.cases import official_cases
 from parity_tests.harness import Case
 from parity_tests.tolerance import BLOCK_REL, rel_err
 from reparam_core import random_state, reparameterize_state
-from reparam_core.oracle import block_forward
+from reparam_core.blocks.oracle import block_forward
 
 CASES = official_cases()
 _BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "flax" else b for b in BACKENDS]

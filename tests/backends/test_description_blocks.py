@@ -1,5 +1,5 @@
 """Blocks known only as descriptions (no family, no spec class) in every backend, MegEngine
-included: the description crosses to the MegEngine worker as JSON (reparam_core.nodes_io), so
+included: the description crosses to the MegEngine worker as JSON (reparam_core.blocks.nodes_io), so
 any family's or official class's block runs there with no registration."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from backend_adapters import BACKENDS, Target, check_outcome
 
 from parity_tests.tolerance import BLOCK_REL
 from reparam_core import BN, Act, AvgPool, Block, Conv, PadBN, Rep, random_tensors, reparameterize_state, schema_of
-from reparam_core.oracle import block_forward
+from reparam_core.blocks.oracle import block_forward
 
 DESCRIPTIONS = {
     # ACNet-like, grouped and dilated: 3x3, 1x3 and 3x1 conv+BN branches

@@ -8,7 +8,7 @@ from flax import nnx
 
 from backends.flax.bench import FlaxBench, PlainNet, plain_model
 from reparam_core import get_spec, random_state
-from reparam_core.benchplan import BenchConfig, rel_err
+from reparam_core.bench.plan import BenchConfig, rel_err
 
 
 @pytest.mark.parametrize("name", ["RepVGG-A0", "RepVGG-B1g4"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from reparam_core.benchreport import add_peak
-from reparam_core.hardware import cpu_info
+from reparam_core.bench.report import add_peak
+from reparam_core.quant.hardware import cpu_info
 
 CPUINFO = """processor\t: 0
 model name\t: Example Xeon

@@ -9,7 +9,7 @@ from torch import nn
 from backends.onnx.openvino import has_bf16
 from backends.torch.bench import TorchBench, plain_model
 from reparam_core import get_spec, random_state
-from reparam_core.benchplan import BenchConfig, bench_model, memory_in_child, rel_err
+from reparam_core.bench.plan import BenchConfig, bench_model, memory_in_child, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

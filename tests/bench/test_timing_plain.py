@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from reparam_core import ReparamError, get_spec
-from reparam_core.plain import has_plain_reference, plain_layers
-from reparam_core.timing import interleaved_times, paired_ratio, summarize
+from reparam_core.bench.plain import has_plain_reference, plain_layers
+from reparam_core.bench.timing import interleaved_times, paired_ratio, summarize
 
 
 def test_interleaved_order_warmup_and_counts() -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from reparam_core import get_spec, random_state
-from reparam_core.keymaps import from_canonical
-from reparam_core.safetensors_io import save_file
+from reparam_core.formats.safetensors_io import save_file
+from reparam_core.weights.keymaps import from_canonical
 from scripts.cli import build_parser, main
 
 # (command, argv builder given a scratch folder, texts the message must quote, paths that must not

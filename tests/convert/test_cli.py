@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from backends.dispatch import predict_in
-from reparam_core import convert as pipeline
-from reparam_core import get_spec, random_state, safetensors_io
-from reparam_core.convert import convert
-from reparam_core.formats import encode, load_neutral, read_raw
+from reparam_core import get_spec, random_state, state_schema
+from reparam_core.formats import convert as pipeline
+from reparam_core.formats import encode, load_neutral, read_raw, safetensors_io
+from reparam_core.formats.convert import convert
 from scripts import convert as cv
 
 
@@ -227,6 +227,32 @@ def test_unknown_to_scheme(tmp_path, capsys, mini_train):
         capsys,
         [src, "--model", "RepVGG-mini", "--to-scheme", "onnx"],
         "RepVGG-mini has no 'onnx' naming scheme; known: canonical, basecls, mmpretrain, timm",
+    )
+
+
+def test_identity_scheme_writes_the_official_names(tmp_path, capsys):
+    """timm names RepGhostNet as the official code does, so `--to-scheme timm` is accepted and
+    writes the official keys, values unchanged; a scheme the family lacks still exits 2, naming
+    the accepted ones."""
+    spec = get_spec("repghostnet_0_5x")
+    state = random_state(spec, "train", seed=3)
+    src = save(tmp_path / "a.safetensors", state)
+    dst = tmp_path / "timm.safetensors"
+    assert cv.main([src, str(dst), "--model", "repghostnet_0_5x", "--to-scheme", "timm", "-q"]) == 0
+    out, _ = safetensors_io.load_file(str(dst))
+    assert set(out) == set(state_schema(spec, "train")) and len(out) == len(state)
+    assert all(np.array_equal(out[k], state[k]) for k in state)
+    fails(
+        tmp_path,
+        capsys,
+        [src, "--model", "repghostnet_0_5x", "--to-scheme", "onnx"],
+        "repghostnet_0_5x has no 'onnx' naming scheme; known: canonical, timm",
+    )
+    fails(
+        tmp_path,
+        capsys,
+        [src, "--model", "repghostnet_0_5x", "--to-scheme", "mmpretrain"],
+        "has no 'mmpretrain' naming scheme (mmpretrain does not implement this model's family); known: canonical, timm",
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from reparam_core import CheckpointError, ShapeMismatchError, check_state, get_spec, random_state
 from reparam_core.formats import to_neutral
-from reparam_core.keymaps import from_canonical, key_names, to_canonical
+from reparam_core.weights.keymaps import from_canonical, key_names, to_canonical
 
 MODEL = "RepVGG-mini"
 

@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from reparam_core import get_spec, list_models, random_state, safetensors_io, state_schema
+from reparam_core import get_spec, list_models, random_state, state_schema
 from reparam_core.errors import CheckpointError, SpecError
-from reparam_core.formats import detect_format, read_raw, to_neutral
+from reparam_core.formats import detect_format, read_raw, safetensors_io, to_neutral
 from reparam_core.formats.megengine_pickle import megengine_bytes
 from reparam_core.formats.torch_zip import torch_zip_bytes
-from reparam_core.keymaps import apply_scheme, from_canonical, map_key, schemes_for, to_canonical
+from reparam_core.weights.keymaps import SCHEMES, apply_scheme, from_canonical, map_key, schemes_for, to_canonical
 
 
 # Foreign names written out by hand from the upstream sources (independent of keymaps.SCHEMES).
@@ -187,6 +187,18 @@ def test_every_scheme_round_trips(model):
             assert list(back) == list(keys)
             if scheme != "canonical" and set(foreign) != set(keys):
                 assert found == scheme or set(apply_scheme(foreign, schemes_for(spec)[found])) == set(keys)
+
+
+def test_family_schemes_are_the_ecosystems():
+    """Every family's schemes are among SCHEMES, `canonical` first; RepGhostNet's timm scheme is
+    the identity (timm uses the official names), MobileOne has no basecls scheme."""
+    for model in list_models():
+        assert set(schemes_for(get_spec(model))) <= set(SCHEMES)
+        assert next(iter(schemes_for(get_spec(model)))) == "canonical"
+    assert schemes_for(get_spec("repghostnet_1_0x")) == {"canonical": [], "timm": []}
+    assert list(schemes_for(get_spec("MobileOne-S0"))) == ["canonical", "mmpretrain", "timm"]
+    with pytest.raises(SpecError, match=r"basecls does not implement this model's family\); known: canonical, mmp"):
+        from_canonical({}, get_spec("MobileOne-S0"), "basecls")
 
 
 def test_unknown_scheme_is_an_error(mini_spec):

@@ -10,9 +10,9 @@ from flax import nnx
 
 import backends.flax as bf
 from backends.flax.orbax_io import read_orbax
-from reparam_core import ReparamError, safetensors_io
+from reparam_core import ReparamError
 from reparam_core.errors import BackendUnavailableError
-from reparam_core.formats import read_raw, to_neutral
+from reparam_core.formats import read_raw, safetensors_io, to_neutral
 from scripts import cli
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from reparam_core.errors import CheckpointError, UnsafeFileError
 from reparam_core.formats import read_raw
-from reparam_core.pickle_safe import rebuild_tensor, safe_loads
+from reparam_core.formats.pickle_safe import rebuild_tensor, safe_loads
 
 
 class _RunsCode:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reparam_core import get_spec, oracle, random_state
-from reparam_core.convert import convert, verify_input
+from reparam_core import get_spec, random_state
+from reparam_core.blocks import oracle
 from reparam_core.formats import encode, load_neutral
+from reparam_core.formats.convert import convert, verify_input
 
 CHAIN = [("m.pkl", "megengine"), ("m.msgpack", "flax"), ("m.safetensors", "safetensors"), ("back.pth", "torch")]
 

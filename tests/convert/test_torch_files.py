@@ -40,7 +40,7 @@ def test_verify_torch_against_oracle(tmp_path, mini_spec, mini_train):
     import torch
 
     from backends.dispatch import predict_in
-    from reparam_core.convert import convert
+    from reparam_core.formats.convert import convert
 
     torch.save({k: torch.from_numpy(v) for k, v in mini_train.items()}, tmp_path / "m.pth")
     report = convert(

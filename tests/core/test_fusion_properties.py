@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reparam_core import RepBlockSpec, block_kernel_bias
-from reparam_core.fusion import avg_pool_kernel, concat_branches, fuse_1x1_kxk, identity_kernel
-from reparam_core.oracle import block_forward, conv2d
-from reparam_core.schema import block_schema
-from reparam_core.state import _random_tensor
+from reparam_core.blocks.fusion import avg_pool_kernel, concat_branches, fuse_1x1_kxk, identity_kernel
+from reparam_core.blocks.oracle import block_forward, conv2d
+from reparam_core.blocks.schema import block_schema
+from reparam_core.weights.state import _random_tensor
 
 REL = 1e-10
 

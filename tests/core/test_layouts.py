@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reparam_core import ShapeMismatchError, get_spec, random_state, state_schema
-from reparam_core.layouts import (
+from reparam_core.weights.layouts import (
     flax_key,
     from_flax,
     from_megengine,

@@ -1,4 +1,4 @@
-"""Descriptions as JSON data and back (reparam_core.nodes_io): every registry model and every
+"""Descriptions as JSON data and back (reparam_core.blocks.nodes_io): every registry model and every
 node type survives json.dumps/loads unchanged; bad data names the node at fault."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from reparam_core import (
     list_models,
     to_deploy,
 )
-from reparam_core.nodes_io import description_from_data, description_to_data
+from reparam_core.blocks.nodes_io import description_from_data, description_to_data
 
 EVERY_PRIMITIVE = Block(
     "",

@@ -19,8 +19,8 @@ from reparam_core import (
     random_state,
     reparameterize_state,
 )
-from reparam_core.fusion import branch_padding, fuse_conv_bn, pad_kernel
-from reparam_core.oracle import conv2d, forward
+from reparam_core.blocks.fusion import branch_padding, fuse_conv_bn, pad_kernel
+from reparam_core.blocks.oracle import conv2d, forward
 
 
 def naive_conv(x, w, b, stride, padding, dilation, groups):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reparam_core import get_spec, random_state, reparameterize_state
-from reparam_core.oracle import forward
-from reparam_core.precision import PrecisionWarning, cast_state, round_bfloat16
+from reparam_core.blocks.oracle import forward
+from reparam_core.weights.precision import PrecisionWarning, cast_state, round_bfloat16
 
 
 def test_round_bfloat16_matches_definition() -> None:

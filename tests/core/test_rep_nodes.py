@@ -27,10 +27,10 @@ from reparam_core import (
     count_params,
     reparameterize_state,
 )
-from reparam_core.nodes import to_deploy
-from reparam_core.oracle import block_forward
-from reparam_core.schema import schema_of
-from reparam_core.state import random_tensors
+from reparam_core.blocks.nodes import to_deploy
+from reparam_core.blocks.oracle import block_forward
+from reparam_core.blocks.schema import schema_of
+from reparam_core.weights.state import random_tensors
 
 REL = 1e-10
 

@@ -9,7 +9,7 @@ import pytest
 
 from parity_tests.backend_rule import require_module
 from reparam_core import CheckpointError
-from reparam_core.safetensors_io import dumps, loads
+from reparam_core.formats.safetensors_io import dumps, loads
 
 
 def test_round_trip_and_determinism() -> None:

@@ -103,7 +103,7 @@ def test_schema_keys_are_official_names() -> None:
     ],
 )
 def test_aliases_and_case(alias, name):
-    from reparam_core.specs import resolve_model_name
+    from reparam_core.families.specs import resolve_model_name
 
     assert resolve_model_name(alias) == name
     spec = get_spec(alias, 7)

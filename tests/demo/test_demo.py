@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from reparam_core import count_params, get_spec
-from reparam_core.safetensors_io import load_file, save_file
+from reparam_core.formats.safetensors_io import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "RepVGG-mini"
@@ -69,7 +69,7 @@ def run(runs):
 
 @pytest.fixture(scope="module")
 def data():
-    from reparam_core.digits import load_digits_split
+    from reparam_core.training.digits import load_digits_split
 
     return load_digits_split()
 
@@ -105,13 +105,13 @@ def test_summary_figures(run):
 
 
 def test_throughput_figures_from_a_fixed_clock(monkeypatch):
-    """reparam_core/timing.py (the demo's throughput figures) on known per-call times: a fake clock
+    """reparam_core/bench/timing.py (the demo's throughput figures) on known per-call times: a fake clock
     that each callable advances by a scripted amount. Medians worked out by hand; the per-round
     ratio median (3.0) differs from the ratio of the medians (5 / 2 = 2.5) and from the mean
     ratio (2.95), so a helper computing either of those fails."""
     from types import SimpleNamespace
 
-    from reparam_core import timing
+    from reparam_core.bench import timing
 
     clock = [0.0]
     calls: list[str] = []
@@ -235,9 +235,9 @@ def test_checkpoints_run_in_their_frameworks(run, reference):
     from backends.flax import empty_model, load_native_state
     from backends.flax import predict as flax_predict
     from backends.megengine.remote import shared
+    from reparam_core.blocks.schema import state_schema
     from reparam_core.formats import load_neutral
-    from reparam_core.layouts import flax_key
-    from reparam_core.schema import state_schema
+    from reparam_core.weights.layouts import flax_key
 
     d, _, _ = run
     spec = get_spec(MODEL, 10)
@@ -291,7 +291,7 @@ def test_artifacts_run(run, reference, tmp_path):
     code = (
         "import sys, numpy as np\n"
         "from backends.megengine import run_traced\n"
-        "from reparam_core.safetensors_io import load_file, save_file\n"
+        "from reparam_core.formats.safetensors_io import load_file, save_file\n"
         "x = load_file(sys.argv[2])[0]['x']\n"
         "save_file({'y': run_traced(sys.argv[1], x)}, sys.argv[3])\n"
     )
@@ -333,7 +333,7 @@ def test_shipped_checkpoint(data):
 
 
 def test_split_is_fixed_and_disjoint(data):
-    from reparam_core.digits import load_digits_split
+    from reparam_core.training.digits import load_digits_split
 
     assert len(set(data.train_idx) & set(data.test_idx)) == 0
     assert len(data.train_idx) + len(data.test_idx) == 1797

@@ -22,7 +22,21 @@ import torch.nn.functional as F
 
 import backends.torch as bt
 from reparam_core import Block, block_schema, describe, get_spec, official_block
-from reparam_core.nodes import BN, SE, Add, AvgPool, Branch, Conv, Linear, Node, PadBN, Primitive, Rep, Scale, SpecLike
+from reparam_core.blocks.nodes import (
+    BN,
+    SE,
+    Add,
+    AvgPool,
+    Branch,
+    Conv,
+    Linear,
+    Node,
+    PadBN,
+    Primitive,
+    Rep,
+    Scale,
+    SpecLike,
+)
 
 Checkpoint = dict[str, torch.Tensor]
 Reference = Callable[..., torch.Tensor]  # reference(ck, x, **official constructor arguments)

@@ -24,9 +24,9 @@ from reparam_core import (
     reparameterize_state,
     state_schema,
 )
-from reparam_core.keymaps import from_canonical, map_key, schemes_for, to_canonical
-from reparam_core.official import official_signature
-from reparam_core.oracle import forward
+from reparam_core.blocks.oracle import forward
+from reparam_core.families.official import official_signature
+from reparam_core.weights.keymaps import from_canonical, map_key, schemes_for, to_canonical
 
 BN = ("weight", "bias", "running_mean", "running_var")
 
@@ -355,7 +355,7 @@ def test_s0_stablehlo_is_a_plain_conv_stack(tmp_path, s0_deploy) -> None:
     # every deploy conv is one op: XLA's convolution, except the depthwise ones, which the Flax
     # backend computes as shifted multiply-adds on CPU (backends.flax.layers.conv_path)
     from backends.flax.layers import conv_path
-    from reparam_core.nodes import Conv, describe, to_deploy, walk
+    from reparam_core.blocks.nodes import Conv, describe, to_deploy, walk
 
     convs = [n for _, n in walk(to_deploy(describe(spec))) if isinstance(n, Conv)]
     assert len(convs) == N_CONVS

@@ -20,7 +20,7 @@ from reparam_core import (
     random_state,
     reparameterize_state,
 )
-from reparam_core.oracle import block_forward
+from reparam_core.blocks.oracle import block_forward
 
 BN4 = ("weight", "bias", "running_mean", "running_var")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from reparam_core import count_params, get_spec, list_models, random_state, reparameterize_state, schema_for
-from reparam_core.oracle import forward
-from reparam_core.specs import resolve_model_name
+from reparam_core.blocks.oracle import forward
+from reparam_core.families.specs import resolve_model_name
 
 # (in, out, stride) of every block in forward order: stem 3 -> min(64, 64 w0) stride 2, then
 # stages of 64 w0, 128 w1, 256 w2, 512 w3 channels, the first block of each with stride 2.

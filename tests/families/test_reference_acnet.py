@@ -27,7 +27,7 @@ from family_reference import (
 )
 
 from reparam_core import Block
-from reparam_core.nodes import SpecLike
+from reparam_core.blocks.nodes import SpecLike
 
 Tensor = torch.Tensor
 

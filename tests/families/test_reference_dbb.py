@@ -32,7 +32,7 @@ from family_reference import (
 )
 
 from reparam_core import Add, AvgPool, Block, Conv, PadBN, Rep
-from reparam_core.nodes import Branch, Node, SpecLike
+from reparam_core.blocks.nodes import Branch, Node, SpecLike
 
 Tensor = torch.Tensor
 

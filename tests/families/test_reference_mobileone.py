@@ -44,8 +44,8 @@ from family_reference import (
     trained_like,
 )
 
+from reparam_core.blocks.nodes import Block
 from reparam_core.families import mobileone
-from reparam_core.nodes import Block
 
 EPS = 1e-5  # nn.BatchNorm2d's default; the official code passes no other
 

@@ -45,8 +45,8 @@ from family_reference import (
 )
 
 from reparam_core import AvgPool
+from reparam_core.blocks.nodes import Block, Branch
 from reparam_core.families import qarepvgg
-from reparam_core.nodes import Block, Branch
 
 EPS = 1e-5  # nn.BatchNorm2d's default; no official QARepVGG class passes another
 

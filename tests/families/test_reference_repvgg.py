@@ -35,9 +35,9 @@ from family_reference import (
 )
 
 from reparam_core import Block, get_spec, official_block
+from reparam_core.blocks.nodes import SE, Act, Node, SpecLike
 from reparam_core.families.repghost import RepGhostBottleneckSpec
 from reparam_core.families.repvgg import repconv_spec
-from reparam_core.nodes import SE, Act, Node, SpecLike
 
 Tensor = torch.Tensor
 

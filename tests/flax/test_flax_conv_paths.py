@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.flax import layers
-from reparam_core import nodes
+from reparam_core.blocks import nodes
 
 EXAMPLES = 25  # each example compiles two small programs
 

@@ -9,8 +9,9 @@ from flax import nnx
 from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, rel_err
 
 import backends.flax as bf
-from reparam_core import RepGhostBottleneckSpec, get_spec, safetensors_io, state_schema
-from reparam_core.layouts import flax_key
+from reparam_core import RepGhostBottleneckSpec, get_spec, state_schema
+from reparam_core.formats import safetensors_io
+from reparam_core.weights.layouts import flax_key
 
 NAME = "RepVGG-mini"
 

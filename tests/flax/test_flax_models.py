@@ -12,7 +12,7 @@ from flax_testutil import model_input
 import backends.flax as bf
 from backends.flax.state import variables
 from reparam_core import get_spec, state_schema
-from reparam_core.layouts import flax_key, to_flax
+from reparam_core.weights.layouts import flax_key, to_flax
 
 
 def assert_native_paths_equal_schema(model, name: str, form: str) -> None:

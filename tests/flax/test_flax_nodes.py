@@ -29,12 +29,12 @@ from reparam_core import (
     PadBN,
     Rep,
     Scale,
-    oracle,
     reparameterize_state,
 )
-from reparam_core.layouts import flax_key, to_flax
-from reparam_core.nodes import to_deploy
-from reparam_core.schema import schema_of
+from reparam_core.blocks import oracle
+from reparam_core.blocks.nodes import to_deploy
+from reparam_core.blocks.schema import schema_of
+from reparam_core.weights.layouts import flax_key, to_flax
 
 ACNET = Block(
     "",

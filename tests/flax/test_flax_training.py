@@ -17,8 +17,9 @@ import backends.flax as bf
 import backends.torch as bt
 from backends.flax.layers import BatchNorm
 from backends.flax.state import variables
-from reparam_core import ReparamError, RepBlockSpec, get_spec, oracle, random_state
-from reparam_core.specs import repvgg_spec
+from reparam_core import ReparamError, RepBlockSpec, get_spec, random_state
+from reparam_core.blocks import oracle
+from reparam_core.families.specs import repvgg_spec
 
 
 def _batches(n: int, shape: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
@@ -66,7 +67,7 @@ def test_batchnorm_running_stats_match_torch() -> None:
 def test_block_training_mode_matches_torch_backend(spec: RepBlockSpec) -> None:
     from flax_testutil import random_params
 
-    from reparam_core.schema import block_schema
+    from reparam_core.blocks.schema import block_schema
 
     params = random_params(block_schema(spec, "train"), 3)
     fb = bf.load_state(bf.empty_block(spec), params)

@@ -20,8 +20,9 @@ from onnx import helper, numpy_helper
 import backends.onnx as bo
 import backends.torch as bt
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
-from reparam_core import get_spec, in_form, list_models, oracle, random_state
-from reparam_core.nodes import reps
+from reparam_core import get_spec, in_form, list_models, random_state
+from reparam_core.blocks import oracle
+from reparam_core.blocks.nodes import reps
 from scripts.cli import main
 
 FAST = {"RepVGG-mini", "repghostnet_0_5x"}
@@ -60,7 +61,7 @@ def _blocks() -> dict:
     """The generic-node blocks of the torch backend's tests (DBB, ACNet, MobileOne, QARepVGG
     descriptions), reused rather than written again."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "torch"))
-    from tests.torch.test_generic import BLOCKS
+    from test_generic import BLOCKS  # tests/torch (a wheel may ship its own top-level `tests`)
 
     return {k: v for k, v in BLOCKS.items() if "concat" not in k}
 

@@ -16,8 +16,9 @@ from torch import nn
 
 import backends.torch as bt
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
-from reparam_core import ReparamError, get_spec, in_form, list_models, oracle, random_state
-from reparam_core.nodes import reps
+from reparam_core import ReparamError, get_spec, in_form, list_models, random_state
+from reparam_core.blocks import oracle
+from reparam_core.blocks.nodes import reps
 
 FAST = {"RepVGG-mini", "repghostnet_0_5x"}
 

@@ -9,7 +9,7 @@ import pytest
 
 from backends.megengine.bench import MegEngineBench, PlainNet, plain_model
 from reparam_core import get_spec, random_state
-from reparam_core.benchplan import BenchConfig, rel_err
+from reparam_core.bench.plan import BenchConfig, rel_err
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,11 @@ from reparam_core import (
     block_kernel_bias,
     block_schema,
     get_spec,
-    oracle,
     random_state,
 )
-from reparam_core.fusion import identity_kernel
-from reparam_core.specs import repvgg_spec
+from reparam_core.blocks import oracle
+from reparam_core.blocks.fusion import identity_kernel
+from reparam_core.families.specs import repvgg_spec
 
 
 def test_block_class_checks_and_block_state_errors():

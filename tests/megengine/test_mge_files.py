@@ -23,10 +23,10 @@ import pytest
 from mge_testutil import rand_input
 
 from backends.megengine import load_state, model_from_spec, predict
-from reparam_core import get_spec, random_state, reparameterize_state, safetensors_io, state_schema
-from reparam_core.convert import convert
-from reparam_core.formats import encode, load_neutral
-from reparam_core.specs import repvgg_spec
+from reparam_core import get_spec, random_state, reparameterize_state, state_schema
+from reparam_core.families.specs import repvgg_spec
+from reparam_core.formats import encode, load_neutral, safetensors_io
+from reparam_core.formats.convert import convert
 
 # same structure as RepVGG-B1g4 (groups=4 on the official layers), small widths for speed
 GROUPED = repvgg_spec("RepVGG-g4-small", (2, 2, 2, 1), (0.5, 0.5, 0.5, 0.5), groups=4, num_classes=10)

@@ -8,10 +8,11 @@ import numpy as np
 from mge_testutil import model_tolerance, rand_input, rel_err
 
 from backends.megengine import RepVGG, create_model, export_state, load_state, predict
-from reparam_core import RepVGGSpec, get_spec, oracle, random_state, state_schema
+from reparam_core import RepVGGSpec, get_spec, random_state, state_schema
+from reparam_core.blocks import oracle
 from reparam_core.families.repvgg import KEYMAPS
-from reparam_core.keymaps import apply_scheme
-from reparam_core.layouts import to_megengine
+from reparam_core.weights.keymaps import apply_scheme
+from reparam_core.weights.layouts import to_megengine
 
 
 # canonical -> basecls, written out by hand (independent of KEYMAPS), to build checkpoints

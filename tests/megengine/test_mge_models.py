@@ -8,8 +8,8 @@ import pytest
 
 from backends.megengine import create_model, export_state, load_state, model_from_spec, reparameterize
 from reparam_core import get_spec, list_models, random_state, state_schema
-from reparam_core.layouts import to_megengine
-from reparam_core.specs import repvgg_spec
+from reparam_core.families.specs import repvgg_spec
+from reparam_core.weights.layouts import to_megengine
 
 NUM_CLASSES = 10
 

@@ -42,12 +42,12 @@ from reparam_core import (
     ReparamError,
     Scale,
     block_schema,
-    oracle,
     random_state,
     reparameterize_state,
     schema_for,
 )
-from reparam_core.layouts import to_megengine
+from reparam_core.blocks import oracle
+from reparam_core.weights.layouts import to_megengine
 
 C = 8
 

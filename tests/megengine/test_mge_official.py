@@ -20,7 +20,8 @@ from backends.megengine import (
     run_traced,
 )
 from parity_tests.cases import official_cases
-from reparam_core import block_schema, get_spec, oracle, random_state, reparameterize_state, schema_for
+from reparam_core import block_schema, get_spec, random_state, reparameterize_state, schema_for
+from reparam_core.blocks import oracle
 
 CASES = official_cases()
 

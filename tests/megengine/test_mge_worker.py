@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from mge_testutil import BLOCK_RTOL, model_tolerance, rand_input, random_block_params, rel_err
 
-from reparam_core import RepBlockSpec, block_spec_to_dict, get_spec, oracle, random_state, reparameterize_state
-from reparam_core.safetensors_io import load_file, save_file
-from reparam_core.schema import block_schema
+from reparam_core import RepBlockSpec, block_spec_to_dict, get_spec, random_state, reparameterize_state
+from reparam_core.blocks import oracle
+from reparam_core.blocks.schema import block_schema
+from reparam_core.formats.safetensors_io import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -7,7 +7,8 @@ import pytest
 from mge_testutil import model_tolerance, rand_input, rel_err
 
 from backends.megengine.remote import MgeWorker
-from reparam_core import get_spec, oracle, random_state, reparameterize_state
+from reparam_core import get_spec, random_state, reparameterize_state
+from reparam_core.blocks import oracle
 from reparam_core.errors import ReparamError
 
 MODEL = "RepVGG-mini"

@@ -19,11 +19,11 @@ import backends.torch as bt
 from backends.onnx import openvino as bo
 from backends.onnx import quantize_qdq
 from reparam_core import get_spec, random_state
-from reparam_core.benchplan import best_int8
-from reparam_core.digits import load_digits_split
+from reparam_core.bench.plan import best_int8
 from reparam_core.errors import ArgumentError, CheckpointError
 from reparam_core.formats import read_raw, to_neutral
-from reparam_core.precision import sqnr_db
+from reparam_core.training.digits import load_digits_split
+from reparam_core.weights.precision import sqnr_db
 from scripts import quantize as qz
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -13,10 +13,10 @@ import onnx
 import pytest
 
 from reparam_core import ReparamError, get_spec, schema_of, to_deploy
-from reparam_core.hardware import cpu_features, has_int8_dot
-from reparam_core.imagefolder import DataError, read_image_folder
-from reparam_core.nodes import describe
-from reparam_core.precision import sqnr_db
+from reparam_core.blocks.nodes import describe
+from reparam_core.quant.hardware import cpu_features, has_int8_dot
+from reparam_core.training.imagefolder import DataError, read_image_folder
+from reparam_core.weights.precision import sqnr_db
 from scripts import quantize as qz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from reparam_core import get_spec, random_state, safetensors_io
+from reparam_core import get_spec, random_state
+from reparam_core.formats import safetensors_io
 
 
 def write_train_safetensors(model: str, path: str | os.PathLike, seed: int = 0) -> int:

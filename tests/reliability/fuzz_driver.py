@@ -7,7 +7,7 @@ Mutates valid RepVGG-mini (num_classes=10) checkpoints of every format (safetens
 MegEngine pickle, Flax msgpack) with hypothesis -- bit flips, truncation, inserted/deleted/
 overwritten bytes, deleted/renamed/duplicated keys, shape and dtype changes, NaN/Inf, and
 headers or records that claim terabytes -- and feeds every file to every reader (and a sample to
-reparam_core.convert.convert). An outcome is fine when it is a result or a ReparamError subclass with
+reparam_core.formats.convert.convert). An outcome is fine when it is a result or a ReparamError subclass with
 a message; anything else (another exception type, an empty message, a per-case timeout, a
 MemoryError under the RLIMIT_AS cap set at start-up) is recorded as a failure in the JSON
 written to --out, together with the case counts.
@@ -38,14 +38,14 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from reparam_core import get_spec, random_state, safetensors_io, state_schema  # noqa: E402
-from reparam_core.convert import convert  # noqa: E402
+from reparam_core import get_spec, random_state, state_schema  # noqa: E402
+from reparam_core.blocks.fuse import reparameterize_state  # noqa: E402
 from reparam_core.errors import ReparamError  # noqa: E402
-from reparam_core.formats import detect_format, read_raw, to_neutral  # noqa: E402
+from reparam_core.formats import detect_format, read_raw, safetensors_io, to_neutral  # noqa: E402
+from reparam_core.formats.convert import convert  # noqa: E402
 from reparam_core.formats.flax_msgpack import read_flax_msgpack  # noqa: E402
 from reparam_core.formats.torch_zip import torch_pickle, torch_zip_bytes  # noqa: E402
-from reparam_core.fuse import reparameterize_state  # noqa: E402
-from reparam_core.layouts import flax_key, to_flax, to_megengine  # noqa: E402
+from reparam_core.weights.layouts import flax_key, to_flax, to_megengine  # noqa: E402
 
 MODEL = "RepVGG-mini"
 SPEC = get_spec(MODEL, 10)

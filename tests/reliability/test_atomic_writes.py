@@ -20,8 +20,8 @@ import time
 import pytest
 from _big import write_train_safetensors
 
-from reparam_core.atomic import clean_stale_temps, temp_name_pattern
-from reparam_core.convert import convert
+from reparam_core.formats.atomic import clean_stale_temps, temp_name_pattern
+from reparam_core.formats.convert import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "RepVGG-B1"

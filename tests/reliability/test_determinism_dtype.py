@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from parity_tests.backend_rule import require_module
-from reparam_core import get_spec, oracle, random_state, safetensors_io
-from reparam_core.convert import convert, verify_input
+from reparam_core import get_spec, random_state
+from reparam_core.blocks import oracle
+from reparam_core.blocks.fuse import reparameterize_state
 from reparam_core.errors import CheckpointError
-from reparam_core.formats import load_neutral, read_raw
-from reparam_core.fuse import reparameterize_state
-from reparam_core.precision import PrecisionWarning
+from reparam_core.formats import load_neutral, read_raw, safetensors_io
+from reparam_core.formats.convert import convert, verify_input
+from reparam_core.weights.precision import PrecisionWarning
 from scripts import convert as cv
 
 EXT = {"torch": "pth", "safetensors": "safetensors", "megengine": "pkl", "flax": "msgpack"}

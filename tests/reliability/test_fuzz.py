@@ -1,4 +1,4 @@
-"""Fuzzing every checkpoint reader (and reparam_core.convert.convert) with mutated files.
+"""Fuzzing every checkpoint reader (and reparam_core.formats.convert.convert) with mutated files.
 
 The cases run in a subprocess (tests/reliability/fuzz_driver.py) under RLIMIT_AS (its
 start-up virtual size + 1.5 GiB) and a per-case SIGALRM time limit, so a memory blow-up or a

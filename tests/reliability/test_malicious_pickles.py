@@ -14,12 +14,12 @@ import zipfile
 
 import pytest
 
-from reparam_core.convert import convert
 from reparam_core.errors import UnsafeFileError
 from reparam_core.formats import read_raw
+from reparam_core.formats.convert import convert
 from reparam_core.formats.megengine_pickle import read_pickle
+from reparam_core.formats.pickle_safe import safe_loads
 from reparam_core.formats.torch_zip import read_torch
-from reparam_core.pickle_safe import safe_loads
 from scripts import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

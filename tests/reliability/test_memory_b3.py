@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 CHILD = r"""
 import json, sys
-from reparam_core.convert import convert
+from reparam_core.formats.convert import convert
 from reparam_core import get_spec, state_schema
 
 def status(field):

@@ -9,7 +9,7 @@ from torch_testutil import random_params
 
 import backends.torch as bt
 from reparam_core import CheckpointError, RepBlockSpec, ShapeMismatchError, UnknownModelError, get_spec, random_state
-from reparam_core.schema import block_schema
+from reparam_core.blocks.schema import block_schema
 
 
 def _mini() -> bt.RepModule:

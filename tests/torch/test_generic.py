@@ -30,12 +30,12 @@ from reparam_core import (
     Rep,
     ReparamError,
     Scale,
-    oracle,
     random_tensors,
     reparameterize_state,
     schema_of,
     to_deploy,
 )
+from reparam_core.blocks import oracle
 
 
 def _cbn(name: str, cin: int, cout: int, kernel, padding, **geo) -> tuple:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch_testutil import model_tolerance, rel_err
 
 import backends.torch as bt
-from reparam_core import ReparamError, get_spec, oracle
-from reparam_core.specs import repvgg_spec
+from reparam_core import ReparamError, get_spec
+from reparam_core.blocks import oracle
+from reparam_core.families.specs import repvgg_spec
 
 PLUS_MINI = repvgg_spec(
     "RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=10, plus=True

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from train_testutil import INIT_STEPS, MODEL, run_train
 
-from reparam_core.safetensors_io import save_file
+from reparam_core.formats.safetensors_io import save_file
 
 # 3 epochs of 22 steps (1,437 training digits, global batch 64), augmentation on
 RUN = ("--epochs", "3", "--global-batch", "64")

@@ -13,7 +13,7 @@ from PIL import Image
 from train_testutil import metrics, run_train, trained
 
 from reparam_core import training as tr
-from reparam_core.imagefolder import DataError
+from reparam_core.training.imagefolder import DataError
 
 CLASSES = ("circle", "cross", "square")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from train_testutil import INIT_STEPS, max_rel_diff, metrics, run_train, trained
 
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 # Final (EMA) files after 2 steps against PyTorch's: largest per-tensor relative difference
 # 1.34e-6 (measured; 1.37e-6 without EMA; PyTorch against itself with 1 or 2 OpenMP threads:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from train_testutil import metrics, run_train, trained
 
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 
 def test_ema_clip_amp(tmp_path) -> None:

@@ -16,9 +16,9 @@ import backends.torch as bt
 from backends.flax.train import _decay_mask, _key
 from backends.torch.train import _optimizer
 from reparam_core import training as tr
-from reparam_core.layouts import flax_key
-from reparam_core.schema import state_schema
-from reparam_core.specs import repvgg_spec
+from reparam_core.blocks.schema import state_schema
+from reparam_core.families.specs import repvgg_spec
+from reparam_core.weights.layouts import flax_key
 
 PLUS_MINI = repvgg_spec(
     "RepVGGplus-mini", (1, 2, 2, 1), (0.25, 0.25, 0.25, 0.5), se="post", se_divisor=4, num_classes=10, plus=True

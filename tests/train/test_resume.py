@@ -14,7 +14,7 @@ import pytest
 from train_testutil import MODEL, ROOT, command, env, metrics, run_train, trained
 
 from conftest import RUN
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 STEPS_PER_EPOCH = 22
 

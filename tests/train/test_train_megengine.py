@@ -21,7 +21,7 @@ from train_testutil import INIT_STEPS, MODEL, ROOT, env, max_rel_diff, metrics, 
 from backends.megengine.remote import mge_python
 from parity_tests.backend_rule import missing_backend
 from reparam_core import training as tr
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reparam_core.safetensors_io import load_file
+from reparam_core.formats.safetensors_io import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "RepVGG-mini"

@@ -1,0 +1,571 @@
+"""The fusion rule of the block description: the equivalent (kernel, bias) of any `Rep` node.
+
+A branch is a chain of primitives read left to right; each primitive maps the affine conv
+(K, b) computed so far (the identity when nothing came before) to a new one:
+
+    Conv W, c      first: (W, c);  after a 1x1 stage (K1, b1): fuse_1x1_kxk  (transform III);
+                   a `plus_identity` conv's W is its stored weight + identity_offset
+    AvgPool k      the conv avg_pool_kernel(C, k, groups), composed the same way
+    BN / PadBN     K' = K t[o],  b' = beta + t (b - mean),  t = gamma / sqrt(var + eps)
+    Scale s        K' = K s[o],  b' = b s
+    (nothing)      the identity kernel of the fused conv's groups, bias 0
+
+The branches are then centred in the fused kernel and summed (or concatenated over output
+channels), and a BN after the sum folds in last. `check_rep` refuses every description where
+this is not exactly the function of the branches (alignment, strides, groups, padding that a
+bias would leak into). Everything is computed in float64 and rounded once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import FusionError
+from .fusion import KernelBias, bn_scale, fuse_1x1_kxk, identity_kernel, identity_offset
+from .nodes import (
+    BN,
+    AvgPool,
+    Branch,
+    Conv,
+    Description,
+    PadBN,
+    Pair,
+    Primitive,
+    Rep,
+    Scale,
+    SpecLike,
+    in_form,
+    join_key,
+    pair,
+    reps,
+)
+from .schema import node_schema, schema_of
+
+Params = Mapping[str, np.ndarray]
+
+BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What a branch computes, as one conv: kernel, stride, padding, dilation."""
+
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+
+
+def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | None, int]:
+    """The geometry of a branch (None for a parameter-free identity) and its output channels;
+    raises FusionError when the chain is not exactly one conv."""
+    f = rep.fused
+    where = f"branch {index} of the Rep fused into {f.name!r}"
+    channels = f.in_channels
+    geo: _Geometry | None = None
+    bias_so_far = False  # the value a zero-padded input produces at this point is not 0
+    pending_pad = 0
+    for node in branch:
+        if isinstance(node, (Conv, AvgPool)):
+            kernel, stride, padding = (
+                (node.kernel, node.stride, node.padding)
+                if isinstance(node, Conv)
+                else (pair(node.kernel), pair(node.stride), pair(node.padding))
+            )
+            dilation = node.dilation if isinstance(node, Conv) else (1, 1)
+            if isinstance(node, Conv):
+                if node.in_channels != channels:
+                    raise FusionError(
+                        f"{where}: conv {node.name!r} reads {node.in_channels} "
+                        f"channels, the branch has {channels} there"
+                    )
+                if node.groups != f.groups:
+                    raise FusionError(
+                        f"{where}: conv {node.name!r} has groups={node.groups}, the fused conv groups={f.groups}"
+                    )
+                channels = node.out_channels
+            if geo is not None and (geo.kernel != (1, 1) or geo.stride != (1, 1) or geo.padding != (0, 0)):
+                raise FusionError(
+                    f"{where}: only a 1x1, stride-1, unpadded stage can come before another conv or pool in a branch"
+                )
+            if padding != (0, 0) and bias_so_far:
+                raise FusionError(
+                    f"{where}: the padding of {_stage_name(node)} would pad a "
+                    "biased value with zeros; put a PadBN before it"
+                )
+            if pending_pad and padding != (0, 0):
+                raise FusionError(f"{where}: a PadBN pads already; the stage after it must have padding 0")
+            geo = _Geometry(kernel, stride, (padding[0] + pending_pad, padding[1] + pending_pad), dilation)
+            pending_pad = 0
+            bias_so_far = bias_so_far or (isinstance(node, Conv) and node.bias)
+        elif isinstance(node, (BN, PadBN, Scale)):
+            if node.channels != channels:
+                raise FusionError(
+                    f"{where}: {type(node).__name__} {node.name!r} has "
+                    f"{node.channels} channels, the branch has {channels} there"
+                )
+            if isinstance(node, PadBN):
+                if bias_so_far:
+                    raise FusionError(
+                        f"{where}: PadBN {node.name!r} must follow a bias-free stage (it pads with BN(0))"
+                    )
+                pending_pad += node.pad
+            bias_so_far = bias_so_far or isinstance(node, (BN, PadBN))
+        else:
+            raise FusionError(f"{where}: {type(node).__name__} is not a branch primitive")
+    if pending_pad:
+        raise FusionError(f"{where}: a PadBN must be followed by a conv or pool")
+    return geo, channels
+
+
+def _stage_name(node: Conv | AvgPool) -> str:
+    return f"conv {node.name!r}" if isinstance(node, Conv) else "the average pool"
+
+
+def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
+    f = rep.fused
+    where = f"branch {index} of the Rep fused into {f.name!r}"
+    if geo is None:  # identity: the centre tap must read x at the output pixel
+        if f.in_channels != f.out_channels or f.stride != (1, 1):
+            raise FusionError(
+                f"{where}: an identity branch needs in == out channels and stride "
+                f"1, got {f.in_channels} -> {f.out_channels}, stride {f.stride}"
+            )
+        geo = _Geometry((1, 1), (1, 1), (0, 0), f.dilation)
+    if geo.stride != f.stride:
+        raise FusionError(f"{where}: stride {geo.stride} differs from the fused conv's {f.stride}")
+    for axis in (0, 1):
+        k, big, d = geo.kernel[axis], f.kernel[axis], f.dilation[axis]
+        if k > 1 and geo.dilation[axis] != d:
+            raise FusionError(f"{where}: dilation {geo.dilation} differs from the fused conv's {f.dilation}")
+        if k > big or (big - k) % 2:
+            raise FusionError(
+                f"{where}: a {geo.kernel[0]}x{geo.kernel[1]} kernel cannot be centred in {f.kernel[0]}x{f.kernel[1]}"
+            )
+        want = f.padding[axis] - d * (big - k) // 2
+        if geo.padding[axis] != want:
+            raise FusionError(
+                f"{where}: padding {geo.padding} does not line up with the fused "
+                f"{f.kernel[0]}x{f.kernel[1]} conv (padding {f.padding}, dilation "
+                f"{f.dilation}): it must be {want} on axis {axis}"
+            )
+
+
+def check_rep(rep: Rep) -> None:
+    """Raise FusionError unless the fused conv computes exactly the sum of the branches."""
+    f = rep.fused
+    if not rep.branches:
+        raise FusionError(f"the Rep fused into {f.name!r} has no branch")
+    if f.plus_identity:
+        raise FusionError(f"the fused conv {f.name!r} of a Rep stores its whole kernel: plus_identity must be False")
+    outs = []
+    for i, branch in enumerate(rep.branches):
+        geo, channels = _branch_geometry(branch, rep, i)
+        _check_alignment(geo, rep, i)
+        outs.append(channels)
+    total = sum(outs) if rep.combine == "concat" else None
+    if rep.combine == "sum" and any(c != f.out_channels for c in outs):
+        raise FusionError(f"the branches of {f.name!r} give {outs} channels; the fused conv has {f.out_channels}")
+    if rep.combine == "concat" and (total != f.out_channels or f.groups != 1):
+        raise FusionError(
+            f"the concatenated branches of {f.name!r} give {total} channels "
+            f"(groups {f.groups}); the fused conv has {f.out_channels}, groups 1"
+        )
+    if rep.bn is not None and rep.bn.channels != f.out_channels:
+        raise FusionError(
+            f"the BN {rep.bn.name!r} after the sum has {rep.bn.channels} channels; the fused conv has {f.out_channels}"
+        )
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def _bn_rows(params: Params, prefix: str, name: str, rows: slice) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(params[join_key(prefix, f"{name}.{f}")][rows], np.float64) for f in BN_FIELDS)
+
+
+def _fold_bn(k: np.ndarray, b: np.ndarray, bn: tuple[np.ndarray, ...], eps: float) -> KernelBias:
+    gamma, beta, mean, var = bn
+    t = bn_scale(gamma, var, eps)
+    return k * t.reshape(-1, 1, 1, 1), beta + t * (b - mean)
+
+
+def _avg_kernel(channels: int, k: int, groups: int, rows: slice) -> np.ndarray:
+    ident = identity_kernel(channels, groups, 1, rows=rows)
+    return np.tile(ident, (1, 1, k, k)) / float(k * k)
+
+
+def _row_separable(branch: Branch) -> bool:
+    """Whether each output channel of the branch depends on its own rows only (at most one
+    conv or pool, and it comes first; a plus_identity conv is computed whole)."""
+    stages = [i for i, n in enumerate(branch) if isinstance(n, (Conv, AvgPool))]
+    return stages in ([], [0]) and not any(isinstance(n, Conv) and n.plus_identity for n in branch)
+
+
+def _check_shape(a: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if tuple(a.shape) != shape:
+        raise FusionError(f"{key} has shape {tuple(a.shape)}; the description needs {shape}")
+    return a
+
+
+def _param(params: Params, key: str, shape: tuple[int, ...], rows: slice) -> np.ndarray:
+    if key not in params:
+        raise FusionError(f"missing tensor {key} for the fusion")
+    a = np.asarray(params[key])
+    _check_shape(a, key, shape)
+    return np.asarray(a[rows], np.float64)
+
+
+def _compose(kb: KernelBias | None, w: np.ndarray, c: np.ndarray, groups: int, rows: slice) -> KernelBias:
+    """A conv stage (w, c) after what came before: itself first, transform III after a 1x1."""
+    if kb is None:
+        return w, c
+    k, b = fuse_1x1_kxk(kb[0], kb[1], w, c, groups)
+    return np.asarray(k[rows], np.float64), np.asarray(b[rows], np.float64)
+
+
+def branch_kernel_bias(
+    branch: Branch, rep: Rep, params: Params, prefix: str = "", rows: slice = slice(None)
+) -> KernelBias:
+    """The (kernel, bias) of one branch in float64, output channels `rows` only (rows must be
+    all for a branch that is not row-separable). Kernel (rows, C/g, kh, kw) unpadded."""
+    f = rep.fused
+    kb: KernelBias | None = None
+    channels = f.in_channels
+    for node in branch:
+        if isinstance(node, Conv):
+            shape = (node.out_channels, node.in_channels // node.groups, *node.kernel)
+            r = rows if kb is None else slice(None)
+            w = _param(params, join_key(prefix, f"{node.name}.weight"), shape, r)
+            if node.plus_identity:
+                w = w + identity_offset(node.out_channels, node.groups, node.kernel, rows=r)
+            c = (
+                _param(params, join_key(prefix, f"{node.name}.bias"), (node.out_channels,), r)
+                if node.bias
+                else np.zeros(w.shape[0])
+            )
+            kb = _compose(kb, w, c, f.groups, rows)
+            channels = node.out_channels
+        elif isinstance(node, AvgPool):
+            w = _avg_kernel(channels, node.kernel, f.groups, rows if kb is None else slice(None))
+            kb = _compose(kb, w, np.zeros(w.shape[0]), f.groups, rows)
+        else:
+            k, b = kb if kb is not None else _identity(channels, f.groups, rows)
+            if isinstance(node, (BN, PadBN)):
+                kb = _fold_bn(k, b, _bn_rows(params, prefix, node.name, rows), node.eps)
+            else:
+                s = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), rows)
+                kb = k * s.reshape(-1, 1, 1, 1), b * s
+    return kb if kb is not None else _identity(channels, f.groups, rows)
+
+
+def _identity(channels: int, groups: int, rows: slice) -> KernelBias:
+    k = identity_kernel(channels, groups, 1, rows=rows)
+    return k, np.zeros(k.shape[0])
+
+
+def _add_centred(total: np.ndarray, k: np.ndarray) -> None:
+    """total[:, :, centred window] += k (kernel sizes differ by even amounts, checked before)."""
+    ph = (total.shape[2] - k.shape[2]) // 2
+    pw = (total.shape[3] - k.shape[3]) // 2
+    total[:, :, ph : ph + k.shape[2], pw : pw + k.shape[3]] += k
+
+
+CHUNK_ELEMENTS = 1 << 18  # kernel elements fused per step: the float64 temporaries stay in cache
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts a pool of its own."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _map_rows(fn: Callable[[slice], None], n: int, step: int) -> None:
+    """fn(rows) for consecutive slices of range(n), `step` long, on a small thread pool when
+    there are several (numpy releases the GIL inside each slice's arithmetic)."""
+    slices = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    if len(slices) == 1:
+        fn(slices[0])
+        return
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="reparam-fuse")
+    for _ in _POOL.map(fn, slices):  # re-raises the first error of any slice
+        pass
+
+
+def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
+    """The dtype of the Rep's first conv weight (of its first tensor when it has no conv;
+    float32 when it has no tensor at all)."""
+    schema: dict[str, Any] = {}
+    for node in _rep_nodes(rep):
+        schema.update(node_schema(node, prefix))
+    present = [k for k in schema if k in params]
+    convs = [k for k in present if schema[k].kind == "conv.weight"]
+    if not present:
+        return np.dtype(np.float32)
+    dt = np.asarray(params[(convs or present)[0]]).dtype
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
+
+
+def _affine(nodes: tuple[Primitive, ...], params: Params, prefix: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel affine map y = s x + c of a chain of BN / PadBN / Scale."""
+    s, c = np.ones(n), np.zeros(n)
+    every = slice(None)
+    for node in nodes:
+        if isinstance(node, Scale):
+            w = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), every)
+            s, c = s * w, c * w
+        elif isinstance(node, (BN, PadBN)):
+            gamma, beta, mean, var = _bn_rows(params, prefix, node.name, every)
+            t = bn_scale(gamma, var, node.eps)
+            s, c = s * t, beta + t * (c - mean)
+        else:
+            raise FusionError(f"{type(node).__name__} after the head of a branch is not a per-channel affine map")
+    return s, c
+
+
+@dataclass(frozen=True)
+class _Separable:
+    """A branch that is one conv (or pool, or nothing: the identity) followed by per-channel
+    affine nodes: K = W s[o] and b = s[o] c + shift[o]."""
+
+    head: Conv | AvgPool | None
+    scale: np.ndarray
+    bias: np.ndarray
+
+
+def _separable(branch: Branch, rep: Rep, params: Params, prefix: str) -> _Separable:
+    out_ch = rep.fused.out_channels
+    head = branch[0] if branch and isinstance(branch[0], (Conv, AvgPool)) else None
+    s, shift = _affine(branch[1:] if head is not None else branch, params, prefix, out_ch)
+    if isinstance(head, Conv) and head.bias:
+        shift = shift + s * _param(params, join_key(prefix, f"{head.name}.bias"), (out_ch,), slice(None))
+    return _Separable(head, s, shift)
+
+
+def _rows_view(params: Params, key: str, shape: tuple[int, ...], part: tuple[slice, slice]) -> np.ndarray:
+    """params[key][part] without a copy, after checking the shape."""
+    if key not in params:
+        raise FusionError(f"missing tensor {key} for the fusion")
+    return _check_shape(np.asarray(params[key]), key, shape)[part]
+
+
+def _add_separable(
+    k_tot: np.ndarray, sep: _Separable, rep: Rep, params: Params, prefix: str, part: tuple[slice, slice]
+) -> None:
+    """k_tot += K[part] of a separable branch, centred in k_tot (a centred window of the fused
+    kernel at least as large as the branch's). `part` selects (output rows, input columns)."""
+    f = rep.fused
+    rows, cols = part
+    s = sep.scale[rows]
+    if sep.head is None:  # the identity taps K[o, o mod (C/g), centre] carry s[o]
+        taps = np.arange(f.out_channels)[rows] % (f.in_channels // f.groups)
+        first, stop, _ = cols.indices(f.in_channels // f.groups)
+        hit = (taps >= first) & (taps < stop)
+        k_tot[np.flatnonzero(hit), taps[hit] - first, k_tot.shape[2] // 2, k_tot.shape[3] // 2] += s[hit]
+        return
+    if isinstance(sep.head, Conv):
+        w = _head_weight(sep, params, prefix, part)
+    else:
+        w = _avg_kernel(f.in_channels, sep.head.kernel, f.groups, rows)[:, cols]
+    ph, pw = (k_tot.shape[2] - w.shape[2]) // 2, (k_tot.shape[3] - w.shape[3]) // 2
+    k_tot[:, :, ph : ph + w.shape[2], pw : pw + w.shape[3]] += w * s.reshape(-1, 1, 1, 1)
+
+
+def _writes_whole(branch: Branch, rep: Rep) -> bool:
+    """Whether a separable branch starts with a conv of the fused conv's full kernel size."""
+    return bool(branch) and isinstance(branch[0], Conv) and branch[0].kernel == rep.fused.kernel
+
+
+Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice, slice]) -> np.ndarray:
+    h = sep.head
+    if not isinstance(h, Conv):
+        raise FusionError("internal: only a conv branch is written whole")
+    return _rows_view(
+        params, join_key(prefix, f"{h.name}.weight"), (h.out_channels, h.in_channels // h.groups, *h.kernel), part
+    )
+
+
+def _box(rest: list[_Separable], whole: list[KernelBias], kernel: Pair) -> Pair:
+    """The centred window of the fused kernel that the branches in `rest` and `whole` reach
+    ((0, 0) when there are none)."""
+    sizes = [
+        (1, 1) if sep.head is None else (sep.head.kernel if isinstance(sep.head, Conv) else (sep.head.kernel,) * 2)
+        for sep in rest
+    ] + [tuple(k.shape[2:]) for k, _ in whole]
+    if not sizes:
+        return (0, 0)
+    return (min(kernel[0], max(h for h, _ in sizes)), min(kernel[1], max(w for _, w in sizes)))
+
+
+def _concat_kernel_bias(rep: Rep, params: Params, prefix: str, kernel: np.ndarray, bias: np.ndarray) -> KernelBias:
+    """Branches writing disjoint output channels: each centred in its own rows."""
+    start = 0
+    for branch in rep.branches:
+        k, b = branch_kernel_bias(branch, rep, params, prefix)
+        window = np.zeros((k.shape[0], *kernel.shape[1:]))
+        _add_centred(window, k)
+        kernel[start : start + k.shape[0]], bias[start : start + k.shape[0]] = window, b
+        start += k.shape[0]
+    return kernel, bias
+
+
+def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = np.empty) -> KernelBias:
+    """The (kernel OIHW, bias) of the fused conv of `rep`, from the tensors in `params` (keys
+    `prefix.<name>.<field>`), in float64, rounded once to the dtype of its first conv weight.
+
+    The kernel is computed one slice at a time (on a few threads) along whichever of its output
+    and input axes is outermost in memory: every tap of the fused kernel depends on the same
+    tap of the branch kernels only. `empty(shape, dtype)` allocates the kernel: it may return a
+    non-contiguous OIHW view of a buffer in another memory order (a backend's native layout,
+    e.g. HWIO); the float64 temporaries follow that order, so a backend whose inputs are views
+    in the same order pays for no transpose."""
+    f = rep.fused
+    out_ch = f.out_channels
+    shape = (out_ch, f.in_channels // f.groups, *f.kernel)
+    dt = _result_dtype(rep, params, prefix)
+    kernel, bias = empty(shape, dt), np.empty(out_ch, dt)
+    if rep.combine == "concat":
+        return _concat_kernel_bias(rep, params, prefix, kernel, bias)
+    post = np.ones(out_ch)
+    if rep.bn is not None:  # the BN after the sum scales every branch: folded into each
+        gamma, beta, mean, var = _bn_rows(params, prefix, rep.bn.name, slice(None))
+        post = bn_scale(gamma, var, rep.bn.eps)
+    whole = [
+        (k * post.reshape(-1, 1, 1, 1), b)
+        for k, b in (branch_kernel_bias(br, rep, params, prefix) for br in rep.branches if not _row_separable(br))
+    ]
+    ordered = sorted(
+        (br for br in rep.branches if _row_separable(br)), key=lambda br: not _writes_whole(br, rep)
+    )  # a full-size one first
+    separable = [_separable(br, rep, params, prefix) for br in ordered]
+    b64 = sum((sep.bias for sep in separable), np.zeros(out_ch)) + sum((b for _, b in whole), np.zeros(out_ch))
+    if rep.bn is not None:
+        b64 = beta + post * (b64 - mean)
+    bias[...] = b64
+    separable = [_Separable(sep.head, sep.scale * post, sep.bias) for sep in separable]
+    first = separable[0] if ordered and _writes_whole(ordered[0], rep) else None
+    rest = separable[1:] if first is not None else separable
+    box = _box(rest, whole, f.kernel) if first is not None else f.kernel
+    ph, pw = (f.kernel[0] - box[0]) // 2, (f.kernel[1] - box[1]) // 2
+    window = (slice(None), slice(None), slice(ph, ph + box[0]), slice(pw, pw + box[1]))  # the centred box
+    axis = 1 if kernel.strides[1] > kernel.strides[0] else 0
+    step = max(1, CHUNK_ELEMENTS * shape[axis] // max(1, math.prod(shape)))
+
+    def fuse_part(sl: slice) -> None:
+        """Taps that only the full-size branch reaches are round(W s) in one pass; the centred
+        box that other branches reach is summed in float64 and rounded once."""
+        part = (sl, slice(None)) if axis == 0 else (slice(None), sl)
+        out = kernel[part]
+        if first is not None:
+            w = _head_weight(first, params, prefix, part)
+            s4 = first.scale[part[0]].reshape(-1, 1, 1, 1)
+            np.multiply(w, s4, out=out, casting="same_kind")
+            if box == (0, 0):
+                return
+            k_box = np.multiply(w[window], s4)
+        else:
+            k_box = np.zeros(out.shape)
+        for sep in rest:
+            _add_separable(k_box, sep, rep, params, prefix, part)
+        for k, _ in whole:
+            _add_centred(k_box, k[part])
+        out[window] = k_box
+
+    _map_rows(fuse_part, shape[axis], step)
+    return kernel, bias
+
+
+# --------------------------------------------------------------------------- whole states
+
+
+def fused_modules(desc: Description, prefix: str = "") -> dict[str, tuple[str, Rep]]:
+    """The deploy conv module path of every Rep -> (the prefix of its block, the Rep)."""
+    return {join_key(p, r.fused.name): (p, r) for p, r in reps(desc, prefix)}
+
+
+def iter_deploy_state(
+    spec: SpecLike,
+    get: Callable[[str], np.ndarray],
+    release: Callable[[str], None] | None = None,
+    empty: Empty = np.empty,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The deploy-form tensors of a train-form state, in deploy-schema order: each fused conv
+    computed from `get(key)` when first needed, every other tensor passed through as `get`
+    returns it. `release(key)` is called for every train tensor once no longer needed (the
+    streaming converter frees memory with it); `empty` allocates the fused kernels (see
+    rep_kernel_bias)."""
+    desc = in_form(spec, "train")
+    fused = fused_modules(desc)
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for key in schema_of(in_form(desc, "deploy")):
+        module, fld = key.rsplit(".", 1)
+        if module not in fused:
+            yield key, get(key)
+            if release is not None:
+                release(key)
+            continue
+        if module not in pending:
+            prefix, rep = fused[module]
+            mine = [k for n in _rep_nodes(rep) for k in node_schema(n, prefix)]
+            kernel, bias = rep_kernel_bias(rep, {k: get(k) for k in mine}, prefix, empty)
+            if release is not None:
+                for k in mine:
+                    release(k)
+            pending[module] = {"weight": kernel, "bias": bias}
+        yield key, pending[module].pop(fld)
+        if not pending[module]:
+            del pending[module]
+
+
+def _rep_nodes(rep: Rep) -> list[Primitive]:
+    out = [n for br in rep.branches for n in br]
+    return out + ([rep.bn] if rep.bn is not None else [])
+
+
+def reparameterize_state(spec: SpecLike, state: Params) -> dict[str, np.ndarray]:
+    """A train-form neutral state -> the deploy-form state of the same function (float64
+    algebra, returned in the input dtype). Tensors that are not fused are passed through
+    (the same array objects)."""
+    return dict(iter_deploy_state(spec, lambda k: state[k]))
+
+
+def block_kernel_bias(spec: SpecLike, params: Params) -> KernelBias:
+    """The fused (kernel, bias) of a block that holds exactly one Rep (block-relative keys)."""
+    desc = in_form(spec, "train")
+    found = reps(desc)
+    if len(found) != 1:
+        raise FusionError(
+            f"block {getattr(desc, 'kind', desc)!r} holds {len(found)} Rep nodes; block_kernel_bias needs exactly one"
+        )
+    prefix, rep = found[0]
+    return rep_kernel_bias(rep, params, prefix)
+
+
+__all__ = [
+    "check_rep",
+    "branch_kernel_bias",
+    "rep_kernel_bias",
+    "fused_modules",
+    "iter_deploy_state",
+    "reparameterize_state",
+    "block_kernel_bias",
+    "CHUNK_ELEMENTS",
+]
