@@ -1,20 +1,29 @@
 """An ONNX graph pass that re-parameterizes a model from its exported graph alone.
 
 Every `Add`/`Sum` whose operands are branches reading the same tensor (Conv, BatchNormalization,
-identity, AveragePool, per-channel Mul/Add constants, and the BN-and-pad of Diverse Branch
-Block as exported by torch: `Sub c -> Pad -> Add c` with c the padded value), plus a
+identity, AveragePool, per-channel or scalar Mul/Add constants, and the BN-and-pad of Diverse
+Branch Block as exported by torch: `Sub c -> Pad -> Add c` with c the padded value; `Sub` of
+two branches and a per-channel `Mul` on a sum count as signed / scaled terms), plus a
 BatchNormalization right after it, and every lone Conv followed by BatchNormalization or
-per-channel Mul/Add constants, becomes one Conv. The pass translates what it finds into the
-core's block description and the core decides and computes the fusion
-(reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias); what it
-refuses stays as it was and is listed in the report with the reason. `Identity` nodes are
-looked through; values computed from constants only (constant folding left undone) are
-evaluated with onnx's numpy reference evaluator. onnx + numpy only.
+per-channel Mul/Add constants, becomes one Conv. A BN on features right before or after a
+linear layer (Gemm, MatMul by a constant (+ Add), also through timm LinearNorm's flatten/reshape)
+goes into it, parallel linear heads on one input summed or averaged become one, and a BN read
+only by an unpadded conv goes into that conv. The pass translates what it finds into the core's
+block description or rules and the core decides and computes the fusion
+(reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias;
+reparam_core.blocks.fusion: fuse_linear_bn, fuse_bn_linear, fuse_bn_conv, merge_heads); what it
+refuses stays as it was and is listed in the report with the reason, and so is every BN left.
+`Identity` nodes are looked through; values computed from constants, shapes and dtypes only
+(constant folding left undone, as by torch's dynamo exporter with optimize=False) are evaluated
+with onnx's shape inference and numpy reference evaluator, without rewriting the graph. onnx +
+numpy only.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +32,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, PadBN, Scale
+from reparam_core.blocks.fusion import fuse_bn_conv, fuse_bn_linear, fuse_linear_bn, merge_heads
 from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn, branch_kind, fuse_branches
 
 
@@ -50,6 +60,16 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 Shape = tuple[int | None, ...]
 """A tensor shape from shape inference (None: a dimension it could not fix)."""
 
+_RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+_SHAPE_ONLY: dict[str, dict[int, bool]] = {
+    "Shape": {0: True},
+    "Size": {0: True},
+    "EyeLike": {0: True},
+    "CastLike": {1: False},
+}
+"""Inputs whose shape (True) or only dtype (False) determines an op's output, not their values."""
+
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -71,13 +91,27 @@ class _Graph:
         self._bypass_identities()
         self.values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         self.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
-        self._fold_constants()
-        inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes: dict[str, Shape] = {}
-        for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
-            dims = vi.type.tensor_type.shape.dim
-            self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        self.types: dict[str, int] = {}
+        self._infer()
+        self._fold_constants()
         self.index()
+
+    def _infer(self) -> None:
+        """Shapes and element types of every value onnx's shape inference can fix (with data
+        propagation, so that shapes computed by Shape/Gather/Concat are followed)."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
+        except Exception:  # an op the inference does not know: what it knows without data propagation
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+        for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+            t = vi.type.tensor_type
+            if t.elem_type:
+                self.types[vi.name] = t.elem_type
+            if t.HasField("shape"):
+                self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        for i in self.model.graph.initializer:
+            self.types.setdefault(i.name, i.data_type)
 
     def _bypass_identities(self) -> None:
         g = self.model.graph
@@ -97,28 +131,65 @@ class _Graph:
         g.node.extend(keep)
 
     def _fold_constants(self) -> None:
-        """The value of every node output that depends on constants only."""
+        """The value of every node output that depends on constants, shapes and dtypes only
+        (Shape of a tensor of static shape, CastLike to its dtype, and whatever is computed from
+        those and constants: the bias `Expand(CastLike(0, x), Shape(W)[0:1])` of torch's
+        dynamo exporter without its optimizer). onnx's reference evaluator computes every
+        value; a tensor read only for its shape or dtype is fed as a zero-strided placeholder of
+        the inferred shape and dtype. The graph itself is not changed: a node whose value is
+        known goes only when nothing reads it any more (_Pass._drop_unused)."""
         for n in self.model.graph.node:
-            if n.domain not in ("", "ai.onnx") or n.op_type in (
-                "RandomNormal",
-                "RandomUniform",
-                "RandomNormalLike",
-                "RandomUniformLike",
-            ):
+            if n.domain not in ("", "ai.onnx") or n.op_type in _RANDOM:
                 continue
             if n.op_type == "Constant":
-                self.values[n.output[0]] = (
-                    numpy_helper.to_array(_attrs(n)["value"]) if ("value" in _attrs(n)) else self._eval(n)[0]
-                )
-            elif all(i in self.values or i == "" for i in n.input) and n.input:
-                try:
-                    outs = self._eval(n)
-                except Exception:
-                    continue
-                self.values.update({o: v for o, v in zip(n.output, outs) if o})
+                a = _attrs(n)
+                self.values[n.output[0]] = numpy_helper.to_array(a["value"]) if "value" in a else self._eval(n, {})[0]
+                continue
+            feeds = self._feeds(n)
+            if feeds is None:
+                continue
+            try:
+                outs = self._eval(n, feeds)
+            except Exception:
+                continue
+            self.values.update({o: v for o, v in zip(n.output, outs) if o})
 
-    def _eval(self, n: onnx.NodeProto) -> list[np.ndarray]:
-        inputs = [i for i in n.input if i]
+    def _feeds(self, n: onnx.NodeProto) -> dict[str, np.ndarray] | None:
+        """The inputs of n when its outputs depend on known values and shapes/dtypes only."""
+        if not any(n.input):
+            return None
+        feeds: dict[str, np.ndarray] = {}
+        meta = _SHAPE_ONLY.get(n.op_type, {})
+        for k, name in enumerate(n.input):
+            if not name or name in feeds:
+                continue
+            v = self.values.get(name)
+            if v is None and k in meta:
+                v = self._placeholder(name, meta[k])
+            if v is None:
+                return None
+            feeds[name] = v
+        return feeds
+
+    def _placeholder(self, name: str, need_shape: bool) -> np.ndarray | None:
+        """Zeros standing for a tensor read only for its dtype (and its shape, when need_shape):
+        None unless shape inference fixed them."""
+        t = self.types.get(name)
+        if not t:
+            return None
+        try:
+            dt = helper.tensor_dtype_to_np_dtype(t)
+        except Exception:
+            return None
+        if not need_shape:
+            return np.zeros((), dt)
+        s = self.shapes.get(name)
+        if s is None or any(d is None for d in s):
+            return None
+        return np.broadcast_to(np.zeros((), dt), tuple(int(d) for d in s if d is not None))
+
+    def _eval(self, n: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        inputs = [i for i in dict.fromkeys(n.input) if i]
         graph = helper.make_graph(
             [n],
             "const",
@@ -126,7 +197,7 @@ class _Graph:
             [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in n.output if o],
         )
         ref = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]))
-        outs = ref.run(None, {i: self.values[i] for i in inputs})
+        outs = ref.run(None, {i: feeds[i] for i in inputs})
         if not isinstance(outs, list):  # a dict only with intermediate=True
             raise FusionError(
                 f"evaluating {n.op_type} {n.name}: the reference evaluator returned "
@@ -140,6 +211,11 @@ class _Graph:
         self.uses: Counter[str] = Counter(i for n in g.node for i in n.input)
         self.uses.update(o.name for o in g.output)
 
+    def origin(self, name: str) -> str:
+        """`name (Op node)`, or `name (a graph input)`: where a tensor comes from, for reasons."""
+        p = self.producer.get(name)
+        return f"{name} ({p.op_type} {p.name})" if p is not None else f"{name} (a graph input)"
+
     def const(self, name: str) -> np.ndarray | None:
         return self.values.get(name)
 
@@ -150,6 +226,8 @@ class _Graph:
 
 def _per_channel(c: np.ndarray, channels: int | None) -> np.ndarray | None:
     """A constant that broadcasts as one value per channel of an NCHW tensor, as (C,)."""
+    if c.size == 1 and c.ndim <= 4 and channels is not None:  # a scalar: the same on every channel
+        return np.full(channels, c.reshape(-1)[0], dtype=np.float64)
     if c.ndim == 4 and c.shape[0] == 1 and c.shape[2:] == (1, 1):
         v = c.reshape(-1)
     elif c.ndim == 3 and c.shape[1:] == (1, 1):
@@ -161,11 +239,26 @@ def _per_channel(c: np.ndarray, channels: int | None) -> np.ndarray | None:
     return v.astype(np.float64)
 
 
+@dataclass(frozen=True)
+class _Lin:
+    """A linear layer found in the graph: y = x W^T + b, x 2-D; its nodes, first to last."""
+
+    x: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    nodes: tuple[onnx.NodeProto, ...]
+
+    @property
+    def out(self) -> str:
+        return self.nodes[-1].output[0]
+
+
 class _Pass:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.g = _Graph(model)
         self.report = FuseReport("onnx graph")
         self.count = 0
+        self.why: dict[str, str] = {}  # a BN's output -> why it was not folded
 
     # ---------------------------------------------------------------- primitives
 
@@ -178,8 +271,15 @@ class _Pass:
         if op == "Conv":
             w = g.const(n.input[1])
             b = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            if w is None or w.ndim != 4 or (len(n.input) > 2 and n.input[2] and b is None):
-                return None, None, None
+            if w is None or (len(n.input) > 2 and n.input[2] and b is None):
+                which = 1 if w is None else 2
+                return (
+                    None,
+                    f"Conv {n.name}: its {('', 'weight', 'bias')[which]} {g.origin(n.input[which])} is not a constant",
+                    None,
+                )
+            if w.ndim != 4:
+                return None, f"Conv {n.name} is not 2-D (weight shape {w.shape})", None
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 return None, f"Conv {n.name} uses auto_pad", None
             pads = _sym(list(a.get("pads", [0, 0, 0, 0])))
@@ -340,17 +440,54 @@ class _Pass:
     def _is_sum(self, n: onnx.NodeProto) -> bool:
         return n.op_type in ("Add", "Sum") and all(self.g.const(i) is None for i in n.input)
 
-    def terms(self, n: onnx.NodeProto) -> tuple[list[str], list[onnx.NodeProto]]:
-        terms, sums = [], [n]
-        for i in n.input:
-            p = self.g.producer.get(i)
-            if p is not None and self._is_sum(p) and self.g.uses[i] == 1:
-                t, s = self.terms(p)
+    def terms(
+        self, n: onnx.NodeProto, after: tuple[Stage, ...] = ()
+    ) -> tuple[list[tuple[str, tuple[Stage, ...]]], list[onnx.NodeProto]]:
+        """The summands of a tree of single-use sums, each with the per-channel scales applied
+        to it after the sum (`after`): `Sub` as a sum whose second operand is negated, and a
+        per-channel `Mul` constant on a sum pushed into each of its terms (it is linear), as in
+        FastViT's `x + ls * (mixer(x) - norm(x))`. Returns (terms, the sum nodes consumed)."""
+        terms: list[tuple[str, tuple[Stage, ...]]] = []
+        sums = [n]
+        for k, i in enumerate(n.input):
+            tail = ((self._negate(i),) if n.op_type == "Sub" and k == 1 else ()) + after
+            inner, scales, muls = self._scaled_sum(i)
+            if inner is not None:
+                t, s = self.terms(inner, scales + tail)
                 terms += t
-                sums += s
+                sums += [*muls, *s]
             else:
-                terms.append(i)
+                terms.append((i, tail))
         return terms, sums
+
+    def _is_sum_like(self, n: onnx.NodeProto) -> bool:
+        return self._is_sum(n) or (
+            n.op_type == "Sub" and len(n.input) == 2 and all(self.g.const(i) is None for i in n.input)
+        )
+
+    def _scaled_sum(self, name: str) -> tuple[onnx.NodeProto | None, tuple[Stage, ...], list[onnx.NodeProto]]:
+        """`name` as single-use per-channel Mul constants on a single-use sum or Sub: (the sum,
+        the scales in the order they apply, the Mul nodes); (None, (), []) when it is not."""
+        g = self.g
+        scales: list[Stage] = []
+        muls: list[onnx.NodeProto] = []
+        while g.uses[name] == 1 and name in g.producer:
+            p = g.producer[name]
+            if self._is_sum_like(p):
+                if p.op_type == "Sub" and g.channels(p.input[1]) is None:
+                    break
+                return p, tuple(scales), muls
+            st, _, x = self.stage(p) if p.op_type == "Mul" else (None, None, None)
+            if st is None or x is None or not isinstance(st[0].node, Scale):
+                break
+            scales.insert(0, st[0])
+            muls.append(p)
+            name = x
+        return None, (), []
+
+    def _negate(self, name: str) -> Stage:
+        c = self.g.channels(name) or 0
+        return Stage(Scale("", c), {"weight": -np.ones(c)})
 
     def try_sum(self, n: onnx.NodeProto) -> None:
         if not self._try_tree(n):
@@ -363,10 +500,13 @@ class _Pass:
         g = self.g
         terms, sums = self.terms(n)
         out = g.shapes.get(n.output[0])
-        if any(not _same_shape(g.shapes.get(t), out) for t in terms):
+        if any(not _same_shape(g.shapes.get(t), out) for t, _ in terms):
             self.report.left.append(LeftAlone(n.name or n.output[0], "operands broadcast"))
             return False
-        walks = [self.branch(t) for t in terms]
+        walks = [
+            (s, stages + list(tail), nodes, why)
+            for (s, stages, nodes, why), (_, tail) in zip(map(self.branch, (t for t, _ in terms)), terms)
+        ]
         sources = [w[0] for w in walks]
         common = max(sources, key=sources.count)  # the first on a tie
         bad = sorted(
@@ -403,19 +543,11 @@ class _Pass:
         except FusionError as e:
             self.report.left.append(LeftAlone(where, str(e)))
             return False
-        self.count += 1
-        name = f"reparam_fused_{self.count}"
+        name = self._new_name()
         dt = _dtype(branches)
-        graph = g.model.graph
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(kernel.astype(dt), f"{name}.weight"),
-                numpy_helper.from_array(bias.astype(dt), f"{name}.bias"),
-            ]
-        )
         conv = helper.make_node(
             "Conv",
-            [source, f"{name}.weight", f"{name}.bias"],
+            [source, *self._add_init(name, weight=kernel.astype(dt), bias=bias.astype(dt))],
             [end.output[0]],
             name=name,
             kernel_shape=list(fused.kernel),
@@ -424,16 +556,7 @@ class _Pass:
             dilations=list(fused.dilation),
             group=fused.groups,
         )
-        dead = {id(m) for m in (*nodes, end)}
-        keep = []
-        for m in graph.node:
-            if m is end:
-                keep.append(conv)
-            elif id(m) not in dead:
-                keep.append(m)
-        del graph.node[:]
-        graph.node.extend(keep)
-        g.index()
+        self._replace(nodes, end, conv)
         kinds = tuple(branch_kind(b) for b in branches) + (("then bn",) if post else ())
         self.report.fused.append(
             FusedSum(tuple(sorted({m.name or m.output[0] for m in (*nodes, end)})), kinds, fused.kernel, name)
@@ -441,8 +564,34 @@ class _Pass:
         return True
 
     def run(self) -> None:
-        """Sums first, then lone conv chains. Nodes are looked up again by their first output
-        after every rewrite (a rewrite rebuilds the node list, which copies its messages)."""
+        """BN around linear layers and merged heads first (they read no conv), then sums, lone
+        conv chains, BNs before convs, and last a reason for every BN still in the graph.
+        Nodes are looked up again by their first output after every rewrite (a rewrite
+        rebuilds the node list, which copies its messages)."""
+        for out in self._outputs("BatchNormalization"):
+            self.bn_linear(out)
+        for out in self._outputs("Add", "Sum"):
+            self.heads(out)
+        self._sums()
+        for out in self._outputs("Conv"):
+            self._conv_chain(out)
+        for out in self._outputs("BatchNormalization"):
+            self.bn_conv(out)
+        self._explain_bns()
+        self._drop_unused()
+
+    def _outputs(self, *ops: str) -> list[str]:
+        return [n.output[0] for n in self.g.model.graph.node if n.op_type in ops]
+
+    def _node(self, out: str, *ops: str) -> onnx.NodeProto | None:
+        """The node that now writes `out`, when it is one of `ops`."""
+        n = self.g.producer.get(out)
+        return n if n is not None and n.op_type in ops else None
+
+    def _users(self, name: str) -> list[onnx.NodeProto]:
+        return [m for m in self.g.model.graph.node if name in m.input]
+
+    def _sums(self) -> None:
         graph = self.g.model.graph
         roots = [
             n.output[0]
@@ -456,27 +605,326 @@ class _Pass:
             n = self.g.producer.get(out)
             if n is not None and self._is_sum(n):
                 self.try_sum(n)
-        for out in [n.output[0] for n in graph.node if n.op_type == "Conv"]:
-            n = self.g.producer.get(out)
-            if n is None or n.op_type != "Conv":
+
+    def _conv_chain(self, out: str) -> None:
+        """A conv and the BN / per-channel Mul / Add constants after it (each read once)."""
+        n = self._node(out, "Conv")
+        if n is None:
+            return
+        head, why, src = self.stage(n)
+        if head is None or src is None:
+            for u in self._users(n.output[0]):
+                if u.op_type == "BatchNormalization":
+                    self.why.setdefault(u.output[0], f"after Conv {n.name}: {why}" if why else "")
+            return
+        chain, last, nodes = list(head), n, []
+        while self.g.uses[last.output[0]] == 1:
+            users = self._users(last.output[0])
+            if not users:
+                break
+            st, _, x = self.stage(users[0])
+            if st is None or x != last.output[0] or self._feeds_pad(users[0]):
+                break
+            nodes.append(last)
+            chain += st
+            last = users[0]
+        if nodes:
+            self.fuse(last, src, [chain], nodes)
+
+    def _replace(
+        self, nodes: Sequence[onnx.NodeProto], end: onnx.NodeProto, new: onnx.NodeProto | list[onnx.NodeProto]
+    ) -> None:
+        """Put `new` (one node or a chain) where `end` was and remove `nodes` (the graph's order
+        stays topological: `new` reads only what `nodes` read, all written before `end`)."""
+        graph = self.g.model.graph
+        dead = {id(m) for m in (*nodes, end)}
+        keep: list[onnx.NodeProto] = []
+        for m in graph.node:
+            if m is end:
+                keep += new if isinstance(new, list) else [new]
+            elif id(m) not in dead:
+                keep.append(m)
+        del graph.node[:]
+        graph.node.extend(keep)
+        self.g.index()
+
+    def _new_name(self) -> str:
+        self.count += 1
+        return f"reparam_fused_{self.count}"
+
+    def _add_init(self, name: str, **arrays: np.ndarray) -> list[str]:
+        """New initializers `name.key`, known to the pass as constants (a fused conv can take the
+        BN or constants after it in a later step)."""
+        self.g.model.graph.initializer.extend(numpy_helper.from_array(v, f"{name}.{k}") for k, v in arrays.items())
+        self.g.values.update({f"{name}.{k}": v for k, v in arrays.items()})
+        return [f"{name}.{k}" for k in arrays]
+
+    def _record(self, nodes: Sequence[onnx.NodeProto], kinds: tuple[str, ...], into: str) -> None:
+        names = tuple(sorted({m.name or m.output[0] for m in nodes}))
+        self.report.fused.append(FusedSum(names, kinds, (1, 1), into, op="linear"))
+
+    # ---------------------------------------------------------------- linear layers and BN
+
+    def linear(self, n: onnx.NodeProto) -> _Lin | str | None:
+        """n as y = x W^T + b on a 2-D x (a Gemm; a MatMul by a constant, with its Add of a
+        constant bias): the _Lin, a reason when n is such an op that cannot be read so, None
+        when it is none."""
+        if n.op_type == "Gemm":
+            return self._gemm(n)
+        if n.op_type != "MatMul":
+            return None
+        g = self.g
+        w = g.const(n.input[1])
+        if w is None or g.const(n.input[0]) is not None:
+            return f"MatMul {n.name}: its right operand {g.origin(n.input[1])} is not a constant"
+        shape = g.shapes.get(n.input[0])
+        if w.ndim != 2 or shape is None or len(shape) < 2:
+            return f"MatMul {n.name} is not a tensor times a matrix (input shape {shape}, weight {w.shape})"
+        nodes: tuple[onnx.NodeProto, ...] = (n,)
+        bias = None
+        users = self._users(n.output[0])
+        if g.uses[n.output[0]] == 1 and users and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != n.output[0]]
+            c = g.const(other[0]) if len(other) == 1 else None
+            if c is not None and c.size == w.shape[1] and c.shape[-1] == w.shape[1]:
+                bias, nodes = c.reshape(-1), (n, users[0])
+        return _Lin(n.input[0], w.T, bias, nodes)
+
+    def _gemm(self, n: onnx.NodeProto) -> _Lin | str:
+        g, a = self.g, _attrs(n)
+        w = g.const(n.input[1])
+        c = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if w is None or (len(n.input) > 2 and n.input[2] and c is None):
+            return f"Gemm {n.name}: its weight or bias is not a constant"
+        if a.get("transA", 0):
+            return f"Gemm {n.name} transposes its input (transA)"
+        w = w if a.get("transB", 0) else w.T
+        out = w.shape[0]
+        if c is not None and not (c.size in (1, out) and c.shape[-1:] in ((1,), (out,)) and c.ndim <= 2):
+            return f"Gemm {n.name}: its bias of shape {c.shape} is not one value per output"
+        alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+        if alpha != 1.0:
+            w = (w.astype(np.float64) * alpha).astype(w.dtype)
+        bias = None if c is None else (np.broadcast_to(c.reshape(-1), (out,)) * beta).astype(w.dtype)
+        return _Lin(n.input[0], w, bias, (n,))
+
+    def _emit_linear(
+        self,
+        x: str,
+        kb: tuple[np.ndarray, np.ndarray],
+        nodes: Sequence[onnx.NodeProto],
+        end: onnx.NodeProto,
+        kinds: tuple[str, ...],
+    ) -> None:
+        """y = x W^T + b written to end's output in place of nodes and end: a Gemm on a 2-D x,
+        MatMul by W^T then Add b on an N-D one."""
+        name = self._new_name()
+        if len(self.g.shapes.get(x) or ()) == 2:
+            w, b = self._add_init(name, weight=kb[0], bias=kb[1])
+            new = [helper.make_node("Gemm", [x, w, b], [end.output[0]], name=name, transB=1)]
+        else:
+            w, b = self._add_init(name, weight_t=np.ascontiguousarray(kb[0].T), bias=kb[1])
+            new = [
+                helper.make_node("MatMul", [x, w], [f"{name}.matmul"], name=name),
+                helper.make_node("Add", [f"{name}.matmul", b], [end.output[0]], name=f"{name}.add"),
+            ]
+        self._replace(nodes, end, new)
+        self._record((*nodes, end), kinds, name)
+
+    def _bn_params(self, bn: onnx.NodeProto) -> tuple[BN, dict[str, np.ndarray]] | str:
+        st, why, _ = self.stage(bn)
+        if st is None or not isinstance(st[0].node, BN):
+            return why or f"BatchNormalization {bn.name} has non-constant statistics"
+        return st[0].node, dict(st[0].params)
+
+    @staticmethod
+    def _bn_args(bn: BN, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        return p["weight"], p["bias"], p["running_mean"], p["running_var"], bn.eps
+
+    def bn_linear(self, out: str) -> None:
+        """A BN on a 2-D tensor right after, or right before, a linear layer, into it."""
+        bn = self._node(out, "BatchNormalization")
+        if bn is None or len(self.g.shapes.get(bn.input[0]) or ()) != 2:
+            return
+        got = self._bn_params(bn)
+        if isinstance(got, str):
+            self.why[out] = got
+            return
+        node, prm = got
+        lin, reshapes = self._linear_before(bn.input[0])
+        if isinstance(lin, _Lin) and (not reshapes or bn.output[0] not in self._graph_outputs()):
+            try:
+                kb = fuse_linear_bn(lin.weight, lin.bias, *self._bn_args(node, prm))
+            except FusionError as e:
+                self.why[out] = str(e)
+                return
+            kind = (f"{lin.nodes[0].op_type.lower()}+{'reshape+' if reshapes else ''}bn",)
+            if not reshapes:
+                self._emit_linear(lin.x, kb, lin.nodes, bn, kind)
+                return
+            self._emit_linear(lin.x, kb, lin.nodes[:-1], lin.nodes[-1], kind)
+            self._bypass(self.g.producer[out])  # the rewrite copied the node list: bn is stale
+            self.report.fused[-1] = replace(self.report.fused[-1], nodes=(*self.report.fused[-1].nodes, bn.name))
+            return
+        self._bn_before_linear(bn, node, prm, lin)
+
+    def _graph_outputs(self) -> set[str]:
+        return {o.name for o in self.g.model.graph.output}
+
+    def _linear_before(self, name: str) -> tuple[_Lin | str | None, list[onnx.NodeProto]]:
+        """The linear layer whose output `name` (a 2-D (M, O) tensor) is, directly or through
+        single-use Reshape/Flatten nodes that keep its last axis O (timm's LinearNorm: MatMul ->
+        flatten(0, 1) -> BN1d -> reshape): (it, the reshapes); (a reason or None, [])."""
+        g, reshapes = self.g, []
+        shape = g.shapes.get(name) or ()
+        while g.uses[name] == 1 and name in g.producer and g.producer[name].op_type in ("Reshape", "Flatten"):
+            reshapes.append(g.producer[name])
+            name = g.producer[name].input[0]
+        p = g.producer.get(name)
+        used = g.uses[name] - (self._shape_reads(name) if reshapes else 0)  # rewritten in place, same shape
+        lin = self.linear(p) if p is not None and used == 1 else None
+        if not isinstance(lin, _Lin) or lin.out != name:
+            return (lin if isinstance(lin, str) else None), []
+        last = (g.shapes.get(name) or (None,))[-1]
+        if reshapes and (len(shape) != 2 or last is None or shape[1] != last or last != lin.weight.shape[0]):
+            return (
+                f"the BN reads {lin.nodes[0].op_type} {lin.nodes[0].name}'s output reshaped, not per output feature",
+                [],
+            )
+        return lin, reshapes
+
+    def _shape_reads(self, name: str) -> int:
+        """How many nodes read `name` only for its shape or dtype (Shape, CastLike's target...)."""
+        return sum(
+            1
+            for m in self._users(name)
+            for k, i in enumerate(m.input)
+            if i == name and k in _SHAPE_ONLY.get(m.op_type, {})
+        )
+
+    def _bypass(self, n: onnx.NodeProto) -> None:
+        """Remove a node whose output equals its first input: its readers read that input."""
+        src, dst = n.input[0], n.output[0]
+        for m in self.g.model.graph.node:
+            for k, i in enumerate(m.input):
+                if i == dst:
+                    m.input[k] = src
+        self._replace([], n, [])
+
+    def _bn_before_linear(
+        self, bn: onnx.NodeProto, node: BN, prm: dict[str, np.ndarray], before: _Lin | str | None
+    ) -> None:
+        users = self._users(bn.output[0])
+        after = self.linear(users[0]) if len(users) == 1 and self.g.uses[bn.output[0]] == 1 else None
+        if not isinstance(after, _Lin) or after.x != bn.output[0]:
+            reason = after if isinstance(after, str) else before if isinstance(before, str) else None
+            if reason:
+                self.why[bn.output[0]] = reason
+            return
+        try:
+            kb = fuse_bn_linear(after.weight, after.bias, *self._bn_args(node, prm))
+        except FusionError as e:
+            self.why[bn.output[0]] = str(e)
+            return
+        self._emit_linear(
+            bn.input[0], kb, (bn, *after.nodes[:-1]), after.nodes[-1], (f"bn+{after.nodes[0].op_type.lower()}",)
+        )
+
+    def bn_conv(self, out: str) -> None:
+        """A BN read only by a conv, into the conv (exact only where the conv does not pad)."""
+        bn = self._node(out, "BatchNormalization")
+        users = self._users(out)
+        if bn is None or len(users) != 1 or self.g.uses[out] != 1 or users[0].op_type != "Conv":
+            return
+        conv = users[0]
+        got = self._bn_params(bn)
+        st, why, x = self.stage(conv)
+        if isinstance(got, str) or st is None or x != out:
+            self.why[out] = got if isinstance(got, str) else why or f"the BN is not Conv {conv.name}'s input"
+            return
+        c = st[0].node
+        if not isinstance(c, Conv):
+            return
+        try:
+            k, b = fuse_bn_conv(
+                st[0].params["weight"], st[0].params.get("bias"), c.groups, *self._bn_args(*got), c.padding
+            )
+        except FusionError as e:
+            self.why[out] = f"before Conv {conv.name}: {e}"
+            return
+        name = self._new_name()
+        w, bias = self._add_init(name, weight=k, bias=b)
+        new = helper.make_node("Conv", [bn.input[0], w, bias], [conv.output[0]], name=name)
+        new.attribute.extend(a for a in conv.attribute)
+        self._replace([bn], conv, new)
+        self._record((bn, conv), (f"bn+conv{c.kernel[0]}x{c.kernel[1]}",), name)
+
+    # ---------------------------------------------------------------- heads
+
+    def heads(self, out: str) -> None:
+        """Parallel linear heads on one input, summed or averaged (`(A + B) / 2`, `* 0.5`): one."""
+        add = self._node(out, "Add", "Sum")
+        if add is None or len(add.input) < 2 or len(set(add.input)) != len(add.input):
+            return
+        lins = [self.linear(p) for p in (self.g.producer.get(i) for i in add.input) if p is not None]
+        heads = [h for h in lins if isinstance(h, _Lin)]
+        if len(heads) != len(add.input) or len({h.x for h in heads}) != 1:
+            return
+        if any(h.out != i or self.g.uses[i] != 1 for h, i in zip(heads, add.input)):
+            return
+        coef, end = self._head_scale(add)
+        try:
+            kb = merge_heads([(h.weight, h.bias) for h in heads], [coef] * len(heads))
+        except FusionError as e:
+            self.report.left.append(LeftAlone(add.name or out, str(e)))
+            return
+        nodes = [m for h in heads for m in h.nodes] + ([add] if end is not add else [])
+        self._emit_linear(
+            heads[0].x, kb, nodes, end, tuple("head" for _ in heads) + ((f"x{coef:g}",) if coef != 1 else ())
+        )
+
+    def _head_scale(self, add: onnx.NodeProto) -> tuple[float, onnx.NodeProto]:
+        """The scalar the sum is divided or multiplied by right after (1 when none), and the
+        node whose output the merged head writes."""
+        users = self._users(add.output[0])
+        if self.g.uses[add.output[0]] != 1 or len(users) != 1 or users[0].op_type not in ("Div", "Mul"):
+            return 1.0, add
+        u = users[0]
+        other = [i for i in u.input if i != add.output[0]]
+        c = self.g.const(other[0]) if len(other) == 1 else None
+        if (
+            c is None
+            or c.size != 1
+            or (u.op_type == "Div" and u.input[0] != add.output[0])
+            or float(c.reshape(-1)[0]) == 0
+        ):
+            return 1.0, add
+        v = float(c.reshape(-1)[0])
+        return (1.0 / v if u.op_type == "Div" else v), u
+
+    # ---------------------------------------------------------------- the report
+
+    def _explain_bns(self) -> None:
+        """Every BN still in the graph, listed with the reason it stayed."""
+        listed = {a.node for a in self.report.left}
+        for n in self.g.model.graph.node:
+            if n.op_type != "BatchNormalization" or (n.name or n.output[0]) in listed:
                 continue
-            head, _, src = self.stage(n)
-            if head is None or src is None:
-                continue
-            chain, last, nodes = list(head), n, []
-            while self.g.uses[last.output[0]] == 1:
-                users = [m for m in graph.node if last.output[0] in m.input]
-                if not users:
-                    break
-                st, _, x = self.stage(users[0])
-                if st is None or x != last.output[0] or self._feeds_pad(users[0]):
-                    break
-                nodes.append(last)
-                chain += st
-                last = users[0]
-            if nodes:
-                self.fuse(last, src, [chain], nodes)
-        self._drop_unused()
+            self.report.left.append(LeftAlone(n.name or n.output[0], self._why_bn(n)))
+
+    def _why_bn(self, bn: onnx.NodeProto) -> str:
+        why = self.why.get(bn.output[0])
+        if why:
+            return why
+        got = self._bn_params(bn)
+        if isinstance(got, str):
+            return got
+        src, users = bn.input[0], self._users(bn.output[0])
+        p = self.g.producer.get(src)
+        if p is not None and p.op_type in ("Conv", "Gemm", "MatMul") and self.g.uses[src] > 1:
+            return f"{p.op_type} {p.name}'s output {src} is also read by {self.g.uses[src] - 1} other node(s)"
+        after = ", ".join(f"{u.op_type} {u.name}" for u in users) or "a graph output"
+        return f"BatchNormalization between {self.g.origin(src)} and {after}: no conv or linear layer to fold it into"
 
     def _feeds_pad(self, n: onnx.NodeProto) -> bool:
         """Whether n's output goes into a Pad (the `Sub c` of a BN-and-pad, kept whole)."""
@@ -544,14 +992,34 @@ def _dtype(branches: list[list[Stage]]) -> np.dtype:
     return np.dtype(np.float32)
 
 
+SUMMARY_OPS = (("BatchNormalization",), ("Conv",), ("Add",), ("Gemm", "MatMul"))
+
+
+def summary_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """The report's op counts: BatchNormalization, Conv, Add and Gemm/MatMul nodes."""
+    h = op_histogram(model)
+    return {"/".join(ops): sum(h.get(o, 0) for o in ops) for ops in SUMMARY_OPS}
+
+
+def _became(fused: FusedSum, ops: Mapping[str, str]) -> FusedSum:
+    """A linear fusion named by the op it became (Gemm, or MatMul + Add)."""
+    if fused.op == "conv" or fused.into not in ops:
+        return fused
+    return replace(fused, op="MatMul + Add" if ops[fused.into] == "MatMul" else ops[fused.into])
+
+
 def fuse_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FuseReport]:
     """A copy of `model` with every fusable branch sum, BN after it, and conv -> BN / Mul / Add
-    constant chain replaced by one Conv (reparam_core computes it in float64), and the report."""
+    constant chain replaced by one Conv (reparam_core computes it in float64), and the report
+    (with the op counts before and after)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     p = _Pass(out)
     p.run()
     onnx.checker.check_model(out)
+    ops = {n.name: n.op_type for n in out.graph.node}
+    p.report.fused = [_became(f, ops) for f in p.report.fused]
+    p.report.before, p.report.after = summary_counts(model), summary_counts(out)
     return out, p.report
 
 

@@ -1,20 +1,29 @@
 """Re-parameterize any torch model: a graph pass that merges parallel conv/BN branches.
 
-`fuse(module, example_input)` captures the module's graph (torch.fx symbolic tracing; torch.export
-where tracing fails), finds every sum whose operands are branches reading the same tensor (conv,
+`fuse(module, example_input)` captures the module's graph (torch.fx symbolic tracing; fx with
+forward's non-tensor defaults fixed, for a classifier's `mode='tensor'`; torch.export where tracing
+fails or the traced graph computes other values than the module, as fx does for `t += u` read
+again), finds every sum whose operands are branches reading the same tensor (conv,
 conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse Branch
 Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1), plus a BN right after the sum, and every
-lone conv -> BN pair, and replaces each with ONE conv. The pass only translates what it finds
-into the core's block description (`reparam_core.blocks.nodes.Rep`); whether the branches are exactly
-one conv is decided by the core (`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused
-kernel and bias are computed by the core (reparam_core.blocks.fuse.rep_kernel_bias, float64). Anything
-the core refuses, or that is not a branch primitive (a nonlinearity, train-mode BN, a branch
-reading another tensor), is left exactly as it was and listed in the report with the reason.
+lone conv -> BN pair, and replaces each with ONE conv; and every BN1d -> Linear, Linear -> BN1d
+and sum (or mean) of Linear heads on one tensor with ONE Linear (core: fuse_bn_linear,
+fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their functional
+F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks do not count
+as readers); an in-place add is a sum unless the tensor it writes into (or a view of it) is read
+after it. The report's summary line gives the BN / Conv / Add / Linear counts before and after.
+The pass only translates what it finds into the core's block description
+(`reparam_core.blocks.nodes.Rep`); whether the branches are exactly one conv is decided by the core
+(`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused kernel and bias are computed
+by the core (reparam_core.blocks.fuse.rep_kernel_bias, float64). Anything the core refuses, or that
+is not a branch primitive (a nonlinearity, train-mode BN, a branch reading another tensor), is left
+exactly as it was and listed in the report with the reason.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
+from reparam_core.blocks.fusion import fuse_bn_linear, fuse_linear_bn, merge_heads
 from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, branch_kind, fuse_branches
 from reparam_core.blocks.nodes import Pair, pair
 
@@ -64,15 +74,74 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, str]:
-    """The module's graph: fx symbolic tracing, else torch.export (example shapes fixed).
-    Raises ReparamError naming the submodule where tracing stopped when neither works."""
+def _fixed_defaults(module: nn.Module) -> dict[str, Any]:
+    """forward's arguments after the first that have a default which is not a tensor (a `mode`
+    string, a flag, `data_samples=None`): the values a call with one input gives them."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and not isinstance(p.default, Tensor)
+    }
+
+
+def _trace(module: nn.Module, concrete: dict[str, Any] | None) -> tuple[fx.GraphModule | None, Exception, str]:
+    """fx tracing (with `concrete` arguments fixed): (graph module or None, the error, where)."""
     tracer = _Tracer()
     try:
-        graph = tracer.trace(module)
-        return fx.GraphModule(tracer.root, graph, type(module).__name__), "torch.fx"
+        graph = tracer.trace(module, concrete_args=concrete)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__), ReparamError(""), ""
     except Exception as e:
-        fx_error, where = e, tracer.failed_in or "(the top-level module)"
+        return None, e, tracer.failed_in or "(the top-level module)"
+
+
+def _differs(module: nn.Module, gm: fx.GraphModule, x: Tensor) -> Exception | None:
+    """Why the traced graph does not compute what the module computes on x, or None. fx records
+    `t += u` on a traced tensor as t + u (no write into t), so a model that reads t again after
+    it traces to a different function; torch.export records the write. The module's buffers
+    (train-mode BN statistics) are restored afterwards."""
+    saved = {k: v.clone() for k, v in module.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+            torch.manual_seed(0)  # the same random draws for both (dropout, drop path)
+            want = [t for t in torch.utils._pytree.tree_leaves(module(x)) if isinstance(t, Tensor)]
+            torch.manual_seed(0)
+            got = [t for t in torch.utils._pytree.tree_leaves(gm(x)) if isinstance(t, Tensor)]
+    except Exception as e:
+        return e
+    finally:
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                v.copy_(saved[k])
+    for a, b in zip((t.double() for t in want), (t.double() for t in got)):
+        if a.shape != b.shape or not torch.allclose(
+            a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()) if a.numel() else 0
+        ):
+            return ReparamError("the traced graph computes other values than the module (an in-place write?)")
+    return None if len(want) == len(got) else ReparamError("the traced graph returns other outputs than the module")
+
+
+def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, str]:
+    """The module's graph: fx symbolic tracing; else fx tracing with forward's non-tensor
+    defaults fixed (a classifier's `mode='tensor'`: the graph of a call with one input); else
+    torch.export (example shapes fixed). Raises ReparamError naming the submodule where tracing
+    stopped when none works."""
+    gm, fx_error, where = _trace(module, None)
+    if gm is not None:
+        differs = _differs(module, gm, example_input)
+        if differs is None:
+            return gm, "torch.fx"
+        fx_error, where = differs, "(the traced graph)"
+    fixed = _fixed_defaults(module)
+    if fixed:
+        gm, _, _ = _trace(module, fixed)
+        if gm is not None and _differs(module, gm, example_input) is None:
+            return gm, f"torch.fx with {', '.join(f'{k}={v!r}' for k, v in fixed.items())}"
     try:
         gm = torch.export.export(module, (example_input,), strict=False).module()
         return gm, "torch.export"
@@ -86,7 +155,23 @@ def capture(module: nn.Module, example_input: Tensor) -> tuple[fx.GraphModule, s
 
 # --------------------------------------------------------------------------- op tables
 
-ADDS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
+ADDS = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
+INPLACE_ADDS = {operator.iadd, aten.add_.Tensor, "add_"}
+ADD_METHODS = {"add", "add_"}
+LINEARS = {F.linear, torch.nn.functional.linear, aten.linear.default}
+DROPOUTS = {F.dropout, aten.dropout.default}
+DIVS = {operator.truediv, torch.div, aten.div.Tensor}
+# reads of a tensor's metadata that do not depend on its values and are the same for every
+# tensor a fold may put in its place (timm's `_assert(x.ndim == 4)` in its norm layers)
+META_ATTRS = {"ndim", "dtype", "device", "is_cuda"}
+META_METHODS = {"dim"}
+# ops whose result may share memory with their first argument (an in-place add into one of
+# them writes into the other); aten overloads say so in their schema
+VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.narrow, torch.transpose, torch.permute}
+VIEW_FUNCTIONS |= {torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.movedim, torch.t}
+VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "narrow", "transpose", "permute", "squeeze"}
+VIEW_METHODS |= {"unsqueeze", "expand", "expand_as", "chunk", "split", "contiguous", "detach", "t", "unflatten"}
+VIEW_METHODS |= {"movedim", "unbind", "as_strided", "type_as", "to", "float", "type"}
 MULS = {operator.mul, operator.imul, torch.mul, aten.mul.Tensor}
 SUBS = {operator.sub, torch.sub, aten.sub.Tensor}
 CONVS = {F.conv2d, torch.conv2d, aten.conv2d.default}
@@ -110,6 +195,7 @@ BN_ARGS = {
         "cudnn_enabled",
     ),
 }
+BN_OTHER = {aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default}
 BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
@@ -123,12 +209,41 @@ def _args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
 
 
 def _is_add(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target in ADDS
-        and bool(node.kwargs.get("alpha", 1) == 1)
-        and len(node.args) == 2
+    """a + b, in place or not (operator, torch, Tensor method or aten spelling)."""
+    known = (node.op == "call_function" and node.target in ADDS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
     )
+    return known and bool(node.kwargs.get("alpha", 1) == 1) and len(node.args) == 2
+
+
+def _is_inplace_add(node: fx.Node) -> bool:
+    return _is_add(node) and node.target in INPLACE_ADDS
+
+
+def _is_meta_read(node: fx.Node) -> bool:
+    """A read of a tensor's rank, dtype or device only (not of its values or shape)."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in META_ATTRS
+    return node.op == "call_method" and node.target in META_METHODS and len(node.args) == 1
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The users of a node that read its values (all but its metadata reads)."""
+    return [u for u in node.users if not _is_meta_read(u)]
+
+
+def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether node's result may share memory with its first argument: a view, a pass-through
+    module (nn.Identity returns its input), an in-place op, an unknown op reading only it."""
+    t = node.target
+    if node.op == "call_module" and isinstance(t, str):
+        m = modules.get(t)
+        return isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)) or bool(getattr(m, "inplace", False))
+    if node.op == "call_method" and isinstance(t, str):
+        return t in VIEW_METHODS or t.endswith("_")
+    if isinstance(t, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in t._schema.returns)
+    return node.op == "call_function" and (t in VIEW_FUNCTIONS or t in INPLACE_ADDS or t is F.dropout)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -159,6 +274,43 @@ class _Pass:
         self.report_fused: list[FusedSum] = []
         self.count = 0
         self.erased: set[str] = set()
+        self.erased_attrs: set[str] = set()
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.unsafe = {n: why for n in gm.graph.nodes if _is_inplace_add(n) and (why := self._inplace_hazard(n))}
+
+    def is_add(self, n: fx.Node) -> bool:
+        """a + b that may be treated as a value (an in-place add only where nothing reads the
+        tensor it writes into after it)."""
+        return _is_add(n) and n not in self.unsafe
+
+    def _inplace_hazard(self, add: fx.Node) -> str | None:
+        """Why the in-place add `add` cannot be read as a + b, or None: it writes into a model
+        input or parameter, or into a tensor (or a view of it) that is read after it."""
+        target = add.args[0]
+        if not isinstance(target, fx.Node):
+            return f"in-place add {add.name} writes into a constant"
+        root = target
+        while _may_alias(root, self.modules) and root.args and isinstance(root.args[0], fx.Node):
+            root = root.args[0]
+        if root.op in ("placeholder", "get_attr"):
+            return f"in-place add {add.name} writes into {root.name}, a model input or parameter"
+        aliases, stack = {root}, [root]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u is not add and u not in aliases and u.args and u.args[0] is n and _may_alias(u, self.modules):
+                    aliases.add(u)
+                    stack.append(u)
+        late = [
+            (a, u)
+            for a in aliases
+            for u in a.users
+            if u is not add and self.order[u] > self.order[add] and not _is_meta_read(u)
+        ]
+        if late:
+            a, u = min(late, key=lambda au: self.order[au[1]])
+            return f"in-place add {add.name} writes into {a.name}, which {u.name} reads after it"
+        return None
 
     # ---------------------------------------------------------------- values and shapes
 
@@ -211,7 +363,7 @@ class _Pass:
                 return self._conv(n, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
             if isinstance(m, PadBatchNorm):
                 return self._bn(n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training, m.pad)
-            if type(m) is nn.BatchNorm2d:
+            if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
                 return self._bn(
                     n, x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training and m.track_running_stats
                 )
@@ -224,6 +376,13 @@ class _Pass:
             return None, None, None
         if n.op != "call_function":
             return None, None, None
+        if n.target in DROPOUTS:  # functional dropout, an identity when not training
+            a = _args(n, ("input", "p", "training"), {"training": n.target is F.dropout})
+            return (
+                (None, None, a["input"])
+                if a["training"] is False and isinstance(a["input"], fx.Node)
+                else (None, None, None)
+            )
         if n.target in CONVS:
             a = _args(n, CONV_ARGS, CONV_DEFAULTS)
             w, b = self.const(a["weight"]), self.const(a["bias"])
@@ -352,7 +511,7 @@ class _Pass:
         stages: list[_Stage] = []
         nodes: list[fx.Node] = []
         n, why = term, None
-        while isinstance(n, fx.Node) and len(n.users) == 1:
+        while isinstance(n, fx.Node) and len(_readers(n)) == 1:
             padded = self.pad_bn(n)
             if padded is not None:
                 st_pad, src, consumed = padded
@@ -373,11 +532,11 @@ class _Pass:
     def pad_bn(self, add: fx.Node) -> tuple[_Stage, fx.Node, list[fx.Node]] | None:
         """`F.pad(bn(x) - c, [p] * 4) + c` with c = BN(0) per channel (Diverse Branch Block's
         BN-and-pad, written functionally): one PadBN stage, x, the nodes it consumes."""
-        if not _is_add(add):
+        if not self.is_add(add):
             return None
         for pad, c in (add.args, add.args[::-1]):
             cv = self.const(c)
-            if cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad or len(pad.users) != 1:
+            if cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad or len(_readers(pad)) != 1:
                 continue
             sub = pad.args[0]
             amount = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
@@ -386,7 +545,7 @@ class _Pass:
             if (
                 not isinstance(sub, fx.Node)
                 or sub.target not in SUBS
-                or len(sub.users) != 1
+                or len(_readers(sub)) != 1
                 or mode != "constant"
                 or value not in (None, 0, 0.0)
                 or not isinstance(amount, (list, tuple))
@@ -400,7 +559,7 @@ class _Pass:
                 or not torch.equal(shift, cv)
                 or not isinstance(width, int)
                 or not isinstance(bn, fx.Node)
-                or len(bn.users) != 1
+                or len(_readers(bn)) != 1
             ):
                 continue
             st, _, x = self.stage(bn)
@@ -424,7 +583,7 @@ class _Pass:
         adds = [add]
         why = None
         for a in add.args:
-            if isinstance(a, fx.Node) and _is_add(a) and len(a.users) == 1:
+            if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
                 t, inner, inner_why = self.terms(a)
                 why = why or inner_why
                 terms += t
@@ -439,7 +598,7 @@ class _Pass:
         """Fuse the tree of adds at `add` as one sum; failing that, each inner add of it."""
         if not self._try_tree(add):
             for a in add.args:
-                if isinstance(a, fx.Node) and _is_add(a) and len(a.users) == 1:
+                if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
                     self.try_sum(a)
 
     def _try_tree(self, add: fx.Node) -> bool:
@@ -470,9 +629,9 @@ class _Pass:
         return self.fuse(add, common, [w[1] for w in walks], [n for w in walks for n in w[2]] + adds, add.name)
 
     def post_bn(self, last: fx.Node) -> _Stage | None:
-        if len(last.users) != 1:
+        if len(_readers(last)) != 1:
             return None
-        (user,) = last.users
+        (user,) = _readers(last)
         st, _, x = self.stage(user)
         return st if st is not None and x is last and isinstance(st.core.node, BN) else None
 
@@ -497,19 +656,38 @@ class _Pass:
         self.count += 1
         name = f"reparam_fused_{self.count}"
         conv = nn.Conv2d(cin, cout, fused.kernel, fused.stride, fused.padding, fused.dilation, fused.groups, bias=True)
+        self.install(end, source, name, conv, kernel, bias)
+        dead = set(nodes) | {end}
+        self.erase(dead)
+        kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
+        if post is not None:
+            kinds = (*kinds, "then bn")
+        self.report_fused.append(FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, fused.kernel, name))
+        return True
+
+    def install(
+        self, end: fx.Node, source: fx.Node, name: str, layer: nn.Conv2d | nn.Linear, w: np.ndarray, b: np.ndarray
+    ) -> None:
+        """Give `layer` the weight w and bias b, add it as submodule `name` and let every reader
+        of `end` read layer(source) instead."""
         _, dtype, device = self.meta[end]
-        if conv.bias is None:  # impossible: built with bias=True
-            raise FusionError(f"{name}: nn.Conv2d(bias=True) has no bias")
+        if layer.bias is None:  # impossible: built with bias=True
+            raise FusionError(f"{name}: {type(layer).__name__}(bias=True) has no bias")
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
-            conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
-        self.gm.add_submodule(name, conv.to(device=device, dtype=dtype))
-        self.modules[name] = conv
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            layer.bias.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+        self.gm.add_submodule(name, layer.to(device=device, dtype=dtype))
+        self.modules[name] = layer
         with self.gm.graph.inserting_before(end):
             new = self.gm.graph.call_module(name, (source,))
         end.replace_all_uses_with(new)
         self.meta[new] = self.meta[end]
-        dead = set(nodes) | {end}
+
+    def erase(self, dead: set[fx.Node]) -> None:
+        """Erase the nodes a fold consumed (their metadata reads become constants), then the
+        parameters and constant expressions nothing reads any more."""
+        for n in dead:
+            self._const_meta_reads(n)
         for n in reversed(list(self.gm.graph.nodes)):
             if n in dead:
                 self.gm.graph.erase_node(n)
@@ -517,27 +695,312 @@ class _Pass:
                     self.erased.add(n.target)
         for n in reversed(list(self.gm.graph.nodes)):  # parameters (and constant expressions
             if n in self.consts and not n.users:  # of them) only the branches read
+                if n.op == "get_attr" and isinstance(n.target, str):
+                    self.erased_attrs.add(n.target)
                 self.gm.graph.erase_node(n)
-        kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
-        if post is not None:
-            kinds = (*kinds, "then bn")
-        self.report_fused.append(FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, fused.kernel, name))
-        return True
+
+    def _const_meta_reads(self, n: fx.Node) -> None:
+        """Replace each read of n's rank, dtype or device by its recorded value."""
+        if n not in self.meta:
+            return
+        shape, dtype, device = self.meta[n]
+        for u in [u for u in n.users if _is_meta_read(u)]:
+            what = u.args[1] if u.target is getattr else "ndim"
+            value = {"ndim": len(shape), "dtype": dtype, "device": device, "is_cuda": device.type == "cuda"}[str(what)]
+            for v in list(u.users):
+                v.args = fx.node.map_arg(v.args, _substitute(u, value))
+                v.kwargs = fx.node.map_arg(v.kwargs, _substitute(u, value))
+            self.gm.graph.erase_node(u)
+
+    # ---------------------------------------------------------------- linear layers
+
+    def linear(self, n: fx.Node) -> tuple[Tensor, Tensor | None, fx.Node] | None:
+        """(weight, bias, input) of an nn.Linear or a functional linear with constant weights."""
+        if n.op == "call_module" and isinstance(n.target, str) and type(self.modules.get(n.target)) is nn.Linear:
+            m = self.modules[n.target]
+            x = n.args[0] if n.args else None
+            return (m.weight, m.bias, x) if isinstance(x, fx.Node) else None
+        if n.op == "call_function" and n.target in LINEARS:
+            a = _args(n, ("input", "weight", "bias"), {"bias": None})
+            w, b = self.const(a["weight"]), self.const(a["bias"])
+            if w is None or (a["bias"] is not None and b is None) or not isinstance(a["input"], fx.Node):
+                return None
+            return w, b, a["input"]
+        return None
+
+    def before(self, n: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+        """The node n really reads, through single-reader pass-throughs (eval dropout, identity),
+        and the pass-throughs."""
+        skipped: list[fx.Node] = []
+        while len(_readers(n)) == 1:
+            st, _, x = self.stage(n)
+            if st is not None or x is None:
+                break
+            skipped.append(n)
+            n = x
+        return n, skipped
+
+    def bn_2d(self, n: fx.Node) -> Found:
+        """n as an eval BN over the features of an (N, C) tensor (what a Linear mixes): as
+        `stage`, (None, None, None) for anything else."""
+        shape = self.shape(n)
+        if shape is None or len(shape) != 2:
+            return None, None, None
+        st, why, x = self.stage(n)
+        if st is None or x is None or not isinstance(st.core.node, BN) or isinstance(st.core.node, PadBN):
+            return None, why, None
+        return st, None, x
+
+    def fold_bn_linear(self, lin: fx.Node) -> None:
+        """BN1d (-> eval dropout) -> Linear as one Linear (core: fuse_bn_linear)."""
+        got = self.linear(lin)
+        if got is None or not isinstance(lin.args[0] if lin.args else None, fx.Node):
+            return
+        w, b, x = got
+        bn, skipped = self.before(x) if len(_readers(x)) == 1 else (x, [])
+        st, why, src = self.bn_2d(bn)
+        if why is not None:
+            self.report_left.append(LeftAlone(bn.name, why))
+        if st is None or src is None:
+            return
+        if len(_readers(bn)) != 1:
+            self.report_left.append(LeftAlone(bn.name, f"BN {bn.name} before linear {lin.name} is also read elsewhere"))
+            return
+        self.fold_into_linear(lin, src, (w, b), st.core, {bn, *skipped, lin}, "bn+linear")
+
+    def fold_linear_bn(self, n: fx.Node) -> None:
+        """Linear (-> eval dropout) -> BN1d as one Linear (core: fuse_linear_bn)."""
+        st, _, x = self.bn_2d(n)
+        if st is None or x is None:
+            return
+        lin, skipped = self.before(x)
+        got = self.linear(lin)
+        if got is None:
+            return
+        if len(_readers(lin)) != 1:
+            self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
+            return
+        w, b, src = got
+        self.fold_into_linear(n, src, (w, b), st.core, {lin, *skipped, n}, "linear+bn")
+
+    def fold_linear_flat_bn(self, n: fx.Node) -> None:
+        """LeViT's LinearNorm: BN1d(linear(x).flatten(0, 1)).reshape_as(linear(x)), the BN over
+        the Linear's output features: the Linear takes the BN, the flatten and reshape stay."""
+        st, _, flat = self.bn_2d(n)
+        if st is None or flat is None or not _is_leading_flatten(flat) or len(_readers(flat)) != 1:
+            return
+        lin = flat.args[0]
+        got = self.linear(lin) if isinstance(lin, fx.Node) else None
+        shape = self.shape(lin)
+        if got is None or shape is None or not isinstance(lin, fx.Node):
+            return
+        if len(shape) != 3 or any(not _reads_shape_only(u, lin) for u in _readers(lin) if u is not flat):
+            self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
+            return
+        w, b, src = got
+        self.fold_into_linear(lin, src, (w, b), st.core, {lin, n}, "linear+bn", bypass=(n, flat))
+
+    def fold_into_linear(
+        self,
+        end: fx.Node,
+        src: fx.Node,
+        wb: tuple[Tensor, Tensor | None],
+        bn: Stage,
+        dead: set[fx.Node],
+        kind: str,
+        bypass: tuple[fx.Node, fx.Node] | None = None,
+    ) -> None:
+        """One Linear for a BN before ("bn+linear", core: fuse_bn_linear) or after ("linear+bn",
+        core: fuse_linear_bn) the Linear (weight, bias) `wb`; listed when the core refuses."""
+        p, node = bn.params, bn.node
+        eps = node.eps if isinstance(node, BN) else 0.0
+        rule = fuse_bn_linear if kind == "bn+linear" else fuse_linear_bn
+        w, b = wb
+        try:
+            kw, kb = rule(
+                _np(w), None if b is None else _np(b), p["weight"], p["bias"], p["running_mean"], p["running_var"], eps
+            )
+        except FusionError as e:
+            self.report_left.append(LeftAlone(end.name, str(e)))
+            return
+        if bypass is not None:  # the BN, read no more: its readers read its input
+            bypass[0].replace_all_uses_with(bypass[1])
+        self.replace_linear(end, src, kw, kb, dead, (kind,))
+
+    def _scaled(self, node: fx.Node) -> tuple[fx.Node, float] | None:
+        """node = add / c or add * c for a number c and an add read only by node: (add, 1/c or c)."""
+        if node.op != "call_function" or len(node.args) != 2 or node.target not in (DIVS | MULS):
+            return None
+        add, c = node.args
+        if not isinstance(add, fx.Node) or not isinstance(c, (int, float)) or isinstance(c, bool) or c == 0:
+            return None
+        if not self.is_add(add) or len(_readers(add)) != 1:
+            return None
+        return add, (1.0 / c if node.target in DIVS else float(c))
+
+    def merge_heads_at(self, node: fx.Node) -> None:
+        """(h1(x) + ... + hn(x)) [/ c or * c]: parallel Linear heads on one tensor, summed or
+        averaged, as one Linear (core: merge_heads)."""
+        readers = _readers(node)
+        if len(readers) == 1 and self._scaled(readers[0]) is not None:
+            return  # the scaled sum is merged at the scaling node
+        add, scale = self._scaled(node) or (node, 1.0)
+        if not self.is_add(add):
+            return
+        terms, adds, why = self.terms(add)
+        heads = [self.linear(t) for t in terms]
+        if why is not None or len(terms) < 2 or any(h is None for h in heads):
+            return
+        got = [h for h in heads if h is not None]
+        sources = {h[2] for h in got}
+        if len(sources) != 1:
+            self.report_left.append(
+                LeftAlone(add.name, f"linear heads read different tensors {sorted(s.name for s in sources)}")
+            )
+            return
+        if any(len(_readers(t)) != 1 for t in terms):
+            self.report_left.append(LeftAlone(add.name, "a linear head's output is also read elsewhere"))
+            return
+        try:
+            kw, kb = merge_heads([(_np(w), None if b is None else _np(b)) for w, b, _ in got], [scale] * len(got))
+        except FusionError as e:
+            self.report_left.append(LeftAlone(add.name, str(e)))
+            return
+        kinds = tuple("linear" for _ in got) + (() if scale == 1.0 else (f"times {scale:g}",))
+        self.replace_linear(node, next(iter(sources)), kw, kb, {*terms, *adds, node}, kinds)
+
+    def replace_linear(
+        self, end: fx.Node, src: fx.Node, w: np.ndarray, b: np.ndarray, dead: set[fx.Node], kinds: tuple[str, ...]
+    ) -> None:
+        """Put one nn.Linear(w, b) reading src in place of end; erase the nodes it replaces."""
+        self.count += 1
+        name = f"reparam_linear_{self.count}"
+        self.install(end, src, name, nn.Linear(w.shape[1], w.shape[0], bias=True), w, b)
+        self.erase(dead)
+        self.report_fused.append(
+            FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, (1, 1), name, op="linear")
+        )
+
+    # ---------------------------------------------------------------- driver
 
     def run(self) -> None:
         graph = self.gm.graph
-        roots = [n for n in graph.nodes if _is_add(n) and not (len(n.users) == 1 and _is_add(next(iter(n.users))))]
+        for n in list(graph.nodes):  # BN1d -> Linear, Linear -> BN1d
+            if n.graph is graph:
+                self.fold_bn_linear(n)
+        for n in list(graph.nodes):
+            if n.graph is graph:
+                self.fold_linear_bn(n)
+            if n.graph is graph:
+                self.fold_linear_flat_bn(n)
+        for n in list(graph.nodes):  # parallel heads, summed or averaged
+            if n.graph is graph:
+                self.merge_heads_at(n)
+        for n, why in self.unsafe.items():
+            self.report_left.append(LeftAlone(n.name, why))
+        roots = [
+            n for n in graph.nodes if self.is_add(n) and not (len(n.users) == 1 and self.is_add(next(iter(n.users))))
+        ]
         for add in roots:
             if add.graph is graph:
                 self.try_sum(add)
         for n in list(graph.nodes):  # lone conv -> BN pairs
-            st, _, x = self.stage(n)
-            if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
-                continue
-            head, _, src = self.stage(x)
-            if head is None or src is None or not isinstance(head.core.node, Conv) or len(x.users) != 1:
-                continue
-            self.fuse(x, src, [[head]], [x], n.name)
+            if n.graph is graph:
+                self.conv_bn(n)
+        for n in list(graph.nodes):
+            self.drop_zero_add(n)
+
+    def drop_zero_add(self, n: fx.Node) -> None:
+        """`t + 0` (an absent branch written as the number 0, as timm's and mmpretrain's
+        MobileOne blocks do) is t: the add goes when it changes neither shape nor dtype."""
+        if not self.is_add(n):
+            return
+        t, zero = n.args if isinstance(n.args[0], fx.Node) else n.args[::-1]
+        if (
+            isinstance(t, fx.Node)
+            and isinstance(zero, (int, float))
+            and not isinstance(zero, bool)
+            and zero == 0
+            and t in self.meta
+            and n in self.meta
+            and self.meta[t][:2] == self.meta[n][:2]
+        ):
+            n.replace_all_uses_with(t)
+            self.gm.graph.erase_node(n)
+
+    def _inner_add(self, n: fx.Node) -> bool:
+        return len(n.users) == 1 and self.is_add(next(iter(n.users)))
+
+    def conv_bn(self, n: fx.Node) -> None:
+        """Fold a BN into the conv it reads; list the pair with its reason when it cannot be."""
+        st, why, x = self.stage(n)
+        bn_input = n.args[0] if n.args else None
+        if st is None and why is not None and isinstance(bn_input, fx.Node):  # a BN that cannot fold
+            head, _, _ = self.stage(bn_input)
+            if head is not None and isinstance(head.core.node, Conv):
+                self.report_left.append(LeftAlone(n.name, why))
+            return
+        if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
+            return
+        head, _, src = self.stage(x)
+        if head is None or src is None or not isinstance(head.core.node, Conv):
+            return
+        others = [u.name for u in _readers(x) if u is not n]
+        if others:
+            self.report_left.append(LeftAlone(n.name, f"conv {x.name} before it is also read by {', '.join(others)}"))
+            return
+        self.fuse(x, src, [[head]], [x], n.name)
+
+
+def _is_leading_flatten(n: fx.Node) -> bool:
+    """t.flatten(0, 1) / torch.flatten(t, 0, 1): the last dimension stays the last."""
+    flat = (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten)
+    return flat and tuple(n.args[1:]) == (0, 1) and not n.kwargs
+
+
+def _reads_shape_only(u: fx.Node, n: fx.Node) -> bool:
+    """u reads only n's shape: `y.reshape_as(n)`, `y.view_as(n)`, a metadata read."""
+    if _is_meta_read(u):
+        return True
+    return u.op == "call_method" and u.target in ("reshape_as", "view_as") and u.args[0] is not n
+
+
+def _substitute(node: fx.Node, value: Any) -> Callable[[fx.Node], Any]:
+    """For fx.node.map_arg: `value` in place of `node`, every other node as it is."""
+    return lambda a: value if a is node else a
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _op_kind(n: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """BN, Conv, Add or Linear for a graph node computing one (None for anything else)."""
+    if n.op == "call_module" and isinstance(n.target, str):
+        m = modules.get(n.target)
+        kinds = ((nn.modules.batchnorm._BatchNorm, "BN"), (PadBatchNorm, "BN"), (nn.modules.conv._ConvNd, "Conv"))
+        return next((k for cls, k in (*kinds, (nn.Linear, "Linear")) if isinstance(m, cls)), None)
+    if n.op not in ("call_function", "call_method"):
+        return None
+    if _is_add(n):
+        return "Add"
+    t = n.target
+    if t in BN_ARGS or t in BN_OTHER:
+        return "BN"
+    if t in CONVS or t is aten.convolution.default:
+        return "Conv"
+    return "Linear" if t in LINEARS or t is aten.addmm.default else None
+
+
+def op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many BN, Conv, Add and Linear ops the graph computes."""
+    modules = dict(gm.named_modules())
+    counts = dict.fromkeys(("BN", "Conv", "Add", "Linear"), 0)
+    for n in gm.graph.nodes:
+        kind = _op_kind(n, modules)
+        if kind is not None:
+            counts[kind] += 1
+    return counts
 
 
 def _pair_arg(v: Any) -> Pair:
@@ -559,20 +1022,49 @@ def _label(n: fx.Node) -> str:
     return str(n.target) if n.op == "call_module" else n.name
 
 
+def _delete_attrs(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Delete the parameters and buffers no node reads any more (the statistics of a functional
+    BN that was folded), then the submodules left holding nothing that the graph uses."""
+    read = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    owners = set()
+    for target in sorted(targets - read):
+        owner, _, attr = target.rpartition(".")
+        mod = _submodule(gm, owner)
+        if mod is not None and hasattr(mod, attr):
+            delattr(mod, attr)
+            owners.add(owner)
+    prefixes = {t.rsplit(".", i)[0] for t in read if isinstance(t, str) for i in range(t.count(".") + 1)}
+    for owner in sorted(owners, key=len, reverse=True):
+        mod = _submodule(gm, owner)
+        if owner and mod is not None and owner not in prefixes and not any(True for _ in mod.parameters()):
+            gm.delete_submodule(owner)
+
+
+def _submodule(gm: nn.Module, path: str) -> nn.Module | None:
+    """gm's submodule at `path` ('' is gm), or None when there is none (any more)."""
+    try:
+        return gm.get_submodule(path) if path else gm
+    except AttributeError:
+        return None
+
+
 def fuse(module: nn.Module, example_input: Tensor) -> fx.GraphModule:
     """A copy of `module` (put it in eval mode first) with every sum of parallel branches on one
-    tensor, every BN after such a sum and every lone conv -> BN replaced by one conv computed by
-    reparam_core in float64; everything else as it was. The input module is not modified. The
+    tensor, every BN after such a sum and every lone conv -> BN replaced by one conv, every BN1d ->
+    Linear, Linear -> BN1d and sum or mean of Linear heads by one Linear, computed by reparam_core
+    in float64; `t + 0` dropped; everything else as it was. The input module is not modified. The
     report is attached as `.fuse_report` (a FuseReport; print it)."""
     gm, how = capture(copy.deepcopy(module), example_input)
+    before = op_counts(gm)
     p = _Pass(gm, example_input)
     p.run()
     used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for target in sorted(p.erased - used):  # the modules of the fused branches only
         gm.delete_submodule(target)
+    _delete_attrs(gm, p.erased_attrs)
     gm.graph.lint()
     gm.recompile()
-    report = FuseReport(f"captured with {how}", p.report_fused, p.report_left)
+    report = FuseReport(f"captured with {how}", p.report_fused, p.report_left, before, op_counts(gm))
     # torch types a module's unknown attributes (__getattr__/__setattr__) as Tensor | Module; at
     # runtime any other value is stored as a plain attribute
     gm.fuse_report = report  # type: ignore[assignment]

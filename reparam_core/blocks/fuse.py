@@ -10,7 +10,10 @@ A branch is a chain of primitives read left to right; each primitive maps the af
     Scale s        K' = K s[o],  b' = b s
     (nothing)      the identity kernel of the fused conv's groups, bias 0
 
-The branches are then centred in the fused kernel and summed (or concatenated over output
+A branch whose (last) conv has r times the fused conv's dilation is dilated by r (dilate_kernel:
+r - 1 zeros between its taps) so that it lies on the fused conv's grid (UniRepLKNet's dilated
+re-param: 5x5, 3x3 d2 and 3x3 d3 branches of a 7x7 conv). The branches are then centred in the
+fused kernel and summed (or concatenated over output
 channels), and a BN after the sum folds in last. `check_rep` refuses every description where
 this is not exactly the function of the branches (alignment, strides, groups, padding that a
 bias would leak into). Everything is computed in float64 and rounded once.
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FusionError
-from .fusion import KernelBias, bn_scale, fuse_1x1_kxk, identity_kernel, identity_offset
+from .fusion import KernelBias, bn_scale, dilate_kernel, fuse_1x1_kxk, identity_kernel, identity_offset
 from .nodes import (
     BN,
     AvgPool,
@@ -131,7 +134,29 @@ def _stage_name(node: Conv | AvgPool) -> str:
     return f"conv {node.name!r}" if isinstance(node, Conv) else "the average pool"
 
 
+def _grid_ratio(kernel: Pair, dilation: Pair, fused: Conv) -> Pair:
+    """r = branch dilation / fused dilation on each axis (1 on an axis where the kernel is 1 wide:
+    its dilation reads nothing); the caller checks that it divides (_check_alignment)."""
+    r = [dilation[a] // fused.dilation[a] if kernel[a] > 1 else 1 for a in (0, 1)]
+    return r[0], r[1]
+
+
+def _stage_grid_ratio(node: Conv | AvgPool | None, fused: Conv) -> Pair:
+    """The _grid_ratio of a branch's conv stage (an average pool or nothing has dilation 1)."""
+    if isinstance(node, Conv):
+        return _grid_ratio(node.kernel, node.dilation, fused)
+    return (1, 1)
+
+
+def _span(kernel: Pair, ratio: Pair) -> Pair:
+    """The size (k - 1) r + 1 of a k-tap kernel dilated by r: its size on the fused conv's grid."""
+    return (kernel[0] - 1) * ratio[0] + 1, (kernel[1] - 1) * ratio[1] + 1
+
+
 def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
+    """A branch conv (kernel k, dilation d_b, padding p) lines up with the fused conv (K, D, P)
+    when d_b = r D for a whole r (its taps fall on the fused grid), its span e = (k - 1) r + 1
+    centres in K (K - e even, >= 0) and p = P - D (K - e) / 2 (the centred window's padding)."""
     f = rep.fused
     where = f"branch {index} of the Rep fused into {f.name!r}"
     if geo is None:  # identity: the centre tap must read x at the output pixel
@@ -144,12 +169,19 @@ def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
     if geo.stride != f.stride:
         raise FusionError(f"{where}: stride {geo.stride} differs from the fused conv's {f.stride}")
     for axis in (0, 1):
-        k, big, d = geo.kernel[axis], f.kernel[axis], f.dilation[axis]
-        if k > 1 and geo.dilation[axis] != d:
-            raise FusionError(f"{where}: dilation {geo.dilation} differs from the fused conv's {f.dilation}")
-        if k > big or (big - k) % 2:
+        if geo.kernel[axis] > 1 and geo.dilation[axis] % f.dilation[axis]:
             raise FusionError(
-                f"{where}: a {geo.kernel[0]}x{geo.kernel[1]} kernel cannot be centred in {f.kernel[0]}x{f.kernel[1]}"
+                f"{where}: dilation {geo.dilation} differs from the fused conv's {f.dilation} and is not a "
+                f"multiple of it: the {geo.kernel[0]}x{geo.kernel[1]} kernel's taps do not fall on the fused kernel's"
+            )
+    span = _span(geo.kernel, _grid_ratio(geo.kernel, geo.dilation, f))
+    for axis in (0, 1):
+        k, big, d = span[axis], f.kernel[axis], f.dilation[axis]
+        if k > big or (big - k) % 2:
+            dilated = f" (dilation {geo.dilation}: it spans {span[0]}x{span[1]})" if span != geo.kernel else ""
+            raise FusionError(
+                f"{where}: a {geo.kernel[0]}x{geo.kernel[1]} kernel{dilated} cannot be centred in "
+                f"the {f.kernel[0]}x{f.kernel[1]} kernel of the fused conv (dilation {f.dilation})"
             )
         want = f.padding[axis] - d * (big - k) // 2
         if geo.padding[axis] != want:
@@ -237,11 +269,15 @@ def branch_kernel_bias(
     branch: Branch, rep: Rep, params: Params, prefix: str = "", rows: slice = slice(None)
 ) -> KernelBias:
     """The (kernel, bias) of one branch in float64, output channels `rows` only (rows must be
-    all for a branch that is not row-separable). Kernel (rows, C/g, kh, kw) unpadded."""
+    all for a branch that is not row-separable). Kernel (rows, C/g, kh, kw) unpadded, on the
+    fused conv's grid: dilated by its conv's dilation / the fused conv's (dilate_kernel)."""
     f = rep.fused
     kb: KernelBias | None = None
     channels = f.in_channels
+    ratio = (1, 1)
     for node in branch:
+        if isinstance(node, (Conv, AvgPool)):
+            ratio = _stage_grid_ratio(node, f)
         if isinstance(node, Conv):
             shape = (node.out_channels, node.in_channels // node.groups, *node.kernel)
             r = rows if kb is None else slice(None)
@@ -265,7 +301,9 @@ def branch_kernel_bias(
             else:
                 s = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), rows)
                 kb = k * s.reshape(-1, 1, 1, 1), b * s
-    return kb if kb is not None else _identity(channels, f.groups, rows)
+    if kb is None:
+        return _identity(channels, f.groups, rows)
+    return (dilate_kernel(kb[0], ratio), kb[1]) if ratio != (1, 1) else kb
 
 
 def _identity(channels: int, groups: int, rows: slice) -> KernelBias:
@@ -380,6 +418,9 @@ def _add_separable(
         return
     if isinstance(sep.head, Conv):
         w = _head_weight(sep, params, prefix, part)
+        ratio = _stage_grid_ratio(sep.head, f)
+        if ratio != (1, 1):
+            w = dilate_kernel(w, ratio)
     else:
         w = _avg_kernel(f.in_channels, sep.head.kernel, f.groups, rows)[:, cols]
     ph, pw = (k_tot.shape[2] - w.shape[2]) // 2, (k_tot.shape[3] - w.shape[3]) // 2
@@ -387,8 +428,10 @@ def _add_separable(
 
 
 def _writes_whole(branch: Branch, rep: Rep) -> bool:
-    """Whether a separable branch starts with a conv of the fused conv's full kernel size."""
-    return bool(branch) and isinstance(branch[0], Conv) and branch[0].kernel == rep.fused.kernel
+    """Whether a separable branch starts with a conv of the fused conv's full kernel size (on the
+    fused grid: not dilated further)."""
+    head = branch[0] if branch else None
+    return isinstance(head, Conv) and head.kernel == rep.fused.kernel and _stage_grid_ratio(head, rep.fused) == (1, 1)
 
 
 Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -403,11 +446,16 @@ def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice
     )
 
 
-def _box(rest: list[_Separable], whole: list[KernelBias], kernel: Pair) -> Pair:
+def _box(rest: list[_Separable], whole: list[KernelBias], fused: Conv) -> Pair:
     """The centred window of the fused kernel that the branches in `rest` and `whole` reach
     ((0, 0) when there are none)."""
+    kernel = fused.kernel
     sizes = [
-        (1, 1) if sep.head is None else (sep.head.kernel if isinstance(sep.head, Conv) else (sep.head.kernel,) * 2)
+        (1, 1)
+        if sep.head is None
+        else _span(sep.head.kernel, _stage_grid_ratio(sep.head, fused))
+        if isinstance(sep.head, Conv)
+        else (sep.head.kernel,) * 2
         for sep in rest
     ] + [tuple(k.shape[2:]) for k, _ in whole]
     if not sizes:
@@ -463,7 +511,7 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = n
     separable = [_Separable(sep.head, sep.scale * post, sep.bias) for sep in separable]
     first = separable[0] if ordered and _writes_whole(ordered[0], rep) else None
     rest = separable[1:] if first is not None else separable
-    box = _box(rest, whole, f.kernel) if first is not None else f.kernel
+    box = _box(rest, whole, f) if first is not None else f.kernel
     ph, pw = (f.kernel[0] - box[0]) // 2, (f.kernel[1] - box[1]) // 2
     window = (slice(None), slice(None), slice(ph, ph + box[0]), slice(pw, pw + box[1]))  # the centred box
     axis = 1 if kernel.strides[1] > kernel.strides[0] else 0

@@ -46,6 +46,48 @@ DESCRIPTIONS = {
             Act("silu"),
         ),
     ),
+    # UniRepLKNet's DilatedReparamBlock: a depthwise 7x7 conv + BN and 5x5 d1, 3x3 d2, 3x3 d3
+    # conv + BN branches (effective 5, 5, 7), each dilated into the fused 7x7
+    "unireplknet-dilated-dw": Block(
+        "",
+        "DilatedReparam",
+        (
+            Rep(
+                tuple(
+                    (
+                        Conv(f"k{k}d{d}.conv", 6, 6, k, padding=d * (k - 1) // 2, dilation=d, groups=6),
+                        BN(f"k{k}d{d}.bn", 6),
+                    )
+                    for k, d in ((7, 1), (5, 1), (3, 2), (3, 3))
+                ),
+                Conv("lk", 6, 6, 7, padding=3, groups=6),
+            ),
+            Act("silu"),
+        ),
+    ),
+    # a dilation-2 fused conv (grouped, 8 -> 8): 5x5 d2 and 3x3 d4 conv + BN branches, a 1x1 ->
+    # BN-and-pad -> 3x3 d4 chain, an identity BN, and a BN after the sum
+    "dilated-on-d2-grid-g2": Block(
+        "",
+        "DilatedGrid",
+        (
+            Rep(
+                (
+                    (Conv("a.conv", 4, 4, 5, padding=4, dilation=2, groups=2), BN("a.bn", 4)),
+                    (Conv("b.conv", 4, 4, 3, padding=4, dilation=4, groups=2), BN("b.bn", 4)),
+                    (
+                        Conv("c.pw", 4, 6, 1, groups=2),
+                        PadBN("c.pad", 6, 4),
+                        Conv("c.conv", 6, 4, 3, dilation=4, groups=2),
+                    ),
+                    (BN("id", 4),),
+                ),
+                Conv("fused", 4, 4, 5, padding=4, dilation=2, groups=2),
+                bn=BN("post", 4),
+            ),
+            Act("relu"),
+        ),
+    ),
 }
 
 
