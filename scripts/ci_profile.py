@@ -165,29 +165,29 @@ def _row(suite: str, env: str, wall: float, rec: dict[str, Any] | None, seen: Se
     }
 
 
+def _watched(cmd: list[str], env: dict[str, str], log: Path, mon: Monitor) -> tuple[int, int, float]:
+    """Run cmd (output to log) with its process tree under the monitor: pid, exit status, wall s."""
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with mon.lock:
+            mon.roots.add(proc.pid)
+        proc.wait()
+    with mon.lock:
+        mon.roots.discard(proc.pid)
+    return proc.pid, proc.returncode, time.monotonic() - t0
+
+
 def _run_suite(python: str, paths: list[str], extra: list[str], work: Path, mon: Monitor, name: str) -> dict[str, Any]:
     prof = work / name
     log = work / f"{name}.log"
     load0 = _load()
-    t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(ROOT / python / "bin" / "python"), *PYTEST, *paths, *extra],
-            cwd=ROOT,
-            env=_env(prof),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        with mon.lock:
-            mon.roots.add(proc.pid)
-        proc.wait()
-    wall = time.monotonic() - t0
-    with mon.lock:
-        mon.roots.discard(proc.pid)
+    cmd = [str(ROOT / python / "bin" / "python"), *PYTEST, *paths, *extra]
+    pid, returncode, wall = _watched(cmd, _env(prof), log, mon)
     recs = _records(prof)
-    row = _row(" ".join(paths), python, wall, recs.get(proc.pid), mon.seen.get(proc.pid), f"{load0} → {_load()}")
+    row = _row(" ".join(paths), python, wall, recs.get(pid), mon.seen.get(pid), f"{load0} → {_load()}")
     row["summary"] = _summary_line(log)
-    row["returncode"] = proc.returncode
+    row["returncode"] = returncode
     print(
         f"  {row['suite']:<22} {python:<9} {wall:7.1f} s  {row['peak_rss_mb']:7.0f} MB  "
         f"children {row['children_sum_peak_mb']:6.0f} MB  {row['summary']}",
@@ -230,21 +230,9 @@ def lanes(out: Path, extra: list[str]) -> tuple[list[dict[str, Any]], float, int
     log = work / "test.sh.log"
     mon = Monitor()
     threading.Thread(target=mon.run, daemon=True).start()
-    t0 = time.monotonic()
     env = _env(prof)
     env["REPARAM_SKIP_SETUP"] = "1"  # the environments as they are (they may be another checkout's)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            ["bash", "scripts/test.sh", *PLUGIN, *extra],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-        with mon.lock:
-            mon.roots.add(proc.pid)
-        proc.wait()
-    wall = time.monotonic() - t0
+    _, returncode, wall = _watched(["bash", "scripts/test.sh", *PLUGIN, *extra], env, log, mon)
     mon.stop.set()
     recs = _records(prof)
     rows = []
@@ -264,7 +252,7 @@ def lanes(out: Path, extra: list[str]) -> tuple[list[dict[str, Any]], float, int
     print(f"log: {log}")
     tail = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("==") or " in " in line]
     print("\n".join(tail[-40:]))
-    return rows, wall, proc.returncode
+    return rows, wall, returncode
 
 
 def markdown(mode: str, rows: list[dict[str, Any]], wall: float, status: int, extra: list[str]) -> str:
