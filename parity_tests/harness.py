@@ -95,6 +95,7 @@ class InProcessRunner:
         self.api.load_state(train, state)
         out = {"train": self.api.predict(train, x)}
         deploy = self.api.reparameterize(train)
+        del train  # the deploy form owns its tensors: one model alive during the export (memory)
         out["deploy"] = self.api.predict(deploy, x)
         if artifacts:
             out["artifact"] = self._artifact(deploy, x, workdir / f"{case.name}.{ARTIFACT[self.name]}")

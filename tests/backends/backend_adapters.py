@@ -136,6 +136,7 @@ class InProcess:
         assert_state_equal(api.export_state(train), state)  # ...values included
         y_deploy = api.predict(deploy, x)
         deploy_state = api.export_state(deploy)
+        del train, deploy  # full-size models (RepVGGplus-L2pse: 544 MB): at most two live at once
 
         direct = self.loaded(target, fused, deploy=True)
         self.check_module(direct, target, "deploy")

@@ -46,6 +46,9 @@ FAST = (
     "QARepVGG-A0",
 )
 MODELS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()]
+# full-size models through three backends: the root conftest releases memory (JAX's compiled
+# programs, freed heap) after each test, so that the process's peak is one model's
+pytestmark = pytest.mark.release_memory_per_test
 
 
 def _kind(name: str) -> str:

@@ -62,7 +62,9 @@ def _blocks() -> dict:
     """The generic-node blocks of the torch backend's tests (DBB, ACNet, MobileOne, QARepVGG
     descriptions), reused rather than written again."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "torch"))
-    from test_generic import BLOCKS  # tests/torch (a wheel may ship its own top-level `tests`)
+    # by its file name, as pytest imports it: `tests.torch...` finds any installed top-level
+    # `tests` package first (model_index installs one)
+    from test_generic import BLOCKS
 
     return {k: v for k, v in BLOCKS.items() if "concat" not in k}
 
