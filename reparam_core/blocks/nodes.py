@@ -24,7 +24,8 @@ from typing import Any, Literal, Protocol, TypedDict
 from ..errors import FusionError
 
 Pair = tuple[int, int]
-ActFn = Literal["relu", "silu", "identity", "sigmoid", "hard_sigmoid"]
+ActFn = Literal["relu", "silu", "identity", "sigmoid", "hard_sigmoid", "gelu"]
+"""`gelu` is the exact (erf) form x * Phi(x), torch.nn.GELU's default."""
 Gate = Literal["sigmoid", "hard_sigmoid"]
 
 
@@ -143,11 +144,15 @@ def conv2d_arguments(conv: Conv) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BN:
-    """BatchNorm2d in inference mode: gamma (x - mean) / sqrt(var + eps) + beta."""
+    """Batch norm in inference mode over axis 1: gamma (x - mean) / sqrt(var + eps) + beta.
+
+    `dims` 2: BatchNorm2d on N x C x H x W (the default); 1: BatchNorm1d on N x C (a classifier's
+    BN before its Linear). Parameters `weight`, `bias`, `running_mean`, `running_var`, all (C,)."""
 
     name: str
     channels: int
     eps: float = 1e-5
+    dims: Literal[1, 2] = 2
 
 
 @dataclass(frozen=True)
@@ -172,10 +177,43 @@ class AvgPool:
 
 @dataclass(frozen=True)
 class Scale:
-    """Per-channel scale y[c] = weight[c] x[c] (parameter `weight`, shape (C,))."""
+    """Per-channel scale over axis 1, y[:, c] = w[c] x[:, c] (layer scale): one parameter at key
+    `name.param` (just `param` when `name` is empty), stored with `shape` (default (C,); the
+    official shapes differ: FastViT's `layer_scale` is (C, 1, 1))."""
 
     name: str
     channels: int
+    param: str = "weight"
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        """The parameter's key relative to the enclosing block."""
+        return join_key(self.name, self.param)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.channels,) if self.shape is None else self.shape
+
+
+@dataclass(frozen=True)
+class Bias:
+    """Per-channel constant added over axis 1, y[:, c] = x[:, c] + b[c]: one parameter at key
+    `name.param`, stored with `shape` (default (C,)). UniRepLKNet's GRN `beta`, which its deploy
+    form folds into the Linear after it, is one."""
+
+    name: str
+    channels: int
+    param: str = "bias"
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return join_key(self.name, self.param)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.channels,) if self.shape is None else self.shape
 
 
 @dataclass(frozen=True)
@@ -200,9 +238,61 @@ class SE:
 
 @dataclass(frozen=True)
 class Linear:
+    """y = x W^T + b over axis 1: on N x C a classifier, on N x C x H x W a pointwise layer (a
+    1x1 conv stored as torch.nn.Linear, UniRepLKNet's `pwconv1`). Parameters `weight` (O, I) and,
+    when `bias`, `bias` (O,)."""
+
     name: str
     in_features: int
     out_features: int
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """Layer norm over axis 1 (the channels: "channels first" on N x C x H x W, plain on N x C),
+    biased variance: weight (x - mean_c) / sqrt(var_c + eps) + bias; parameters `weight`,
+    `bias` (C,). torch.nn.LayerNorm on channels-last data computes the same."""
+
+    name: str
+    channels: int
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class GRN:
+    """Global response normalisation (ConvNeXt-V2, UniRepLKNet) on N x C x H x W:
+    G[n, c] = sqrt(sum_hw x^2), N = G / (mean_c G + eps), y = gamma N x + x (+ beta when `bias`).
+    Parameters `gamma` and `beta`, stored (1, 1, 1, C) as the official channels-last module."""
+
+    name: str
+    channels: int
+    bias: bool = True
+    eps: float = 1e-6
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (1, 1, 1, self.channels)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Multi-head self-attention over the H x W positions of N x C x H x W (FastViT's
+    `Attention`): tokens t = x as N x HW x C; q, k, v = split(t W_qkv^T (+ b_qkv)) into `heads`
+    heads of C / heads; y = softmax(q k^T / sqrt(C / heads)) v, heads concatenated, then
+    `proj` (Linear with bias); back to N x C x H x W. Linears at `name.qkv` ((3C, C), bias when
+    `qkv_bias`) and `name.proj`."""
+
+    name: str
+    dim: int
+    heads: int
+    qkv_bias: bool = False
+    qkv: str = "qkv"
+    proj: str = "proj"
+
+    def __post_init__(self) -> None:
+        if self.heads < 1 or self.dim % self.heads:
+            raise FusionError(f"attention {self.name!r}: dim {self.dim} is not divisible by heads={self.heads}")
 
 
 @dataclass(frozen=True)
@@ -222,8 +312,24 @@ class Dropout:
     p: float
 
 
-Primitive = Conv | BN | PadBN | AvgPool | Scale
-Leaf = Conv | BN | PadBN | AvgPool | Scale | Act | SE | Linear | GlobalPool | Flatten | Dropout
+Primitive = Conv | BN | PadBN | AvgPool | Scale | Bias | Linear
+Leaf = (
+    Conv
+    | BN
+    | PadBN
+    | AvgPool
+    | Scale
+    | Bias
+    | Act
+    | SE
+    | Linear
+    | LayerNorm
+    | GRN
+    | Attention
+    | GlobalPool
+    | Flatten
+    | Dropout
+)
 Branch = tuple[Primitive, ...]
 
 # --------------------------------------------------------------------------- composites
@@ -232,12 +338,21 @@ Branch = tuple[Primitive, ...]
 @dataclass(frozen=True)
 class Rep:
     """A re-parameterizable sum: branches on one input, summed (or concatenated over channels),
-    then optionally one BN; in deploy form the single conv `fused` (with bias)."""
+    then optionally one BN; in deploy form the single conv `fused` (with bias).
+
+    In full, with a sum: y = [x if residual] + scale(bn(sum_i c_i branch_i(x))), where c_i are
+    `coefficients` (default all 1; FastViT's RepMixer x + s (mixer(x) - norm(x)) has +1 on the
+    mixer's branches, -1 on the norm's, `scale` s and `residual`; averaged heads have 1/n each).
+    A `Linear` in a branch is a 1x1 conv stored (O, I); `fused` is a Linear where the sum is one
+    (a classifier's heads, UniRepLKNet's `pwconv2` with its BN and layer scale)."""
 
     branches: tuple[Branch, ...]
-    fused: Conv
+    fused: Conv | Linear
     bn: BN | None = None
     combine: Literal["sum", "concat"] = "sum"
+    coefficients: tuple[float, ...] | None = None
+    scale: Scale | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         from .fuse import check_rep  # the alignment rules live with the fusion
@@ -245,8 +360,12 @@ class Rep:
         check_rep(self)
 
     @property
-    def deploy_conv(self) -> Conv:
+    def deploy_conv(self) -> Conv | Linear:
         return replace(self.fused, bias=True)
+
+    def coefficient(self, index: int) -> float:
+        """c_i of branch `index` (1 when the Rep has no coefficients)."""
+        return 1.0 if self.coefficients is None else self.coefficients[index]
 
 
 @dataclass(frozen=True)
@@ -350,6 +469,8 @@ def children(node: Node | Model | Aux) -> Iterator[Node]:
             yield from branch
         if node.bn is not None:
             yield node.bn
+        if node.scale is not None:
+            yield node.scale
     elif isinstance(node, Add):
         for path in node.branches:
             yield from path
@@ -390,9 +511,13 @@ __all__ = [
     "PadBN",
     "AvgPool",
     "Scale",
+    "Bias",
     "Act",
     "SE",
     "Linear",
+    "LayerNorm",
+    "GRN",
+    "Attention",
     "GlobalPool",
     "Flatten",
     "Dropout",

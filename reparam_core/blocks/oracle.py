@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
@@ -17,15 +19,19 @@ from ..errors import ShapeMismatchError
 from .fusion import identity_offset
 from .nodes import (
     BN,
+    GRN,
     SE,
     Act,
     Add,
+    Attention,
     AvgPool,
+    Bias,
     Block,
     Conv,
     Dropout,
     Flatten,
     GlobalPool,
+    LayerNorm,
     Linear,
     Model,
     Node,
@@ -73,12 +79,59 @@ def conv2d(
     return out
 
 
+def _channels(v: F64, x: F64) -> F64:
+    """A per-channel vector shaped to broadcast over axis 1 of x (N x C or N x C x H x W)."""
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
 def batch_norm(x: F64, p: Params, prefix: str, eps: float) -> F64:
-    """Inference BN: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
+    """Inference BN over axis 1: gamma (x - mean) / sqrt(var + eps) + beta, per channel."""
     gamma, beta, mean, var = (
-        _tensor(p, join_key(prefix, f)).reshape(1, -1, 1, 1) for f in ("weight", "bias", "running_mean", "running_var")
+        _channels(_tensor(p, join_key(prefix, f)), x) for f in ("weight", "bias", "running_mean", "running_var")
     )
     y: F64 = (x - mean) / np.sqrt(var + eps) * gamma + beta
+    return y
+
+
+def layer_norm(x: F64, weight: F64, bias: F64, eps: float) -> F64:
+    """Layer norm over axis 1 with biased variance: w (x - mean_c) / sqrt(var_c + eps) + b."""
+    mean = x.mean(axis=1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+    y: F64 = (x - mean) / np.sqrt(var + eps) * _channels(weight, x) + _channels(bias, x)
+    return y
+
+
+def grn(x: F64, gamma: F64, beta: F64 | None, eps: float) -> F64:
+    """Global response normalisation on N x C x H x W: G = ||x||_2 over H, W per (n, c),
+    N = G / (mean_c G + eps), y = gamma N x + x (+ beta)."""
+    g = np.sqrt((x * x).sum(axis=(2, 3), keepdims=True))
+    nx = g / (g.mean(axis=1, keepdims=True) + eps)
+    y: F64 = _channels(gamma, x) * (x * nx) + x
+    return y if beta is None else y + _channels(beta, x)
+
+
+def linear(x: F64, w: F64, b: F64 | None) -> F64:
+    """y = x W^T + b over axis 1 (pointwise on N x C x H x W)."""
+    y: F64 = np.moveaxis(np.moveaxis(x, 1, -1) @ w.T, -1, 1)
+    return y if b is None else y + _channels(b, y)
+
+
+def softmax(x: F64, axis: int = -1) -> F64:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    y: F64 = e / e.sum(axis=axis, keepdims=True)
+    return y
+
+
+def attention(x: F64, heads: int, w_qkv: F64, b_qkv: F64 | None, w_proj: F64, b_proj: F64) -> F64:
+    """Multi-head self-attention over the H x W positions of N x C x H x W (nodes.Attention)."""
+    n, c, h, w = x.shape
+    d = c // heads
+    t = x.reshape(n, c, h * w).transpose(0, 2, 1)  # N x T x C
+    qkv = t @ w_qkv.T + (0.0 if b_qkv is None else b_qkv)
+    q, k, v = qkv.reshape(n, h * w, 3, heads, d).transpose(2, 0, 3, 1, 4)  # each N x heads x T x d
+    a = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(d))
+    o = (a @ v).transpose(0, 2, 1, 3).reshape(n, h * w, c) @ w_proj.T + b_proj
+    y: F64 = o.transpose(0, 2, 1).reshape(n, c, h, w)
     return y
 
 
@@ -93,6 +146,13 @@ def bn_of_zero(p: Params, prefix: str, eps: float) -> F64:
 
 def relu(x: F64) -> F64:
     return np.maximum(x, 0.0)
+
+
+def gelu(x: F64) -> F64:
+    """The exact GELU x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 (erf from math: numpy has none)."""
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    y: F64 = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    return y
 
 
 def silu(x: F64) -> F64:
@@ -117,6 +177,7 @@ ACTIVATIONS: dict[str, Callable[[F64], F64]] = {
     "identity": identity,
     "sigmoid": sigmoid,
     "hard_sigmoid": hard_sigmoid,
+    "gelu": gelu,
 }
 
 
@@ -179,15 +240,29 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
     if isinstance(node, AvgPool):
         return avg_pool(x, node.kernel, node.stride, node.padding)
     if isinstance(node, Scale):
-        return x * _tensor(p, join_key(prefix, f"{node.name}.weight")).reshape(1, -1, 1, 1)
+        return x * _channels(_tensor(p, join_key(prefix, node.key)), x)
+    if isinstance(node, Bias):
+        return x + _channels(_tensor(p, join_key(prefix, node.key)), x)
+    if isinstance(node, LayerNorm):
+        key = join_key(prefix, node.name)
+        return layer_norm(x, _tensor(p, f"{key}.weight"), _tensor(p, f"{key}.bias"), node.eps)
+    if isinstance(node, GRN):
+        key = join_key(prefix, node.name)
+        beta = _tensor(p, f"{key}.beta") if node.bias else None
+        return grn(x, _tensor(p, f"{key}.gamma"), beta, node.eps)
+    if isinstance(node, Attention):
+        key = join_key(prefix, node.name)
+        qkv, proj = join_key(key, node.qkv), join_key(key, node.proj)
+        b_qkv = _tensor(p, f"{qkv}.bias") if node.qkv_bias else None
+        w_qkv, w_proj, b_proj = (_tensor(p, k) for k in (f"{qkv}.weight", f"{proj}.weight", f"{proj}.bias"))
+        return attention(x, node.heads, w_qkv, b_qkv, w_proj, b_proj)
     if isinstance(node, Act):
         return ACTIVATIONS[node.fn](x)
     if isinstance(node, SE):
         return squeeze_excite(x, node, p, prefix)
     if isinstance(node, Linear):
         key = join_key(prefix, node.name)
-        logits: F64 = x @ _tensor(p, f"{key}.weight").T + _tensor(p, f"{key}.bias")
-        return logits
+        return linear(x, _tensor(p, f"{key}.weight"), _tensor(p, f"{key}.bias") if node.bias else None)
     if isinstance(node, GlobalPool):
         return global_pool(x)
     if isinstance(node, Flatten):
@@ -195,15 +270,28 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
     if isinstance(node, Dropout):
         return x
     if isinstance(node, Rep):
-        outs = [chain(x, b, p, prefix) for b in node.branches]
-        y = np.concatenate(outs, axis=1) if node.combine == "concat" else sum(outs[1:], outs[0])
-        return y if node.bn is None else node_forward(y, node.bn, p, prefix)
+        return rep_forward(x, node, p, prefix)
     if isinstance(node, Add):
         outs = [chain(x, b, p, prefix) for b in node.branches]
         return sum(outs[1:], outs[0])
     if isinstance(node, Block):
         return chain(x, node.body, p, join_key(prefix, node.name))
     raise ShapeMismatchError(f"the oracle has no rule for {type(node).__name__}")
+
+
+def rep_forward(x: F64, rep: Rep, p: Params, prefix: str) -> F64:
+    """A train-form Rep: [x if residual] + scale(bn(sum_i c_i branch_i(x))) (or the branches
+    concatenated over channels, then the BN)."""
+    outs = [chain(x, b, p, prefix) for b in rep.branches]
+    if rep.combine == "concat":
+        y = np.concatenate(outs, axis=1)
+    else:
+        y = sum((rep.coefficient(i) * o for i, o in enumerate(outs[1:], 1)), rep.coefficient(0) * outs[0])
+    if rep.bn is not None:
+        y = node_forward(y, rep.bn, p, prefix)
+    if rep.scale is not None:
+        y = node_forward(y, rep.scale, p, prefix)
+    return x + y if rep.residual else y
 
 
 def forward(spec: SpecLike, state: Params, x: F64, form: Form) -> F64:
