@@ -18,6 +18,25 @@ from .cases import block_matrix, model_cases, random_block_cases
 from .harness import BACKENDS, Case, CaseResult, run_case
 
 ARTIFACT_MODELS = {"RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se", "RepVGGplus-L2pse", "repghostnet_1_0x"}
+# FastViT, RepViT and UniRepLKNet: in CI the smallest of each, FastViT's attention variant and
+# RepViT's legacy form (every node type of the three families); the larger ones with --slow.
+SLOW_MODELS = {
+    "FastViT-T12",
+    "FastViT-S12",
+    "FastViT-SA24",
+    "FastViT-SA36",
+    "FastViT-MA36",
+    "RepViT-M1.0",
+    "RepViT-M1.1",
+    "RepViT-M1.5",
+    "RepViT-M2.3",
+    "RepViT-M2",
+    "RepViT-M3",
+    "UniRepLKNet-F",
+    "UniRepLKNet-P",
+    "UniRepLKNet-N",
+    "UniRepLKNet-T",
+}
 
 
 def _missing_reason(missing: dict[str, str]) -> str:
@@ -54,11 +73,20 @@ def check(result: CaseResult, runners: dict) -> None:
     assert worst_pair <= 2 * result.tolerance, (result.case.name, worst_pair)
 
 
-@pytest.mark.parametrize("case", model_cases(), ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow if c.name in SLOW_MODELS else ()) for c in model_cases()],
+    ids=lambda c: c.name,
+)
 def test_model(case: Case, runners: dict, missing_backends: dict, pytestconfig) -> None:
     require_backends(runners, missing_backends, pytestconfig)
     check(run_case(case, runners, artifacts=case.name in ARTIFACT_MODELS), runners)
     skip_if_partial(runners, missing_backends)
+
+
+def test_slow_models_are_registry_models() -> None:
+    """Every name held back for --slow is a registry model (a typo would run it in CI)."""
+    assert SLOW_MODELS <= {c.name for c in model_cases()}
 
 
 @pytest.mark.parametrize("case", block_matrix(), ids=lambda c: c.name)

@@ -4,8 +4,9 @@ thin named classes, the kind registry and the block builders.
 `RepModule(spec, deploy)` builds every parameterised leaf of its description at its dotted
 module path (nnx.Dict containers, so the NNX state path of every tensor joined with "." is
 reparam_core.weights.layouts.flax_key(canonical key): `rbr_dense.conv.kernel`, `rbr_dense.0.kernel`
-(RepConv), `cheap_operation.1.scale`, ...), nested Blocks as child modules of class
-`block_class(kind)`, and interprets the description in `__call__` (NHWC inside; the api's
+(RepConv), `cheap_operation.1.scale`, ...), the parameter of every Scale and Bias node as a
+bare nnx.Param at its key (`layer_scale`, `gamma`: on the block itself), nested Blocks as child
+modules of class `block_class(kind)`, and interprets the description in `__call__` (NHWC inside; the api's
 `predict` takes NCHW). Its form is fixed at construction; `reparameterize()` returns a NEW
 deploy-form module of the same class, built abstractly (nnx.eval_shape, cached per spec) and
 filled with reparam_core's fused state (float64 inside).
@@ -32,7 +33,7 @@ from reparam_core.blocks.schema import TensorInfo
 from reparam_core.weights.layouts import to_flax
 
 from .interpret import DROPOUT, Chain, apply, module_at, module_paths, run, scope_body, scope_nodes, set_module
-from .layers import LEAF_TYPES, BatchNorm, DropoutStream, _rngs, leaf_module
+from .layers import CHANNEL_PARAM_TYPES, LEAF_TYPES, BatchNorm, DropoutStream, _rngs, channel_param, leaf_module
 from .state import (
     fill_abstract_other_variables,
     fresh_state,
@@ -127,6 +128,8 @@ class RepModule(nnx.Module):
                 set_module(self, node.name, block_class(node.kind)(child, deploy, rngs=rngs))
             elif isinstance(node, LEAF_TYPES):
                 set_module(self, node.name, leaf_module(node, rngs))
+            elif isinstance(node, CHANNEL_PARAM_TYPES):
+                set_module(self, node.key, channel_param(node))
             elif isinstance(node, Dropout) and DROPOUT not in vars(self):
                 setattr(self, DROPOUT, DropoutStream(rngs))
 

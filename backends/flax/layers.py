@@ -1,7 +1,10 @@
 """The Flax NNX primitives: one native module per parameterised leaf of the block description
-(Conv, BN, PadBN, Scale, SE, Linear), the dropout stream, and the parameter-free functions.
+(Conv, BN of N x C x H x W or N x C, PadBN, SE, Linear, LayerNorm, GRN, Attention), the bare
+parameters of per-channel Scale and Bias nodes, the dropout stream, and the parameter-free
+functions.
 
-Layout: activations are NHWC inside; conv kernels HWIO with I = in / groups (nnx.Conv with
+Layout: activations are NHWC inside (N x C after a flatten), so every per-channel operation is
+over the LAST axis; conv kernels HWIO with I = in / groups (nnx.Conv with
 `feature_group_count`); linear kernels (in, out). Canonical <-> native tensor conversion happens
 only through reparam_core.weights.layouts (see state.py).
 
@@ -106,14 +109,18 @@ class PadBatchNorm(BatchNorm):
         return out.at[:, p : p + h, p : p + w, :].set(y)
 
 
-class Scale(nnx.Module):
-    """Per-channel scale y[..., c] = weight[c] x[..., c] (parameter `weight`, shape (C,))."""
+def channel_param(node: nodes.Scale | nodes.Bias) -> nnx.Param[jax.Array]:
+    """The parameter of a per-channel Scale (ones) or Bias (zeros), in its official stored shape
+    (`stored_shape`: FastViT's (C, 1, 1), a plain (C,)); it is placed at the node's `key` in the
+    scope (an empty `name` puts it on the block itself, UniRepLKNet's `gamma`)."""
+    fill = jnp.ones if isinstance(node, nodes.Scale) else jnp.zeros
+    return nnx.Param(fill(node.stored_shape, jnp.float32))
 
-    def __init__(self, channels: int) -> None:
-        self.weight = nnx.Param(jnp.ones((channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.weight[...]
+def channel_vector(param: nnx.Variable[jax.Array]) -> jax.Array:
+    """A per-channel parameter stored in any official shape ((C,), (C, 1, 1), (1, 1, 1, C)) as
+    the (C,) vector that broadcasts over the last (channel) axis of NHWC or N x C inputs."""
+    return param[...].reshape(-1)
 
 
 ConvPath = Literal["shift", "split", "xla"]
@@ -311,6 +318,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "identity": lambda x: x,
     "sigmoid": jax.nn.sigmoid,
     "hard_sigmoid": hard_sigmoid,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
 }
 
 
@@ -366,33 +374,121 @@ class DropoutStream(nnx.Module):
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-Leaf = nodes.Conv | nodes.BN | nodes.PadBN | nodes.Scale | nodes.SE | nodes.Linear
+class LayerNorm(nnx.Module):
+    """Layer norm over the last (channel) axis with the biased variance: scale (x - mean_c) /
+    sqrt(var_c + eps) + bias, parameters `scale` (canonical `weight`) and `bias` (C,), named as
+    nnx.LayerNorm names them. The variance is the mean of the squared deviations (not E[x^2] -
+    E[x]^2, which loses precision when |mean| >> std)."""
+
+    def __init__(self, node: nodes.LayerNorm) -> None:
+        self.eps = float(node.eps)
+        self.scale = nnx.Param(jnp.ones((node.channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((node.channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        d = x - mean
+        var = jnp.mean(jnp.square(d), axis=-1, keepdims=True)
+        return d * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class GRN(nnx.Module):
+    """Global response normalisation of NHWC x: G = sqrt(sum_hw x^2) per (n, c), N = G / (mean_c
+    G + eps), y = gamma N x + x (+ beta when the node has its bias); `gamma`, `beta` in the
+    official (1, 1, 1, C) shape, which broadcasts over NHWC as it is. Without the bias no `beta`
+    is created here (a `Bias` node of a Rep may own that key, UniRepLKNet's train form)."""
+
+    def __init__(self, node: nodes.GRN) -> None:
+        self.eps = float(node.eps)
+        self.use_bias = node.bias
+        self.gamma = nnx.Param(jnp.zeros(node.stored_shape, jnp.float32))
+        if node.bias:
+            self.beta = nnx.Param(jnp.zeros(node.stored_shape, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))
+        n = g / (jnp.mean(g, axis=-1, keepdims=True) + self.eps)
+        y = self.gamma[...] * (x * n) + x
+        return y + self.beta[...] if self.use_bias else y
+
+
+def linear(node: nodes.Linear, rngs: nnx.Rngs | None = None) -> nnx.Linear:
+    """nnx.Linear (kernel (in, out)) of a Linear node: over the last axis, so a classifier on
+    N x C and a pointwise layer on NHWC alike."""
+    return nnx.Linear(node.in_features, node.out_features, use_bias=node.bias, rngs=_rngs(rngs))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention over the H x W positions of NHWC x: tokens t = x as N x HW x C
+    (row-major positions, the order of torch's flatten of N x C x H x W); q, k, v = split(qkv(t))
+    into `heads` heads of d = C / heads; y = proj(concat_heads(softmax(q k^T / sqrt d) v)), back
+    to NHWC. The Linears live at the node's child names (`qkv`, `proj`)."""
+
+    def __init__(self, node: nodes.Attention, *, rngs: nnx.Rngs | None = None) -> None:
+        self.names = (node.qkv, node.proj)
+        self.heads = node.heads
+        setattr(self, node.qkv, linear(nodes.Linear(node.qkv, node.dim, 3 * node.dim, node.qkv_bias), rngs))
+        setattr(self, node.proj, linear(nodes.Linear(node.proj, node.dim, node.dim), rngs))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        qkv, proj = (getattr(self, n) for n in self.names)
+        n, h, w, c = x.shape
+        d = c // self.heads
+        t = qkv(x.reshape(n, h * w, c)).reshape(n, h * w, 3, self.heads, d)
+        q, k, v = (t[:, :, i] for i in range(3))  # each N x T x heads x d
+        a = jax.nn.softmax(jnp.einsum("nthd,nshd->nhts", q, k) * (d**-0.5), axis=-1)
+        o = jnp.einsum("nhts,nshd->nthd", a, v).reshape(n, h * w, c)
+        return proj(o).reshape(n, h, w, c)
+
+
+Leaf = nodes.Conv | nodes.BN | nodes.PadBN | nodes.SE | nodes.Linear | nodes.LayerNorm | nodes.GRN | nodes.Attention
 
 
 def leaf_module(node: Leaf, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """The native module of a parameterised leaf of the description."""
+    """The native module of a parameterised leaf of the description (a Scale or Bias is a bare
+    parameter, see `channel_param`)."""
     if isinstance(node, nodes.Conv):
         return conv(node, rngs)
     if isinstance(node, nodes.PadBN):
         return PadBatchNorm(node.channels, node.pad, eps=node.eps)
     if isinstance(node, nodes.BN):
         return BatchNorm(node.channels, eps=node.eps)
-    if isinstance(node, nodes.Scale):
-        return Scale(node.channels)
     if isinstance(node, nodes.SE):
         return SqueezeExcite(node, rngs=rngs)
-    return nnx.Linear(node.in_features, node.out_features, rngs=_rngs(rngs))
+    if isinstance(node, nodes.LayerNorm):
+        return LayerNorm(node)
+    if isinstance(node, nodes.GRN):
+        return GRN(node)
+    if isinstance(node, nodes.Attention):
+        return Attention(node, rngs=rngs)
+    return linear(node, rngs)
 
 
-LEAF_TYPES = (nodes.Conv, nodes.BN, nodes.PadBN, nodes.Scale, nodes.SE, nodes.Linear)
+LEAF_TYPES = (
+    nodes.Conv,
+    nodes.BN,
+    nodes.PadBN,
+    nodes.SE,
+    nodes.Linear,
+    nodes.LayerNorm,
+    nodes.GRN,
+    nodes.Attention,
+)
+CHANNEL_PARAM_TYPES = (nodes.Scale, nodes.Bias)
 
 __all__ = [
     "TORCH_BN_MOMENTUM",
     "FLAX_BN_MOMENTUM",
     "BatchNorm",
     "PadBatchNorm",
-    "Scale",
     "SqueezeExcite",
+    "LayerNorm",
+    "GRN",
+    "Attention",
+    "linear",
+    "channel_param",
+    "channel_vector",
+    "CHANNEL_PARAM_TYPES",
     "DropoutStream",
     "conv",
     "conv_path",

@@ -173,8 +173,9 @@ def load_fused_state(
     of `spec`, with no layout transpose on the fused path: the core reads every tensor as a
     canonical-layout VIEW of its Flax array (HWIO kernels as transposed OIHW views) and writes
     each fused kernel straight into an aligned HWIO buffer of its own (handed to it as an OIHW
-    view), which jax adopts without a copy; passed-through tensors are copied once into buffers
-    of their own. No storage is shared with `train`."""
+    view), which jax adopts without a copy; passed-through tensors and the weight of a fused
+    Linear (which the core computes in its own (O, I) array) are copied once into buffers of
+    their own. No storage is shared with `train`."""
     train_schema, deploy_schema = schema_for(spec, "train"), schema_for(spec, "deploy")
     allocated: list[tuple[np.ndarray, np.ndarray]] = []  # (OIHW view, its HWIO buffer)
 
@@ -202,14 +203,14 @@ def load_fused_state(
 def fresh_state(schema: Schema, seed: int) -> dict[str, np.ndarray]:
     """A freshly initialised neutral state: conv/linear weights normal with variance 1 / fan_in
     (Flax's lecun_normal without truncation), biases 0, BN scale 1, shift 0, mean 0, var 1,
-    per-channel scales 1."""
+    per-channel and layer-norm scales 1, GRN gamma and beta 0 (the official init)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for key, info in schema.items():
         if info.kind in ("conv.weight", "linear.weight"):
             fan_in = int(np.prod(info.shape[1:]))
             a = rng.standard_normal(info.shape, dtype=np.float32) * np.float32(fan_in**-0.5)
-        elif info.kind in ("bn.weight", "bn.running_var", "scale.weight"):
+        elif info.kind in ("bn.weight", "bn.running_var", "scale.weight", "layernorm.weight"):
             a = np.ones(info.shape, np.float32)
         else:
             a = np.zeros(info.shape, np.float32)

@@ -4,7 +4,10 @@
 parameterised leaf (layers.py) at its dotted module path (name scopes become `Scope` modules,
 numeric child names like `rbr_dense.0` allowed), so `state_dict()` keys are exactly the
 canonical keys; every nested `Block` becomes a child module of class `block_class(kind)`.
-`forward` interprets the description, one rule per node type (traceable by `jit.trace`).
+`forward` interprets the description, one rule per node type (traceable by `jit.trace`). A
+Scale or Bias node is one parameter, `param`, held by the module at its `name`: the block itself
+for an empty name (UniRepLKNet's `gamma`, FastViT's `layer_scale`), the module another node built
+there (UniRepLKNet's GRN `act.1`, whose `beta` is a Bias), or else a name scope.
 
 `reparameterize()` computes `reparameterize_state` from this module's neutral state and builds
 the deploy-form module of the same class holding it: built `empty` (no random initial values,
@@ -33,11 +36,13 @@ from reparam_core.blocks.l2 import custom_l2_penalty, l2_terms
 from reparam_core.blocks.nodes import (
     Add,
     Aux,
+    Bias,
     Block,
     Description,
     Model,
     Node,
     Rep,
+    Scale,
     SpecLike,
     children,
     in_form,
@@ -46,14 +51,15 @@ from reparam_core.blocks.nodes import (
 from reparam_core.blocks.schema import Form, schema_of
 from reparam_core.weights.layouts import from_megengine, oihw_to_megengine, to_megengine
 
-from .layers import FREE_LEAVES, PARAM_LEAVES, F, M, Tensor, functional, leaf_module, mge
+from .layers import FREE_LEAVES, PARAM_LEAVES, F, M, Tensor, channel_affine, channel_param, functional, leaf_module, mge
 
 # --------------------------------------------------------------------------- module tree
 
 
 class Scope(M.Module):
     """A name scope of a module path (`rbr_dense` holding `conv` and `bn`, `stage1` holding
-    `0`, `1`, ...): children by attribute name, numeric ones also by index (`scope[0]`)."""
+    `0`, `1`, ...): children by attribute name, numeric ones also by index (`scope[0]`); it also
+    holds the parameter of a Scale or Bias named after it (`layer_scale.gamma`)."""
 
     def __getitem__(self, key: int | str) -> M.Module:
         return getattr(self, str(key))
@@ -69,21 +75,36 @@ def _check_free(parent: M.Module, name: str, path: str) -> None:
         raise SpecError(f"module path {path!r}: {name!r} is empty or already taken in {type(parent).__name__}")
 
 
+def _scope(parent: M.Module, part: str, path: str) -> M.Module:
+    """The child `part` of `parent` on the way along `path`, a new Scope where there is none."""
+    scope = vars(parent).get(part)
+    if scope is None:
+        _check_free(parent, part, path)
+        scope = Scope()
+        setattr(parent, part, scope)
+    return scope
+
+
 def place(root: M.Module, path: str, module: M.Module) -> None:
     """Attach `module` at the dotted `path` under `root`, creating the scopes on the way."""
     *scopes, last = path.split(".")
     parent = root
     for part in scopes:
-        scope = vars(parent).get(part)
-        if scope is None:
-            _check_free(parent, part, path)
-            scope = Scope()
-            setattr(parent, part, scope)
-        elif not isinstance(scope, Scope):
-            raise SpecError(f"module path {path!r}: {part!r} is a {type(scope).__name__}, not a name scope")
-        parent = scope
+        parent = _scope(parent, part, path)
+        if not isinstance(parent, Scope):
+            raise SpecError(f"module path {path!r}: {part!r} is a {type(parent).__name__}, not a name scope")
     _check_free(parent, last, path)
     setattr(parent, last, module)
+
+
+def hold(root: M.Module, node: Scale | Bias) -> None:
+    """Put the parameter of a Scale or Bias at `name.param` under `root`: on the module already
+    at `name` (root itself for an empty name), else on a new name scope there."""
+    owner = root
+    for part in node.name.split(".") if node.name else ():
+        owner = _scope(owner, part, node.key)
+    _check_free(owner, node.param, node.key)
+    setattr(owner, node.param, channel_param(node))
 
 
 def owned_nodes(node: Node | Model | Aux) -> Iterator[Node | Aux]:
@@ -105,10 +126,21 @@ def run(module: RepModule, nodes: tuple[Node, ...], x: Tensor) -> Tensor:
     return x
 
 
+def _weighted(c: float, y: Tensor) -> Tensor:
+    return y if c == 1.0 else y * c
+
+
 def _rep(module: RepModule, node: Rep, x: Tensor) -> Tensor:
+    """[x if residual] + scale(bn(sum_i c_i branch_i(x))) (or the branches concatenated)."""
     outs = [run(module, branch, x) for branch in node.branches]
-    y = F.concat(outs, axis=1) if node.combine == "concat" else reduce(operator.add, outs)
-    return y if node.bn is None else apply(module, node.bn, y)
+    if node.combine == "concat":
+        y = F.concat(outs, axis=1)
+    else:
+        y = reduce(operator.add, [_weighted(node.coefficient(i), out) for i, out in enumerate(outs)])
+    for after in (node.bn, node.scale):
+        if after is not None:
+            y = apply(module, after, y)
+    return x + y if node.residual else y
 
 
 def _add(module: RepModule, node: Add, x: Tensor) -> Tensor:
@@ -124,6 +156,8 @@ def apply(module: RepModule, node: Node, x: Tensor) -> Tensor:
         return _rep(module, node, x)
     if isinstance(node, Add):
         return _add(module, node, x)
+    if isinstance(node, (Scale, Bias)):
+        return channel_affine(node, getattr(module.module_at(node.name), node.param), x)
     if isinstance(node, (*PARAM_LEAVES, Block)):
         return module.module_at(node.name)(x)
     raise SpecError(f"the MegEngine backend has no rule for {type(node).__name__}")
@@ -137,7 +171,7 @@ def live_tensors(module: RepModule) -> dict[str, Tensor]:
     taken from the leaf modules at their paths (MegEngine's `state_dict()` walk is slow)."""
     out = {}
     for key in module.schema():
-        path, field = key.rsplit(".", 1)
+        path, _, field = key.rpartition(".")
         out[key] = getattr(module.module_at(path), field)
     return out
 
@@ -220,11 +254,15 @@ class RepModule(M.Module):
         self.spec = spec
         self.deploy = bool(deploy)
         self.desc = desc
-        for node in owned_nodes(desc):
+        owned = list(owned_nodes(desc))
+        for node in owned:
             if isinstance(node, Block):
                 place(self, node.name, block_class(node.kind)(node, self.deploy, empty=empty))
             elif isinstance(node, PARAM_LEAVES):
                 place(self, node.name, leaf_module(node, empty))
+        for node in owned:  # after the modules: a parameter may join one (a GRN's `beta`)
+            if isinstance(node, (Scale, Bias)):
+                hold(self, node)
 
     @property
     def form(self) -> Form:
@@ -290,7 +328,7 @@ class RepModule(M.Module):
         from the state, in one pass (copied, never shared)."""
         module = cls(spec, deploy, empty=True)
         for key, info in module.schema().items():
-            path, field = key.rsplit(".", 1)
+            path, _, field = key.rpartition(".")
             leaf = module.module_at(path)
             setattr(leaf, field, type(getattr(leaf, field))(module_layout(state[key], info), no_cache=True))
         return module
@@ -370,6 +408,7 @@ __all__ = [
     "Scope",
     "block_class",
     "place",
+    "hold",
     "owned_nodes",
     "run",
     "apply",

@@ -1,6 +1,7 @@
 """The primitives of the block description as MegEngine: one native module per parameterised
-leaf type (Conv, BN, PadBN, Scale, SE, Linear) and the parameter-free rules (AvgPool, Act,
-GlobalPool, Flatten, Dropout).
+leaf type (Conv, BN, PadBN, SE, Linear, LayerNorm, GRN, Attention), the parameter of a Scale or
+Bias (held by whichever module its name points at: blocks.RepModule) with its rule, and the
+parameter-free rules (AvgPool, Act, GlobalPool, Flatten, Dropout).
 
 Native shapes are MegEngine's own (grouped conv weights 5-D `[g, O/g, I/g, kh, kw]`, conv bias
 `(1, C, 1, 1)`, BN tensors `(1, C, 1, 1)` but flat `(C,)` in `state_dict()`); the core's
@@ -8,6 +9,9 @@ Native shapes are MegEngine's own (grouped conv weights 5-D `[g, O/g, I/g, kh, k
 `running = momentum * running + (1 - momentum) * batch`, the opposite convention of torch, so
 every BN is built with momentum 0.9 == torch's 0.1. MegEngine's running_var uses the unbiased
 batch variance (n/(n-1)), as torch does, so running statistics match torch's step for step.
+BatchNorm1d holds its tensors (1, C, 1, 1) as BatchNorm2d does. The modules written here (Scale,
+Bias, LayerNorm, GRN) hold their parameters in the official shapes (`Scale.stored_shape`, GRN's
+(1, 1, 1, C)); Linear is MegEngine's own (weight (O, I), as torch), applied over axis 1.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ from reparam_core import SpecError  # noqa: E402
 from reparam_core.blocks.fusion import identity_offset  # noqa: E402
 from reparam_core.blocks.nodes import (  # noqa: E402
     BN,
+    GRN,
     SE,
     Act,
+    Attention,
     AvgPool,
+    Bias,
     Conv,
     Dropout,
     Flatten,
     GlobalPool,
+    LayerNorm,
     Linear,
     PadBN,
     Scale,
@@ -46,8 +54,8 @@ from reparam_core.weights.layouts import to_megengine  # noqa: E402
 BN_MOMENTUM = 0.9  # MegEngine convention: 0.9 here == torch momentum 0.1
 
 # The leaves that own a native module, and those computed by a parameter-free rule.
-ParamLeaf = Conv | BN | PadBN | Scale | SE | Linear
-PARAM_LEAVES = (Conv, BN, PadBN, Scale, SE, Linear)
+ParamLeaf = Conv | BN | PadBN | SE | Linear | LayerNorm | GRN | Attention
+PARAM_LEAVES = (Conv, BN, PadBN, SE, Linear, LayerNorm, GRN, Attention)
 FreeLeaf = AvgPool | Act | GlobalPool | Flatten | Dropout
 FREE_LEAVES = (AvgPool, Act, GlobalPool, Flatten, Dropout)
 
@@ -62,6 +70,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
     "sigmoid": F.sigmoid,
     "hard_sigmoid": hard_sigmoid,
+    "gelu": F.gelu,  # MegEngine's GELU is the exact erf form x Phi(x)
 }
 
 
@@ -71,9 +80,11 @@ def activation(fn: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[fn]
 
 
-def batch_norm(channels: int, eps: float) -> M.BatchNorm2d:
-    """BatchNorm2d with torch-equivalent momentum (MegEngine 0.9 == torch 0.1)."""
-    return M.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+def batch_norm(node: BN) -> M.BatchNorm2d | M.BatchNorm1d:
+    """BatchNorm2d (BatchNorm1d for `dims` 1, on N x C) with torch-equivalent momentum
+    (MegEngine 0.9 == torch 0.1)."""
+    cls = M.BatchNorm1d if node.dims == 1 else M.BatchNorm2d
+    return cls(node.channels, eps=node.eps, momentum=BN_MOMENTUM)
 
 
 class PaddedBatchNorm(M.BatchNorm2d):
@@ -93,15 +104,21 @@ class PaddedBatchNorm(M.BatchNorm2d):
         return F.nn.pad(y, width) + border * bn_zero
 
 
-class ChannelScale(M.Module):
-    """y[c] = weight[c] x[c]; parameter `weight` of shape (C,)."""
+def over_channels(v: Tensor, ndim: int) -> Tensor:
+    """A tensor of C values (any shape) shaped to broadcast over axis 1 of an `ndim`-D input."""
+    return F.reshape(v, (1, -1) + (1,) * (ndim - 2))
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = mge.Parameter(np.ones(channels, np.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * F.reshape(self.weight, (1, -1, 1, 1))
+def channel_param(node: Scale | Bias) -> Tensor:
+    """The parameter of a Scale (ones) or Bias (zeros) node, in its official `stored_shape`."""
+    fill = np.ones if isinstance(node, Scale) else np.zeros
+    return mge.Parameter(fill(node.stored_shape, np.float32))
+
+
+def channel_affine(node: Scale | Bias, v: Tensor, x: Tensor) -> Tensor:
+    """Scale: y[:, c] = v[c] x[:, c]; Bias: y[:, c] = x[:, c] + v[c] (over axis 1)."""
+    w = over_channels(v, x.ndim)
+    return x * w if isinstance(node, Scale) else x + w
 
 
 class EmptyInit(M.Module):
@@ -130,7 +147,79 @@ class Conv2d(EmptyInit, M.Conv2d):
 
 
 class LinearLayer(EmptyInit, M.Linear):
-    """M.Linear (`empty=True`: zero weights, no random init)."""
+    """M.Linear over axis 1, y = x W^T + b: a classifier on N x C, pointwise on N x C x ...
+    (`empty=True`: zero weights, no random init)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:
+            return super().forward(x)
+        last = x.ndim - 1
+        y = super().forward(F.transpose(x, (0, *range(2, x.ndim), 1)))
+        return F.transpose(y, (0, last, *range(1, last)))
+
+
+class ChannelLayerNorm(M.Module):
+    """Layer norm over axis 1 with biased variance, w (x - mean_c) / sqrt(var_c + eps) + b;
+    parameters `weight` (ones) and `bias` (zeros), (C,)."""
+
+    def __init__(self, node: LayerNorm) -> None:
+        super().__init__()
+        self.eps = node.eps
+        self.weight = mge.Parameter(np.ones(node.channels, np.float32))
+        self.bias = mge.Parameter(np.zeros(node.channels, np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - F.mean(x, axis=1, keepdims=True)
+        var = F.mean(centred * centred, axis=1, keepdims=True)
+        y = centred / F.sqrt(var + self.eps)
+        return y * over_channels(self.weight, x.ndim) + over_channels(self.bias, x.ndim)
+
+
+class GlobalResponseNorm(M.Module):
+    """GRN on N x C x H x W: G = sqrt(sum_hw x^2), N = G / (mean_c G + eps),
+    y = gamma N x + x (+ beta); `gamma`, `beta` (zeros) held (1, 1, 1, C) as the official ones.
+    Without `bias` there is no `beta` here (a Bias node may put its own `beta` on this module:
+    UniRepLKNet's, which its deploy form folds into the Linear after it)."""
+
+    def __init__(self, node: GRN) -> None:
+        super().__init__()
+        self.eps, self.has_beta = node.eps, node.bias
+        self.gamma = mge.Parameter(np.zeros(node.stored_shape, np.float32))
+        if node.bias:
+            self.beta = mge.Parameter(np.zeros(node.stored_shape, np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = F.sqrt(F.sum(x * x, axis=(2, 3), keepdims=True))
+        y = over_channels(self.gamma, 4) * (x * (g / (F.mean(g, axis=1, keepdims=True) + self.eps))) + x
+        return y + over_channels(self.beta, 4) if self.has_beta else y
+
+
+def softmax(x: Tensor) -> Tensor:
+    """Softmax over the last axis, written out: exp(x - max) / sum exp(x - max)."""
+    e = F.exp(x - F.max(x, axis=-1, keepdims=True))
+    return e / F.sum(e, axis=-1, keepdims=True)
+
+
+class SelfAttention(M.Module):
+    """Multi-head self-attention over the H x W positions of N x C x H x W, channels first
+    throughout: qkv = W_qkv x (N x 3C x T, T = HW) split into q, k, v of N x heads x d x T
+    (d = C / heads); a = softmax(q^T k / sqrt(d)) (N x heads x T x T); o = v a^T, heads
+    concatenated back to N x C x T, then `proj`. Linears under the node's child names."""
+
+    def __init__(self, node: Attention, empty: bool = False) -> None:
+        super().__init__()
+        self._qkv, self._proj = node.qkv, node.proj
+        self.heads, self.head_dim = node.heads, node.dim // node.heads
+        setattr(self, node.qkv, LinearLayer(node.dim, 3 * node.dim, bias=node.qkv_bias, empty=empty))
+        setattr(self, node.proj, LinearLayer(node.dim, node.dim, empty=empty))
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = getattr(self, self._qkv)(F.flatten(x, 2))
+        qkv = F.reshape(qkv, (qkv.shape[0], 3, self.heads, self.head_dim, -1))
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        a = softmax(F.matmul(q, k, transpose_a=True) * (self.head_dim**-0.5))
+        o = F.matmul(v, a, transpose_b=True)
+        return F.reshape(getattr(self, self._proj)(F.reshape(o, (o.shape[0], -1, o.shape[-1]))), x.shape)
 
 
 class SqueezeExcite(M.Module):
@@ -174,14 +263,18 @@ def leaf_module(node: ParamLeaf, empty: bool = False) -> M.Module:
     if isinstance(node, Conv):
         return conv2d(node, empty)
     if isinstance(node, BN):
-        return batch_norm(node.channels, node.eps)
+        return batch_norm(node)
     if isinstance(node, PadBN):
         return PaddedBatchNorm(node.channels, node.pad, node.eps)
-    if isinstance(node, Scale):
-        return ChannelScale(node.channels)
     if isinstance(node, SE):
         return SqueezeExcite(node, empty)
-    return LinearLayer(node.in_features, node.out_features, empty=empty)
+    if isinstance(node, LayerNorm):
+        return ChannelLayerNorm(node)
+    if isinstance(node, GRN):
+        return GlobalResponseNorm(node)
+    if isinstance(node, Attention):
+        return SelfAttention(node, empty)
+    return LinearLayer(node.in_features, node.out_features, bias=node.bias, empty=empty)
 
 
 def global_pool(x: Tensor) -> Tensor:
@@ -212,11 +305,17 @@ __all__ = [
     "activation",
     "batch_norm",
     "PaddedBatchNorm",
-    "ChannelScale",
+    "over_channels",
+    "channel_param",
+    "channel_affine",
     "EmptyInit",
     "Conv2d",
     "IdentityPlusConv2d",
     "LinearLayer",
+    "ChannelLayerNorm",
+    "GlobalResponseNorm",
+    "softmax",
+    "SelfAttention",
     "SqueezeExcite",
     "conv2d",
     "ParamLeaf",

@@ -26,6 +26,7 @@ from reparam_core import (
     Aux,
     Block,
     Dropout,
+    Flatten,
     Model,
     Rep,
     ReparamError,
@@ -36,9 +37,29 @@ from reparam_core import (
 )
 from reparam_core.blocks.fusion import identity_kernel
 from reparam_core.blocks.l2 import L2Terms, custom_l2_penalty, l2_terms
-from reparam_core.blocks.nodes import Description, Node, SpecLike, rep_blocks
+from reparam_core.blocks.nodes import Bias, Description, Node, Scale, SpecLike, rep_blocks
 
-from .layers import LEAF_FUNCTIONS, LEAF_MODULES, ModuleLeaf, Plan, Step, add, call, dropout, rep, run, submodule
+from .layers import (
+    CHANNEL_WISE,
+    LEAF_FUNCTIONS,
+    LEAF_MODULES,
+    ChannelBias,
+    ChannelScale,
+    ModuleLeaf,
+    Plan,
+    RepPlan,
+    Step,
+    add,
+    call,
+    channel_view,
+    channels_last,
+    dropout,
+    rep,
+    run,
+    scale_by,
+    shift_by,
+    submodule,
+)
 
 Tensor = torch.Tensor
 
@@ -113,10 +134,11 @@ class RepModule(nn.Module):
         if "kind" in vars(cls):
             _CLASSES.setdefault(cls.kind, cls)
 
-    def __init__(self, spec: SpecLike, deploy: bool = False) -> None:
+    def __init__(self, spec: SpecLike, deploy: bool = False, *, rank: int = 4) -> None:
         super().__init__()
         self.spec = spec
         self.deploy = bool(deploy)
+        self.rank = rank
         self.desc: Description = in_form(spec, "deploy" if deploy else "train")
         if self.desc.kind != type(self).kind:
             needs = f" ({self.needs})" if self.needs else ""
@@ -125,7 +147,7 @@ class RepModule(nn.Module):
                 f"{self.desc.kind!r} one (use build_block or create_model, which "
                 "pick the class)"
             )
-        self._plan = self._chain(self.desc.body)
+        self._plan, self.out_rank = self._chain(self.desc.body, rank)
         self._aux = self._aux_heads(self.desc.aux) if isinstance(self.desc, Model) else {}
         for name in self.absent_as_none:
             if name not in self._modules:
@@ -148,32 +170,68 @@ class RepModule(nn.Module):
             raise SpecError(f"{self.desc.kind}: module path {path!r} is empty or used twice")
         owner.add_module(leaf, module)
 
-    def _chain(self, nodes: tuple[Node, ...]) -> Plan:
-        return tuple(self._step(n) for n in nodes)
+    def _chain(self, nodes: tuple[Node, ...], rank: int) -> tuple[Plan, int]:
+        """The plan of a chain on a tensor with `rank` axes, and the rank of its output."""
+        plan = []
+        for n in nodes:
+            step, rank = self._step(n, rank)
+            plan.append(step)
+        return tuple(plan), rank
 
-    def _step(self, node: Node) -> Step:
-        """Build what `node` needs and return the step that applies it."""
+    def _step(self, node: Node, rank: int) -> tuple[Step, int]:
+        """Build what `node` needs (on a tensor with `rank` axes, 4 or 2) and return the step that
+        applies it and the rank of its output."""
         if isinstance(node, Block):
-            self._place(node.name, block_class(node.kind)(node, self.deploy))
-            return submodule, node.name
+            block = block_class(node.kind)(node, self.deploy, rank=rank)
+            self._place(node.name, block)
+            return (submodule, node.name), block.out_rank
         if isinstance(node, Rep):
-            branches = tuple(self._chain(b) for b in node.branches)  # built first: forward order
+            branches = tuple(self._chain(b, rank)[0] for b in node.branches)  # built first: forward order
             bn = None if node.bn is None else self._leaf(node.bn)
-            return rep, (branches, node.combine == "concat", bn)
+            scale = None if node.scale is None else self._channel_parameter(node.scale, rank)
+            plan = RepPlan(branches, node.combine == "concat", node.coefficients, bn, scale, node.residual)
+            return (rep, plan), rank
         if isinstance(node, Add):
-            return add, tuple(self._chain(b) for b in node.branches)
+            chains = [self._chain(b, rank) for b in node.branches]
+            return (add, tuple(p for p, _ in chains)), chains[0][1] if chains else rank
         if isinstance(node, Dropout):
-            return dropout, node.p
+            return (dropout, node.p), rank
+        if isinstance(node, (Scale, Bias)):
+            return self._channel_parameter(node, rank), rank
         if isinstance(node, ModuleLeaf) and type(node) in LEAF_MODULES:
-            return submodule, self._leaf(node)
+            channel_wise = rank > 2 and isinstance(node, CHANNEL_WISE)
+            return (channels_last if channel_wise else submodule, self._leaf(node)), rank
         if type(node) in LEAF_FUNCTIONS:
-            return call, LEAF_FUNCTIONS[type(node)](node)
+            return (call, LEAF_FUNCTIONS[type(node)](node)), 2 if isinstance(node, Flatten) else rank
         raise SpecError(f"{self.desc.kind}: the torch backend has no rule for a {type(node).__name__} node ({node!r})")
 
     def _leaf(self, node: ModuleLeaf) -> str:
         """Register the native module of a parameterised leaf at its name; returns the name."""
         self._place(node.name, LEAF_MODULES[type(node)](node))
         return node.name
+
+    def _channel_parameter(self, node: Scale | Bias, rank: int) -> Step:
+        """A Scale's or Bias' parameter at its key `node.key`: in a ChannelScale / ChannelBias of
+        its own at `node.name` when that path is free; otherwise (an empty name, or the path of
+        another node's module, e.g. a GRN's `beta` added in a Rep) registered on the module
+        already there (this module for an empty name), the step reading it by key."""
+        if node.name and not self._has_module(node.name):
+            holder = ChannelScale if isinstance(node, Scale) else ChannelBias
+            self._place(node.name, holder(node.channels, node.param, node.stored_shape, rank))
+            return submodule, node.name
+        owner = self.get_submodule(node.name)
+        if hasattr(owner, node.param):
+            raise SpecError(f"{self.desc.kind}: parameter {node.key!r} is used twice or names an attribute")
+        init = torch.ones if isinstance(node, Scale) else torch.zeros
+        owner.register_parameter(node.param, nn.Parameter(init(node.stored_shape)))
+        return (scale_by if isinstance(node, Scale) else shift_by), (node.key, channel_view(rank))
+
+    def _has_module(self, path: str) -> bool:
+        try:
+            self.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
 
     def _aux_heads(self, heads: tuple[Aux, ...]) -> dict[int, tuple[tuple[str, Plan], ...]]:
         """The auxiliary heads by the index of the top-level block step they read."""
@@ -185,7 +243,9 @@ class RepModule(nn.Module):
                     f"{self.desc.kind}: auxiliary head {head.name!r} reads {head.tap!r}, which is not a top-level block"
                 )
             at = taps[head.tap]
-            out[at] = (*out.get(at, ()), (head.name, self._chain(head.body)))
+            tap = self.get_submodule(head.tap)
+            rank = tap.out_rank if isinstance(tap, RepModule) else self.rank
+            out[at] = (*out.get(at, ()), (head.name, self._chain(head.body, rank)[0]))
         return out
 
     # ---------------------------------------------------------------- running
@@ -212,7 +272,7 @@ class RepModule(nn.Module):
         if self.deploy:
             return self
         with torch.device("meta"):  # no initialisation: every tensor is assigned below
-            new = type(self)(self.spec, deploy=True)
+            new = type(self)(self.spec, deploy=True, rank=self.rank)
         view = numpy_view(self)
         fused = reparameterize_state(self.spec, view)
         own = self.state_dict()
@@ -316,9 +376,10 @@ class RepGhostBottleneck(RepModule):
     absent_as_none = ("se",)
 
 
-def build_block(spec: SpecLike, *, deploy: bool = False) -> RepModule:
-    """A block module from its spec (or description), in train (default) or deploy form."""
-    return block_class(block_kind(spec))(spec, deploy=deploy)
+def build_block(spec: SpecLike, *, deploy: bool = False, rank: int = 4) -> RepModule:
+    """A block module from its spec (or description), in train (default) or deploy form, on
+    N x C x H x W (`rank` 4, the default) or N x C (2: a block after a Flatten)."""
+    return block_class(block_kind(spec))(spec, deploy=deploy, rank=rank)
 
 
 __all__ = [

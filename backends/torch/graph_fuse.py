@@ -372,7 +372,7 @@ class _Pass:
                     n, x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
                 )
             if isinstance(m, ChannelScale):
-                return self._scale(n, x, m.weight.detach().reshape(1, -1, 1, 1))
+                return self._scale(n, x, m.vector.detach())
             return None, None, None
         if n.op != "call_function":
             return None, None, None

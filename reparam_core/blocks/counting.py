@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from ..errors import ArgumentError
-from .nodes import SE, Add, AvgPool, Block, Conv, GlobalPool, Linear, Node, PadBN, Rep, SpecLike, in_form
+from .fuse import fused_conv
+from .nodes import SE, Add, Attention, AvgPool, Block, Conv, GlobalPool, Linear, Node, PadBN, Rep, SpecLike, in_form
 from .schema import Form, schema_for
 
 Shape = tuple[int, int, int]  # C, H, W
@@ -39,9 +40,15 @@ def _conv_out(c: Conv, shape: Shape) -> Shape:
 
 
 def node_macs(node: Node, shape: Shape) -> tuple[int, Shape]:
-    """Multiply-accumulates of a node on a C x H x W input, and its output shape. Convs and
-    linears count (a conv: H_out W_out C_out C_in/groups kh kw); BN, pooling, activations and
-    identity branches count zero."""
+    """Multiply-accumulates of a node on a C x H x W input (N x C is C x 1 x 1), and its output
+    shape. Convs, linears and attention count:
+
+        conv       H_out W_out C_out C_in/groups kh kw
+        linear     H W in out (pointwise over the positions; H = W = 1 for a classifier)
+        attention  T C 3C (qkv) + 2 T T C (q k^T, then a v) + T C C (proj), T = H W
+
+    BN, layer norm, GRN, per-channel scales and biases, pooling, activations and identity
+    branches count zero (a train-form Rep: its branches' MACs; deploy form: the fused conv's)."""
     if isinstance(node, Conv):
         out = _conv_out(node, shape)
         return out[1] * out[2] * node.out_channels * (node.in_channels // node.groups) * node.kernel[0] * node.kernel[
@@ -50,7 +57,12 @@ def node_macs(node: Node, shape: Shape) -> tuple[int, Shape]:
     if isinstance(node, SE):
         return 2 * node.channels * node.hidden, shape
     if isinstance(node, Linear):
-        return node.in_features * node.out_features, (node.out_features, 1, 1)
+        _, h, w = shape
+        return h * w * node.in_features * node.out_features, (node.out_features, h, w)
+    if isinstance(node, Attention):
+        c, h, w = shape
+        t = h * w
+        return t * c * 3 * c + 2 * t * t * c + t * c * c, shape
     if isinstance(node, AvgPool):
         c, h, w = shape
         return 0, (
@@ -66,7 +78,7 @@ def node_macs(node: Node, shape: Shape) -> tuple[int, Shape]:
         for branch in node.branches:
             macs, _ = chain_macs(branch, shape)
             total += macs
-        return total, _conv_out(node.fused, shape)
+        return total, _conv_out(fused_conv(node), shape)
     if isinstance(node, Add):
         results = [chain_macs(b, shape) for b in node.branches]
         return sum(m for m, _ in results), results[0][1]

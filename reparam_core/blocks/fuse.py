@@ -5,16 +5,21 @@ A branch is a chain of primitives read left to right; each primitive maps the af
 
     Conv W, c      first: (W, c);  after a 1x1 stage (K1, b1): fuse_1x1_kxk  (transform III);
                    a `plus_identity` conv's W is its stored weight + identity_offset
+    Linear W, c    the 1x1 conv W[:, :, None, None] (groups 1), the same way
     AvgPool k      the conv avg_pool_kernel(C, k, groups), composed the same way
     BN / PadBN     K' = K t[o],  b' = beta + t (b - mean),  t = gamma / sqrt(var + eps)
     Scale s        K' = K s[o],  b' = b s
+    Bias s         K' = K,       b' = b + s  (before a conv: transform III adds W s, exact as the
+                   conv then has no padding)
     (nothing)      the identity kernel of the fused conv's groups, bias 0
 
 A branch whose (last) conv has r times the fused conv's dilation is dilated by r (dilate_kernel:
 r - 1 zeros between its taps) so that it lies on the fused conv's grid (UniRepLKNet's dilated
 re-param: 5x5, 3x3 d2 and 3x3 d3 branches of a 7x7 conv). The branches are then centred in the
-fused kernel and summed (or concatenated over output
-channels), and a BN after the sum folds in last. `check_rep` refuses every description where
+fused kernel and summed with the Rep's coefficients (or concatenated over output channels), a
+BN after the sum and then the Rep's scale fold in, and a residual adds the identity kernel of
+the fused conv's groups last. A Linear as the fused module is the 1x1 conv of its weight
+(O, I). `check_rep` refuses every description where
 this is not exactly the function of the branches (alignment, strides, groups, padding that a
 bias would leak into). Everything is computed in float64 and rounded once.
 """
@@ -35,9 +40,11 @@ from .fusion import KernelBias, bn_scale, dilate_kernel, fuse_1x1_kxk, identity_
 from .nodes import (
     BN,
     AvgPool,
+    Bias,
     Branch,
     Conv,
     Description,
+    Linear,
     PadBN,
     Pair,
     Primitive,
@@ -68,16 +75,32 @@ class _Geometry:
     dilation: Pair
 
 
+def as_conv(node: Conv | Linear) -> Conv:
+    """A conv as it is; a Linear as the 1x1 conv (groups 1, in_features -> out_features) it is
+    on N x C x H x W (and on N x C, read as N x C x 1 x 1)."""
+    if isinstance(node, Conv):
+        return node
+    return Conv(node.name, node.in_features, node.out_features, 1, bias=node.bias)
+
+
+def fused_conv(rep: Rep) -> Conv:
+    """The fused module of `rep` as a conv (as_conv)."""
+    return as_conv(rep.fused)
+
+
 def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | None, int]:
     """The geometry of a branch (None for a parameter-free identity) and its output channels;
     raises FusionError when the chain is not exactly one conv."""
-    f = rep.fused
+    f = fused_conv(rep)
     where = f"branch {index} of the Rep fused into {f.name!r}"
     channels = f.in_channels
     geo: _Geometry | None = None
     bias_so_far = False  # the value a zero-padded input produces at this point is not 0
+    biased_by = ""  # what made it so
     pending_pad = 0
     for node in branch:
+        if isinstance(node, Linear):
+            node = as_conv(node)
         if isinstance(node, (Conv, AvgPool)):
             kernel, stride, padding = (
                 (node.kernel, node.stride, node.padding)
@@ -103,31 +126,50 @@ def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | 
             if padding != (0, 0) and bias_so_far:
                 raise FusionError(
                     f"{where}: the padding of {_stage_name(node)} would pad a "
-                    "biased value with zeros; put a PadBN before it"
+                    f"biased value (after {biased_by}) with zeros, which the fused conv cannot compute; "
+                    "put a PadBN before it, or give it no padding"
                 )
             if pending_pad and padding != (0, 0):
                 raise FusionError(f"{where}: a PadBN pads already; the stage after it must have padding 0")
             geo = _Geometry(kernel, stride, (padding[0] + pending_pad, padding[1] + pending_pad), dilation)
             pending_pad = 0
-            bias_so_far = bias_so_far or (isinstance(node, Conv) and node.bias)
-        elif isinstance(node, (BN, PadBN, Scale)):
+            if isinstance(node, Conv) and node.bias and not bias_so_far:
+                bias_so_far, biased_by = True, f"the bias of conv {node.name!r}"
+        elif isinstance(node, (BN, PadBN, Scale, Bias)):
             if node.channels != channels:
                 raise FusionError(
                     f"{where}: {type(node).__name__} {node.name!r} has "
                     f"{node.channels} channels, the branch has {channels} there"
                 )
+            if isinstance(node, (Scale, Bias)):
+                _check_stored_shape(node, where)
             if isinstance(node, PadBN):
                 if bias_so_far:
                     raise FusionError(
                         f"{where}: PadBN {node.name!r} must follow a bias-free stage (it pads with BN(0))"
                     )
                 pending_pad += node.pad
-            bias_so_far = bias_so_far or isinstance(node, (BN, PadBN))
+            if isinstance(node, (BN, PadBN, Bias)) and not bias_so_far:
+                bias_so_far, biased_by = True, f"{type(node).__name__} {_key(node)!r}"
         else:
             raise FusionError(f"{where}: {type(node).__name__} is not a branch primitive")
     if pending_pad:
         raise FusionError(f"{where}: a PadBN must be followed by a conv or pool")
     return geo, channels
+
+
+def _check_stored_shape(node: Scale | Bias, where: str) -> None:
+    """A Scale or Bias stores its C values with any shape of C elements."""
+    if math.prod(node.stored_shape) != node.channels:
+        raise FusionError(
+            f"{where}: {type(node).__name__} {node.key!r} is stored with shape {node.stored_shape}, "
+            f"which does not hold its {node.channels} channels"
+        )
+
+
+def _key(node: BN | PadBN | Bias) -> str:
+    """A BN's module name, a Bias's parameter key."""
+    return node.key if isinstance(node, Bias) else node.name
 
 
 def _stage_name(node: Conv | AvgPool) -> str:
@@ -141,7 +183,7 @@ def _grid_ratio(kernel: Pair, dilation: Pair, fused: Conv) -> Pair:
     return r[0], r[1]
 
 
-def _stage_grid_ratio(node: Conv | AvgPool | None, fused: Conv) -> Pair:
+def _stage_grid_ratio(node: Conv | Linear | AvgPool | None, fused: Conv) -> Pair:
     """The _grid_ratio of a branch's conv stage (an average pool or nothing has dilation 1)."""
     if isinstance(node, Conv):
         return _grid_ratio(node.kernel, node.dilation, fused)
@@ -157,12 +199,12 @@ def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
     """A branch conv (kernel k, dilation d_b, padding p) lines up with the fused conv (K, D, P)
     when d_b = r D for a whole r (its taps fall on the fused grid), its span e = (k - 1) r + 1
     centres in K (K - e even, >= 0) and p = P - D (K - e) / 2 (the centred window's padding)."""
-    f = rep.fused
-    where = f"branch {index} of the Rep fused into {f.name!r}"
+    f = fused_conv(rep)
+    where = f"branch {index} of the Rep fused into {f.name!r}" if index >= 0 else f"the residual of {f.name!r}"
     if geo is None:  # identity: the centre tap must read x at the output pixel
         if f.in_channels != f.out_channels or f.stride != (1, 1):
             raise FusionError(
-                f"{where}: an identity branch needs in == out channels and stride "
+                f"{where}: {'an identity branch' if index >= 0 else 'an identity'} needs in == out channels and stride "
                 f"1, got {f.in_channels} -> {f.out_channels}, stride {f.stride}"
             )
         geo = _Geometry((1, 1), (1, 1), (0, 0), f.dilation)
@@ -192,13 +234,55 @@ def _check_alignment(geo: _Geometry | None, rep: Rep, index: int) -> None:
             )
 
 
+def _check_combination(rep: Rep) -> None:
+    """The coefficients (one per branch), the scale (the fused outputs) and the residual (an
+    identity: in == out channels, stride 1, centred) of a sum; a concatenation has none."""
+    f = fused_conv(rep)
+    if rep.combine == "concat":
+        extras = [
+            what
+            for what, present in (
+                (f"coefficients {rep.coefficients}", rep.coefficients is not None),
+                (f"scale {rep.scale.key if rep.scale else ''!r}", rep.scale is not None),
+                ("residual=True", rep.residual),
+            )
+            if present
+        ]
+        if extras:
+            raise FusionError(f"the concatenating Rep fused into {f.name!r} cannot have {', '.join(extras)}")
+        return
+    if rep.coefficients is not None:
+        if len(rep.coefficients) != len(rep.branches):
+            raise FusionError(
+                f"the Rep fused into {f.name!r} has {len(rep.branches)} branches but "
+                f"{len(rep.coefficients)} coefficients {rep.coefficients}"
+            )
+        bad = [c for c in rep.coefficients if not (isinstance(c, (int, float)) and math.isfinite(c))]
+        if bad:
+            raise FusionError(
+                f"the Rep fused into {f.name!r} has a coefficient that is not a finite number: {bad[0]!r}"
+            )
+    if rep.scale is not None:
+        if rep.scale.channels != f.out_channels:
+            raise FusionError(
+                f"the scale {rep.scale.key!r} of the Rep fused into {f.name!r} has {rep.scale.channels} "
+                f"channels; the fused module has {f.out_channels}"
+            )
+        _check_stored_shape(rep.scale, f"the Rep fused into {f.name!r}")
+    if rep.residual:
+        _check_alignment(None, rep, -1)
+
+
 def check_rep(rep: Rep) -> None:
-    """Raise FusionError unless the fused conv computes exactly the sum of the branches."""
-    f = rep.fused
+    """Raise FusionError unless the fused conv (or Linear) computes exactly
+    [x] + scale(bn(sum_i c_i branch_i(x))) (or the concatenation of the branches, then the BN)."""
+    if isinstance(rep.fused, Conv) and rep.fused.plus_identity:
+        raise FusionError(
+            f"the fused conv {rep.fused.name!r} of a Rep stores its whole kernel: plus_identity must be False"
+        )
+    f = fused_conv(rep)
     if not rep.branches:
         raise FusionError(f"the Rep fused into {f.name!r} has no branch")
-    if f.plus_identity:
-        raise FusionError(f"the fused conv {f.name!r} of a Rep stores its whole kernel: plus_identity must be False")
     outs = []
     for i, branch in enumerate(rep.branches):
         geo, channels = _branch_geometry(branch, rep, i)
@@ -216,6 +300,7 @@ def check_rep(rep: Rep) -> None:
         raise FusionError(
             f"the BN {rep.bn.name!r} after the sum has {rep.bn.channels} channels; the fused conv has {f.out_channels}"
         )
+    _check_combination(rep)
 
 
 # --------------------------------------------------------------------------- the rule
@@ -238,8 +323,8 @@ def _avg_kernel(channels: int, k: int, groups: int, rows: slice) -> np.ndarray:
 
 def _row_separable(branch: Branch) -> bool:
     """Whether each output channel of the branch depends on its own rows only (at most one
-    conv or pool, and it comes first; a plus_identity conv is computed whole)."""
-    stages = [i for i, n in enumerate(branch) if isinstance(n, (Conv, AvgPool))]
+    conv, linear or pool, and it comes first; a plus_identity conv is computed whole)."""
+    stages = [i for i, n in enumerate(branch) if isinstance(n, (Conv, Linear, AvgPool))]
     return stages in ([], [0]) and not any(isinstance(n, Conv) and n.plus_identity for n in branch)
 
 
@@ -257,6 +342,27 @@ def _param(params: Params, key: str, shape: tuple[int, ...], rows: slice) -> np.
     return np.asarray(a[rows], np.float64)
 
 
+def _vector(params: Params, node: Scale | Bias, prefix: str, rows: slice) -> np.ndarray:
+    """The C values of a Scale or Bias (stored with its stored_shape), rows `rows`, float64."""
+    key = join_key(prefix, node.key)
+    if key not in params:
+        raise FusionError(f"missing tensor {key} for the fusion")
+    a = _check_shape(np.asarray(params[key]), key, node.stored_shape)
+    return np.asarray(a.reshape(node.channels)[rows], np.float64)
+
+
+def _weight(params: Params, prefix: str, node: Conv | Linear, rows: slice) -> np.ndarray:
+    """The OIHW kernel of a conv, or the (O, I, 1, 1) view of a Linear's (O, I) weight, rows
+    `rows`, float64; a plus_identity conv's with its identity offset added."""
+    key = join_key(prefix, f"{node.name}.weight")
+    if isinstance(node, Linear):
+        return _param(params, key, (node.out_features, node.in_features), rows)[:, :, None, None]
+    w = _param(params, key, (node.out_channels, node.in_channels // node.groups, *node.kernel), rows)
+    if node.plus_identity:
+        w = w + identity_offset(node.out_channels, node.groups, node.kernel, rows=rows)
+    return w
+
+
 def _compose(kb: KernelBias | None, w: np.ndarray, c: np.ndarray, groups: int, rows: slice) -> KernelBias:
     """A conv stage (w, c) after what came before: itself first, transform III after a 1x1."""
     if kb is None:
@@ -270,27 +376,27 @@ def branch_kernel_bias(
 ) -> KernelBias:
     """The (kernel, bias) of one branch in float64, output channels `rows` only (rows must be
     all for a branch that is not row-separable). Kernel (rows, C/g, kh, kw) unpadded, on the
-    fused conv's grid: dilated by its conv's dilation / the fused conv's (dilate_kernel)."""
-    f = rep.fused
+    fused conv's grid: dilated by its conv's dilation / the fused conv's (dilate_kernel). A
+    Linear is a 1x1 conv; a Bias b adds to the bias (b' = b + s, transform III carries it through
+    the conv after it: exact as check_rep lets that conv have no padding)."""
+    f = fused_conv(rep)
     kb: KernelBias | None = None
     channels = f.in_channels
     ratio = (1, 1)
     for node in branch:
-        if isinstance(node, (Conv, AvgPool)):
+        if isinstance(node, (Conv, Linear, AvgPool)):
             ratio = _stage_grid_ratio(node, f)
-        if isinstance(node, Conv):
-            shape = (node.out_channels, node.in_channels // node.groups, *node.kernel)
+        if isinstance(node, (Conv, Linear)):
+            conv = as_conv(node)
             r = rows if kb is None else slice(None)
-            w = _param(params, join_key(prefix, f"{node.name}.weight"), shape, r)
-            if node.plus_identity:
-                w = w + identity_offset(node.out_channels, node.groups, node.kernel, rows=r)
+            w = _weight(params, prefix, node, r)
             c = (
-                _param(params, join_key(prefix, f"{node.name}.bias"), (node.out_channels,), r)
-                if node.bias
+                _param(params, join_key(prefix, f"{node.name}.bias"), (conv.out_channels,), r)
+                if conv.bias
                 else np.zeros(w.shape[0])
             )
             kb = _compose(kb, w, c, f.groups, rows)
-            channels = node.out_channels
+            channels = conv.out_channels
         elif isinstance(node, AvgPool):
             w = _avg_kernel(channels, node.kernel, f.groups, rows if kb is None else slice(None))
             kb = _compose(kb, w, np.zeros(w.shape[0]), f.groups, rows)
@@ -298,9 +404,11 @@ def branch_kernel_bias(
             k, b = kb if kb is not None else _identity(channels, f.groups, rows)
             if isinstance(node, (BN, PadBN)):
                 kb = _fold_bn(k, b, _bn_rows(params, prefix, node.name, rows), node.eps)
-            else:
-                s = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), rows)
+            elif isinstance(node, Scale):
+                s = _vector(params, node, prefix, rows)
                 kb = k * s.reshape(-1, 1, 1, 1), b * s
+            else:
+                kb = k, b + _vector(params, node, prefix, rows)
     if kb is None:
         return _identity(channels, f.groups, rows)
     return (dilate_kernel(kb[0], ratio), kb[1]) if ratio != (1, 1) else kb
@@ -346,13 +454,13 @@ def _map_rows(fn: Callable[[slice], None], n: int, step: int) -> None:
 
 
 def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
-    """The dtype of the Rep's first conv weight (of its first tensor when it has no conv;
+    """The dtype of the Rep's first conv or linear weight (of its first tensor when it has none;
     float32 when it has no tensor at all)."""
     schema: dict[str, Any] = {}
     for node in _rep_nodes(rep):
         schema.update(node_schema(node, prefix))
     present = [k for k in schema if k in params]
-    convs = [k for k in present if schema[k].kind == "conv.weight"]
+    convs = [k for k in present if schema[k].kind in ("conv.weight", "linear.weight")]
     if not present:
         return np.dtype(np.float32)
     dt = np.asarray(params[(convs or present)[0]]).dtype
@@ -360,13 +468,16 @@ def _result_dtype(rep: Rep, params: Params, prefix: str) -> np.dtype:
 
 
 def _affine(nodes: tuple[Primitive, ...], params: Params, prefix: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The per-channel affine map y = s x + c of a chain of BN / PadBN / Scale."""
+    """The per-channel affine map y = s x + c of a chain of BN / PadBN / Scale / Bias
+    (Scale w: s' = w s, c' = w c; Bias b: c' = c + b)."""
     s, c = np.ones(n), np.zeros(n)
     every = slice(None)
     for node in nodes:
         if isinstance(node, Scale):
-            w = _param(params, join_key(prefix, f"{node.name}.weight"), (node.channels,), every)
+            w = _vector(params, node, prefix, every)
             s, c = s * w, c * w
+        elif isinstance(node, Bias):
+            c = c + _vector(params, node, prefix, every)
         elif isinstance(node, (BN, PadBN)):
             gamma, beta, mean, var = _bn_rows(params, prefix, node.name, every)
             t = bn_scale(gamma, var, node.eps)
@@ -378,19 +489,24 @@ def _affine(nodes: tuple[Primitive, ...], params: Params, prefix: str, n: int) -
 
 @dataclass(frozen=True)
 class _Separable:
-    """A branch that is one conv (or pool, or nothing: the identity) followed by per-channel
-    affine nodes: K = W s[o] and b = s[o] c + shift[o]."""
+    """A branch that is one conv (or linear, or pool, or nothing: the identity) followed by
+    per-channel affine nodes: K = W s[o] and b = s[o] c + shift[o]."""
 
-    head: Conv | AvgPool | None
+    head: Conv | Linear | AvgPool | None
     scale: np.ndarray
     bias: np.ndarray
 
 
+def _scaled(sep: _Separable, c: float) -> _Separable:
+    """The branch times the coefficient c."""
+    return sep if c == 1 else _Separable(sep.head, sep.scale * c, sep.bias * c)
+
+
 def _separable(branch: Branch, rep: Rep, params: Params, prefix: str) -> _Separable:
-    out_ch = rep.fused.out_channels
-    head = branch[0] if branch and isinstance(branch[0], (Conv, AvgPool)) else None
+    out_ch = fused_conv(rep).out_channels
+    head = branch[0] if branch and isinstance(branch[0], (Conv, Linear, AvgPool)) else None
     s, shift = _affine(branch[1:] if head is not None else branch, params, prefix, out_ch)
-    if isinstance(head, Conv) and head.bias:
+    if isinstance(head, (Conv, Linear)) and head.bias:
         shift = shift + s * _param(params, join_key(prefix, f"{head.name}.bias"), (out_ch,), slice(None))
     return _Separable(head, s, shift)
 
@@ -407,7 +523,7 @@ def _add_separable(
 ) -> None:
     """k_tot += K[part] of a separable branch, centred in k_tot (a centred window of the fused
     kernel at least as large as the branch's). `part` selects (output rows, input columns)."""
-    f = rep.fused
+    f = fused_conv(rep)
     rows, cols = part
     s = sep.scale[rows]
     if sep.head is None:  # the identity taps K[o, o mod (C/g), centre] carry s[o]
@@ -416,7 +532,7 @@ def _add_separable(
         hit = (taps >= first) & (taps < stop)
         k_tot[np.flatnonzero(hit), taps[hit] - first, k_tot.shape[2] // 2, k_tot.shape[3] // 2] += s[hit]
         return
-    if isinstance(sep.head, Conv):
+    if isinstance(sep.head, (Conv, Linear)):
         w = _head_weight(sep, params, prefix, part)
         ratio = _stage_grid_ratio(sep.head, f)
         if ratio != (1, 1):
@@ -431,7 +547,10 @@ def _writes_whole(branch: Branch, rep: Rep) -> bool:
     """Whether a separable branch starts with a conv of the fused conv's full kernel size (on the
     fused grid: not dilated further)."""
     head = branch[0] if branch else None
-    return isinstance(head, Conv) and head.kernel == rep.fused.kernel and _stage_grid_ratio(head, rep.fused) == (1, 1)
+    f = fused_conv(rep)
+    return (
+        isinstance(head, (Conv, Linear)) and as_conv(head).kernel == f.kernel and _stage_grid_ratio(head, f) == (1, 1)
+    )
 
 
 Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -439,6 +558,10 @@ Empty = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 def _head_weight(sep: _Separable, params: Params, prefix: str, part: tuple[slice, slice]) -> np.ndarray:
     h = sep.head
+    if isinstance(h, Linear):
+        return _rows_view(params, join_key(prefix, f"{h.name}.weight"), (h.out_features, h.in_features), part)[
+            :, :, None, None
+        ]
     if not isinstance(h, Conv):
         raise FusionError("internal: only a conv branch is written whole")
     return _rows_view(
@@ -452,7 +575,7 @@ def _box(rest: list[_Separable], whole: list[KernelBias], fused: Conv) -> Pair:
     kernel = fused.kernel
     sizes = [
         (1, 1)
-        if sep.head is None
+        if sep.head is None or isinstance(sep.head, Linear)
         else _span(sep.head.kernel, _stage_grid_ratio(sep.head, fused))
         if isinstance(sep.head, Conv)
         else (sep.head.kernel,) * 2
@@ -464,20 +587,31 @@ def _box(rest: list[_Separable], whole: list[KernelBias], fused: Conv) -> Pair:
 
 
 def _concat_kernel_bias(rep: Rep, params: Params, prefix: str, kernel: np.ndarray, bias: np.ndarray) -> KernelBias:
-    """Branches writing disjoint output channels: each centred in its own rows."""
+    """Branches writing disjoint output channels: each centred in its own rows; the BN after
+    the concatenation folded into its rows (K t[o], beta + t (b - mean))."""
     start = 0
     for branch in rep.branches:
         k, b = branch_kernel_bias(branch, rep, params, prefix)
+        rows = slice(start, start + k.shape[0])
         window = np.zeros((k.shape[0], *kernel.shape[1:]))
         _add_centred(window, k)
-        kernel[start : start + k.shape[0]], bias[start : start + k.shape[0]] = window, b
+        if rep.bn is not None:
+            window, b = _fold_bn(window, b, _bn_rows(params, prefix, rep.bn.name, rows), rep.bn.eps)
+        kernel[rows], bias[rows] = window, b
         start += k.shape[0]
     return kernel, bias
 
 
 def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = np.empty) -> KernelBias:
-    """The (kernel OIHW, bias) of the fused conv of `rep`, from the tensors in `params` (keys
-    `prefix.<name>.<field>`), in float64, rounded once to the dtype of its first conv weight.
+    """The (kernel OIHW, bias) of the fused conv of `rep` ((weight (O, I), bias) when it is a
+    Linear), from the tensors in `params` (keys `prefix.<name>.<field>`), in float64, rounded
+    once to the dtype of its first conv or linear weight. With a sum,
+
+        K = [Id] + a[o] sum_i c_i K_i,   b = a (t (sum_i c_i b_i - mean) + beta)
+
+    where t, beta, mean are the BN's after the sum (t = 1, beta = mean = 0 without one), a
+    the scale after it (1 without one), c_i the coefficients, and Id the identity kernel of
+    the fused conv's groups (centred) when the Rep has a residual.
 
     The kernel is computed one slice at a time (on a few threads) along whichever of its output
     and input axes is outermost in memory: every tap of the fused kernel depends on the same
@@ -485,31 +619,43 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = n
     non-contiguous OIHW view of a buffer in another memory order (a backend's native layout,
     e.g. HWIO); the float64 temporaries follow that order, so a backend whose inputs are views
     in the same order pays for no transpose."""
-    f = rep.fused
+    f = fused_conv(rep)
     out_ch = f.out_channels
     shape = (out_ch, f.in_channels // f.groups, *f.kernel)
     dt = _result_dtype(rep, params, prefix)
-    kernel, bias = empty(shape, dt), np.empty(out_ch, dt)
+    if isinstance(rep.fused, Linear):  # computed in an (O, I, 1, 1) view of the (O, I) weight
+        weight = np.empty(shape[:2], dt)
+        kernel = weight[:, :, None, None]
+    else:
+        weight = kernel = empty(shape, dt)
+    bias = np.empty(out_ch, dt)
     if rep.combine == "concat":
-        return _concat_kernel_bias(rep, params, prefix, kernel, bias)
+        _concat_kernel_bias(rep, params, prefix, kernel, bias)
+        return weight, bias
     post = np.ones(out_ch)
     if rep.bn is not None:  # the BN after the sum scales every branch: folded into each
         gamma, beta, mean, var = _bn_rows(params, prefix, rep.bn.name, slice(None))
         post = bn_scale(gamma, var, rep.bn.eps)
+    after = _vector(params, rep.scale, prefix, slice(None)) if rep.scale is not None else np.ones(out_ch)
     whole = [
-        (k * post.reshape(-1, 1, 1, 1), b)
-        for k, b in (branch_kernel_bias(br, rep, params, prefix) for br in rep.branches if not _row_separable(br))
+        (k * (rep.coefficient(i) * after * post).reshape(-1, 1, 1, 1), rep.coefficient(i) * b)
+        for i, br in enumerate(rep.branches)
+        if not _row_separable(br)
+        for k, b in (branch_kernel_bias(br, rep, params, prefix),)
     ]
     ordered = sorted(
-        (br for br in rep.branches if _row_separable(br)), key=lambda br: not _writes_whole(br, rep)
+        (i for i, br in enumerate(rep.branches) if _row_separable(br)),
+        key=lambda i: not _writes_whole(rep.branches[i], rep),
     )  # a full-size one first
-    separable = [_separable(br, rep, params, prefix) for br in ordered]
+    separable = [_scaled(_separable(rep.branches[i], rep, params, prefix), rep.coefficient(i)) for i in ordered]
     b64 = sum((sep.bias for sep in separable), np.zeros(out_ch)) + sum((b for _, b in whole), np.zeros(out_ch))
     if rep.bn is not None:
         b64 = beta + post * (b64 - mean)
-    bias[...] = b64
-    separable = [_Separable(sep.head, sep.scale * post, sep.bias) for sep in separable]
-    first = separable[0] if ordered and _writes_whole(ordered[0], rep) else None
+    bias[...] = after * b64
+    separable = [_Separable(sep.head, sep.scale * after * post, sep.bias) for sep in separable]
+    if rep.residual:  # the identity, after the scale
+        separable.append(_Separable(None, np.ones(out_ch), np.zeros(out_ch)))
+    first = separable[0] if ordered and _writes_whole(rep.branches[ordered[0]], rep) else None
     rest = separable[1:] if first is not None else separable
     box = _box(rest, whole, f) if first is not None else f.kernel
     ph, pw = (f.kernel[0] - box[0]) // 2, (f.kernel[1] - box[1]) // 2
@@ -538,7 +684,7 @@ def rep_kernel_bias(rep: Rep, params: Params, prefix: str = "", empty: Empty = n
         out[window] = k_box
 
     _map_rows(fuse_part, shape[axis], step)
-    return kernel, bias
+    return weight, bias
 
 
 # --------------------------------------------------------------------------- whole states
@@ -564,7 +710,7 @@ def iter_deploy_state(
     fused = fused_modules(desc)
     pending: dict[str, dict[str, np.ndarray]] = {}
     for key in schema_of(in_form(desc, "deploy")):
-        module, fld = key.rsplit(".", 1)
+        module, _, fld = key.rpartition(".")
         if module not in fused:
             yield key, get(key)
             if release is not None:
@@ -584,8 +730,9 @@ def iter_deploy_state(
 
 
 def _rep_nodes(rep: Rep) -> list[Primitive]:
+    """The nodes whose tensors the fusion of `rep` reads, in forward order."""
     out = [n for br in rep.branches for n in br]
-    return out + ([rep.bn] if rep.bn is not None else [])
+    return out + [n for n in (rep.bn, rep.scale) if n is not None]
 
 
 def reparameterize_state(spec: SpecLike, state: Params) -> dict[str, np.ndarray]:

@@ -93,7 +93,7 @@ def fuse_branches(
         params.update({f"post_bn.{k}": v for k, v in post_bn.params.items()})
     fused = fused_geometry(desc, cin, cout)
     rep = Rep(tuple(desc), fused, bn)
-    return rep.deploy_conv, rep_kernel_bias(rep, params)
+    return replace(fused, bias=True), rep_kernel_bias(rep, params)
 
 
 def affine_bn(channels: int, scale: np.ndarray | None, shift: np.ndarray | None) -> Stage:

@@ -35,12 +35,15 @@ def l2_terms(block: Block) -> L2Terms:
     rep = next((n for n in block.body if isinstance(n, Rep)), None)
     if rep is None:
         raise SpecError(f"{block.kind}: the custom L2 needs a re-parameterizable block")
+    fused = rep.fused
+    if not isinstance(fused, Conv):
+        raise SpecError(f"{block.kind}: the custom L2 needs a Rep fused into a conv, not a {type(fused).__name__}")
     dense: tuple[Conv, BN] | None = None
     one: tuple[Conv, BN] | None = None
     ident: BN | None = None
     for br in rep.branches:
         if len(br) == 2 and isinstance(br[0], Conv) and isinstance(br[1], BN):
-            if br[0].kernel == rep.fused.kernel and dense is None:
+            if br[0].kernel == fused.kernel and dense is None:
                 dense = (br[0], br[1])
             elif br[0].kernel == (1, 1):
                 one = (br[0], br[1])
@@ -54,9 +57,9 @@ def l2_terms(block: Block) -> L2Terms:
         one[0].name,
         one[1].name,
         ident.name if ident is not None else None,
-        rep.fused.out_channels,
-        rep.fused.groups,
-        rep.fused.kernel,
+        fused.out_channels,
+        fused.groups,
+        fused.kernel,
     )
 
 

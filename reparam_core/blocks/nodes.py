@@ -175,16 +175,14 @@ class AvgPool:
     padding: int = 0
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Per-channel scale over axis 1, y[:, c] = w[c] x[:, c] (layer scale): one parameter at key
-    `name.param` (just `param` when `name` is empty), stored with `shape` (default (C,); the
-    official shapes differ: FastViT's `layer_scale` is (C, 1, 1))."""
+class ChannelVector:
+    """What Scale and Bias share: one parameter of C values at key `name.param` (just `param`
+    when `name` is empty), stored with `shape` (default (C,))."""
 
     name: str
     channels: int
-    param: str = "weight"
-    shape: tuple[int, ...] | None = None
+    param: str
+    shape: tuple[int, ...] | None
 
     @property
     def key(self) -> str:
@@ -197,23 +195,26 @@ class Scale:
 
 
 @dataclass(frozen=True)
-class Bias:
-    """Per-channel constant added over axis 1, y[:, c] = x[:, c] + b[c]: one parameter at key
-    `name.param`, stored with `shape` (default (C,)). UniRepLKNet's GRN `beta`, which its deploy
-    form folds into the Linear after it, is one."""
+class Scale(ChannelVector):
+    """Per-channel scale over axis 1, y[:, c] = w[c] x[:, c] (layer scale), parameter `weight`
+    by default (the official shapes differ: FastViT's `layer_scale` is (C, 1, 1))."""
+
+    name: str
+    channels: int
+    param: str = "weight"
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Bias(ChannelVector):
+    """Per-channel constant added over axis 1, y[:, c] = x[:, c] + b[c], parameter `bias` by
+    default. UniRepLKNet's GRN `beta`, which its deploy form folds into the Linear after it, is
+    one."""
 
     name: str
     channels: int
     param: str = "bias"
     shape: tuple[int, ...] | None = None
-
-    @property
-    def key(self) -> str:
-        return join_key(self.name, self.param)
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        return (self.channels,) if self.shape is None else self.shape
 
 
 @dataclass(frozen=True)

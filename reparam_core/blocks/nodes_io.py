@@ -2,9 +2,11 @@
 MegEngine worker) or lands in a report, whatever family or official class it came from.
 
 A node is `{"node": type name, field: value, ...}` with every field of its dataclass; nested
-nodes, branches and pairs are lists. Reading checks the type name against the description's own
-types and rebuilds through the dataclasses, so a description read back is validated exactly as
-one built in Python (`Rep` re-checks its fusability)."""
+nodes, branches, pairs and other tuples (a Scale's `shape`, a Rep's `coefficients`) are lists,
+read back as tuples; floats are written as their shortest repr, so they come back exact.
+Reading checks the type name against the description's own types and rebuilds through the
+dataclasses, so a description read back is validated exactly as one built in Python (`Rep`
+re-checks its fusability)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,13 @@ _TYPES: dict[str, type] = {
         nodes.PadBN,
         nodes.AvgPool,
         nodes.Scale,
+        nodes.Bias,
         nodes.Act,
         nodes.SE,
         nodes.Linear,
+        nodes.LayerNorm,
+        nodes.GRN,
+        nodes.Attention,
         nodes.GlobalPool,
         nodes.Flatten,
         nodes.Dropout,

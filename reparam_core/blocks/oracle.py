@@ -7,9 +7,8 @@ per node type below. Slow but exact: conv2d is an im2col + matmul in float64.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-
 import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -164,7 +163,9 @@ def hard_sigmoid(x: F64) -> F64:
 
 
 def sigmoid(x: F64) -> F64:
-    return 1.0 / (1.0 + np.exp(-x))
+    """1 / (1 + e^-x), as exp(-log(1 + e^-x)): no overflow for large negative x."""
+    y: F64 = np.exp(-np.logaddexp(0.0, -x))
+    return y
 
 
 def identity(x: F64) -> F64:
@@ -200,10 +201,10 @@ def _tensor(p: Params, key: str) -> F64:
 def conv_node(x: F64, c: Conv, p: Params, prefix: str) -> F64:
     """A Conv node; a plus_identity conv applies its stored weight + identity_offset."""
     key = join_key(prefix, c.name)
-    w = _tensor(p, f"{key}.weight")
+    w = _tensor(p, join_key(key, "weight"))
     if c.plus_identity:
         w = w + identity_offset(c.out_channels, c.groups, c.kernel)
-    return conv2d(x, w, p[f"{key}.bias"] if c.bias else None, c.stride, c.padding, c.dilation, c.groups)
+    return conv2d(x, w, p[join_key(key, "bias")] if c.bias else None, c.stride, c.padding, c.dilation, c.groups)
 
 
 def squeeze_excite(x: F64, se: SE, p: Params, prefix: str) -> F64:
@@ -245,7 +246,7 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
         return x + _channels(_tensor(p, join_key(prefix, node.key)), x)
     if isinstance(node, LayerNorm):
         key = join_key(prefix, node.name)
-        return layer_norm(x, _tensor(p, f"{key}.weight"), _tensor(p, f"{key}.bias"), node.eps)
+        return layer_norm(x, _tensor(p, join_key(key, "weight")), _tensor(p, join_key(key, "bias")), node.eps)
     if isinstance(node, GRN):
         key = join_key(prefix, node.name)
         beta = _tensor(p, f"{key}.beta") if node.bias else None
@@ -262,7 +263,7 @@ def node_forward(x: F64, node: Node, p: Params, prefix: str = "") -> F64:
         return squeeze_excite(x, node, p, prefix)
     if isinstance(node, Linear):
         key = join_key(prefix, node.name)
-        return linear(x, _tensor(p, f"{key}.weight"), _tensor(p, f"{key}.bias") if node.bias else None)
+        return linear(x, _tensor(p, join_key(key, "weight")), _tensor(p, join_key(key, "bias")) if node.bias else None)
     if isinstance(node, GlobalPool):
         return global_pool(x)
     if isinstance(node, Flatten):

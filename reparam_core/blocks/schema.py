@@ -1,5 +1,7 @@
 """The neutral state's schema: for a description (or a spec) in a form, every canonical key with
-its shape and kind, in forward order.
+its shape and kind, in module order (`module_order`: forward order, except that a module's own
+tensors come before its children's and a container's children stay together, as
+torch.nn.Module.state_dict lists them and the official checkpoints hold them).
 
 Canonical keys are the official PyTorch names; conv weights are OIHW with I = in / groups. One
 rule per node type below turns a description into names; backends, checkpoint readers, layout
@@ -9,11 +11,31 @@ converters and the parameter counter all read it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import CheckpointError
-from .nodes import BN, SE, Add, Aux, Block, Conv, Description, Linear, Model, Node, PadBN, Rep, Scale, in_form, join_key
+from .nodes import (
+    BN,
+    GRN,
+    SE,
+    Add,
+    Attention,
+    Aux,
+    Bias,
+    Block,
+    Conv,
+    Description,
+    LayerNorm,
+    Linear,
+    Model,
+    Node,
+    PadBN,
+    Rep,
+    Scale,
+    in_form,
+    join_key,
+)
 
 Form = Literal["train", "deploy"]
 FORMS: tuple[Form, ...] = ("train", "deploy")
@@ -23,8 +45,11 @@ BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape and role of one tensor. `kind` is `<layer>.<field>` with layer in conv, bn, linear,
-    scale."""
+    """Shape and role of one tensor. `kind` is `<layer>.<field>`: conv.weight, conv.bias,
+    bn.<weight|bias|running_mean|running_var>, linear.weight, linear.bias (Attention's qkv and
+    proj too), scale.weight (every Scale, whatever its parameter's name), bias.bias (a Bias
+    node), layernorm.weight, layernorm.bias, grn.gamma, grn.beta. The role, not the name: a
+    Scale stored as `gamma` is still `scale.weight`."""
 
     shape: tuple[int, ...]
     kind: str
@@ -53,19 +78,37 @@ def bn_entries(key: str, channels: int) -> Schema:
     return {join_key(key, f): TensorInfo((channels,), f"bn.{f}") for f in BN_FIELDS}
 
 
+def linear_entries(key: str, in_features: int, out_features: int, bias: bool) -> Schema:
+    """A Linear's `weight` (O, I) and, when it has one, `bias` (O,)."""
+    out = {join_key(key, "weight"): TensorInfo((out_features, in_features), "linear.weight")}
+    if bias:
+        out[join_key(key, "bias")] = TensorInfo((out_features,), "linear.bias")
+    return out
+
+
 def node_schema(node: Node | Aux, prefix: str = "") -> Schema:
     """The keys of one node (and of everything inside it), in forward order."""
     if isinstance(node, Conv):
         return conv_entries(join_key(prefix, node.name), node)
     if isinstance(node, (BN, PadBN)):
         return bn_entries(join_key(prefix, node.name), node.channels)
-    if isinstance(node, Scale):
-        return {join_key(prefix, f"{node.name}.weight"): TensorInfo((node.channels,), "scale.weight")}
+    if isinstance(node, (Scale, Bias)):
+        kind = "scale.weight" if isinstance(node, Scale) else "bias.bias"
+        return {join_key(prefix, node.key): TensorInfo(node.stored_shape, kind)}
     if isinstance(node, Linear):
+        return linear_entries(join_key(prefix, node.name), node.in_features, node.out_features, node.bias)
+    if isinstance(node, LayerNorm):
+        key = join_key(prefix, node.name)
+        return {join_key(key, f): TensorInfo((node.channels,), f"layernorm.{f}") for f in ("weight", "bias")}
+    if isinstance(node, GRN):
+        key = join_key(prefix, node.name)
+        fields = ("gamma", "beta") if node.bias else ("gamma",)
+        return {join_key(key, f): TensorInfo(node.stored_shape, f"grn.{f}") for f in fields}
+    if isinstance(node, Attention):
         key = join_key(prefix, node.name)
         return {
-            f"{key}.weight": TensorInfo((node.out_features, node.in_features), "linear.weight"),
-            f"{key}.bias": TensorInfo((node.out_features,), "linear.bias"),
+            **linear_entries(join_key(key, node.qkv), node.dim, 3 * node.dim, node.qkv_bias),
+            **linear_entries(join_key(key, node.proj), node.dim, node.dim, True),
         }
     if isinstance(node, SE):
         key = join_key(prefix, node.name)
@@ -78,8 +121,9 @@ def node_schema(node: Node | Aux, prefix: str = "") -> Schema:
         for branch in node.branches:
             for leaf in branch:
                 out.update(node_schema(leaf, prefix))
-        if node.bn is not None:
-            out.update(node_schema(node.bn, prefix))
+        for after in (node.bn, node.scale):
+            if after is not None:
+                out.update(node_schema(after, prefix))
     elif isinstance(node, Add):
         for chain in node.branches:
             for item in chain:
@@ -91,18 +135,47 @@ def node_schema(node: Node | Aux, prefix: str = "") -> Schema:
     return out
 
 
-def schema_of(desc: Description, prefix: str = "") -> Schema:
-    """Every canonical key of a description (in the form it is in): a model's body, then its
-    auxiliary heads; a block's keys relative to it (or under `prefix`)."""
-    if isinstance(desc, Block):
-        out: Schema = {}
-        for n in desc.body:
-            out.update(node_schema(n, prefix))
-        return out
-    out = {}
-    for top in (*desc.body, *desc.aux):
-        out.update(node_schema(top, prefix))
+@dataclass
+class _ModuleKeys:
+    """The keys of one module's own tensors and its child modules by name, in first-seen order."""
+
+    own: list[str] = field(default_factory=list)
+    children: dict[str, _ModuleKeys] = field(default_factory=dict)
+
+
+def module_order(schema: Schema) -> Schema:
+    """The keys in module order: a module's own tensors (keys `path.field`) first, in the order
+    given, then its child modules in the order they first appear, each in module order.
+
+    Forward order is module order for most descriptions; they differ where a block holds a
+    tensor itself after its children run (UniRepLKNet's `gamma`, FastViT's `layer_scale`) or a
+    container's children are interleaved with another's in the forward pass (UniRepLKNet's
+    `downsample_layers.{i}` between the `stages.{i}`)."""
+    root = _ModuleKeys()
+    for key in schema:
+        node = root
+        for part in key.split(".")[:-1]:
+            node = node.children.setdefault(part, _ModuleKeys())
+        node.own.append(key)
+    out: Schema = {}
+
+    def visit(node: _ModuleKeys) -> None:
+        for key in node.own:
+            out[key] = schema[key]
+        for child in node.children.values():
+            visit(child)
+
+    visit(root)
     return out
+
+
+def schema_of(desc: Description, prefix: str = "") -> Schema:
+    """Every canonical key of a description (in the form it is in), in module order: a model's
+    body, then its auxiliary heads; a block's keys relative to it (or under `prefix`)."""
+    out: Schema = {}
+    for top in (*desc.body, *desc.aux) if isinstance(desc, Model) else desc.body:
+        out.update(node_schema(top, prefix))
+    return module_order(out)
 
 
 def schema_for(spec: object, form: Form) -> Schema:
@@ -111,7 +184,7 @@ def schema_for(spec: object, form: Form) -> Schema:
 
 
 def state_schema(spec: object, form: Form) -> Schema:
-    """Every canonical key of the model's state in the given form, in forward order."""
+    """Every canonical key of the model's state in the given form, in module order."""
     return schema_for(spec, form)
 
 
@@ -159,6 +232,7 @@ __all__ = [
     "Schema",
     "conv_entries",
     "bn_entries",
+    "linear_entries",
     "node_schema",
     "schema_of",
     "schema_for",

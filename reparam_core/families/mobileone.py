@@ -24,6 +24,7 @@ from ..blocks.nodes import (
     BN,
     SE,
     Act,
+    ActFn,
     Block,
     Branch,
     Conv,
@@ -37,6 +38,7 @@ from ..blocks.nodes import (
     to_deploy,
 )
 from ..errors import SpecError
+from .official_args import bools, ints
 
 SE_RATIO = 0.0625  # the official SEBlock's rd_ratio: hidden = int(channels * 0.0625)
 
@@ -45,7 +47,10 @@ SE_RATIO = 0.0625  # the official SEBlock's rd_ratio: hidden = int(channels * 0.
 class MobileOneBlockSpec:
     """MobileOneBlock: act(SE?(sum of rbr_skip, rbr_scale and the rbr_conv branches)).
 
-    `padding` -1 means kernel_size // 2 (what every block of the official models uses)."""
+    `padding` -1 means kernel_size // 2 (what every block of the official models uses). `act`
+    is ReLU in apple/ml-mobileone, GELU (or none, `identity`) in apple/ml-fastvit's copy of the
+    class, which also has `use_scale_branch` and allows num_conv_branches=0 (RepMixer's `norm`:
+    the skip branch only)."""
 
     in_channels: int
     out_channels: int
@@ -56,15 +61,22 @@ class MobileOneBlockSpec:
     use_se: bool = False
     num_conv_branches: int = 1
     eps: float = 1e-5
+    act: ActFn = "relu"
+    use_scale_branch: bool = True
 
     kind = "MobileOneBlock"
 
     def __post_init__(self) -> None:
         if self.padding < 0:
             object.__setattr__(self, "padding", self.kernel_size // 2)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "groups", "num_conv_branches"):
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "groups"):
             if getattr(self, name) < 1:
                 raise SpecError(f"MobileOneBlock {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_conv_branches < 0 or not (self.num_conv_branches or self.has_scale or self.has_skip):
+            raise SpecError(
+                f"MobileOneBlock needs a branch: num_conv_branches must be >= 0, and >= 1 without "
+                f"the scale and skip branches, got {self.num_conv_branches}"
+            )
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise SpecError(
                 f"MobileOneBlock channels {self.in_channels} -> {self.out_channels} "
@@ -92,7 +104,7 @@ class MobileOneBlockSpec:
 
     @property
     def has_scale(self) -> bool:
-        return self.kernel_size > 1
+        return self.kernel_size > 1 and self.use_scale_branch
 
     @property
     def se_channels(self) -> int:
@@ -113,7 +125,7 @@ class MobileOneBlockSpec:
         body: list[Node] = [Rep(tuple(branches), Conv("reparam_conv", cin, cout, k, padding=self.padding, **geo))]
         if self.use_se:
             body.append(SE("se", cout, self.se_channels, "reduce", "expand"))
-        body.append(Act("relu"))
+        body.append(Act(self.act))
         return Block("", self.kind, tuple(body))
 
 
@@ -250,21 +262,18 @@ def official_mobileone_block(
     SpecError for what the official class cannot build consistently: dilation other than 1
     (its train-form branches ignore it), misaligned padding, an even kernel, SE on fewer than
     16 channels, bad counts."""
-    for name, flag in (("inference_mode", inference_mode), ("use_se", use_se)):
-        if not isinstance(flag, bool):
-            raise SpecError(f"MobileOneBlock {name} must be a bool, got {flag!r}")
-    for name, value in (
-        ("in_channels", in_channels),
-        ("out_channels", out_channels),
-        ("kernel_size", kernel_size),
-        ("stride", stride),
-        ("padding", padding),
-        ("dilation", dilation),
-        ("groups", groups),
-        ("num_conv_branches", num_conv_branches),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SpecError(f"MobileOneBlock {name} must be an int, got {value!r}")
+    bools("MobileOneBlock", inference_mode=inference_mode, use_se=use_se)
+    ints(
+        "MobileOneBlock",
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        num_conv_branches=num_conv_branches,
+    )
     if dilation != 1:
         raise SpecError(
             f"MobileOneBlock dilation must be 1: the official train-form branches "
@@ -272,6 +281,8 @@ def official_mobileone_block(
         )
     if padding < 0:
         raise SpecError(f"MobileOneBlock padding must be >= 0, got {padding}")
+    if num_conv_branches < 1:
+        raise SpecError(f"MobileOneBlock num_conv_branches must be >= 1, got {num_conv_branches}")
     spec = MobileOneBlockSpec(
         in_channels, out_channels, kernel_size, stride, padding, groups, use_se, num_conv_branches
     )

@@ -16,11 +16,11 @@ from typing import Any
 
 from ..blocks.nodes import Describable, Description
 from ..errors import SpecError
-from . import acnet, dbb, mobileone, qarepvgg, repghost, repvgg
+from . import acnet, dbb, fastvit, mobileone, qarepvgg, repghost, repvgg, repvit, unireplknet
 
 OfficialCtor = Callable[..., "Describable | Description"]
 
-_FAMILIES = (repvgg, repghost, mobileone, qarepvgg, dbb, acnet)
+_FAMILIES = (repvgg, repghost, mobileone, qarepvgg, dbb, acnet, unireplknet, repvit, fastvit)
 
 
 def _registry() -> dict[str, OfficialCtor]:

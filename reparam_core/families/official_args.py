@@ -56,6 +56,21 @@ def require(cls: str, ok: bool, arg: str, value: Any, why: str) -> None:
         raise SpecError(f"{cls}: {arg}={value!r}: {why}")
 
 
+def ints(cls: str, **values: object) -> None:
+    """SpecError `cls name must be an int, got value` for the first value that is not an int
+    (a bool is not)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SpecError(f"{cls} {name} must be an int, got {value!r}")
+
+
+def bools(cls: str, **values: object) -> None:
+    """SpecError `cls name must be a bool, got value` for the first value that is not a bool."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise SpecError(f"{cls} {name} must be a bool, got {value!r}")
+
+
 def positive(cls: str, **values: int) -> None:
     for arg, v in values.items():
         require(cls, isinstance(v, int) and not isinstance(v, bool) and v >= 1, arg, v, "must be an int >= 1")

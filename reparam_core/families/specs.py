@@ -15,16 +15,19 @@ from typing import Any
 from ..blocks.nodes import Block, describe
 from ..blocks.nodes_io import description_from_data, description_to_data
 from ..errors import SpecError, UnknownModelError
-from . import mobileone, qarepvgg, repghost, repvgg
+from . import fastvit, mobileone, qarepvgg, repghost, repvgg, repvit, unireplknet
+from .fastvit import FastViTSpec
 from .mobileone import MobileOneBlockSpec, MobileOneSpec
 from .qarepvgg import QARepBlockSpec, qarepvgg_spec
 from .repghost import RepGhostBottleneckSpec, RepGhostModuleSpec, RepGhostNetSpec, make_divisible, repghostnet_spec
 from .repvgg import RepBlockSpec, RepVGGSpec, StageSpec, repconv_spec, repvgg_spec
+from .repvit import RepViTSpec
+from .unireplknet import UniRepLKNetSpec
 
-ModelSpec = RepVGGSpec | RepGhostNetSpec | MobileOneSpec
+ModelSpec = RepVGGSpec | RepGhostNetSpec | MobileOneSpec | UniRepLKNetSpec | RepViTSpec | FastViTSpec
 BlockSpec = RepBlockSpec | RepGhostModuleSpec | RepGhostBottleneckSpec | MobileOneBlockSpec | QARepBlockSpec
 
-_FAMILIES = (repvgg, repghost, mobileone, qarepvgg)
+_FAMILIES = (repvgg, repghost, mobileone, qarepvgg, unireplknet, repvit, fastvit)
 _REGISTRY: dict[str, Callable[[int], ModelSpec]] = {
     name: entry for fam in _FAMILIES for name, entry in fam.MODELS.items()
 }

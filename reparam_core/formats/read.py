@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -119,21 +120,41 @@ def load_neutral(
     return state, form, fmt, scheme
 
 
+def classifier_axes(spec: ModelSpec) -> dict[str, int]:
+    """Every canonical key (either form) whose shape depends on the number of classes, with the
+    axis that holds it in the torch layout: found by comparing the schemas of the spec at two
+    class counts, so every family's head (a Linear, averaged heads, a fused classifier) is found
+    without naming it."""
+    other = replace(spec, num_classes=spec.num_classes + 1)
+    out: dict[str, int] = {}
+    for form in FORMS:
+        mine, theirs = state_schema(spec, form), state_schema(other, form)
+        for key, info in mine.items():
+            if key in theirs and info.shape != theirs[key].shape:
+                out[key] = next(i for i, (a, b) in enumerate(zip(info.shape, theirs[key].shape)) if a != b)
+    return out
+
+
 def infer_num_classes(raw: Mapping[str, np.ndarray], fmt: str, spec: ModelSpec) -> int:
-    """The classifier width stored in a raw checkpoint: rows of the torch/MegEngine
-    `(classes, features)` linear weight, columns of the Flax `(features, classes)` kernel;
-    `spec.num_classes` when the keys do not map or no classifier is found."""
+    """The classifier width stored in a raw checkpoint: the class axis of the first tensor that
+    `classifier_axes` names (rows of the torch/MegEngine `(classes, features)` linear weight,
+    columns of the Flax `(features, classes)` kernel); `spec.num_classes` when the keys do not
+    map or no classifier is found."""
     state = flax_to_canonical_keys(raw, spec) if fmt == "flax" else dict(raw)
     try:
         state, _ = to_canonical(state, spec)
     except ReparamError:
         return spec.num_classes
-    for key in ("linear.weight", "classifier.weight"):
+    for key, axis in classifier_axes(spec).items():
         a = state.get(key)
-        if a is not None and np.ndim(a) == 2:
-            n = int(np.shape(a)[1] if fmt == "flax" else np.shape(a)[0])
-            return n if n >= 1 else spec.num_classes
+        if a is None:
+            continue
+        shape = np.shape(a)
+        if fmt == "flax" and len(shape) == 2:  # Flax kernels are (in, out)
+            axis = 1 - axis
+        if axis < len(shape) and shape[axis] >= 1:
+            return int(shape[axis])
     return spec.num_classes
 
 
-__all__ = ["read_raw", "flax_to_canonical_keys", "to_neutral", "load_neutral", "infer_num_classes"]
+__all__ = ["read_raw", "flax_to_canonical_keys", "to_neutral", "load_neutral", "classifier_axes", "infer_num_classes"]

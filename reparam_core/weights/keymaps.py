@@ -158,9 +158,11 @@ def key_names(keys: Iterable[str], spec: object, scheme: str) -> KeyNames:
 
 def schemes_for(spec: object) -> dict[str, Rules]:
     """The naming schemes of the family that defines `spec` (its family file's KEYMAPS), after
-    `canonical` (no renaming)."""
+    `canonical` (no renaming). A KEYMAPS entry may be a function of the spec that returns its
+    rules, where the names depend on the variant (FastViT's flat `network.{n}` list)."""
     family = importlib.import_module(type(spec).__module__)
-    return {"canonical": [], **getattr(family, "KEYMAPS", {})}
+    maps = getattr(family, "KEYMAPS", {})
+    return {"canonical": [], **{scheme: rules(spec) if callable(rules) else rules for scheme, rules in maps.items()}}
 
 
 def _known_keys(spec: object) -> set[str]:

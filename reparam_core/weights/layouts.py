@@ -1,9 +1,12 @@
 """Kernel layouts: PyTorch OIHW (canonical) <-> MegEngine 5-D grouped and Flax HWIO.
 
 - MegEngine: a grouped conv weight is `[g, O/g, I/g, kh, kw]` (4-D OIHW when g == 1); a conv
-  bias is `(1, O, 1, 1)`; BN tensors appear flat `(C,)` in `state_dict()`; linear as torch.
+  bias is `(1, O, 1, 1)`; BN tensors (BatchNorm1d's too) appear flat `(C,)` in `state_dict()`;
+  linear as torch; every other tensor (Scale/Bias in their stored shape, layer norm, GRN
+  `(1, 1, 1, C)`) in its canonical shape.
 - Flax: conv kernel HWIO with I = in / groups; linear kernel `(in, out)`; BN `scale`, `bias`,
-  `mean`, `var`.
+  `mean`, `var`; layer norm `scale`, `bias`; every other tensor (per-channel scales and biases,
+  GRN) under its canonical name and shape.
 Every conversion is a pure reshape/transpose, so round trips are exact.
 """
 
@@ -70,6 +73,7 @@ _FLAX_FIELD = {
     "bn.weight": "scale",
     "bn.running_mean": "mean",
     "bn.running_var": "var",
+    "layernorm.weight": "scale",
 }
 
 

@@ -45,7 +45,7 @@ def check_state(
     found = detect_form(spec, state, spell, source)
     if form is None:
         form = found
-    elif form != found and set(state) == set(schema_for(spec, found)):
+    elif form != found and set(state) == set(schema_for(spec, found)) != set(schema_for(spec, form)):
         raise CheckpointError(
             f"{source}: this is a {found}-form checkpoint of {name}, "
             f"but a {form}-form one was expected (its keys are all {found}-form keys)"
@@ -104,7 +104,7 @@ def _random_tensor(rng: np.random.Generator, info: TensorInfo) -> np.ndarray:
     if info.kind in ("conv.weight", "linear.weight"):
         fan_in = math.prod(shape[1:])
         return rng.normal(0.0, math.sqrt(1.0 / fan_in), shape)
-    if info.kind in ("bn.weight", "scale.weight"):
+    if info.kind in ("bn.weight", "scale.weight", "layernorm.weight"):
         return rng.uniform(0.4, 1.2, shape)
     if info.kind == "bn.running_var":
         return rng.uniform(0.5, 2.0, shape)

@@ -44,6 +44,9 @@ FAST = (
     "repghostnet_0_5x",
     "MobileOne-S0",
     "QARepVGG-A0",
+    "RepViT-M0.9",
+    "FastViT-T8",
+    "UniRepLKNet-A",
 )
 MODELS = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()]
 # full-size models through three backends: the root conftest releases memory (JAX's compiled

@@ -144,6 +144,91 @@ KEYS = [
         | bn("last_bn"),
         conv("fused_conv", True),
     ),
+    # apple/ml-fastvit models/fastvit.py, models/modules/{mobileone,replknet}.py
+    (
+        "RepMixer",
+        dict(dim=8),
+        bn("mixer.rbr_skip")
+        | conv("mixer.rbr_conv.0.conv")
+        | bn("mixer.rbr_conv.0.bn")
+        | conv("mixer.rbr_scale.conv")
+        | bn("mixer.rbr_scale.bn")
+        | bn("norm.rbr_skip")
+        | {"layer_scale"},
+        conv("reparam_conv", True),
+    ),
+    (
+        "ReparamLargeKernelConv",
+        dict(in_channels=8, out_channels=16, kernel_size=7, stride=2, groups=8, small_kernel=3),
+        conv("lkb_origin.conv") | bn("lkb_origin.bn") | conv("small_conv.conv") | bn("small_conv.bn"),
+        conv("lkb_reparam", True),
+    ),
+    ("RepCPE", dict(in_channels=8, embed_dim=8), conv("pe", True), conv("reparam_conv", True)),
+    (
+        "fastvit.MobileOneBlock",
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8, use_act=False),
+        bn("rbr_skip") | conv("rbr_conv.0.conv") | bn("rbr_conv.0.bn") | conv("rbr_scale.conv") | bn("rbr_scale.bn"),
+        conv("reparam_conv", True),
+    ),
+    # THU-MIG/RepViT: RepVGGDW's fused conv replaces the module itself (keys without a prefix)
+    (
+        "RepVGGDW",
+        dict(ed=8),
+        conv("conv.c") | bn("conv.bn") | conv("conv1", True) | bn("bn"),
+        {"weight", "bias"},
+    ),
+    (
+        "RepViTBlock",
+        dict(inp=16, hidden_dim=32, oup=16, kernel_size=3, stride=1, use_se=1, use_hs=1),
+        conv("token_mixer.0.conv.c")
+        | bn("token_mixer.0.conv.bn")
+        | conv("token_mixer.0.conv1", True)
+        | bn("token_mixer.0.bn")
+        | conv("token_mixer.1.fc1", True)
+        | conv("token_mixer.1.fc2", True)
+        | conv("channel_mixer.m.0.c")
+        | bn("channel_mixer.m.0.bn")
+        | conv("channel_mixer.m.2.c")
+        | bn("channel_mixer.m.2.bn"),
+        conv("token_mixer.0", True)
+        | conv("token_mixer.1.fc1", True)
+        | conv("token_mixer.1.fc2", True)
+        | conv("channel_mixer.m.0", True)
+        | conv("channel_mixer.m.2", True),
+    ),
+    # AILab-CVC/UniRepLKNet: kernel 7 merges dilated (5, 1), (3, 2), (3, 3) into lk_origin
+    (
+        "DilatedReparamBlock",
+        dict(channels=8, kernel_size=7, deploy=False),
+        conv("lk_origin")
+        | bn("origin_bn")
+        | conv("dil_conv_k5_1")
+        | bn("dil_bn_k5_1")
+        | conv("dil_conv_k3_2")
+        | bn("dil_bn_k3_2")
+        | conv("dil_conv_k3_3")
+        | bn("dil_bn_k3_3"),
+        conv("lk_origin", True),
+    ),
+    (
+        "UniRepLKNetBlock",
+        dict(dim=8, kernel_size=3),
+        conv("dwconv")
+        | bn("norm")
+        | conv("se.down", True)
+        | conv("se.up", True)
+        | conv("pwconv1.1", True)
+        | {"act.1.gamma", "act.1.beta"}
+        | conv("pwconv2.0")
+        | bn("pwconv2.2")
+        | {"gamma"},
+        conv("dwconv", True)
+        | conv("se.down", True)
+        | conv("se.up", True)
+        | conv("pwconv1.1", True)
+        | {"act.1.gamma"}
+        | conv("pwconv2.0", True),
+    ),
 ]
 
 
