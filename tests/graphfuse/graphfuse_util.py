@@ -180,7 +180,6 @@ def trap(name: str) -> nn.Module:
         "relu-in-branch": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.Sequential(cbn(C, C, 1), nn.ReLU())),
         "resnet-basic-block": BasicBlock,
         "stride-mismatch": lambda: TwoBranch(cbn(C, C, 3, 2, 1), cbn(C, C, 5)),
-        "dilation-mismatch": lambda: TwoBranch(cbn(C, C, 3, padding=2, dilation=2), cbn(C, C, 3, padding=1)),
         "other-tensor": OtherTensor,
         "asymmetric-padding": AsymPad,
         "bn-train-mode": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.BatchNorm2d(C)),
