@@ -8,8 +8,9 @@ BatchNormalization right after it, and every lone Conv followed by BatchNormaliz
 per-channel Mul/Add constants, becomes one Conv. A BN on features right before or after a
 linear layer (Gemm, MatMul by a constant (+ Add), also through timm LinearNorm's flatten/reshape)
 goes into it, parallel linear heads on one input summed or averaged become one, and a BN read
-only by an unpadded conv goes into that conv. The pass translates what it finds into the core's
-block description or rules and the core decides and computes the fusion
+only by an unpadded conv goes into that conv. The sums and conv chains are matched by the core
+(reparam_core.blocks.graphmatch, on a neutral view of the graph this pass builds; it applies the
+rewrites), the linear and BN -> conv rules here; the core decides and computes every fusion
 (reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias;
 reparam_core.blocks.fusion: fuse_linear_bn, fuse_bn_linear, fuse_bn_conv, merge_heads); what it
 refuses stays as it was and is listed in the report with the reason, and so is every BN left.
@@ -34,7 +35,7 @@ from onnx.reference import ReferenceEvaluator
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, Scale
 from reparam_core.blocks.fusion import fuse_bn_conv, fuse_bn_linear, fuse_linear_bn, merge_heads
 from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn
-from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, ViewNode, match
+from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
 
 
 def load(path: str) -> onnx.ModelProto:
@@ -370,15 +371,15 @@ class _Pass:
         of_const = len(n.input) == 2 and len(consts) == 1 and (n.op_type == "Add" or values == (n.input[0],))
         if n.op_type in ("Add", "Sub", "Sum") and values and (not consts or (n.op_type != "Sum" and of_const)):
             st, _, x = self.stage(n)  # an Add / Sub of a per-channel constant is a stage too
-            op = "sub" if n.op_type == "Sub" else "add"
+            op: Op = "sub" if n.op_type == "Sub" else "add"
             return ViewNode(key, label, what, op, values, tuple(st) if st and x else None, const=(consts or [None])[0])
         if n.op_type == "Pad" and values and values[0] == n.input[0]:
             return ViewNode(key, label, what, "pad", values[:1], pad=self._zero_pad(n))
         st, why, x = self.stage(n)
-        op = {"Conv": "conv", "BatchNormalization": "bn"}.get(n.op_type, "other")
+        kind: Op = "conv" if n.op_type == "Conv" else "bn" if n.op_type == "BatchNormalization" else "other"
         if st is None or x is None:
-            return ViewNode(key, label, what, op, values, None, why)
-        return ViewNode(key, label, what, op, (x, *(v for v in values if v != x)), tuple(st), why)
+            return ViewNode(key, label, what, kind, values, None, why)
+        return ViewNode(key, label, what, kind, (x, *(v for v in values if v != x)), tuple(st), why)
 
     def _zero_pad(self, pad: onnx.NodeProto) -> int | None:
         """The width of a Pad of constant zeros, the same on the four spatial sides of NCHW."""

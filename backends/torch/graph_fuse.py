@@ -3,21 +3,22 @@
 `fuse(module, example_input)` captures the module's graph (torch.fx symbolic tracing; fx with
 forward's non-tensor defaults fixed, for a classifier's `mode='tensor'`; torch.export where tracing
 fails or the traced graph computes other values than the module, as fx does for `t += u` read
-again), finds every sum whose operands are branches reading the same tensor (conv,
-conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse Branch
-Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1), plus a BN right after the sum, and every
-lone conv -> BN pair, and replaces each with ONE conv; and every BN1d -> Linear, Linear -> BN1d
-and sum (or mean) of Linear heads on one tensor with ONE Linear (core: fuse_bn_linear,
-fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their functional
-F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks do not count
-as readers); an in-place add is a sum unless the tensor it writes into (or a view of it) is read
-after it. The report's summary line gives the BN / Conv / Add / Linear counts before and after.
-The pass only translates what it finds into the core's block description
-(`reparam_core.blocks.nodes.Rep`); whether the branches are exactly one conv is decided by the core
-(`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused kernel and bias are computed
-by the core (reparam_core.blocks.fuse.rep_kernel_bias, float64). Anything the core refuses, or that
-is not a branch primitive (a nonlinearity, train-mode BN, a branch reading another tensor), is left
-exactly as it was and listed in the report with the reason.
+again), shows it to the core's matcher (reparam_core.blocks.graphmatch) as a neutral view and
+applies the matcher's rewrites: every sum whose operands are branches reading the same tensor
+(conv, conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse
+Branch Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1, a difference of branches and a
+per-channel scale on it as in FastViT's RepMixer), plus a BN right after the sum, and every lone
+conv -> BN (-> per-channel) chain becomes ONE conv; this pass itself turns every BN1d -> Linear,
+Linear -> BN1d and sum (or mean) of Linear heads on one tensor into ONE Linear (core:
+fuse_bn_linear, fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their
+functional F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks
+do not count as readers); an in-place add is a sum unless the tensor it writes into (or a view
+of it) is read after it (else the view shows it as an opaque op). The report's summary line gives
+the BN / Conv / Add / Linear counts before and after. Whether branches are exactly one conv is
+decided by the core (`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused kernel
+and bias are computed by the core (float64). Anything the core refuses, or that is not a branch
+primitive (a nonlinearity, train-mode BN, a branch reading another tensor), is left exactly as it
+was and listed in the report with the reason.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
 from reparam_core.blocks.fusion import fuse_bn_linear, fuse_linear_bn, merge_heads
 from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage
-from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, ViewNode, match
+from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
 from reparam_core.blocks.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
@@ -522,7 +523,7 @@ class _Pass:
         if _is_meta_read(n):
             return ViewNode(n.name, label, what)
         if self.is_add(n) or (n.op == "call_function" and n.target in SUBS and len(n.args) == 2 and not n.kwargs):
-            op = "add" if self.is_add(n) else "sub"
+            op: Op = "add" if self.is_add(n) else "sub"
             values = [a.name for a in n.args if self._is_value(a)]
             consts = [self._value(a) for a in n.args if not self._is_value(a)]
             if op == "sub" and not self._is_value(n.args[0]):
@@ -534,10 +535,10 @@ class _Pass:
             return ViewNode(n.name, label, what, "pad", (n.args[0].name,), pad=_zero_pad(n))
         st, why, x = self.stage(n)
         kind = _op_kind(n, self.modules)
-        op = "output" if n.op == "output" else {"Conv": "conv", "BN": "bn"}.get(kind or "", "other")
+        seen: Op = "output" if n.op == "output" else "conv" if kind == "Conv" else "bn" if kind == "BN" else "other"
         first = (x.name,) if x is not None else ()
         others = tuple(a.name for a in n.all_input_nodes if a is not x and self.const(a) is None)
-        return ViewNode(n.name, label, what, op, first + others, st if x is not None else None, why)
+        return ViewNode(n.name, label, what, seen, first + others, st if x is not None else None, why)
 
     def apply(self, rw: ConvRewrite) -> ViewNode:
         """The matcher's rewrite on the graph: an nn.Conv2d module in place of its nodes."""

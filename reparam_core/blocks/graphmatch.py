@@ -8,7 +8,8 @@ width of a zero pad, and the shapes of the values. `match` finds on it, in this 
 
 - sums of branches on one tensor: a tree of single-reader adds (an add of a zero constant
   counts; a `Sub` of two values is a sum with its second operand negated; a per-channel
-  scale on a single-reader sum is pushed into its terms, as FastViT's `x + ls * (a - b)`),
+  scale on a single-reader sum is pushed into its terms, as FastViT's `x + ls * (a - b)`;
+  pass-throughs between the sums are looked through),
   each term walked back through single-reader primitives, and through the BN-and-pad of
   Diverse Branch Block written as ops, `pad(pre - c) + c` with c = BN(0) of a BN `pre` or the
   bias of a conv `pre` (`pad_bn`), to the tensor it reads; a BN read only by the sum goes in
@@ -27,6 +28,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 
@@ -38,11 +40,12 @@ from .nodes import BN, Conv, PadBN, Scale
 Shape = tuple[int | None, ...]
 """A tensor shape (None: a dimension the adapter could not fix)."""
 
-OPS = ("add", "sub", "pad", "conv", "bn", "output", "other")
+Op = Literal["add", "sub", "pad", "conv", "bn", "output", "other"]
 """The op kinds of the view: `add` (inputs summed, plus `const`), `sub` (inputs[0] - inputs[1],
 or inputs[0] - `const`), `pad` (zero padding of `pad` pixels on the four spatial sides; `pad`
 None for any other pad), `conv`, `bn` (readable or not), `output` (the graph's outputs) and
-`other`."""
+`other`. What the format must not let the matcher touch (torch: an in-place add into a tensor
+read after it) the adapter shows as `other`."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,7 @@ class ViewNode:
     """its name in the report"""
     what: str
     """how a reason names it: `module ReLU`, `Relu /act/Relu`"""
-    op: str = "other"
-    """one of OPS"""
+    op: Op = "other"
     inputs: tuple[str, ...] = ()
     """the graph values it reads, the one its primitives read first"""
     stages: tuple[Stage, ...] | None = None
@@ -325,14 +327,19 @@ class _Matcher:
         return terms, sums
 
     def _scaled_sum(self, value: str) -> tuple[ViewNode | None, tuple[Stage, ...], list[str]]:
-        """`value` as single-reader per-channel scales on a single-reader sum: (the sum, the
-        scales in the order they apply, their values); (None, (), []) when it is not."""
+        """`value` as single-reader per-channel scales and pass-throughs on a single-reader sum
+        (FastViT's `0 + bn(x)` behind an nn.Identity): (the sum, the scales in the order they
+        apply, the values of the nodes between); (None, (), []) when it is not."""
         g = self.g
         scales: list[Stage] = []
         muls: list[str] = []
         while g.readers(value) == 1 and (p := g.node(value)) is not None:
             if self._is_sum_like(p):
                 return p, tuple(scales), muls
+            if p.stages == () and p.inputs:  # a pass-through (an eval dropout, nn.Identity)
+                muls.append(value)
+                value = p.inputs[0]
+                continue
             if p.stages is None or len(p.stages) != 1 or not isinstance(p.stages[0].node, Scale) or not p.inputs:
                 break
             scales.insert(0, p.stages[0])
@@ -487,4 +494,4 @@ def match(view: GraphView, apply: Apply, then_bn: bool = False) -> Matched:
     return m.out
 
 
-__all__ = ["OPS", "ViewNode", "GraphView", "ConvRewrite", "Apply", "Matched", "per_channel", "match"]
+__all__ = ["Op", "ViewNode", "GraphView", "ConvRewrite", "Apply", "Matched", "per_channel", "match"]

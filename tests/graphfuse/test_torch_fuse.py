@@ -15,6 +15,7 @@ from graphfuse_util import (
     DBBlock,
     PlusBlock,
     QABlock,
+    RepMixerBlock,
     SumListBlock,
     TorchAddBlock,
     TwoBranch,
@@ -126,6 +127,20 @@ def test_dilated_branch_wider_than_the_plain_kernel_fuses() -> None:
     assert f.branches == ("conv3x3+bn", "conv3x3+bn") and f.kernel == (5, 5) and fused.fuse_report.left == []
     (conv,) = [c for c in fused.modules() if isinstance(c, nn.Conv2d)]
     assert conv.dilation == (1, 1) and conv.padding == (2, 2)
+    assert rel_err(_run(fused, x), _run(copy.deepcopy(m).double(), x.double())) <= BLOCK_REL
+
+
+def test_repmixer_difference_of_sums_fuses() -> None:
+    """x + ls * (mixer(x) - norm(x)): the difference and the scale on it go into the terms, the
+    inner sum is fused first and read through its nn.Identity; one depthwise 3x3 conv is left."""
+    torch.manual_seed(2)
+    m = randomize(RepMixerBlock())
+    x = torch.randn(2, C, 8, 8)
+    fused = bt.fuse(m, x)
+    report = fused.fuse_report
+    assert report.left == [] and report.after == {"BN": 0, "Conv": 1, "Add": 0, "Linear": 0}, str(report)
+    (conv,) = [c for c in fused.modules() if isinstance(c, nn.Conv2d)]
+    assert conv.groups == C and conv.kernel_size == (3, 3)
     assert rel_err(_run(fused, x), _run(copy.deepcopy(m).double(), x.double())) <= BLOCK_REL
 
 
