@@ -74,7 +74,8 @@ class ViewNode:
 
 class GraphView:
     """The nodes of a graph in order, how many readers each value has (graph outputs count),
-    the shapes of the values, and the count of fused nodes named so far."""
+    the shapes of the values, and `count`, the last k of the fused nodes named reparam_fused_<k>
+    (the adapter's own fusions count on from it too)."""
 
     def __init__(
         self, nodes: Iterable[ViewNode], outputs: Iterable[str], shapes: Mapping[str, Shape], count: int = 0
@@ -86,6 +87,7 @@ class GraphView:
         self.count = count
 
     def readers(self, value: str) -> int:
+        """How many inputs of nodes (and graph outputs) read `value`."""
         return self.uses[value]
 
     def node(self, value: str) -> ViewNode | None:
@@ -100,6 +102,7 @@ class GraphView:
         return s[1] if s is not None and len(s) == 4 else None
 
     def describe(self, value: str) -> str:
+        """What writes `value`, for a reason: its node's `what`, or `a graph input`."""
         n = self.nodes.get(value)
         return n.what if n is not None else "a graph input"
 
@@ -108,21 +111,19 @@ class GraphView:
         gone = {*consumed, end}
         for v in gone:
             self.uses.subtract(self.nodes[v].inputs)
-        rename = {end: new.name}
-        self.nodes = {
-            (new.name if k == end else k): (new if k == end else replace(n, inputs=_renamed(n.inputs, rename)))
-            for k, n in self.nodes.items()
-            if k == end or k not in gone
-        }
+        nodes = {}
+        for k, n in self.nodes.items():
+            if k == end:
+                nodes[new.name] = new
+            elif k not in gone:
+                renamed = new.name != end and end in n.inputs
+                nodes[k] = replace(n, inputs=tuple(new.name if i == end else i for i in n.inputs)) if renamed else n
+        self.nodes = nodes
         readers = self.uses.pop(end, 0)
         self.uses[new.name] += readers
         self.uses.update(new.inputs)
         if end in self.shapes:
             self.shapes[new.name] = self.shapes[end]
-
-
-def _renamed(inputs: tuple[str, ...], rename: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(rename.get(i, i) for i in inputs)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class ConvRewrite:
     conv: Conv
     """its geometry"""
     kernel: np.ndarray
-    """OIHW, in `dtype`"""
+    """OIHW, in the dtype of the branches' tensors (float32 when none has one)"""
     bias: np.ndarray
     name: str
     """the new node's (and its parameters') name: reparam_fused_<k>"""
