@@ -268,6 +268,7 @@ class _Pass:
         self.count = 0
         self.erased: set[str] = set()
         self.erased_attrs: set[str] = set()
+        self.by_name: dict[str, fx.Node] = {}  # the matcher's values: the nodes that write them
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.unsafe = {n: why for n in gm.graph.nodes if _is_inplace_add(n) and (why := self._inplace_hazard(n))}
 
