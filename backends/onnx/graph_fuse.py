@@ -8,8 +8,9 @@ BatchNormalization right after it, and every lone Conv followed by BatchNormaliz
 per-channel Mul/Add constants, becomes one Conv. A BN on features right before or after a
 linear layer (Gemm, MatMul by a constant (+ Add), also through timm LinearNorm's flatten/reshape)
 goes into it, parallel linear heads on one input summed or averaged become one, and a BN read
-only by an unpadded conv goes into that conv. The pass translates what it finds into the core's
-block description or rules and the core decides and computes the fusion
+only by an unpadded conv goes into that conv. The sums and conv chains are matched by the core
+(reparam_core.blocks.graphmatch, on a neutral view of the graph this pass builds; it applies the
+rewrites), the linear and BN -> conv rules here; the core decides and computes every fusion
 (reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias;
 reparam_core.blocks.fusion: fuse_linear_bn, fuse_bn_linear, fuse_bn_conv, merge_heads); what it
 refuses stays as it was and is listed in the report with the reason, and so is every BN left.
@@ -31,9 +32,10 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, PadBN, Scale
+from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, Scale
 from reparam_core.blocks.fusion import fuse_bn_conv, fuse_bn_linear, fuse_linear_bn, merge_heads
-from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn, branch_kind, fuse_branches
+from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn
+from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
 
 
 def load(path: str) -> onnx.ModelProto:
@@ -345,223 +347,72 @@ class _Pass:
             return None, None, None
         return None, None, None
 
-    def pad_bn(self, add: onnx.NodeProto) -> tuple[list[Stage], str, list[onnx.NodeProto]] | None:
-        """`pre -> Sub c -> Pad p (zeros, spatial, symmetric) -> Add c`, where `pre` is a conv
-        whose bias is c or a BN whose BN(0) is c: the conv (without bias) and a PadBN, or the
-        BN as a PadBN (Diverse Branch Block's BN-and-pad): (stages, the tensor `pre` reads, the
-        nodes consumed); None when `add` is no such pattern."""
+    # ---------------------------------------------------------------- the matcher's view
+
+    def view(self) -> GraphView:
+        """The graph as the core matcher sees it (reparam_core.blocks.graphmatch): one node per
+        output (a node's later outputs read nothing there); constants are no values."""
         g = self.g
-        if add.op_type != "Add" or len(add.input) != 2:
+        nodes: list[ViewNode] = []
+        for n in g.model.graph.node:
+            if all(o in g.values for o in n.output if o):
+                continue
+            nodes.append(self._view_node(n))
+            nodes += [ViewNode(o, n.name or o, f"{n.op_type} {n.name}") for o in n.output[1:] if o]
+        return GraphView(nodes, self._graph_outputs(), g.shapes, self.count)
+
+    def _view_node(self, n: onnx.NodeProto) -> ViewNode:
+        """n in the matcher's terms: Add / Sum, Sub (of a value or of a constant), zero Pad, or
+        what it computes as branch primitives (stage)."""
+        g = self.g
+        key, label, what = n.output[0], n.name or n.output[0], f"{n.op_type} {n.name}"
+        values = tuple(i for i in n.input if i and g.const(i) is None)
+        consts = [g.const(i) for i in n.input if i and g.const(i) is not None]
+        of_const = len(n.input) == 2 and len(consts) == 1 and (n.op_type == "Add" or values == (n.input[0],))
+        if n.op_type in ("Add", "Sub", "Sum") and values and (not consts or (n.op_type != "Sum" and of_const)):
+            st, _, x = self.stage(n)  # an Add / Sub of a per-channel constant is a stage too
+            op: Op = "sub" if n.op_type == "Sub" else "add"
+            return ViewNode(key, label, what, op, values, tuple(st) if st and x else None, const=(consts or [None])[0])
+        if n.op_type == "Pad" and values and values[0] == n.input[0]:
+            return ViewNode(key, label, what, "pad", values[:1], pad=self._zero_pad(n))
+        st, why, x = self.stage(n)
+        kind: Op = "conv" if n.op_type == "Conv" else "bn" if n.op_type == "BatchNormalization" else "other"
+        if st is None or x is None:
+            return ViewNode(key, label, what, kind, values, None, why)
+        return ViewNode(key, label, what, kind, (x, *(v for v in values if v != x)), tuple(st), why)
+
+    def _zero_pad(self, pad: onnx.NodeProto) -> int | None:
+        """The width of a Pad of constant zeros, the same on the four spatial sides of NCHW."""
+        g = self.g
+        pads = g.const(pad.input[1]) if len(pad.input) > 1 else None
+        value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+        if pads is None or _attrs(pad).get("mode", b"constant") not in (b"constant", "constant"):
             return None
-        for pi, ci in ((0, 1), (1, 0)):
-            pad, c = g.producer.get(add.input[pi]), g.const(add.input[ci])
-            if pad is None or c is None or pad.op_type != "Pad" or g.uses[pad.output[0]] != 1:
-                continue
-            sub = g.producer.get(pad.input[0])
-            pads = g.const(pad.input[1]) if len(pad.input) > 1 else None
-            mode = _attrs(pad).get("mode", b"constant")
-            value = g.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
-            if (
-                sub is None
-                or sub.op_type != "Sub"
-                or pads is None
-                or mode not in (b"constant", "constant")
-                or (value is not None and np.any(value != 0))
-                or g.uses[sub.output[0]] != 1
-            ):
-                continue
-            shift = g.const(sub.input[1])
-            if shift is None:
-                continue
-            p = [int(v) for v in pads.reshape(-1)]
-            if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or len(set(p[2:4] + p[6:8])) != 1:
-                continue
-            cv = _per_channel(c, None)
-            if cv is None or not np.array_equal(shift, c):
-                continue
-            pre = g.producer.get(sub.input[0])
-            if pre is None or g.uses[pre.output[0]] != 1:
-                continue
-            st, _, x = self.stage(pre)
-            if not st or len(st) != 1 or x is None:
-                continue
-            node, prm = st[0].node, st[0].params
-            tol = 1e-6 * max(float(np.abs(cv).max()), 1e-30)
-            if isinstance(node, Conv) and node.bias and np.abs(prm["bias"] - cv).max() <= tol:
-                conv = Stage(
-                    Conv(
-                        "",
-                        node.in_channels,
-                        node.out_channels,
-                        node.kernel,
-                        node.stride,
-                        node.padding,
-                        node.dilation,
-                        node.groups,
-                    ),
-                    {"weight": prm["weight"]},
-                )
-                b = affine_bn(node.out_channels, None, prm["bias"])
-                return ([conv, Stage(PadBN("", node.out_channels, p[2], 0.0), b.params)], x, [add, pad, sub, pre])
-            if isinstance(node, BN):
-                zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
-                    prm["running_var"].astype(np.float64) + node.eps
-                )
-                if np.abs(zero - cv).max() <= tol:
-                    return ([Stage(PadBN("", node.channels, p[2], node.eps), prm)], x, [add, pad, sub, pre])
-        return None
+        if value is not None and np.any(value != 0):
+            return None
+        p = [int(v) for v in pads.reshape(-1)]
+        if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or len(set(p[2:4] + p[6:8])) != 1:
+            return None
+        return p[2]
 
-    # ---------------------------------------------------------------- branches and sums
-
-    def branch(self, term: str) -> tuple[str, list[Stage], list[onnx.NodeProto], str | None]:
-        """Walk back from a summed tensor through single-use primitives."""
+    def apply(self, rw: ConvRewrite) -> ViewNode:
+        """The matcher's rewrite on the graph: a Conv node (new initializers) in place of its nodes."""
         g = self.g
-        stages: list[Stage] = []
-        nodes: list[onnx.NodeProto] = []
-        name, why = term, None
-        while g.uses[name] == 1 and name in g.producer:
-            n = g.producer[name]
-            found = self.pad_bn(n)
-            if found is not None:
-                padded, src, consumed = found
-                nodes += consumed
-                stages += padded[::-1]
-                name = src
-                continue
-            st, reason, x = self.stage(n)
-            if st is None or x is None:
-                why = reason
-                break
-            nodes.append(n)
-            stages += st[::-1]
-            name = x
-        return name, stages[::-1], nodes, why
-
-    def _is_sum(self, n: onnx.NodeProto) -> bool:
-        return n.op_type in ("Add", "Sum") and all(self.g.const(i) is None for i in n.input)
-
-    def terms(
-        self, n: onnx.NodeProto, after: tuple[Stage, ...] = ()
-    ) -> tuple[list[tuple[str, tuple[Stage, ...]]], list[onnx.NodeProto]]:
-        """The summands of a tree of single-use sums, each with the per-channel scales applied
-        to it after the sum (`after`): `Sub` as a sum whose second operand is negated, and a
-        per-channel `Mul` constant on a sum pushed into each of its terms (it is linear), as in
-        FastViT's `x + ls * (mixer(x) - norm(x))`. Returns (terms, the sum nodes consumed)."""
-        terms: list[tuple[str, tuple[Stage, ...]]] = []
-        sums = [n]
-        for k, i in enumerate(n.input):
-            tail = ((self._negate(i),) if n.op_type == "Sub" and k == 1 else ()) + after
-            inner, scales, muls = self._scaled_sum(i)
-            if inner is not None:
-                t, s = self.terms(inner, scales + tail)
-                terms += t
-                sums += [*muls, *s]
-            else:
-                terms.append((i, tail))
-        return terms, sums
-
-    def _is_sum_like(self, n: onnx.NodeProto) -> bool:
-        return self._is_sum(n) or (
-            n.op_type == "Sub" and len(n.input) == 2 and all(self.g.const(i) is None for i in n.input)
-        )
-
-    def _scaled_sum(self, name: str) -> tuple[onnx.NodeProto | None, tuple[Stage, ...], list[onnx.NodeProto]]:
-        """`name` as single-use per-channel Mul constants on a single-use sum or Sub: (the sum,
-        the scales in the order they apply, the Mul nodes); (None, (), []) when it is not."""
-        g = self.g
-        scales: list[Stage] = []
-        muls: list[onnx.NodeProto] = []
-        while g.uses[name] == 1 and name in g.producer:
-            p = g.producer[name]
-            if self._is_sum_like(p):
-                if p.op_type == "Sub" and g.channels(p.input[1]) is None:
-                    break
-                return p, tuple(scales), muls
-            st, _, x = self.stage(p) if p.op_type == "Mul" else (None, None, None)
-            if st is None or x is None or not isinstance(st[0].node, Scale):
-                break
-            scales.insert(0, st[0])
-            muls.append(p)
-            name = x
-        return None, (), []
-
-    def _negate(self, name: str) -> Stage:
-        c = self.g.channels(name) or 0
-        return Stage(Scale("", c), {"weight": -np.ones(c)})
-
-    def try_sum(self, n: onnx.NodeProto) -> None:
-        if not self._try_tree(n):
-            for i in n.input:
-                p = self.g.producer.get(i)
-                if p is not None and self._is_sum(p) and self.g.uses[i] == 1:
-                    self.try_sum(p)
-
-    def _try_tree(self, n: onnx.NodeProto) -> bool:
-        g = self.g
-        terms, sums = self.terms(n)
-        out = g.shapes.get(n.output[0])
-        if any(not _same_shape(g.shapes.get(t), out) for t, _ in terms):
-            self.report.left.append(LeftAlone(n.name or n.output[0], "operands broadcast"))
-            return False
-        walks = [
-            (s, stages + list(tail), nodes, why)
-            for (s, stages, nodes, why), (_, tail) in zip(map(self.branch, (t for t, _ in terms)), terms)
-        ]
-        sources = [w[0] for w in walks]
-        common = max(sources, key=sources.count)  # the first on a tie
-        bad = sorted(
-            (i for i, s in enumerate(sources) if s != common), key=lambda i: walks[i][3] is None
-        )  # a branch stopped by a reason first
-        if bad:
-            s, _, _, stop = walks[bad[0]]
-            p = g.producer.get(s)
-            what = f"{p.op_type} {p.name}" if p is not None else "a graph input"
-            self.report.left.append(
-                LeftAlone(
-                    n.name or n.output[0], stop or (f"branch {bad[0]} reads {s} ({what}), the others read {common}")
-                )
-            )
-            return False
-        return self.fuse(n, common, [w[1] for w in walks], [m for w in walks for m in w[2]] + sums)
-
-    def fuse(self, last: onnx.NodeProto, source: str, branches: list[list[Stage]], nodes: list[onnx.NodeProto]) -> bool:
-        g = self.g
-        end, post = last, None
-        users = [m for m in g.model.graph.node if last.output[0] in m.input]
-        if g.uses[last.output[0]] == 1 and users and users[0].op_type == "BatchNormalization":
-            st, _, _ = self.stage(users[0])
-            if st is not None:
-                end, post = users[0], st[0]
-        out_ch = _out_channels(branches, g.channels(source), g.channels(last.output[0]))
-        cin = g.channels(source) or _in_channels(branches)
-        where = last.name or last.output[0]
-        if cin is None or out_ch is None:
-            self.report.left.append(LeftAlone(where, "channel count unknown"))
-            return False
-        try:
-            fused, (kernel, bias) = fuse_branches(branches, cin, out_ch, post)
-        except FusionError as e:
-            self.report.left.append(LeftAlone(where, str(e)))
-            return False
-        name = self._new_name()
-        dt = _dtype(branches)
+        end = g.producer[rw.end]
+        f = rw.conv
         conv = helper.make_node(
             "Conv",
-            [source, *self._add_init(name, weight=kernel.astype(dt), bias=bias.astype(dt))],
+            [rw.source, *self._add_init(rw.name, weight=rw.kernel, bias=rw.bias)],
             [end.output[0]],
-            name=name,
-            kernel_shape=list(fused.kernel),
-            strides=list(fused.stride),
-            pads=[*fused.padding, *fused.padding],
-            dilations=list(fused.dilation),
-            group=fused.groups,
+            name=rw.name,
+            kernel_shape=list(f.kernel),
+            strides=list(f.stride),
+            pads=[*f.padding, *f.padding],
+            dilations=list(f.dilation),
+            group=f.groups,
         )
-        self._replace(nodes, end, conv)
-        kinds = tuple(branch_kind(b) for b in branches) + (("then bn",) if post else ())
-        self.report.fused.append(
-            FusedSum(tuple(sorted({m.name or m.output[0] for m in (*nodes, end)})), kinds, fused.kernel, name)
-        )
-        return True
+        self._replace([g.producer[v] for v in rw.consumed if v != rw.end], end, conv)
+        return rw.node(end.output[0], f"Conv {rw.name}")
 
     def run(self) -> None:
         """BN around linear layers and merged heads first (they read no conv), then sums, lone
@@ -572,9 +423,13 @@ class _Pass:
             self.bn_linear(out)
         for out in self._outputs("Add", "Sum"):
             self.heads(out)
-        self._sums()
-        for out in self._outputs("Conv"):
-            self._conv_chain(out)
+        view = self.view()  # sums of branches, conv chains: the core's matcher
+        matched = match(view, self.apply)
+        self.count = view.count
+        self.report.fused += matched.fused
+        self.report.left += matched.left
+        for out, why in matched.bn_notes.items():
+            self.why.setdefault(out, why)
         for out in self._outputs("BatchNormalization"):
             self.bn_conv(out)
         self._explain_bns()
@@ -590,46 +445,6 @@ class _Pass:
 
     def _users(self, name: str) -> list[onnx.NodeProto]:
         return [m for m in self.g.model.graph.node if name in m.input]
-
-    def _sums(self) -> None:
-        graph = self.g.model.graph
-        roots = [
-            n.output[0]
-            for n in graph.node
-            if self._is_sum(n)
-            and not (
-                self.g.uses[n.output[0]] == 1 and any(self._is_sum(u) for u in graph.node if n.output[0] in u.input)
-            )
-        ]
-        for out in roots:
-            n = self.g.producer.get(out)
-            if n is not None and self._is_sum(n):
-                self.try_sum(n)
-
-    def _conv_chain(self, out: str) -> None:
-        """A conv and the BN / per-channel Mul / Add constants after it (each read once)."""
-        n = self._node(out, "Conv")
-        if n is None:
-            return
-        head, why, src = self.stage(n)
-        if head is None or src is None:
-            for u in self._users(n.output[0]):
-                if u.op_type == "BatchNormalization":
-                    self.why.setdefault(u.output[0], f"after Conv {n.name}: {why}" if why else "")
-            return
-        chain, last, nodes = list(head), n, []
-        while self.g.uses[last.output[0]] == 1:
-            users = self._users(last.output[0])
-            if not users:
-                break
-            st, _, x = self.stage(users[0])
-            if st is None or x != last.output[0] or self._feeds_pad(users[0]):
-                break
-            nodes.append(last)
-            chain += st
-            last = users[0]
-        if nodes:
-            self.fuse(last, src, [chain], nodes)
 
     def _replace(
         self, nodes: Sequence[onnx.NodeProto], end: onnx.NodeProto, new: onnx.NodeProto | list[onnx.NodeProto]
@@ -926,10 +741,6 @@ class _Pass:
         after = ", ".join(f"{u.op_type} {u.name}" for u in users) or "a graph output"
         return f"BatchNormalization between {self.g.origin(src)} and {after}: no conv or linear layer to fold it into"
 
-    def _feeds_pad(self, n: onnx.NodeProto) -> bool:
-        """Whether n's output goes into a Pad (the `Sub c` of a BN-and-pad, kept whole)."""
-        return any(n.output[0] in m.input and m.op_type == "Pad" for m in self.g.model.graph.node)
-
     def _drop_unused(self) -> None:
         """Remove nodes and initializers nothing reads any more (the consumed branches'
         constant inputs)."""
@@ -951,45 +762,6 @@ class _Pass:
         keep_init = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep_init)
-
-
-def _same_shape(a: Shape | None, b: Shape | None) -> bool:
-    """False only when both shapes are known and differ (a broadcasting Add)."""
-    if a is None or b is None:
-        return True
-    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
-
-
-def _out_channels(branches: list[list[Stage]], cin: int | None, shape_c: int | None) -> int | None:
-    if shape_c is not None:
-        return shape_c
-    for b in branches:
-        for st in reversed(b):
-            n = st.node
-            if isinstance(n, Conv):
-                return n.out_channels
-            if isinstance(n, (BN, PadBN, Scale)):
-                return n.channels
-    return cin
-
-
-def _in_channels(branches: list[list[Stage]]) -> int | None:
-    for b in branches:
-        for st in b:
-            n = st.node
-            if isinstance(n, Conv):
-                return n.in_channels
-            if isinstance(n, (BN, PadBN, Scale)):
-                return n.channels
-    return None
-
-
-def _dtype(branches: list[list[Stage]]) -> np.dtype:
-    for b in branches:
-        for st in b:
-            if "weight" in st.params:
-                return np.asarray(st.params["weight"]).dtype
-    return np.dtype(np.float32)
 
 
 SUMMARY_OPS = (("BatchNormalization",), ("Conv",), ("Add",), ("Gemm", "MatMul"))

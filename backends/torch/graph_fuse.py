@@ -3,21 +3,22 @@
 `fuse(module, example_input)` captures the module's graph (torch.fx symbolic tracing; fx with
 forward's non-tensor defaults fixed, for a classifier's `mode='tensor'`; torch.export where tracing
 fails or the traced graph computes other values than the module, as fx does for `t += u` read
-again), finds every sum whose operands are branches reading the same tensor (conv,
-conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse Branch
-Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1), plus a BN right after the sum, and every
-lone conv -> BN pair, and replaces each with ONE conv; and every BN1d -> Linear, Linear -> BN1d
-and sum (or mean) of Linear heads on one tensor with ONE Linear (core: fuse_bn_linear,
-fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their functional
-F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks do not count
-as readers); an in-place add is a sum unless the tensor it writes into (or a view of it) is read
-after it. The report's summary line gives the BN / Conv / Add / Linear counts before and after.
-The pass only translates what it finds into the core's block description
-(`reparam_core.blocks.nodes.Rep`); whether the branches are exactly one conv is decided by the core
-(`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused kernel and bias are computed
-by the core (reparam_core.blocks.fuse.rep_kernel_bias, float64). Anything the core refuses, or that
-is not a branch primitive (a nonlinearity, train-mode BN, a branch reading another tensor), is left
-exactly as it was and listed in the report with the reason.
+again), shows it to the core's matcher (reparam_core.blocks.graphmatch) as a neutral view and
+applies the matcher's rewrites: every sum whose operands are branches reading the same tensor
+(conv, conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse
+Branch Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1, a difference of branches and a
+per-channel scale on it as in FastViT's RepMixer), plus a BN right after the sum, and every lone
+conv -> BN (-> per-channel) chain becomes ONE conv; this pass itself turns every BN1d -> Linear,
+Linear -> BN1d and sum (or mean) of Linear heads on one tensor into ONE Linear (core:
+fuse_bn_linear, fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their
+functional F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks
+do not count as readers); an in-place add is a sum unless the tensor it writes into (or a view
+of it) is read after it (else the view shows it as an opaque op). The report's summary line gives
+the BN / Conv / Add / Linear counts before and after. Whether branches are exactly one conv is
+decided by the core (`Rep` validation, reparam_core.blocks.fuse.check_rep) and the fused kernel
+and bias are computed by the core (float64). Anything the core refuses, or that is not a branch
+primitive (a nonlinearity, train-mode BN, a branch reading another tensor), is left exactly as it
+was and listed in the report with the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import copy
 import inspect
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from torch import nn
 
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
 from reparam_core.blocks.fusion import fuse_bn_linear, fuse_linear_bn, merge_heads
-from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, branch_kind, fuse_branches
+from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage
+from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
 from reparam_core.blocks.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
@@ -249,16 +250,8 @@ def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 # --------------------------------------------------------------------------- the pass
 
 
-@dataclass(frozen=True)
-class _Stage:
-    """A branch primitive (the core's Stage) and the graph node it comes from."""
-
-    node: fx.Node
-    core: Stage
-
-
-Found = tuple[_Stage | None, str | None, fx.Node | None]
-"""What a graph node computes as a branch primitive: (stage, None, input) — stage None for a
+Found = tuple[tuple[Stage, ...] | None, str | None, fx.Node | None]
+"""What a graph node computes as branch primitives: (stages, None, input) — () for a
 pass-through; (None, reason, None) for a primitive that cannot be fused; (None, None, None) for
 no primitive."""
 
@@ -275,6 +268,7 @@ class _Pass:
         self.count = 0
         self.erased: set[str] = set()
         self.erased_attrs: set[str] = set()
+        self.by_name: dict[str, fx.Node] = {}  # the matcher's values: the nodes that write them
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.unsafe = {n: why for n in gm.graph.nodes if _is_inplace_add(n) and (why := self._inplace_hazard(n))}
 
@@ -358,7 +352,7 @@ class _Pass:
             if not isinstance(x, fx.Node):
                 return None, None, None
             if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
-                return None, None, x
+                return (), None, x
             if isinstance(m, nn.Conv2d) and type(m) is nn.Conv2d:
                 return self._conv(n, x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
             if isinstance(m, PadBatchNorm):
@@ -379,7 +373,7 @@ class _Pass:
         if n.target in DROPOUTS:  # functional dropout, an identity when not training
             a = _args(n, ("input", "p", "training"), {"training": n.target is F.dropout})
             return (
-                (None, None, a["input"])
+                ((), None, a["input"])
                 if a["training"] is False and isinstance(a["input"], fx.Node)
                 else (None, None, None)
             )
@@ -455,7 +449,7 @@ class _Pass:
         params = {"weight": w.detach().cpu().numpy()}
         if b is not None:
             params["bias"] = b.detach().cpu().numpy()
-        return _Stage(n, Stage(conv, params)), None, x
+        return (Stage(conv, params),), None, x
 
     def _bn(
         self,
@@ -480,7 +474,7 @@ class _Pass:
         }
         params = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
         node = PadBN("", c, pad, float(eps)) if pad else BN("", c, float(eps))
-        return _Stage(n, Stage(node, params)), None, x
+        return (Stage(node, params),), None, x
 
     def _pool(
         self, n: fx.Node, x: fx.Node, kernel: Any, stride: Any, padding: Any, ceil: bool, count_pad: bool, divisor: Any
@@ -490,7 +484,7 @@ class _Pass:
             return None, f"avg pool {n.name} uses ceil_mode, a divisor or excludes padding", None
         if k[0] != k[1] or s[0] != s[1] or p[0] != p[1]:
             return None, f"avg pool {n.name} is not square", None
-        return _Stage(n, Stage(AvgPool(k[0], s[0], p[0]), {})), None, x
+        return (Stage(AvgPool(k[0], s[0], p[0]), {}),), None, x
 
     def _scale(self, n: fx.Node, x: fx.Node, c: Tensor) -> Found:
         shape = self.shape(x)
@@ -501,173 +495,64 @@ class _Pass:
             or tuple(c.shape) not in ((shape[1], 1, 1), (1, shape[1], 1, 1))
         ):
             return None, None, None
-        return _Stage(n, Stage(Scale("", shape[1]), {"weight": c.detach().reshape(-1).cpu().numpy()})), None, x
+        return (Stage(Scale("", shape[1]), {"weight": c.detach().reshape(-1).cpu().numpy()}),), None, x
 
-    # ---------------------------------------------------------------- branches and sums
+    # ---------------------------------------------------------------- the matcher's view
 
-    def branch(self, term: fx.Node) -> tuple[fx.Node, list[_Stage], list[fx.Node], str | None]:
-        """Walk back from a summed term through single-use primitives: (the tensor the branch
-        reads, its stages in forward order, the graph nodes it consumes, why it stopped early)."""
-        stages: list[_Stage] = []
-        nodes: list[fx.Node] = []
-        n, why = term, None
-        while isinstance(n, fx.Node) and len(_readers(n)) == 1:
-            padded = self.pad_bn(n)
-            if padded is not None:
-                st_pad, src, consumed = padded
-                nodes += consumed
-                stages.append(st_pad)
-                n = src
-                continue
-            st, reason, x = self.stage(n)
-            if x is None:
-                why = reason
-                break
-            nodes.append(n)
-            if st is not None:
-                stages.append(st)
-            n = x
-        return n, stages[::-1], nodes, why
+    def view(self) -> GraphView:
+        """The graph as the core matcher sees it (reparam_core.blocks.graphmatch): constants
+        (parameters, expressions of them) are no values, metadata reads read nothing."""
+        self.by_name = {n.name: n for n in self.gm.graph.nodes}
+        nodes = [self._view_node(n) for n in self.gm.graph.nodes if n not in self.consts]
+        shapes = {n.name: self.meta[n][0] for n in self.gm.graph.nodes if n in self.meta}
+        return GraphView(nodes, (), shapes, self.count)
 
-    def pad_bn(self, add: fx.Node) -> tuple[_Stage, fx.Node, list[fx.Node]] | None:
-        """`F.pad(bn(x) - c, [p] * 4) + c` with c = BN(0) per channel (Diverse Branch Block's
-        BN-and-pad, written functionally): one PadBN stage, x, the nodes it consumes."""
-        if not self.is_add(add):
-            return None
-        for pad, c in (add.args, add.args[::-1]):
-            cv = self.const(c)
-            if cv is None or not isinstance(pad, fx.Node) or pad.target is not F.pad or len(_readers(pad)) != 1:
-                continue
-            sub = pad.args[0]
-            amount = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
-            value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", None)
-            mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
-            if (
-                not isinstance(sub, fx.Node)
-                or sub.target not in SUBS
-                or len(_readers(sub)) != 1
-                or mode != "constant"
-                or value not in (None, 0, 0.0)
-                or not isinstance(amount, (list, tuple))
-                or len(amount) != 4
-                or len(set(amount)) != 1
-            ):
-                continue
-            shift, bn, width = self.const(sub.args[1]), sub.args[0], amount[0]
-            if (
-                shift is None
-                or not torch.equal(shift, cv)
-                or not isinstance(width, int)
-                or not isinstance(bn, fx.Node)
-                or len(_readers(bn)) != 1
-            ):
-                continue
-            st, _, x = self.stage(bn)
-            if st is None or x is None or not isinstance(st.core.node, BN):
-                continue
-            node, prm = st.core.node, st.core.params
-            zero = prm["bias"] - prm["running_mean"] * prm["weight"] / np.sqrt(
-                prm["running_var"].astype(np.float64) + node.eps
-            )
-            want = cv.detach().cpu().double().reshape(-1).numpy()
-            if want.shape != zero.shape or np.abs(zero - want).max() > 1e-6 * max(float(np.abs(want).max()), 1e-30):
-                continue
-            core = Stage(PadBN("", node.channels, width, node.eps), prm)
-            return _Stage(add, core), x, [add, pad, sub, bn]
-        return None
+    def _value(self, a: Any) -> np.ndarray | None:
+        """A constant operand as numpy (a number as a 0-d array), None when a is none."""
+        if isinstance(a, fx.Node):
+            c = self.const(a)
+            return None if c is None else _np(c)
+        return np.asarray(float(a)) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
 
-    def terms(self, add: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
-        """The flattened operands of a tree of adds (inner adds used only by it), the add nodes,
-        and a reason when an operand is a non-zero constant."""
-        terms: list[fx.Node] = []
-        adds = [add]
-        why = None
-        for a in add.args:
-            if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
-                t, inner, inner_why = self.terms(a)
-                why = why or inner_why
-                terms += t
-                adds += inner
-            elif isinstance(a, fx.Node) and self.const(a) is None:
-                terms.append(a)
-            elif not (isinstance(a, (int, float)) and a == 0):
-                why = f"adds a constant ({a if not isinstance(a, fx.Node) else a.name})"
-        return terms, adds, why
+    def _is_value(self, a: Any) -> TypeGuard[fx.Node]:
+        return isinstance(a, fx.Node) and self.const(a) is None
 
-    def try_sum(self, add: fx.Node) -> None:
-        """Fuse the tree of adds at `add` as one sum; failing that, each inner add of it."""
-        if not self._try_tree(add):
-            for a in add.args:
-                if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
-                    self.try_sum(a)
+    def _view_node(self, n: fx.Node) -> ViewNode:
+        """n in the matcher's terms: add, sub (of a value, or of a constant), zero pad, or what
+        it computes as branch primitives (stage)."""
+        label, what = _label(n), _what(n, self.modules)
+        if _is_meta_read(n):
+            return ViewNode(n.name, label, what)
+        if self.is_add(n) or (n.op == "call_function" and n.target in SUBS and len(n.args) == 2 and not n.kwargs):
+            op: Op = "add" if self.is_add(n) else "sub"
+            values = [a.name for a in n.args if self._is_value(a)]
+            consts = [self._value(a) for a in n.args if not self._is_value(a)]
+            if op == "sub" and not self._is_value(n.args[0]):
+                return ViewNode(n.name, label, what, "other", tuple(values))
+            if len(consts) == 1 and consts[0] is not None:
+                return ViewNode(n.name, label, what, op, tuple(values), const=consts[0])
+            return ViewNode(n.name, label, what, op if not consts else "other", tuple(values))
+        if n.op == "call_function" and n.target is F.pad and n.args and self._is_value(n.args[0]):
+            return ViewNode(n.name, label, what, "pad", (n.args[0].name,), pad=_zero_pad(n))
+        st, why, x = self.stage(n)
+        kind = _op_kind(n, self.modules)
+        seen: Op = "output" if n.op == "output" else "conv" if kind == "Conv" else "bn" if kind == "BN" else "other"
+        first = (x.name,) if x is not None else ()
+        others = tuple(a.name for a in n.all_input_nodes if a is not x and self.const(a) is None)
+        return ViewNode(n.name, label, what, seen, first + others, st if x is not None else None, why)
 
-    def _try_tree(self, add: fx.Node) -> bool:
-        terms, adds, why = self.terms(add)
-        if len(terms) < 2:
-            return False  # a tensor plus constants: not a sum of branches
-        if why is not None:
-            self.report_left.append(LeftAlone(add.name, why))
-            return False
-        out = self.shape(add)
-        if any(self.shape(t) != out for t in terms) or out is None or len(out) != 4:
-            self.report_left.append(
-                LeftAlone(add.name, f"operands of shapes {[self.shape(t) for t in terms]} broadcast or are not 4-D")
-            )
-            return False
-        walks = [self.branch(t) for t in terms]
-        sources = [w[0] for w in walks]
-        common = max(sources, key=sources.count)  # the first on a tie
-        bad = sorted(
-            (i for i, s in enumerate(sources) if s is not common), key=lambda i: walks[i][3] is None
-        )  # a branch stopped by a reason first
-        if bad:
-            i = bad[0]
-            s, _, _, stop = walks[i]
-            desc = stop or (f"branch {i} reads {s.name} ({_what(s, self.modules)}), the others read {common.name}")
-            self.report_left.append(LeftAlone(add.name, desc))
-            return False
-        return self.fuse(add, common, [w[1] for w in walks], [n for w in walks for n in w[2]] + adds, add.name)
-
-    def post_bn(self, last: fx.Node) -> _Stage | None:
-        if len(_readers(last)) != 1:
-            return None
-        (user,) = _readers(last)
-        st, _, x = self.stage(user)
-        return st if st is not None and x is last and isinstance(st.core.node, BN) else None
-
-    def fuse(
-        self, last: fx.Node, source: fx.Node, branches: list[list[_Stage]], nodes: list[fx.Node], where: str
-    ) -> bool:
-        """Build the core's Rep; on success replace `last` (and a BN after it) by one conv."""
-        post = self.post_bn(last)
-        source_shape, last_shape = self.shape(source), self.shape(last)
-        if source_shape is None or last_shape is None:
-            self.report_left.append(LeftAlone(where, f"no recorded tensor shape for {source.name} or {last.name}"))
-            return False
-        cin, cout = source_shape[1], last_shape[1]
-        try:
-            fused, (kernel, bias) = fuse_branches(
-                [[st.core for st in b] for b in branches], cin, cout, None if post is None else post.core
-            )
-        except FusionError as e:
-            self.report_left.append(LeftAlone(where, str(e)))
-            return False
-        end = last if post is None else post.node
-        self.count += 1
-        name = f"reparam_fused_{self.count}"
-        conv = nn.Conv2d(cin, cout, fused.kernel, fused.stride, fused.padding, fused.dilation, fused.groups, bias=True)
-        self.install(end, source, name, conv, kernel, bias)
-        dead = set(nodes) | {end}
-        self.erase(dead)
-        kinds = tuple(branch_kind([st.core for st in b]) for b in branches)
-        if post is not None:
-            kinds = (*kinds, "then bn")
-        self.report_fused.append(FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, fused.kernel, name))
-        return True
+    def apply(self, rw: ConvRewrite) -> ViewNode:
+        """The matcher's rewrite on the graph: an nn.Conv2d module in place of its nodes."""
+        f = rw.conv
+        conv = nn.Conv2d(f.in_channels, f.out_channels, f.kernel, f.stride, f.padding, f.dilation, f.groups, bias=True)
+        new = self.install(self.by_name[rw.end], self.by_name[rw.source], rw.name, conv, rw.kernel, rw.bias)
+        self.erase({self.by_name[v] for v in rw.consumed})
+        self.by_name[new.name] = new
+        return rw.node(new.name, _what(new, self.modules))
 
     def install(
         self, end: fx.Node, source: fx.Node, name: str, layer: nn.Conv2d | nn.Linear, w: np.ndarray, b: np.ndarray
-    ) -> None:
+    ) -> fx.Node:
         """Give `layer` the weight w and bias b, add it as submodule `name` and let every reader
         of `end` read layer(source) instead."""
         _, dtype, device = self.meta[end]
@@ -682,6 +567,7 @@ class _Pass:
             new = self.gm.graph.call_module(name, (source,))
         end.replace_all_uses_with(new)
         self.meta[new] = self.meta[end]
+        return new
 
     def erase(self, dead: set[fx.Node]) -> None:
         """Erase the nodes a fold consumed (their metadata reads become constants), then the
@@ -734,7 +620,7 @@ class _Pass:
         skipped: list[fx.Node] = []
         while len(_readers(n)) == 1:
             st, _, x = self.stage(n)
-            if st is not None or x is None:
+            if st != () or x is None:
                 break
             skipped.append(n)
             n = x
@@ -747,7 +633,7 @@ class _Pass:
         if shape is None or len(shape) != 2:
             return None, None, None
         st, why, x = self.stage(n)
-        if st is None or x is None or not isinstance(st.core.node, BN) or isinstance(st.core.node, PadBN):
+        if not st or x is None or not isinstance(st[0].node, BN):
             return None, why, None
         return st, None, x
 
@@ -766,7 +652,7 @@ class _Pass:
         if len(_readers(bn)) != 1:
             self.report_left.append(LeftAlone(bn.name, f"BN {bn.name} before linear {lin.name} is also read elsewhere"))
             return
-        self.fold_into_linear(lin, src, (w, b), st.core, {bn, *skipped, lin}, "bn+linear")
+        self.fold_into_linear(lin, src, (w, b), st[0], {bn, *skipped, lin}, "bn+linear")
 
     def fold_linear_bn(self, n: fx.Node) -> None:
         """Linear (-> eval dropout) -> BN1d as one Linear (core: fuse_linear_bn)."""
@@ -781,7 +667,7 @@ class _Pass:
             self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
             return
         w, b, src = got
-        self.fold_into_linear(n, src, (w, b), st.core, {lin, *skipped, n}, "linear+bn")
+        self.fold_into_linear(n, src, (w, b), st[0], {lin, *skipped, n}, "linear+bn")
 
     def fold_linear_flat_bn(self, n: fx.Node) -> None:
         """LeViT's LinearNorm: BN1d(linear(x).flatten(0, 1)).reshape_as(linear(x)), the BN over
@@ -798,7 +684,7 @@ class _Pass:
             self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
             return
         w, b, src = got
-        self.fold_into_linear(lin, src, (w, b), st.core, {lin, n}, "linear+bn", bypass=(n, flat))
+        self.fold_into_linear(lin, src, (w, b), st[0], {lin, n}, "linear+bn", bypass=(n, flat))
 
     def fold_into_linear(
         self,
@@ -826,6 +712,24 @@ class _Pass:
         if bypass is not None:  # the BN, read no more: its readers read its input
             bypass[0].replace_all_uses_with(bypass[1])
         self.replace_linear(end, src, kw, kb, dead, (kind,))
+
+    def terms(self, add: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
+        """The flattened operands of a tree of adds (inner adds read only by it), the add nodes,
+        and a reason when an operand is a non-zero constant."""
+        terms: list[fx.Node] = []
+        adds = [add]
+        why = None
+        for a in add.args:
+            if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
+                t, inner, inner_why = self.terms(a)
+                why = why or inner_why
+                terms += t
+                adds += inner
+            elif isinstance(a, fx.Node) and self.const(a) is None:
+                terms.append(a)
+            elif not (isinstance(a, (int, float)) and a == 0):
+                why = f"adds a constant ({a if not isinstance(a, fx.Node) else a.name})"
+        return terms, adds, why
 
     def _scaled(self, node: fx.Node) -> tuple[fx.Node, float] | None:
         """node = add / c or add * c for a number c and an add read only by node: (add, 1/c or c)."""
@@ -898,15 +802,13 @@ class _Pass:
                 self.merge_heads_at(n)
         for n, why in self.unsafe.items():
             self.report_left.append(LeftAlone(n.name, why))
-        roots = [
-            n for n in graph.nodes if self.is_add(n) and not (len(n.users) == 1 and self.is_add(next(iter(n.users))))
-        ]
-        for add in roots:
-            if add.graph is graph:
-                self.try_sum(add)
-        for n in list(graph.nodes):  # lone conv -> BN pairs
-            if n.graph is graph:
-                self.conv_bn(n)
+        view = self.view()  # sums of branches, conv chains: the core's matcher
+        matched = match(view, self.apply, then_bn=True)
+        self.count = view.count
+        self.report_fused += matched.fused
+        self.report_left += matched.left
+        notes = [LeftAlone(view.nodes[v].label, why) for v, why in matched.bn_notes.items() if v in view.nodes]
+        self.report_left += notes
         for n in list(graph.nodes):
             self.drop_zero_add(n)
 
@@ -928,29 +830,6 @@ class _Pass:
             n.replace_all_uses_with(t)
             self.gm.graph.erase_node(n)
 
-    def _inner_add(self, n: fx.Node) -> bool:
-        return len(n.users) == 1 and self.is_add(next(iter(n.users)))
-
-    def conv_bn(self, n: fx.Node) -> None:
-        """Fold a BN into the conv it reads; list the pair with its reason when it cannot be."""
-        st, why, x = self.stage(n)
-        bn_input = n.args[0] if n.args else None
-        if st is None and why is not None and isinstance(bn_input, fx.Node):  # a BN that cannot fold
-            head, _, _ = self.stage(bn_input)
-            if head is not None and isinstance(head.core.node, Conv):
-                self.report_left.append(LeftAlone(n.name, why))
-            return
-        if st is None or not isinstance(st.core.node, BN) or not isinstance(x, fx.Node):
-            return
-        head, _, src = self.stage(x)
-        if head is None or src is None or not isinstance(head.core.node, Conv):
-            return
-        others = [u.name for u in _readers(x) if u is not n]
-        if others:
-            self.report_left.append(LeftAlone(n.name, f"conv {x.name} before it is also read by {', '.join(others)}"))
-            return
-        self.fuse(x, src, [[head]], [x], n.name)
-
 
 def _is_leading_flatten(n: fx.Node) -> bool:
     """t.flatten(0, 1) / torch.flatten(t, 0, 1): the last dimension stays the last."""
@@ -963,6 +842,18 @@ def _reads_shape_only(u: fx.Node, n: fx.Node) -> bool:
     if _is_meta_read(u):
         return True
     return u.op == "call_method" and u.target in ("reshape_as", "view_as") and u.args[0] is not n
+
+
+def _zero_pad(n: fx.Node) -> int | None:
+    """The width of F.pad(t, [p] * 4) (constant zeros, the same on the four spatial sides)."""
+    amount = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+    mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+    value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(amount, (list, tuple)):
+        return None
+    if len(amount) != 4 or len(set(amount)) != 1 or not isinstance(amount[0], int):
+        return None
+    return amount[0]
 
 
 def _substitute(node: fx.Node, value: Any) -> Callable[[fx.Node], Any]:

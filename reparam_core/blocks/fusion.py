@@ -38,6 +38,13 @@ def bn_scale(gamma: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
     return _f64(gamma) / np.sqrt(denom)
 
 
+def bn_zero(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
+    """BN(0) per channel, beta - mean gamma / sqrt(var + eps), in float64: the value a BN gives a
+    zero input (what a PadBN pads with, the constant a BN-and-pad written as ops subtracts and
+    adds back). Refuses var + eps <= 0 like bn_scale."""
+    return _f64(beta) - _f64(mean) * bn_scale(gamma, var, eps)
+
+
 def _check_bn_shapes(bn: Sequence[np.ndarray], channels: int, context: str, where: str = "") -> None:
     """Raise unless BN (gamma, beta, mean, var) are all of shape (channels,)."""
     for name, v in zip(("gamma", "beta", "running_mean", "running_var"), bn):

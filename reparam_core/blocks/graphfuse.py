@@ -7,6 +7,7 @@ report of a pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -43,9 +44,17 @@ def branch_kind(stages: Sequence[Stage]) -> str:
     return "+".join(st.label for st in stages) or "identity"
 
 
+def _span(kernel: int, dilation: int) -> int:
+    """The input pixels a kernel of `kernel` taps dilated by `dilation` covers: (k - 1) d + 1."""
+    return (kernel - 1) * dilation + 1
+
+
 def fused_geometry(branches: Sequence[Branch], cin: int, cout: int) -> Conv:
-    """The one conv a sum of branches can be: on each axis the geometry of the stage with the
-    largest kernel there (its padding plus a PadBN's before it); the groups of the convs
+    """The one conv a sum of branches can be. On each axis: the dilation D is the gcd of the
+    dilations of the stages wider than one tap there (every branch's taps fall on its grid;
+    that of the widest stage when none is wider), the kernel K covers the largest span
+    (k - 1) d + 1 of a stage, K = (span - 1) / D + 1, with that stage's padding (plus a PadBN's
+    before it); the stride of the stage with the largest kernel; the groups of the convs
     (depthwise when there is none). Whether every branch lines up with it is check_rep's call."""
     stages = []  # (kernel, stride, padding, dilation)
     for chain in branches:
@@ -64,8 +73,17 @@ def fused_geometry(branches: Sequence[Branch], cin: int, cout: int) -> Conv:
     if not stages:
         return Conv("fused", cin, cout, 1, groups=groups)
     big = max(stages, key=lambda s: s[0][0] * s[0][1])
-    h, w = (max(stages, key=lambda s: s[0][axis]) for axis in (0, 1))
-    return Conv("fused", cin, cout, (h[0][0], w[0][1]), big[1], (h[2][0], w[2][1]), (h[3][0], w[3][1]), groups)
+    kernel, padding, dilation = [], [], []
+    for axis in (0, 1):
+        widest = max(stages, key=lambda s: _span(s[0][axis], s[3][axis]))
+        wide = [s[3][axis] for s in stages if s[0][axis] > 1]
+        d = math.gcd(*wide) if wide else widest[3][axis]
+        kernel.append((_span(widest[0][axis], widest[3][axis]) - 1) // d + 1)
+        padding.append(widest[2][axis])
+        dilation.append(d)
+    return Conv(
+        "fused", cin, cout, (kernel[0], kernel[1]), big[1], (padding[0], padding[1]), (dilation[0], dilation[1]), groups
+    )
 
 
 def fuse_branches(

@@ -140,6 +140,24 @@ class TwoBranch(nn.Module):
         return self.a(x) + self.b(x)
 
 
+class RepMixerBlock(nn.Module):
+    """FastViT's RepMixer as timm writes it: x + ls * (mixer(x) - norm(x)), the mixer a depthwise
+    3x3 conv + BN, a depthwise 1x1 conv + BN and a BN summed, the norm `0 + BN(x)`, each behind an
+    nn.Identity activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = cbn(C, C, 3, padding=1, groups=C)
+        self.s, self.skip, self.norm = cbn(C, C, 1, groups=C), nn.BatchNorm2d(C), nn.BatchNorm2d(C)
+        self.act = nn.Identity()
+        self.ls = nn.Parameter(torch.randn(C, 1, 1))
+
+    def forward(self, x):
+        mixer = self.act(self.skip(x) + self.s(x) + self.k(x))
+        norm = self.act(0 + self.norm(x))
+        return x + self.ls * (mixer - norm)
+
+
 class BasicBlock(nn.Module):
     """ResNet BasicBlock: the residual add comes after a ReLU."""
 
@@ -180,7 +198,6 @@ def trap(name: str) -> nn.Module:
         "relu-in-branch": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.Sequential(cbn(C, C, 1), nn.ReLU())),
         "resnet-basic-block": BasicBlock,
         "stride-mismatch": lambda: TwoBranch(cbn(C, C, 3, 2, 1), cbn(C, C, 5)),
-        "dilation-mismatch": lambda: TwoBranch(cbn(C, C, 3, padding=2, dilation=2), cbn(C, C, 3, padding=1)),
         "other-tensor": OtherTensor,
         "asymmetric-padding": AsymPad,
         "bn-train-mode": lambda: TwoBranch(cbn(C, C, 3, padding=1), nn.BatchNorm2d(C)),

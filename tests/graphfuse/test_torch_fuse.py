@@ -9,7 +9,20 @@ import copy
 import numpy as np
 import pytest
 import torch
-from graphfuse_util import ACBlock, C, DBBlock, PlusBlock, QABlock, SumListBlock, TorchAddBlock, cbn, randomize, trap
+from graphfuse_util import (
+    ACBlock,
+    C,
+    DBBlock,
+    PlusBlock,
+    QABlock,
+    RepMixerBlock,
+    SumListBlock,
+    TorchAddBlock,
+    TwoBranch,
+    cbn,
+    randomize,
+    trap,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -81,7 +94,6 @@ TRAPS = {
     "relu-in-branch": "(module ReLU), the others read x",
     "resnet-basic-block": "branch 1 reads x",
     "stride-mismatch": "stride (2, 2) differs",
-    "dilation-mismatch": "dilation (1, 1) differs",
     "other-tensor": "reads tanh",
     "asymmetric-padding": "branch 1 reads pad (function pad)",
     "bn-train-mode": "training mode",
@@ -102,6 +114,34 @@ def test_trap_is_not_fused(name: str) -> None:
     assert TRAPS[name] in left.reason, left.reason
     assert rel_err(_run(fused, x), before) <= BLOCK_REL
     assert "left  " in str(fused.fuse_report)
+
+
+def test_dilated_branch_wider_than_the_plain_kernel_fuses() -> None:
+    """A 3x3 conv with dilation 2 spans 5x5: with a plain 3x3 beside it the sum is one 5x5 conv
+    (dilation 1), not the 3x3 dilation-2 conv the largest kernel alone would give."""
+    torch.manual_seed(1)
+    m = randomize(TwoBranch(cbn(C, C, 3, padding=2, dilation=2), cbn(C, C, 3, padding=1)))
+    x = torch.randn(2, C, 8, 8)
+    fused = bt.fuse(m, x)
+    (f,) = fused.fuse_report.fused
+    assert f.branches == ("conv3x3+bn", "conv3x3+bn") and f.kernel == (5, 5) and fused.fuse_report.left == []
+    (conv,) = [c for c in fused.modules() if isinstance(c, nn.Conv2d)]
+    assert conv.dilation == (1, 1) and conv.padding == (2, 2)
+    assert rel_err(_run(fused, x), _run(copy.deepcopy(m).double(), x.double())) <= BLOCK_REL
+
+
+def test_repmixer_difference_of_sums_fuses() -> None:
+    """x + ls * (mixer(x) - norm(x)): the difference and the scale on it go into the terms, the
+    inner sum is fused first and read through its nn.Identity; one depthwise 3x3 conv is left."""
+    torch.manual_seed(2)
+    m = randomize(RepMixerBlock())
+    x = torch.randn(2, C, 8, 8)
+    fused = bt.fuse(m, x)
+    report = fused.fuse_report
+    assert report.left == [] and report.after == {"BN": 0, "Conv": 1, "Add": 0, "Linear": 0}, str(report)
+    (conv,) = [c for c in fused.modules() if isinstance(c, nn.Conv2d)]
+    assert conv.groups == C and conv.kernel_size == (3, 3)
+    assert rel_err(_run(fused, x), _run(copy.deepcopy(m).double(), x.double())) <= BLOCK_REL
 
 
 class _ShapeBranching(nn.Module):
