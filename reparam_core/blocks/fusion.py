@@ -42,7 +42,8 @@ def bn_zero(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarr
     """BN(0) per channel, beta - mean gamma / sqrt(var + eps), in float64: the value a BN gives a
     zero input (what a PadBN pads with, the constant a BN-and-pad written as ops subtracts and
     adds back). Refuses var + eps <= 0 like bn_scale."""
-    return _f64(beta) - _f64(mean) * bn_scale(gamma, var, eps)
+    out: np.ndarray = _f64(beta) - _f64(mean) * bn_scale(gamma, var, eps)
+    return out
 
 
 def _check_bn_shapes(bn: Sequence[np.ndarray], channels: int, context: str, where: str = "") -> None:
