@@ -126,7 +126,7 @@ def _branch_geometry(branch: Branch, rep: Rep, index: int) -> tuple[_Geometry | 
             if padding != (0, 0) and bias_so_far:
                 raise FusionError(
                     f"{where}: the padding of {_stage_name(node)} would pad a "
-                    f"biased value (after {biased_by}) with zeros, which the fused conv cannot compute; "
+                    f"biased value with zeros (the output of {biased_by}), which the fused conv cannot compute; "
                     "put a PadBN before it, or give it no padding"
                 )
             if pending_pad and padding != (0, 0):

@@ -434,7 +434,9 @@ def test_check_rep_refuses_what_a_fused_linear_or_bias_cannot_be() -> None:
         Rep(((Linear("l", 4, 3),),), Linear("l", 4, 3), residual=True)
     with pytest.raises(FusionError, match="groups=1, the fused conv groups=2"):
         Rep(((Linear("l", 4, 4),),), Conv("f", 4, 4, 1, groups=2))
-    with pytest.raises(FusionError, match=r"conv 'c' would pad a biased value \(after Bias 'b.bias'\)"):
+    with pytest.raises(
+        FusionError, match=r"conv 'c' would pad a biased value with zeros \(the output of Bias 'b.bias'\)"
+    ):
         Rep(((Bias("b", 4), Conv("c", 4, 4, 3, padding=1)),), Conv("f", 4, 4, 3, padding=1))
     with pytest.raises(FusionError, match="Bias 'b.bias' is stored with shape"):
         Rep(((Bias("b", 4, shape=(3,)), Conv("c", 4, 4, 1)),), Conv("f", 4, 4, 1))
