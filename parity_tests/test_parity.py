@@ -17,7 +17,15 @@ from .backend_rule import missing_backend, strict
 from .cases import block_matrix, model_cases, random_block_cases
 from .harness import BACKENDS, Case, CaseResult, run_case
 
-ARTIFACT_MODELS = {"RepVGG-A0", "RepVGG-B1g4", "RepVGG-D2se", "RepVGGplus-L2pse", "repghostnet_1_0x"}
+ARTIFACT_MODELS = {
+    "RepVGG-A0",
+    "RepVGG-B1g4",
+    "RepVGG-D2se",
+    "RepVGGplus-L2pse",
+    "repghostnet_1_0x",
+    "FastViT-SA12",
+    "UniRepLKNet-A",
+}
 # FastViT, RepViT and UniRepLKNet: in CI the smallest of each, FastViT's attention variant and
 # RepViT's legacy form (every node type of the three families); the larger ones with --slow.
 SLOW_MODELS = {

@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 
 from reparam_core import count_macs, count_params, count_params_folded, get_spec
-from reparam_core.blocks.nodes import SE, Add, Block, Conv, GlobalPool, Node, Rep, describe, walk
+from reparam_core.blocks.nodes import SE, Add, Block, Conv, GlobalPool, Linear, Node, Rep, describe, walk
 
 
 def _stage(path: str) -> str:
@@ -17,39 +17,87 @@ def _stage(path: str) -> str:
     return head[: -len(".blocks")] if head.endswith(".blocks") else head
 
 
-def _main_convs(node: Node) -> list[Conv]:
-    """The convs on a node's main path (a Rep counts as its fused conv)."""
-    if isinstance(node, Conv):
+Layer = Conv | Linear
+
+
+def _main_layers(node: Node) -> list[Layer]:
+    """The convs and linears on a node's main path (a Rep counts as its fused layer; of an Add's
+    chains, the one with the most layers, so a residual's identity or shortcut is not it)."""
+    if isinstance(node, (Conv, Linear)):
         return [node]
     if isinstance(node, Rep):
         return [node.fused]
     if isinstance(node, Add):
-        return [c for n in node.branches[0] for c in _main_convs(n)]
+        return max(([c for n in chain for c in _main_layers(n)] for chain in node.branches), key=len)
     if isinstance(node, Block):
-        return [c for n in node.body for c in _main_convs(n)]
+        return [c for n in node.body for c in _main_layers(n)]
     return []
 
 
-def _rows(spec: object) -> list[tuple[str, str, str, str, str]]:
-    """(stage, blocks, channels, strides, groups) per stage of the body, up to the global pool."""
-    stages: dict[str, list[Node]] = {}
+def _channels(layer: Layer) -> tuple[int, int]:
+    """(in, out) channels of a conv or a linear."""
+    if isinstance(layer, Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def _stride(layer: Layer) -> int:
+    return 1 if isinstance(layer, Linear) else layer.stride[0]
+
+
+def _group(layer: Layer) -> str:
+    """`dw` for a depthwise conv, else the conv's group count (1 for a linear)."""
+    if isinstance(layer, Linear):
+        return "1"
+    return "dw" if layer.groups == layer.out_channels > 1 else str(layer.groups)
+
+
+def _modules(spec: object) -> list[tuple[str, Node]]:
+    """(module, node) of the blocks and convs of the body, up to the global pool."""
+    found: list[tuple[str, Node]] = []
     for node in describe(spec).body:  # type: ignore[arg-type]
         if isinstance(node, GlobalPool):
             break
         if isinstance(node, (Block, Conv)):
             module = node.name.rpartition(".")[0] if isinstance(node, Conv) else node.name
-            stages.setdefault(_stage(module or node.name), []).append(node)
+            found.append((module or node.name, node))
+    return found
+
+
+def _stages(spec: object) -> list[tuple[str, list[Node]]]:
+    """Consecutive runs of nodes of one stage, named by it. A node whose stage would be the parent
+    of other stages is a stage itself (FastViT's `network.1` between `network.0.*` and
+    `network.2.*`); a stage that comes back after another is named by its run's first module
+    (UniRepLKNet's `downsample_layers.1` between `stages.0` and `stages.1`)."""
+    modules = _modules(spec)
+    keys = {_stage(m) for m, _ in modules}
+    runs: list[tuple[str, str, list[Node]]] = []
+    for module, node in modules:
+        stage = _stage(module)
+        key = module if any(k.startswith(stage + ".") for k in keys) else stage
+        if runs and runs[-1][0] == key:
+            runs[-1][2].append(node)
+        else:
+            runs.append((key, module, [node]))
+    recurring = Counter(key for key, _, _ in runs)
+    return [(first if recurring[key] > 1 else key, nodes) for key, first, nodes in runs]
+
+
+def _rows(spec: object) -> list[tuple[str, str, str, str, str]]:
+    """(stage, blocks, channels, strides, groups) per stage of the body, up to the global pool."""
     rows = []
-    for name, nodes in stages.items():
-        convs = [_main_convs(n) for n in nodes]
-        groups = Counter("dw" if c[0].groups == c[0].out_channels > 1 else str(c[0].groups) for c in convs)
-        strides = ",".join(str(max(cv.stride[0] for cv in c)) for c in convs)
+    for name, nodes in _stages(spec):
+        layers = [ls for ls in (_main_layers(n) for n in nodes) if ls]
+        if not layers:
+            continue
+        groups = Counter(_group(ls[0]) for ls in layers)
+        strides = ",".join(str(max(_stride(layer) for layer in ls)) for ls in layers)
         se = any(isinstance(n, SE) for node in nodes for _, n in walk(node))
         rows.append(
             (
                 name,
                 str(len(nodes)),
-                f"{convs[0][0].in_channels}->{convs[-1][-1].out_channels}",
+                f"{_channels(layers[0][0])[0]}->{_channels(layers[-1][-1])[1]}",
                 strides,
                 " ".join(f"{g}x{n}" if len(groups) > 1 else g for g, n in groups.items()) + (" +SE" if se else ""),
             )

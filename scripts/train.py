@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per step over all processes/devices",
     )
     a("--lr", type=float, default=None, help="peak learning rate (default 0.1 * B / 256)")
-    a("--wd", type=float, default=d.wd, help="weight decay (not on BN or biases)")
+    a("--wd", type=float, default=d.wd, help="weight decay (conv and linear weights only, not norms, scales, biases)")
     a("--label-smoothing", type=float, default=d.label_smoothing, metavar="S")
     a("--warmup-epochs", type=float, default=d.warmup_epochs, metavar="E")
     a("--ema", type=float, default=None, metavar="DECAY", help="EMA of the weights (e.g. 0.999)")

@@ -7,10 +7,11 @@ Several hosts: `initialize_hosts` (jax.distributed.initialize) first; each host 
 contiguous part of every global batch (jax.make_array_from_process_local_data).
 
 The recipe is reparam_core.training's, as in the PyTorch trainer: weight decay added to the
-gradient of >= 2-D weights (minus the custom-L2 kernels), then Nesterov momentum (optax.trace,
-PyTorch's SGD recursion), then -lr; label smoothing (optax.smooth_labels). `cfg.init` (a neutral
-train-form state) gives the same starting weights as the other trainers; without it the model
-starts from its nnx.Rngs(cfg.seed) initialisation. Process 0 writes the files.
+gradient of the conv and linear weights (tr.decayed_keys, minus the custom-L2 kernels), then
+Nesterov momentum (optax.trace, PyTorch's SGD recursion), then -lr; label smoothing
+(optax.smooth_labels). `cfg.init` (a neutral train-form state) gives the same starting weights
+as the other trainers; without it the model starts from its nnx.Rngs(cfg.seed) initialisation.
+Process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def _key(path: tuple) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def _decay_mask(params: nnx.State, l2_kernels: set[str]) -> Any:
-    """True where plain weight decay applies (reparam_core.training.recipe.decays, on Flax keys)."""
-    return jax.tree_util.tree_map_with_path(lambda path, p: tr.decays(_key(path), p.ndim, l2_kernels), params)
+def _decay_mask(params: nnx.State, decayed: set[str]) -> Any:
+    """True where plain weight decay applies: the Flax keys of tr.decayed_keys (by role, so a
+    parameter whose Flax shape differs from the official one is treated as in PyTorch)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: _key(path) in decayed, params)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
@@ -119,7 +121,7 @@ def train(
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
     tx = optax.chain(
         *parts,
-        optax.add_decayed_weights(cfg.wd, _decay_mask(params, l2_kernels)),
+        optax.add_decayed_weights(cfg.wd, _decay_mask(params, {flax_key(k, schema[k]) for k in tr.decayed_keys(spec)})),
         optax.trace(decay=cfg.momentum, nesterov=cfg.momentum > 0),
     )
     opt_state = tx.init(params)

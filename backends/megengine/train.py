@@ -4,7 +4,7 @@ backends.megengine.train`, driven by reparam_core.training.process from the CLI)
 The recipe and every framework-free part are reparam_core.training's, as in the PyTorch trainer:
 megengine.optimizer.SGD with Nesterov momentum, whose update is torch's
 
-    g <- g + wd * w      (>= 2-D weights only, minus the custom-L2 kernels)
+    g <- g + wd * w      (conv and linear weights only, minus the custom-L2 kernels)
     b <- m * b + g       (b starts at 0, so the first step's b is g, as torch's)
     w <- w - lr * (g + m * b)
 
@@ -51,17 +51,14 @@ def _native(arrays: dict[str, np.ndarray], schema: dict[str, TensorInfo]) -> dic
     return {k: mge.tensor(module_layout(v, schema[k])) for k, v in arrays.items()}
 
 
-def _optimizer(
-    model: RepModule, cfg: tr.TrainConfig, l2_kernels: set[str]
-) -> tuple[mge.optimizer.SGD, dict[str, Tensor]]:
-    """SGD + Nesterov; weight decay on the canonically >= 2-D weights only (a BN scale is
-    (1, C, 1, 1) inside MegEngine: the schema's shape decides), minus the custom-L2 kernels.
-    Also returns the parameters by canonical key."""
-    schema = model.schema()
+def _optimizer(model: RepModule, cfg: tr.TrainConfig, decayed: set[str]) -> tuple[mge.optimizer.SGD, dict[str, Tensor]]:
+    """SGD + Nesterov; weight decay on the `decayed` canonical keys only (tr.decayed_keys: by
+    role, so a BN scale, (1, C, 1, 1) inside MegEngine, is not decayed). Also returns the
+    parameters by canonical key."""
     params = {k: t for k, t in live_tensors(model).items() if isinstance(t, mge.Parameter)}
     groups: dict[bool, list[Tensor]] = {True: [], False: []}
     for key, p in params.items():
-        groups[tr.decays(key, len(schema[key].shape), l2_kernels)].append(p)
+        groups[key in decayed].append(p)
     opt = mge.optimizer.SGD(
         [{"params": groups[True], "weight_decay": cfg.wd}, {"params": groups[False], "weight_decay": 0.0}],
         lr=cfg.base_lr,
@@ -104,7 +101,7 @@ def train(
         load_state(model, init)
     l2_kernels = tr.custom_l2_kernels(spec)
     aux = tr.has_aux_heads(spec)
-    opt, params = _optimizer(model, cfg, l2_kernels)
+    opt, params = _optimizer(model, cfg, tr.decayed_keys(spec))
     gm = mge.autodiff.GradManager().attach(list(params.values()))
     ema = {k: F.copy(t) for k, t in live_tensors(model).items()} if cfg.ema else None
     ema_weight = 1.0 - (cfg.ema or 0.0)  # ema <- ema + (1 - decay) (now - ema), as torch's lerp_

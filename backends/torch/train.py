@@ -3,7 +3,7 @@
 
 The framework-free parts (data, split, augmentation, sample order, schedule, checkpoint and
 metrics files) are reparam_core.training; this module runs the steps. With `sync_bn` every
-BatchNorm2d of every branch computes its batch statistics over the global batch (DistBatchNorm2d:
+BatchNorm (2d, and 1d on N x C) computes its batch statistics over the global batch (DistBatchNorm2d/1d:
 torch's own SyncBatchNorm refuses CPU tensors). Checkpoints and the metrics file are written by
 rank 0 only, at each epoch end and on SIGTERM.
 """
@@ -51,11 +51,11 @@ class _SumAllReduce(torch.autograd.Function):
         return grad
 
 
-class DistBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics cover the batch of every process (two-pass:
-    mean = sum x / N, var = sum (x - mean)^2 / N over all processes, N the global count; the
-    sums in float64, as torch's CPU batch norm accumulates); running statistics as torch
-    (unbiased variance, `momentum`). One process or eval mode: plain BatchNorm2d."""
+class _DistBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics cover the batch of every process (two-pass:
+    mean = sum x / N, var = sum (x - mean)^2 / N over all processes and every axis but 1, N the
+    global count; the sums in float64, as torch's CPU batch norm accumulates); running statistics
+    as torch (unbiased variance, `momentum`). One process or eval mode: the plain BatchNorm."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -66,28 +66,46 @@ class DistBatchNorm2d(nn.BatchNorm2d):
                 "--sync-bn: a BatchNorm without running statistics or with a cumulative "
                 "average (momentum None) has no synchronised version here"
             )
+        self._check_input_dim(x)
+        axes = (0, *range(2, x.ndim))
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
         n = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = _SumAllReduce.apply(x.sum((0, 2, 3), dtype=torch.float64)) / n
-        centred = x - mean.to(x.dtype).view(1, -1, 1, 1)
-        var = _SumAllReduce.apply(centred.double().square().sum((0, 2, 3))) / n
+        mean = _SumAllReduce.apply(x.sum(axes, dtype=torch.float64)) / n
+        centred = x - mean.to(x.dtype).view(per_channel)
+        var = _SumAllReduce.apply(centred.double().square().sum(axes)) / n
         with torch.no_grad():
             count.add_(1)
             self.running_mean.lerp_(mean.to(x.dtype), momentum)
             self.running_var.lerp_((var * (n / max(n - 1, 1))).to(x.dtype), momentum)
         scale = self.weight * torch.rsqrt(var + self.eps).to(x.dtype)
-        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return centred * scale.view(per_channel) + self.bias.view(per_channel)
+
+
+class DistBatchNorm2d(_DistBatchNorm, nn.BatchNorm2d):
+    """The synchronised nn.BatchNorm2d (N x C x H x W)."""
+
+
+class DistBatchNorm1d(_DistBatchNorm, nn.BatchNorm1d):
+    """The synchronised nn.BatchNorm1d (N x C, e.g. RepViT's classifier BN)."""
+
+
+_SYNCED: dict[type[nn.Module], type[_DistBatchNorm]] = {
+    nn.BatchNorm2d: DistBatchNorm2d,
+    nn.BatchNorm1d: DistBatchNorm1d,
+}
 
 
 def convert_sync_bn(module: nn.Module) -> nn.Module:
-    """Replace every nn.BatchNorm2d (not subclasses with other semantics) by a DistBatchNorm2d
-    holding the same tensors, in place; PadBatchNorm (DBB) is refused."""
+    """Replace every nn.BatchNorm2d / nn.BatchNorm1d (not subclasses with other semantics) by its
+    synchronised version holding the same tensors, in place; PadBatchNorm (DBB) is refused."""
     for name, child in list(module.named_children()):
         if isinstance(child, PadBatchNorm):
             raise tr.TrainError(
                 f"--sync-bn: {name} is a padded BatchNorm (DBB), which has no synchronised version here"
             )
-        if type(child) is nn.BatchNorm2d:
-            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum)
+        synced = _SYNCED.get(type(child))
+        if synced is not None and isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = synced(child.num_features, child.eps, child.momentum)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:
@@ -126,12 +144,12 @@ def _reduce(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _optimizer(model: nn.Module, cfg: tr.TrainConfig, l2_kernels: set[str]) -> torch.optim.SGD:
-    """SGD + Nesterov momentum; weight decay on >= 2-D weights only, minus the custom-L2
-    kernels."""
+def _optimizer(model: nn.Module, cfg: tr.TrainConfig, decayed: set[str]) -> torch.optim.SGD:
+    """SGD + Nesterov momentum; weight decay on the `decayed` parameters only (tr.decayed_keys:
+    conv and linear weights minus the custom-L2 kernels; parameter names are canonical keys)."""
     groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
     for name, p in model.named_parameters():
-        groups[tr.decays(name, p.ndim, l2_kernels)].append(p)
+        groups[name in decayed].append(p)
     return torch.optim.SGD(
         [{"params": groups[True], "weight_decay": cfg.wd}, {"params": groups[False], "weight_decay": 0.0}],
         lr=cfg.base_lr,
@@ -227,7 +245,7 @@ def train(
     forward: nn.Module = _Forward(model, tr.has_aux_heads(spec))
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(forward)
-    opt = _optimizer(model, cfg, l2_kernels)
+    opt = _optimizer(model, cfg, tr.decayed_keys(spec))
     ema = _float_state(model) if cfg.ema else None
     ema_weight = 1.0 - (cfg.ema or 0.0)  # ema <- ema + (1 - decay) (now - ema)
     ema_model = copy.deepcopy(model) if cfg.ema else None
@@ -308,4 +326,4 @@ def train(
             dist.destroy_process_group()
 
 
-__all__ = ["train", "DistBatchNorm2d", "convert_sync_bn"]
+__all__ = ["train", "DistBatchNorm2d", "DistBatchNorm1d", "convert_sync_bn"]

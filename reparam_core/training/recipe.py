@@ -1,7 +1,7 @@
 """The training recipe of `reparam train`: the settings that decide the trained weights
 (`TrainConfig`), the step schedule, the learning rate (linear warm-up, then cosine to 0), which
-weights decay (RepVGGplus' custom L2 replaces plain decay on its kernels), and the settings a
-framework's trainer does not have.
+weights decay (conv and linear weights, by role; RepVGGplus' custom L2 replaces plain decay on
+its kernels), and the settings a framework's trainer does not have.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from ..blocks.l2 import l2_terms
 from ..blocks.nodes import SpecLike, in_form, join_key, rep_blocks
+from ..blocks.schema import state_schema
 from ..errors import ReparamError
 from ..families.specs import block_kind
 
@@ -122,10 +123,17 @@ def has_aux_heads(spec: SpecLike) -> bool:
     return bool(getattr(in_form(spec, "train"), "aux", ()))
 
 
-def decays(key: str, ndim: int, l2_kernels: set[str]) -> bool:
-    """Whether plain weight decay applies to a parameter: not to 1-D tensors (BN scale/shift,
-    biases) and not to the kernels the custom L2 regularises instead."""
-    return ndim > 1 and key not in l2_kernels
+DECAYED_KINDS = ("conv.weight", "linear.weight")  # schema roles that plain weight decay applies to
+
+
+def decayed_keys(spec: SpecLike) -> set[str]:
+    """Canonical keys that plain weight decay applies to: by role, not by stored shape, the
+    weights of convs and linears (SE's, attention's qkv and proj too), minus the kernels the
+    custom L2 regularises instead. Never BN/LayerNorm/GRN parameters, layer scales, Bias nodes or
+    biases, whatever their official shape (GRN's (1, 1, 1, C), FastViT's layer scale (C, 1, 1)):
+    the three trainers use this one set, so they decay the same tensors."""
+    decayed = {k for k, t in state_schema(spec, "train").items() if t.kind in DECAYED_KINDS}
+    return decayed - custom_l2_kernels(spec)
 
 
 def check_supported(cfg: TrainConfig, processes: int) -> None:
@@ -156,6 +164,7 @@ __all__ = [
     "learning_rate",
     "custom_l2_kernels",
     "has_aux_heads",
-    "decays",
+    "DECAYED_KINDS",
+    "decayed_keys",
     "check_supported",
 ]

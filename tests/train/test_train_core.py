@@ -108,10 +108,11 @@ def test_weight_decay_rule_and_custom_l2_kernels() -> None:
     assert {k.rsplit(".", 3)[-3] for k in kernels} == {"rbr_dense", "rbr_1x1"}
     n_rep = sum(1 for k in schema if k.endswith("rbr_dense.conv.weight"))
     assert len(kernels) == 2 * n_rep
-    some = sorted(kernels)[0]
-    assert not tr.decays(some, 4, kernels)
-    assert tr.decays(some, 4, set())
-    assert not tr.decays("stage1.0.rbr_dense.bn.weight", 1, set())
+    decayed = tr.decayed_keys(plus)
+    assert not decayed & kernels
+    assert decayed == {k for k, t in schema.items() if t.kind in tr.DECAYED_KINDS} - kernels
+    mini = tr.decayed_keys(get_spec("RepVGG-mini", 10))
+    assert "stage1.0.rbr_dense.conv.weight" in mini and "stage1.0.rbr_dense.bn.weight" not in mini
     assert tr.has_aux_heads(plus) and not tr.has_aux_heads(get_spec("RepVGG-mini", 10))
 
 
