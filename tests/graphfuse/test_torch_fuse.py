@@ -238,3 +238,26 @@ def test_random_branch_sums(good: list[str], traps: list[str], seed: int) -> Non
         assert not {n.rsplit(".", 1)[0] if n.count(".") > 1 else n for n in f.nodes} & trapped
     if not traps:
         assert len(_multi(fused.fuse_report)) == 1 and _convs(fused) == 1
+
+
+class BNConv(nn.Module):
+    """A BN before a 1x1 conv (NextViT), and a BN before a padded 3x3 conv (not exact: stays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1, self.c1 = nn.BatchNorm2d(C), nn.Conv2d(C, 2 * C, 1)
+        self.bn3, self.c3 = nn.BatchNorm2d(2 * C), nn.Conv2d(2 * C, C, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.c3(self.bn3(torch.relu(self.c1(self.bn1(x)))))
+
+
+def test_bn_before_1x1_conv_fused_before_padded_conv_reported() -> None:
+    torch.manual_seed(0)
+    m = randomize(BNConv())
+    x = torch.randn(2, C, 8, 8)
+    report = bt.fuse(m, x).fuse_report
+    assert [f.branches for f in report.fused] == [("bn+conv1x1",)]
+    assert [a.node for a in report.left] == ["bn3"] and "cannot be fused exactly" in report.left[0].reason
+    assert report.after == {"BN": 1, "Conv": 2, "Add": 0, "Linear": 0}
+    assert rel_err(_run(bt.fuse(m, x), x), _run(copy.deepcopy(m).double(), x.double())) <= BLOCK_REL
