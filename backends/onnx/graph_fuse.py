@@ -8,9 +8,11 @@ BatchNormalization right after it, and every lone Conv followed by BatchNormaliz
 per-channel Mul/Add constants, becomes one Conv. A BN on features right before or after a
 linear layer (Gemm, MatMul by a constant (+ Add), also through timm LinearNorm's flatten/reshape)
 goes into it, parallel linear heads on one input summed or averaged become one, and a BN read
-only by an unpadded conv goes into that conv. The sums and conv chains are matched by the core
-(reparam_core.blocks.graphmatch, on a neutral view of the graph this pass builds; it applies the
-rewrites), the linear and BN -> conv rules here; the core decides and computes every fusion
+only by an unpadded conv goes into that conv, and `t + 0` goes. All of it is matched by the core
+(reparam_core.blocks.graphmatch, on a neutral view of the graph this pass builds: Gemm / MatMul
+as `linear`, Reshape / Flatten as reshapes, an input read for its shape only not read; it applies
+the rewrites, Gemm or MatMul + Add for a linear layer, and names them `gemm` / `matmul`, `head`,
+`x0.5`); the core decides and computes every fusion
 (reparam_core.blocks.graphfuse.fuse_branches: Rep validation, float64 kernel and bias;
 reparam_core.blocks.fusion: fuse_linear_bn, fuse_bn_linear, fuse_bn_conv, merge_heads); what it
 refuses stays as it was and is listed in the report with the reason, and so is every BN left.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from reparam_core import BN, AvgPool, CheckpointError, Conv, FusionError, Scale
-from reparam_core.blocks.fusion import fuse_bn_conv, fuse_bn_linear, fuse_linear_bn, merge_heads
-from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage, affine_bn
-from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
+from reparam_core.blocks.graphfuse import FusedSum, FuseReport, Stage, affine_bn
+from reparam_core.blocks.graphmatch import ConvRewrite, Dense, GraphView, LinearRewrite, Naming, Op, ViewNode, match
 
 
 def load(path: str) -> onnx.ModelProto:
@@ -241,26 +242,10 @@ def _per_channel(c: np.ndarray, channels: int | None) -> np.ndarray | None:
     return v.astype(np.float64)
 
 
-@dataclass(frozen=True)
-class _Lin:
-    """A linear layer found in the graph: y = x W^T + b, x 2-D; its nodes, first to last."""
-
-    x: str
-    weight: np.ndarray
-    bias: np.ndarray | None
-    nodes: tuple[onnx.NodeProto, ...]
-
-    @property
-    def out(self) -> str:
-        return self.nodes[-1].output[0]
-
-
 class _Pass:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.g = _Graph(model)
         self.report = FuseReport("onnx graph")
-        self.count = 0
-        self.why: dict[str, str] = {}  # a BN's output -> why it was not folded
 
     # ---------------------------------------------------------------- primitives
 
@@ -359,22 +344,35 @@ class _Pass:
                 continue
             nodes.append(self._view_node(n))
             nodes += [ViewNode(o, n.name or o, f"{n.op_type} {n.name}") for o in n.output[1:] if o]
-        return GraphView(nodes, self._graph_outputs(), g.shapes, self.count)
+        return GraphView(nodes, {o.name for o in g.model.graph.output}, g.shapes)
 
     def _view_node(self, n: onnx.NodeProto) -> ViewNode:
-        """n in the matcher's terms: Add / Sum, Sub (of a value or of a constant), zero Pad, or
-        what it computes as branch primitives (stage)."""
+        """n in the matcher's terms: Add / Sum, Sub (of a value or of a constant), Mul / Div by a
+        constant, zero Pad, Gemm / MatMul, Reshape / Flatten, or what it computes as branch
+        primitives (stage); an input read only for its shape or dtype is none."""
         g = self.g
         key, label, what = n.output[0], n.name or n.output[0], f"{n.op_type} {n.name}"
-        values = tuple(i for i in n.input if i and g.const(i) is None)
+        meta = _SHAPE_ONLY.get(n.op_type, {})
+        values = tuple(i for k, i in enumerate(n.input) if i and g.const(i) is None and k not in meta)
         consts = [g.const(i) for i in n.input if i and g.const(i) is not None]
-        of_const = len(n.input) == 2 and len(consts) == 1 and (n.op_type == "Add" or values == (n.input[0],))
+        of_const = len(n.input) == 2 and len(consts) == 1 and (n.op_type in ("Add", "Mul") or values == (n.input[0],))
         if n.op_type in ("Add", "Sub", "Sum") and values and (not consts or (n.op_type != "Sum" and of_const)):
             st, _, x = self.stage(n)  # an Add / Sub of a per-channel constant is a stage too
             op: Op = "sub" if n.op_type == "Sub" else "add"
             return ViewNode(key, label, what, op, values, tuple(st) if st and x else None, const=(consts or [None])[0])
+        if n.op_type in ("Mul", "Div") and len(values) == 1 and of_const:
+            st, why, _ = self.stage(n)
+            scaled: Op = "mul" if n.op_type == "Mul" else "div"
+            return ViewNode(key, label, what, scaled, values, tuple(st) if st else None, why, consts[0])
         if n.op_type == "Pad" and values and values[0] == n.input[0]:
             return ViewNode(key, label, what, "pad", values[:1], pad=self._zero_pad(n))
+        if n.op_type in ("Gemm", "MatMul"):
+            lin = self._dense(n)
+            if isinstance(lin, tuple):
+                return ViewNode(key, label, what, "linear", (lin[1],), dense=lin[0])
+            return ViewNode(key, label, what, "linear", values, reason=lin)
+        if n.op_type in ("Reshape", "Flatten") and values and values[0] == n.input[0]:
+            return ViewNode(key, label, what, "reshape", values)
         st, why, x = self.stage(n)
         kind: Op = "conv" if n.op_type == "Conv" else "bn" if n.op_type == "BatchNormalization" else "other"
         if st is None or x is None:
@@ -395,8 +393,8 @@ class _Pass:
             return None
         return p[2]
 
-    def apply(self, rw: ConvRewrite) -> ViewNode:
-        """The matcher's rewrite on the graph: a Conv node (new initializers) in place of its nodes."""
+    def conv(self, rw: ConvRewrite) -> ViewNode:
+        """The matcher's conv rewrite on the graph: a Conv node (new initializers) in place of its nodes."""
         g = self.g
         end = g.producer[rw.end]
         f = rw.conv
@@ -415,36 +413,13 @@ class _Pass:
         return rw.node(end.output[0], f"Conv {rw.name}")
 
     def run(self) -> None:
-        """BN around linear layers and merged heads first (they read no conv), then sums, lone
-        conv chains, BNs before convs, and last a reason for every BN still in the graph.
-        Nodes are looked up again by their first output after every rewrite (a rewrite
-        rebuilds the node list, which copies its messages)."""
-        for out in self._outputs("BatchNormalization"):
-            self.bn_linear(out)
-        for out in self._outputs("Add", "Sum"):
-            self.heads(out)
-        view = self.view()  # sums of branches, conv chains: the core's matcher
-        matched = match(view, self.apply)
-        self.count = view.count
+        """Everything through the core's matcher (module doc), then the nodes and initializers
+        nothing reads any more go."""
+        view = self.view()
+        matched = match(view, self, Naming(head="head"))
         self.report.fused += matched.fused
         self.report.left += matched.left
-        for out, why in matched.bn_notes.items():
-            self.why.setdefault(out, why)
-        for out in self._outputs("BatchNormalization"):
-            self.bn_conv(out)
-        self._explain_bns()
         self._drop_unused()
-
-    def _outputs(self, *ops: str) -> list[str]:
-        return [n.output[0] for n in self.g.model.graph.node if n.op_type in ops]
-
-    def _node(self, out: str, *ops: str) -> onnx.NodeProto | None:
-        """The node that now writes `out`, when it is one of `ops`."""
-        n = self.g.producer.get(out)
-        return n if n is not None and n.op_type in ops else None
-
-    def _users(self, name: str) -> list[onnx.NodeProto]:
-        return [m for m in self.g.model.graph.node if name in m.input]
 
     def _replace(
         self, nodes: Sequence[onnx.NodeProto], end: onnx.NodeProto, new: onnx.NodeProto | list[onnx.NodeProto]
@@ -463,10 +438,6 @@ class _Pass:
         graph.node.extend(keep)
         self.g.index()
 
-    def _new_name(self) -> str:
-        self.count += 1
-        return f"reparam_fused_{self.count}"
-
     def _add_init(self, name: str, **arrays: np.ndarray) -> list[str]:
         """New initializers `name.key`, known to the pass as constants (a fused conv can take the
         BN or constants after it in a later step)."""
@@ -474,20 +445,13 @@ class _Pass:
         self.g.values.update({f"{name}.{k}": v for k, v in arrays.items()})
         return [f"{name}.{k}" for k in arrays]
 
-    def _record(self, nodes: Sequence[onnx.NodeProto], kinds: tuple[str, ...], into: str) -> None:
-        names = tuple(sorted({m.name or m.output[0] for m in nodes}))
-        self.report.fused.append(FusedSum(names, kinds, (1, 1), into, op="linear"))
+    # ---------------------------------------------------------------- linear layers
 
-    # ---------------------------------------------------------------- linear layers and BN
-
-    def linear(self, n: onnx.NodeProto) -> _Lin | str | None:
-        """n as y = x W^T + b on a 2-D x (a Gemm; a MatMul by a constant, with its Add of a
-        constant bias): the _Lin, a reason when n is such an op that cannot be read so, None
-        when it is none."""
+    def _dense(self, n: onnx.NodeProto) -> tuple[Dense, str] | str:
+        """A Gemm, or a MatMul by a constant, as y = x W^T + b and the x it reads; a reason when
+        it cannot be read so."""
         if n.op_type == "Gemm":
             return self._gemm(n)
-        if n.op_type != "MatMul":
-            return None
         g = self.g
         w = g.const(n.input[1])
         if w is None or g.const(n.input[0]) is not None:
@@ -495,17 +459,9 @@ class _Pass:
         shape = g.shapes.get(n.input[0])
         if w.ndim != 2 or shape is None or len(shape) < 2:
             return f"MatMul {n.name} is not a tensor times a matrix (input shape {shape}, weight {w.shape})"
-        nodes: tuple[onnx.NodeProto, ...] = (n,)
-        bias = None
-        users = self._users(n.output[0])
-        if g.uses[n.output[0]] == 1 and users and users[0].op_type == "Add":
-            other = [i for i in users[0].input if i != n.output[0]]
-            c = g.const(other[0]) if len(other) == 1 else None
-            if c is not None and c.size == w.shape[1] and c.shape[-1] == w.shape[1]:
-                bias, nodes = c.reshape(-1), (n, users[0])
-        return _Lin(n.input[0], w.T, bias, nodes)
+        return Dense(w.T, None, "matmul"), n.input[0]
 
-    def _gemm(self, n: onnx.NodeProto) -> _Lin | str:
+    def _gemm(self, n: onnx.NodeProto) -> tuple[Dense, str] | str:
         g, a = self.g, _attrs(n)
         w = g.const(n.input[1])
         c = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -521,225 +477,42 @@ class _Pass:
         if alpha != 1.0:
             w = (w.astype(np.float64) * alpha).astype(w.dtype)
         bias = None if c is None else (np.broadcast_to(c.reshape(-1), (out,)) * beta).astype(w.dtype)
-        return _Lin(n.input[0], w, bias, (n,))
+        return Dense(w, bias, "gemm"), n.input[0]
 
-    def _emit_linear(
-        self,
-        x: str,
-        kb: tuple[np.ndarray, np.ndarray],
-        nodes: Sequence[onnx.NodeProto],
-        end: onnx.NodeProto,
-        kinds: tuple[str, ...],
-    ) -> None:
-        """y = x W^T + b written to end's output in place of nodes and end: a Gemm on a 2-D x,
-        MatMul by W^T then Add b on an N-D one."""
-        name = self._new_name()
-        if len(self.g.shapes.get(x) or ()) == 2:
-            w, b = self._add_init(name, weight=kb[0], bias=kb[1])
-            new = [helper.make_node("Gemm", [x, w, b], [end.output[0]], name=name, transB=1)]
+    def linear(self, rw: LinearRewrite) -> list[ViewNode]:
+        """The matcher's linear rewrite: y = x W^T + b written to end's value in place of its
+        nodes, a Gemm on a 2-D x, MatMul by W^T then Add b on an N-D one."""
+        g, name, x = self.g, rw.name, rw.source
+        end = g.producer[rw.end]
+        out = end.output[0]
+        if len(g.shapes.get(x) or ()) == 2:
+            w, b = self._add_init(name, weight=rw.weight, bias=rw.bias)
+            new = [helper.make_node("Gemm", [x, w, b], [out], name=name, transB=1)]
+            views = [ViewNode(out, name, f"Gemm {name}", "linear", (x,), dense=Dense(rw.weight, rw.bias, "gemm"))]
         else:
-            w, b = self._add_init(name, weight_t=np.ascontiguousarray(kb[0].T), bias=kb[1])
+            w, b = self._add_init(name, weight_t=np.ascontiguousarray(rw.weight.T), bias=rw.bias)
+            mm = f"{name}.matmul"
             new = [
-                helper.make_node("MatMul", [x, w], [f"{name}.matmul"], name=name),
-                helper.make_node("Add", [f"{name}.matmul", b], [end.output[0]], name=f"{name}.add"),
+                helper.make_node("MatMul", [x, w], [mm], name=name),
+                helper.make_node("Add", [mm, b], [out], name=f"{name}.add"),
             ]
-        self._replace(nodes, end, new)
-        self._record((*nodes, end), kinds, name)
+            views = [
+                ViewNode(mm, name, f"MatMul {name}", "linear", (x,), dense=Dense(rw.weight, None, "matmul")),
+                ViewNode(out, f"{name}.add", f"Add {name}.add", "add", (mm,), const=rw.bias),
+            ]
+        self._replace([g.producer[v] for v in rw.consumed if v != rw.end], end, new)
+        return views
 
-    def _bn_params(self, bn: onnx.NodeProto) -> tuple[BN, dict[str, np.ndarray]] | str:
-        st, why, _ = self.stage(bn)
-        if st is None or not isinstance(st[0].node, BN):
-            return why or f"BatchNormalization {bn.name} has non-constant statistics"
-        return st[0].node, dict(st[0].params)
-
-    @staticmethod
-    def _bn_args(bn: BN, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-        return p["weight"], p["bias"], p["running_mean"], p["running_var"], bn.eps
-
-    def bn_linear(self, out: str) -> None:
-        """A BN on a 2-D tensor right after, or right before, a linear layer, into it."""
-        bn = self._node(out, "BatchNormalization")
-        if bn is None or len(self.g.shapes.get(bn.input[0]) or ()) != 2:
-            return
-        got = self._bn_params(bn)
-        if isinstance(got, str):
-            self.why[out] = got
-            return
-        node, prm = got
-        lin, reshapes = self._linear_before(bn.input[0])
-        if isinstance(lin, _Lin) and (not reshapes or bn.output[0] not in self._graph_outputs()):
-            try:
-                kb = fuse_linear_bn(lin.weight, lin.bias, *self._bn_args(node, prm))
-            except FusionError as e:
-                self.why[out] = str(e)
-                return
-            kind = (f"{lin.nodes[0].op_type.lower()}+{'reshape+' if reshapes else ''}bn",)
-            if not reshapes:
-                self._emit_linear(lin.x, kb, lin.nodes, bn, kind)
-                return
-            self._emit_linear(lin.x, kb, lin.nodes[:-1], lin.nodes[-1], kind)
-            self._bypass(self.g.producer[out])  # the rewrite copied the node list: bn is stale
-            self.report.fused[-1] = replace(self.report.fused[-1], nodes=(*self.report.fused[-1].nodes, bn.name))
-            return
-        self._bn_before_linear(bn, node, prm, lin)
-
-    def _graph_outputs(self) -> set[str]:
-        return {o.name for o in self.g.model.graph.output}
-
-    def _linear_before(self, name: str) -> tuple[_Lin | str | None, list[onnx.NodeProto]]:
-        """The linear layer whose output `name` (a 2-D (M, O) tensor) is, directly or through
-        single-use Reshape/Flatten nodes that keep its last axis O (timm's LinearNorm: MatMul ->
-        flatten(0, 1) -> BN1d -> reshape): (it, the reshapes); (a reason or None, [])."""
-        g, reshapes = self.g, []
-        shape = g.shapes.get(name) or ()
-        while g.uses[name] == 1 and name in g.producer and g.producer[name].op_type in ("Reshape", "Flatten"):
-            reshapes.append(g.producer[name])
-            name = g.producer[name].input[0]
-        p = g.producer.get(name)
-        used = g.uses[name] - (self._shape_reads(name) if reshapes else 0)  # rewritten in place, same shape
-        lin = self.linear(p) if p is not None and used == 1 else None
-        if not isinstance(lin, _Lin) or lin.out != name:
-            return (lin if isinstance(lin, str) else None), []
-        last = (g.shapes.get(name) or (None,))[-1]
-        if reshapes and (len(shape) != 2 or last is None or shape[1] != last or last != lin.weight.shape[0]):
-            return (
-                f"the BN reads {lin.nodes[0].op_type} {lin.nodes[0].name}'s output reshaped, not per output feature",
-                [],
-            )
-        return lin, reshapes
-
-    def _shape_reads(self, name: str) -> int:
-        """How many nodes read `name` only for its shape or dtype (Shape, CastLike's target...)."""
-        return sum(
-            1
-            for m in self._users(name)
-            for k, i in enumerate(m.input)
-            if i == name and k in _SHAPE_ONLY.get(m.op_type, {})
-        )
-
-    def _bypass(self, n: onnx.NodeProto) -> None:
-        """Remove a node whose output equals its first input: its readers read that input."""
-        src, dst = n.input[0], n.output[0]
+    def bypass(self, value: str, to: str) -> None:
+        """The matcher's bypass: the node writing `value` goes, its readers read `to`."""
+        n = self.g.producer[value]
         for m in self.g.model.graph.node:
             for k, i in enumerate(m.input):
-                if i == dst:
-                    m.input[k] = src
+                if i == value:
+                    m.input[k] = to
         self._replace([], n, [])
 
-    def _bn_before_linear(
-        self, bn: onnx.NodeProto, node: BN, prm: dict[str, np.ndarray], before: _Lin | str | None
-    ) -> None:
-        users = self._users(bn.output[0])
-        after = self.linear(users[0]) if len(users) == 1 and self.g.uses[bn.output[0]] == 1 else None
-        if not isinstance(after, _Lin) or after.x != bn.output[0]:
-            reason = after if isinstance(after, str) else before if isinstance(before, str) else None
-            if reason:
-                self.why[bn.output[0]] = reason
-            return
-        try:
-            kb = fuse_bn_linear(after.weight, after.bias, *self._bn_args(node, prm))
-        except FusionError as e:
-            self.why[bn.output[0]] = str(e)
-            return
-        self._emit_linear(
-            bn.input[0], kb, (bn, *after.nodes[:-1]), after.nodes[-1], (f"bn+{after.nodes[0].op_type.lower()}",)
-        )
-
-    def bn_conv(self, out: str) -> None:
-        """A BN read only by a conv, into the conv (exact only where the conv does not pad)."""
-        bn = self._node(out, "BatchNormalization")
-        users = self._users(out)
-        if bn is None or len(users) != 1 or self.g.uses[out] != 1 or users[0].op_type != "Conv":
-            return
-        conv = users[0]
-        got = self._bn_params(bn)
-        st, why, x = self.stage(conv)
-        if isinstance(got, str) or st is None or x != out:
-            self.why[out] = got if isinstance(got, str) else why or f"the BN is not Conv {conv.name}'s input"
-            return
-        c = st[0].node
-        if not isinstance(c, Conv):
-            return
-        try:
-            k, b = fuse_bn_conv(
-                st[0].params["weight"], st[0].params.get("bias"), c.groups, *self._bn_args(*got), c.padding
-            )
-        except FusionError as e:
-            self.why[out] = f"before Conv {conv.name}: {e}"
-            return
-        name = self._new_name()
-        w, bias = self._add_init(name, weight=k, bias=b)
-        new = helper.make_node("Conv", [bn.input[0], w, bias], [conv.output[0]], name=name)
-        new.attribute.extend(a for a in conv.attribute)
-        self._replace([bn], conv, new)
-        self._record((bn, conv), (f"bn+conv{c.kernel[0]}x{c.kernel[1]}",), name)
-
-    # ---------------------------------------------------------------- heads
-
-    def heads(self, out: str) -> None:
-        """Parallel linear heads on one input, summed or averaged (`(A + B) / 2`, `* 0.5`): one."""
-        add = self._node(out, "Add", "Sum")
-        if add is None or len(add.input) < 2 or len(set(add.input)) != len(add.input):
-            return
-        lins = [self.linear(p) for p in (self.g.producer.get(i) for i in add.input) if p is not None]
-        heads = [h for h in lins if isinstance(h, _Lin)]
-        if len(heads) != len(add.input) or len({h.x for h in heads}) != 1:
-            return
-        if any(h.out != i or self.g.uses[i] != 1 for h, i in zip(heads, add.input)):
-            return
-        coef, end = self._head_scale(add)
-        try:
-            kb = merge_heads([(h.weight, h.bias) for h in heads], [coef] * len(heads))
-        except FusionError as e:
-            self.report.left.append(LeftAlone(add.name or out, str(e)))
-            return
-        nodes = [m for h in heads for m in h.nodes] + ([add] if end is not add else [])
-        self._emit_linear(
-            heads[0].x, kb, nodes, end, tuple("head" for _ in heads) + ((f"x{coef:g}",) if coef != 1 else ())
-        )
-
-    def _head_scale(self, add: onnx.NodeProto) -> tuple[float, onnx.NodeProto]:
-        """The scalar the sum is divided or multiplied by right after (1 when none), and the
-        node whose output the merged head writes."""
-        users = self._users(add.output[0])
-        if self.g.uses[add.output[0]] != 1 or len(users) != 1 or users[0].op_type not in ("Div", "Mul"):
-            return 1.0, add
-        u = users[0]
-        other = [i for i in u.input if i != add.output[0]]
-        c = self.g.const(other[0]) if len(other) == 1 else None
-        if (
-            c is None
-            or c.size != 1
-            or (u.op_type == "Div" and u.input[0] != add.output[0])
-            or float(c.reshape(-1)[0]) == 0
-        ):
-            return 1.0, add
-        v = float(c.reshape(-1)[0])
-        return (1.0 / v if u.op_type == "Div" else v), u
-
     # ---------------------------------------------------------------- the report
-
-    def _explain_bns(self) -> None:
-        """Every BN still in the graph, listed with the reason it stayed."""
-        listed = {a.node for a in self.report.left}
-        for n in self.g.model.graph.node:
-            if n.op_type != "BatchNormalization" or (n.name or n.output[0]) in listed:
-                continue
-            self.report.left.append(LeftAlone(n.name or n.output[0], self._why_bn(n)))
-
-    def _why_bn(self, bn: onnx.NodeProto) -> str:
-        why = self.why.get(bn.output[0])
-        if why:
-            return why
-        got = self._bn_params(bn)
-        if isinstance(got, str):
-            return got
-        src, users = bn.input[0], self._users(bn.output[0])
-        p = self.g.producer.get(src)
-        if p is not None and p.op_type in ("Conv", "Gemm", "MatMul") and self.g.uses[src] > 1:
-            return f"{p.op_type} {p.name}'s output {src} is also read by {self.g.uses[src] - 1} other node(s)"
-        after = ", ".join(f"{u.op_type} {u.name}" for u in users) or "a graph output"
-        return f"BatchNormalization between {self.g.origin(src)} and {after}: no conv or linear layer to fold it into"
 
     def _drop_unused(self) -> None:
         """Remove nodes and initializers nothing reads any more (the consumed branches'

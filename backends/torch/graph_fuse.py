@@ -8,9 +8,13 @@ applies the matcher's rewrites: every sum whose operands are branches reading th
 (conv, conv + BN, BN, identity, average pool, per-channel scale, 1x1 -> kxk chains, Diverse
 Branch Block's 1x1 -> BN-and-pad -> kxk, ACNet's 1xk / kx1, a difference of branches and a
 per-channel scale on it as in FastViT's RepMixer), plus a BN right after the sum, and every lone
-conv -> BN (-> per-channel) chain becomes ONE conv; this pass itself turns every BN1d -> Linear,
-Linear -> BN1d and sum (or mean) of Linear heads on one tensor into ONE Linear (core:
-fuse_bn_linear, fuse_linear_bn, merge_heads). Norm and conv subclasses are traced into, so their
+conv -> BN (-> per-channel) chain becomes ONE conv, a BN read only by an unpadded conv goes into
+it, every BN1d -> Linear, Linear -> BN1d (also LeViT's `bn(lin(x).flatten(0, 1)).reshape_as(..)`)
+and sum (or mean) of Linear heads on one tensor becomes ONE Linear, and `t + 0` is dropped; every
+BN left is listed with the reason. This pass builds the view (nn.Linear / F.linear as `linear`,
+`t.flatten(0, 1)` as a reshape, `reshape_as`'s shape operand not read) and applies the rewrites
+(nn.Conv2d / nn.Linear modules, bypassed nodes), and names linear fusions its way (`linear`,
+`times 0.5`, reparam_linear_<k>). Norm and conv subclasses are traced into, so their
 functional F.batch_norm / F.conv2d on parameters count like the modules (their `x.ndim` checks
 do not count as readers); an in-place add is a sum unless the tensor it writes into (or a view
 of it) is read after it (else the view shows it as an opaque op). The report's summary line gives
@@ -36,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reparam_core import BN, AvgPool, Conv, FusionError, PadBN, ReparamError, Scale
-from reparam_core.blocks.fusion import fuse_bn_linear, fuse_linear_bn, merge_heads
 from reparam_core.blocks.graphfuse import FusedSum, FuseReport, LeftAlone, Stage
-from reparam_core.blocks.graphmatch import ConvRewrite, GraphView, Op, ViewNode, match
+from reparam_core.blocks.graphmatch import ConvRewrite, Dense, GraphView, LinearRewrite, Naming, Op, ViewNode, match
 from reparam_core.blocks.nodes import Pair, pair
 
 from .layers import ChannelScale, PadBatchNorm
@@ -228,11 +231,6 @@ def _is_meta_read(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in META_METHODS and len(node.args) == 1
 
 
-def _readers(node: fx.Node) -> list[fx.Node]:
-    """The users of a node that read its values (all but its metadata reads)."""
-    return [u for u in node.users if not _is_meta_read(u)]
-
-
 def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether node's result may share memory with its first argument: a view, a pass-through
     module (nn.Identity returns its input), an in-place op, an unknown op reading only it."""
@@ -265,7 +263,6 @@ class _Pass:
         self._run(example_input)
         self.report_left: list[LeftAlone] = []
         self.report_fused: list[FusedSum] = []
-        self.count = 0
         self.erased: set[str] = set()
         self.erased_attrs: set[str] = set()
         self.by_name: dict[str, fx.Node] = {}  # the matcher's values: the nodes that write them
@@ -505,7 +502,7 @@ class _Pass:
         self.by_name = {n.name: n for n in self.gm.graph.nodes}
         nodes = [self._view_node(n) for n in self.gm.graph.nodes if n not in self.consts]
         shapes = {n.name: self.meta[n][0] for n in self.gm.graph.nodes if n in self.meta}
-        return GraphView(nodes, (), shapes, self.count)
+        return GraphView(nodes, (), shapes)
 
     def _value(self, a: Any) -> np.ndarray | None:
         """A constant operand as numpy (a number as a 0-d array), None when a is none."""
@@ -517,32 +514,53 @@ class _Pass:
     def _is_value(self, a: Any) -> TypeGuard[fx.Node]:
         return isinstance(a, fx.Node) and self.const(a) is None
 
+    def _same_dtype(self, n: fx.Node, x: fx.Node) -> bool:
+        """n's result has x's dtype (an add of a constant that casts is no affine map of x)."""
+        return n in self.meta and x in self.meta and self.meta[n][1] == self.meta[x][1]
+
     def _view_node(self, n: fx.Node) -> ViewNode:
-        """n in the matcher's terms: add, sub (of a value, or of a constant), zero pad, or what
-        it computes as branch primitives (stage)."""
+        """n in the matcher's terms: add, sub (of a value, or of a constant, the dtype kept),
+        mul / div by a constant, zero pad, linear, a leading flatten, or what it computes as
+        branch primitives (stage); `y.reshape_as(t)` does not read t's values."""
         label, what = _label(n), _what(n, self.modules)
         if _is_meta_read(n):
             return ViewNode(n.name, label, what)
-        if self.is_add(n) or (n.op == "call_function" and n.target in SUBS and len(n.args) == 2 and not n.kwargs):
+        binary = n.op == "call_function" and len(n.args) == 2 and not n.kwargs
+        if self.is_add(n) or (binary and n.target in SUBS):
             op: Op = "add" if self.is_add(n) else "sub"
-            values = [a.name for a in n.args if self._is_value(a)]
+            values = [a for a in n.args if self._is_value(a)]
             consts = [self._value(a) for a in n.args if not self._is_value(a)]
+            names = tuple(a.name for a in values)
             if op == "sub" and not self._is_value(n.args[0]):
-                return ViewNode(n.name, label, what, "other", tuple(values))
-            if len(consts) == 1 and consts[0] is not None:
-                return ViewNode(n.name, label, what, op, tuple(values), const=consts[0])
-            return ViewNode(n.name, label, what, op if not consts else "other", tuple(values))
+                return ViewNode(n.name, label, what, "other", names)
+            if len(consts) == 1 and consts[0] is not None and self._same_dtype(n, values[0]):
+                return ViewNode(n.name, label, what, op, names, const=consts[0])
+            return ViewNode(n.name, label, what, op if not consts else "other", names)
+        if binary and n.target in (MULS | DIVS) and sum(self._is_value(a) for a in n.args) == 1:
+            x, c = n.args if self._is_value(n.args[0]) else n.args[::-1]
+            cv = self._value(c)
+            if isinstance(x, fx.Node) and cv is not None and (n.target in MULS or x is n.args[0]):
+                st, why, _ = self.stage(n)
+                return ViewNode(n.name, label, what, "mul" if n.target in MULS else "div", (x.name,), st, why, cv)
         if n.op == "call_function" and n.target is F.pad and n.args and self._is_value(n.args[0]):
             return ViewNode(n.name, label, what, "pad", (n.args[0].name,), pad=_zero_pad(n))
+        dense = self._dense(n)
+        if dense is not None:
+            return ViewNode(n.name, label, what, "linear", (dense[1].name,), dense=dense[0])
+        if _is_leading_flatten(n) and self._is_value(n.args[0]):
+            return ViewNode(n.name, label, what, "reshape", (n.args[0].name,))
         st, why, x = self.stage(n)
         kind = _op_kind(n, self.modules)
         seen: Op = "output" if n.op == "output" else "conv" if kind == "Conv" else "bn" if kind == "BN" else "other"
         first = (x.name,) if x is not None else ()
-        others = tuple(a.name for a in n.all_input_nodes if a is not x and self.const(a) is None)
+        shape_only = n.args[1] if n.op == "call_method" and n.target in ("reshape_as", "view_as") else None
+        others = tuple(
+            a.name for a in n.all_input_nodes if a is not x and a is not shape_only and self.const(a) is None
+        )
         return ViewNode(n.name, label, what, seen, first + others, st if x is not None else None, why)
 
-    def apply(self, rw: ConvRewrite) -> ViewNode:
-        """The matcher's rewrite on the graph: an nn.Conv2d module in place of its nodes."""
+    def conv(self, rw: ConvRewrite) -> ViewNode:
+        """The matcher's conv rewrite on the graph: an nn.Conv2d module in place of its nodes."""
         f = rw.conv
         conv = nn.Conv2d(f.in_channels, f.out_channels, f.kernel, f.stride, f.padding, f.dilation, f.groups, bias=True)
         new = self.install(self.by_name[rw.end], self.by_name[rw.source], rw.name, conv, rw.kernel, rw.bias)
@@ -600,248 +618,52 @@ class _Pass:
 
     # ---------------------------------------------------------------- linear layers
 
-    def linear(self, n: fx.Node) -> tuple[Tensor, Tensor | None, fx.Node] | None:
-        """(weight, bias, input) of an nn.Linear or a functional linear with constant weights."""
+    def _dense(self, n: fx.Node) -> tuple[Dense, fx.Node] | None:
+        """An nn.Linear or a functional linear with constant weights, and its input."""
         if n.op == "call_module" and isinstance(n.target, str) and type(self.modules.get(n.target)) is nn.Linear:
             m = self.modules[n.target]
             x = n.args[0] if n.args else None
-            return (m.weight, m.bias, x) if isinstance(x, fx.Node) else None
+            bias = None if m.bias is None else _np(m.bias)
+            return (Dense(_np(m.weight), bias, "linear"), x) if isinstance(x, fx.Node) else None
         if n.op == "call_function" and n.target in LINEARS:
             a = _args(n, ("input", "weight", "bias"), {"bias": None})
             w, b = self.const(a["weight"]), self.const(a["bias"])
             if w is None or (a["bias"] is not None and b is None) or not isinstance(a["input"], fx.Node):
                 return None
-            return w, b, a["input"]
+            return Dense(_np(w), None if b is None else _np(b), "linear"), a["input"]
         return None
 
-    def before(self, n: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-        """The node n really reads, through single-reader pass-throughs (eval dropout, identity),
-        and the pass-throughs."""
-        skipped: list[fx.Node] = []
-        while len(_readers(n)) == 1:
-            st, _, x = self.stage(n)
-            if st != () or x is None:
-                break
-            skipped.append(n)
-            n = x
-        return n, skipped
+    def linear(self, rw: LinearRewrite) -> list[ViewNode]:
+        """The matcher's linear rewrite on the graph: an nn.Linear module in place of its nodes."""
+        w = rw.weight
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=True)
+        new = self.install(self.by_name[rw.end], self.by_name[rw.source], rw.name, layer, w, rw.bias)
+        self.erase({self.by_name[v] for v in rw.consumed})
+        self.by_name[new.name] = new
+        dense = Dense(w, rw.bias, "linear")
+        return [ViewNode(new.name, rw.name, _what(new, self.modules), "linear", (rw.source,), dense=dense)]
 
-    def bn_2d(self, n: fx.Node) -> Found:
-        """n as an eval BN over the features of an (N, C) tensor (what a Linear mixes): as
-        `stage`, (None, None, None) for anything else."""
-        shape = self.shape(n)
-        if shape is None or len(shape) != 2:
-            return None, None, None
-        st, why, x = self.stage(n)
-        if not st or x is None or not isinstance(st[0].node, BN):
-            return None, why, None
-        return st, None, x
-
-    def fold_bn_linear(self, lin: fx.Node) -> None:
-        """BN1d (-> eval dropout) -> Linear as one Linear (core: fuse_bn_linear)."""
-        got = self.linear(lin)
-        if got is None or not isinstance(lin.args[0] if lin.args else None, fx.Node):
-            return
-        w, b, x = got
-        bn, skipped = self.before(x) if len(_readers(x)) == 1 else (x, [])
-        st, why, src = self.bn_2d(bn)
-        if why is not None:
-            self.report_left.append(LeftAlone(bn.name, why))
-        if st is None or src is None:
-            return
-        if len(_readers(bn)) != 1:
-            self.report_left.append(LeftAlone(bn.name, f"BN {bn.name} before linear {lin.name} is also read elsewhere"))
-            return
-        self.fold_into_linear(lin, src, (w, b), st[0], {bn, *skipped, lin}, "bn+linear")
-
-    def fold_linear_bn(self, n: fx.Node) -> None:
-        """Linear (-> eval dropout) -> BN1d as one Linear (core: fuse_linear_bn)."""
-        st, _, x = self.bn_2d(n)
-        if st is None or x is None:
-            return
-        lin, skipped = self.before(x)
-        got = self.linear(lin)
-        if got is None:
-            return
-        if len(_readers(lin)) != 1:
-            self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
-            return
-        w, b, src = got
-        self.fold_into_linear(n, src, (w, b), st[0], {lin, *skipped, n}, "linear+bn")
-
-    def fold_linear_flat_bn(self, n: fx.Node) -> None:
-        """LeViT's LinearNorm: BN1d(linear(x).flatten(0, 1)).reshape_as(linear(x)), the BN over
-        the Linear's output features: the Linear takes the BN, the flatten and reshape stay."""
-        st, _, flat = self.bn_2d(n)
-        if st is None or flat is None or not _is_leading_flatten(flat) or len(_readers(flat)) != 1:
-            return
-        lin = flat.args[0]
-        got = self.linear(lin) if isinstance(lin, fx.Node) else None
-        shape = self.shape(lin)
-        if got is None or shape is None or not isinstance(lin, fx.Node):
-            return
-        if len(shape) != 3 or any(not _reads_shape_only(u, lin) for u in _readers(lin) if u is not flat):
-            self.report_left.append(LeftAlone(n.name, f"linear {lin.name} before BN {n.name} is also read elsewhere"))
-            return
-        w, b, src = got
-        self.fold_into_linear(lin, src, (w, b), st[0], {lin, n}, "linear+bn", bypass=(n, flat))
-
-    def fold_into_linear(
-        self,
-        end: fx.Node,
-        src: fx.Node,
-        wb: tuple[Tensor, Tensor | None],
-        bn: Stage,
-        dead: set[fx.Node],
-        kind: str,
-        bypass: tuple[fx.Node, fx.Node] | None = None,
-    ) -> None:
-        """One Linear for a BN before ("bn+linear", core: fuse_bn_linear) or after ("linear+bn",
-        core: fuse_linear_bn) the Linear (weight, bias) `wb`; listed when the core refuses."""
-        p, node = bn.params, bn.node
-        eps = node.eps if isinstance(node, BN) else 0.0
-        rule = fuse_bn_linear if kind == "bn+linear" else fuse_linear_bn
-        w, b = wb
-        try:
-            kw, kb = rule(
-                _np(w), None if b is None else _np(b), p["weight"], p["bias"], p["running_mean"], p["running_var"], eps
-            )
-        except FusionError as e:
-            self.report_left.append(LeftAlone(end.name, str(e)))
-            return
-        if bypass is not None:  # the BN, read no more: its readers read its input
-            bypass[0].replace_all_uses_with(bypass[1])
-        self.replace_linear(end, src, kw, kb, dead, (kind,))
-
-    def terms(self, add: fx.Node) -> tuple[list[fx.Node], list[fx.Node], str | None]:
-        """The flattened operands of a tree of adds (inner adds read only by it), the add nodes,
-        and a reason when an operand is a non-zero constant."""
-        terms: list[fx.Node] = []
-        adds = [add]
-        why = None
-        for a in add.args:
-            if isinstance(a, fx.Node) and self.is_add(a) and len(_readers(a)) == 1:
-                t, inner, inner_why = self.terms(a)
-                why = why or inner_why
-                terms += t
-                adds += inner
-            elif isinstance(a, fx.Node) and self.const(a) is None:
-                terms.append(a)
-            elif not (isinstance(a, (int, float)) and a == 0):
-                why = f"adds a constant ({a if not isinstance(a, fx.Node) else a.name})"
-        return terms, adds, why
-
-    def _scaled(self, node: fx.Node) -> tuple[fx.Node, float] | None:
-        """node = add / c or add * c for a number c and an add read only by node: (add, 1/c or c)."""
-        if node.op != "call_function" or len(node.args) != 2 or node.target not in (DIVS | MULS):
-            return None
-        add, c = node.args
-        if not isinstance(add, fx.Node) or not isinstance(c, (int, float)) or isinstance(c, bool) or c == 0:
-            return None
-        if not self.is_add(add) or len(_readers(add)) != 1:
-            return None
-        return add, (1.0 / c if node.target in DIVS else float(c))
-
-    def merge_heads_at(self, node: fx.Node) -> None:
-        """(h1(x) + ... + hn(x)) [/ c or * c]: parallel Linear heads on one tensor, summed or
-        averaged, as one Linear (core: merge_heads)."""
-        readers = _readers(node)
-        if len(readers) == 1 and self._scaled(readers[0]) is not None:
-            return  # the scaled sum is merged at the scaling node
-        add, scale = self._scaled(node) or (node, 1.0)
-        if not self.is_add(add):
-            return
-        terms, adds, why = self.terms(add)
-        heads = [self.linear(t) for t in terms]
-        if why is not None or len(terms) < 2 or any(h is None for h in heads):
-            return
-        got = [h for h in heads if h is not None]
-        sources = {h[2] for h in got}
-        if len(sources) != 1:
-            self.report_left.append(
-                LeftAlone(add.name, f"linear heads read different tensors {sorted(s.name for s in sources)}")
-            )
-            return
-        if any(len(_readers(t)) != 1 for t in terms):
-            self.report_left.append(LeftAlone(add.name, "a linear head's output is also read elsewhere"))
-            return
-        try:
-            kw, kb = merge_heads([(_np(w), None if b is None else _np(b)) for w, b, _ in got], [scale] * len(got))
-        except FusionError as e:
-            self.report_left.append(LeftAlone(add.name, str(e)))
-            return
-        kinds = tuple("linear" for _ in got) + (() if scale == 1.0 else (f"times {scale:g}",))
-        self.replace_linear(node, next(iter(sources)), kw, kb, {*terms, *adds, node}, kinds)
-
-    def replace_linear(
-        self, end: fx.Node, src: fx.Node, w: np.ndarray, b: np.ndarray, dead: set[fx.Node], kinds: tuple[str, ...]
-    ) -> None:
-        """Put one nn.Linear(w, b) reading src in place of end; erase the nodes it replaces."""
-        self.count += 1
-        name = f"reparam_linear_{self.count}"
-        self.install(end, src, name, nn.Linear(w.shape[1], w.shape[0], bias=True), w, b)
-        self.erase(dead)
-        self.report_fused.append(
-            FusedSum(tuple(sorted((_label(n) for n in dead), key=str)), kinds, (1, 1), name, op="linear")
-        )
+    def bypass(self, value: str, to: str) -> None:
+        """The matcher's bypass: the node writing `value` goes, its readers read `to`."""
+        n = self.by_name[value]
+        n.replace_all_uses_with(self.by_name[to])
+        self.erase({n})
 
     # ---------------------------------------------------------------- driver
 
     def run(self) -> None:
-        graph = self.gm.graph
-        for n in list(graph.nodes):  # BN1d -> Linear, Linear -> BN1d
-            if n.graph is graph:
-                self.fold_bn_linear(n)
-        for n in list(graph.nodes):
-            if n.graph is graph:
-                self.fold_linear_bn(n)
-            if n.graph is graph:
-                self.fold_linear_flat_bn(n)
-        for n in list(graph.nodes):  # parallel heads, summed or averaged
-            if n.graph is graph:
-                self.merge_heads_at(n)
         for n, why in self.unsafe.items():
             self.report_left.append(LeftAlone(n.name, why))
-        view = self.view()  # sums of branches, conv chains: the core's matcher
-        matched = match(view, self.apply, then_bn=True)
-        self.count = view.count
+        naming = Naming(then_bn=True, linear="reparam_linear", scale="times {:g}", reshape="")
+        matched = match(self.view(), self, naming)  # everything: the core's matcher
         self.report_fused += matched.fused
         self.report_left += matched.left
-        notes = [LeftAlone(view.nodes[v].label, why) for v, why in matched.bn_notes.items() if v in view.nodes]
-        self.report_left += notes
-        for n in list(graph.nodes):
-            self.drop_zero_add(n)
-
-    def drop_zero_add(self, n: fx.Node) -> None:
-        """`t + 0` (an absent branch written as the number 0, as timm's and mmpretrain's
-        MobileOne blocks do) is t: the add goes when it changes neither shape nor dtype."""
-        if not self.is_add(n):
-            return
-        t, zero = n.args if isinstance(n.args[0], fx.Node) else n.args[::-1]
-        if (
-            isinstance(t, fx.Node)
-            and isinstance(zero, (int, float))
-            and not isinstance(zero, bool)
-            and zero == 0
-            and t in self.meta
-            and n in self.meta
-            and self.meta[t][:2] == self.meta[n][:2]
-        ):
-            n.replace_all_uses_with(t)
-            self.gm.graph.erase_node(n)
 
 
 def _is_leading_flatten(n: fx.Node) -> bool:
     """t.flatten(0, 1) / torch.flatten(t, 0, 1): the last dimension stays the last."""
     flat = (n.op == "call_method" and n.target == "flatten") or (n.op == "call_function" and n.target is torch.flatten)
     return flat and tuple(n.args[1:]) == (0, 1) and not n.kwargs
-
-
-def _reads_shape_only(u: fx.Node, n: fx.Node) -> bool:
-    """u reads only n's shape: `y.reshape_as(n)`, `y.view_as(n)`, a metadata read."""
-    if _is_meta_read(u):
-        return True
-    return u.op == "call_method" and u.target in ("reshape_as", "view_as") and u.args[0] is not n
 
 
 def _zero_pad(n: fx.Node) -> int | None:

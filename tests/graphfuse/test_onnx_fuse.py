@@ -53,7 +53,9 @@ def test_registry_model_onnx_fuses_to_deploy_export(name: str, tmp_path) -> None
     fused, report = bo.fuse_model(train)
     assert bo.op_histogram(fused) == bo.op_histogram(deploy)
     assert sum(bo.op_histogram(train).values()) > sum(bo.op_histogram(fused).values())
-    assert len(report.fused) >= len(reps(in_form(spec, "train")))
+    # the exporter folds a one-branch Rep's conv + BN (MobileOne-S1..S4's 1x1 where the channels
+    # change) itself: only the sums are certain to be left to the pass
+    assert len(report.fused) >= sum(len(r.branches) > 1 for _, r in reps(in_form(spec, "train")))
     want = oracle.forward(spec, state, x, "train")
     assert rel_err(_ort(fused, x), want) <= model_tolerance(spec)
 

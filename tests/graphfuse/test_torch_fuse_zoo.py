@@ -243,6 +243,13 @@ class TwoHeads(nn.Module):
         return (self.head(x) + self.head_dist(x)) / 2
 
 
+class WeightedHeads(TwoHeads):
+    """The distillation heads as this project's RepViT writes them: 0.5 * a + 0.5 * b."""
+
+    def forward(self, x):
+        return 0.5 * self.head(x) + self.head_dist(x) * 0.5
+
+
 class LinearBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -286,6 +293,7 @@ class ExportedNormLinear(nn.Module):
         (LinearBN, [("linear+bn",)]),
         (TokenLinearBN, [("linear+bn",)]),
         (TwoHeads, [("bn+linear",), ("bn+linear",), ("linear", "linear", "times 0.5")]),
+        (WeightedHeads, [("bn+linear",), ("bn+linear",), ("linear times 0.5", "linear times 0.5")]),
     ],
 )
 def test_linear_heads_fold(make, kinds) -> None:
