@@ -3,9 +3,10 @@
 The artifact is one safetensors file: the serialized jax.export module (tensor `module`, bytes),
 whose arguments are the fused weights and an NCHW float32 input of the exported shape (NHWC
 inside), and the weights themselves (one tensor each, named by their path in the deploy model;
-metadata `weights`: their order as arguments). `load_stablehlo(path)` alone gives a working
-callable. The weights are arguments rather than constants of the module: constants would exist
-at once as MLIR attributes, serialized bytes and the compiled program's copy (issue 28).
+metadata `weights`: their order as arguments; random-number state, such as an unused dropout key,
+stays in the module). `load_stablehlo(path)` alone gives a working callable. The weights are
+arguments rather than constants of the module: constants would exist at once as MLIR attributes,
+serialized bytes and the compiled program's copy (issue 28).
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def export_stablehlo(
     the input is left untouched) in inference mode to `path`: a jax.export artifact with an NCHW
     float32 input signature and its weights (see the module docstring). Returns the path."""
     deploy = inference_view(reparameterize(model))
-    graphdef, state = nnx.split(deploy)
-    names, leaves, tree = _weights(state)
+    graphdef, rngs, *rest = nnx.split(deploy, nnx.RngState, ...)  # dropout keys (unused): constants
+    names, leaves, tree = _weights(rest[0])
     block = is_block(deploy)
 
     def forward(weights: list[jax.Array], x: jax.Array) -> jax.Array:
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(tree, weights))
+        m = nnx.merge(graphdef, rngs, jax.tree_util.tree_unflatten(tree, weights))
         y = m(jnp.transpose(x, (0, 2, 3, 1)))
         return jnp.transpose(y, (0, 3, 1, 2)) if block else y
 

@@ -53,6 +53,15 @@ def test_stablehlo_artifact_holds_the_weights_as_arguments(tmp_path, trained_pai
     assert tensors["module"].size < 100_000  # the program only: no weight in it
 
 
+def test_stablehlo_export_of_a_model_with_a_dropout_key(tmp_path) -> None:
+    """RepGhostNet's head keeps a dropout key (not a weight): it stays in the module."""
+    model = bf.create_model("repghostnet_0_5x", num_classes=10)
+    assert nnx.state(model, nnx.RngState)
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    fn = bf.load_stablehlo(bf.export_stablehlo(model, tmp_path / "ghost.stablehlo", x.shape))
+    assert rel_err(fn(x), bf.predict(bf.reparameterize(model), x)) <= 1e-5
+
+
 def test_load_stablehlo_refuses_other_files(tmp_path) -> None:
     path = tmp_path / "state.safetensors"
     safetensors_io.save_file({"w": np.ones(2, np.float32)}, path)
