@@ -112,7 +112,8 @@ def write_tensor_at(f: BinaryIO, position: int, key: str, a: Tensor) -> None:
     f.write(_raw(key, a))
 
 
-def dumps(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+def _head(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None) -> bytes:
+    """The file's first 8 + N bytes for `state` (see `plan`)."""
     entries = []
     for key in state:
         try:
@@ -120,8 +121,11 @@ def dumps(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = 
         except CheckpointError:
             raise CheckpointError(f"cannot write {key}: dtype {state[key].dtype} is not supported") from None
         entries.append((key, dt, tuple(np.shape(state[key]))))
-    head, _ = plan(entries, metadata)
-    return head + b"".join(_raw(k, state[k]) for k in sorted(state))
+    return plan(entries, metadata)[0]
+
+
+def dumps(state: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    return _head(state, metadata) + b"".join(_raw(k, state[k]) for k in sorted(state))
 
 
 def _parse_header(head: bytes, body_len: int, source: str) -> tuple[dict[str, Entry], dict[str, str]]:
@@ -215,8 +219,13 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], 
 def save_file(
     state: Mapping[str, np.ndarray], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> None:
+    """Write `state` as `dumps` would, tensor by tensor (peak memory: one tensor's bytes, not the
+    whole file's)."""
+    head = _head(state, metadata)
     with open(path, "wb") as f:
-        f.write(dumps(state, metadata))
+        f.write(head)
+        for key in sorted(state):
+            f.write(_raw(key, state[key]))
 
 
 def load_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

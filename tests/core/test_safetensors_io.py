@@ -9,7 +9,7 @@ import pytest
 
 from parity_tests.backend_rule import require_module
 from reparam_core import CheckpointError
-from reparam_core.formats.safetensors_io import dumps, loads
+from reparam_core.formats.safetensors_io import dumps, loads, save_file
 
 
 def test_round_trip_and_determinism() -> None:
@@ -24,6 +24,13 @@ def test_round_trip_and_determinism() -> None:
     assert meta == {"format": "neutral"}
     for k in state:
         assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k])
+
+
+def test_save_file_writes_the_bytes_of_dumps(tmp_path) -> None:
+    """save_file streams tensor by tensor (issue 28: no whole-file copy in memory), same bytes."""
+    state = {"b": np.arange(6, dtype=">f4").reshape(2, 3), "a": np.ones((3, 2), np.float64).T}
+    save_file(state, tmp_path / "s.safetensors", {"format": "neutral"})
+    assert (tmp_path / "s.safetensors").read_bytes() == dumps(state, {"format": "neutral"})
 
 
 def test_readable_by_the_reference_implementation(pytestconfig) -> None:

@@ -1,7 +1,9 @@
-"""Deployment artifacts: jax.export (StableHLO) round trip, nnx.jit of the deploy model,
-safetensors of native_state and an orbax checkpoint of the NNX state."""
+"""Deployment artifacts: jax.export (StableHLO) round trip and file layout, nnx.jit of the deploy
+model, safetensors of native_state and an orbax checkpoint of the NNX state."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flax import nnx
 from flax_testutil import BLOCK_RTOL, loaded_model, model_input, model_state, rel_err
 
 import backends.flax as bf
-from reparam_core import RepGhostBottleneckSpec, get_spec, state_schema
+from reparam_core import CheckpointError, RepGhostBottleneckSpec, get_spec, state_schema
 from reparam_core.formats import safetensors_io
 from reparam_core.weights.layouts import flax_key
 
@@ -34,6 +36,37 @@ def test_stablehlo_export_round_trip(tmp_path, trained_pair) -> None:
     # the artifact holds one conv per block: no batch-norm arithmetic on the branches
     text = fn.exported.mlir_module()
     assert text.count("stablehlo.convolution") == len(get_spec(NAME).blocks())
+
+
+def test_stablehlo_artifact_holds_the_weights_as_arguments(tmp_path, trained_pair) -> None:
+    """The fused weights are tensors of the file and arguments of the module, not constants
+    (issue 28: constants existed as MLIR, bytes and compiled copies at once)."""
+    _, deploy = trained_pair
+    path = bf.export_stablehlo(deploy, tmp_path / "mini.stablehlo", (1, 3, 32, 32))
+    tensors, meta = safetensors_io.load_file(path)
+    names = json.loads(meta["weights"])
+    native = bf.export_state(deploy)
+    assert len(names) == len(native) and sorted(tensors) == sorted([*names, "module"])
+    assert sum(tensors[n].size for n in names) == sum(v.size for v in native.values())
+    fn = bf.load_stablehlo(path)
+    assert len(fn.exported.in_avals) == len(names) + 1
+    assert tensors["module"].size < 100_000  # the program only: no weight in it
+
+
+def test_stablehlo_export_of_a_model_with_a_dropout_key(tmp_path) -> None:
+    """RepGhostNet's head keeps a dropout key (not a weight): it stays in the module."""
+    model = bf.create_model("repghostnet_0_5x", num_classes=10)
+    assert nnx.state(model, nnx.RngState)
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    fn = bf.load_stablehlo(bf.export_stablehlo(model, tmp_path / "ghost.stablehlo", x.shape))
+    assert rel_err(fn(x), bf.predict(bf.reparameterize(model), x)) <= 1e-5
+
+
+def test_load_stablehlo_refuses_other_files(tmp_path) -> None:
+    path = tmp_path / "state.safetensors"
+    safetensors_io.save_file({"w": np.ones(2, np.float32)}, path)
+    with pytest.raises(CheckpointError, match="not a StableHLO artifact"):
+        bf.load_stablehlo(path)
 
 
 def test_stablehlo_export_of_a_block(tmp_path) -> None:
