@@ -13,7 +13,7 @@ from reparam_core.blocks.graphfuse import fused_geometry
 
 @pytest.mark.parametrize("stage", [Conv("c", 4, 4, 3, padding=1), AvgPool(3, 1, 1)])
 def test_bn_before_a_padded_stage_is_refused(stage) -> None:
-    with pytest.raises(FusionError, match=r"would pad a biased value \(after BN 'bn'\) with zeros"):
+    with pytest.raises(FusionError, match="would pad a biased value with zeros"):
         Rep(((BN("bn", 4), stage),), Conv("f", 4, 4, 3, padding=1))
 
 

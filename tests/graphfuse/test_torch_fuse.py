@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import backends.torch as bt
+from backends.torch.graph_fuse import op_counts
 from parity_tests.tolerance import BLOCK_REL, model_tolerance, rel_err
 from reparam_core import ReparamError, get_spec, in_form, list_models, random_state
 from reparam_core.blocks import oracle
@@ -50,7 +51,20 @@ def _multi(report) -> list:
     return [f for f in report.fused if len([b for b in f.branches if b != "then bn"]) > 1]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()])
+# A gap of the matcher, measured: UniRepLKNet's `pwconv2.2` BN reads the Linear's output through
+# a permute (channels last -> first) and its layer scale follows: the BN is not folded into the
+# Linear through the permute (12 BNs left in UniRepLKNet-A, 27 in -T).
+UNFUSED = pytest.mark.xfail(
+    strict=True, reason="a BN behind a permute after a Linear (UniRepLKNet's pwconv2) is not folded"
+)
+
+
+def _registry_marks(name: str) -> tuple:
+    marks = () if name in FAST else (pytest.mark.slow,)
+    return (*marks, UNFUSED) if name.startswith("UniRepLKNet-") else marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_registry_marks(n)) for n in list_models()])
 def test_registry_model_fuses_to_deploy_form(name: str) -> None:
     spec = get_spec(name, 10)
     state = random_state(spec, "train", 0)
@@ -59,11 +73,16 @@ def test_registry_model_fuses_to_deploy_form(name: str) -> None:
     fused = bt.fuse(model, torch.from_numpy(x))
     want = oracle.forward(spec, state, x, "train")
     assert rel_err(_run(fused, torch.from_numpy(x)), want) <= model_tolerance(spec)
-    assert _convs(fused) == _convs(bt.reparameterize(model))
+    # conv ops of the graph (a conv the pass leaves is a functional call after torch.export)
+    deploy = bt.reparameterize(model)
+    assert op_counts(fused)["Conv"] == _convs(deploy)
     # a Rep of one branch (MobileOne-S1..S4's 1x1 conv + BN where the channels change) is a lone
     # conv chain in the graph, fused as one but no sum
     assert len(_multi(fused.fuse_report)) == sum(len(r.branches) > 1 for _, r in reps(in_form(spec, "train")))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    # functional batch norms (a torch.export graph) too: no more than the deploy form keeps
+    # (FastViT's ConvFFN and attention norms stay BNs in the official deploy form)
+    assert op_counts(fused)["BN"] <= sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
 
 
 USER = {
