@@ -25,8 +25,8 @@ PLUS_MINI = repvgg_spec(
 )
 
 
-def _torch_decayed(model: torch.nn.Module, kernels: set[str]) -> set[str]:
-    opt = _optimizer(model, tr.TrainConfig(model="m", wd=1e-4), kernels)
+def _torch_decayed(model: torch.nn.Module, decayed_keys: set[str]) -> set[str]:
+    opt = _optimizer(model, tr.TrainConfig(model="m", wd=1e-4), decayed_keys)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 1e-4 and opt.param_groups[1]["weight_decay"] == 0
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
@@ -38,7 +38,7 @@ def test_weight_decay_sets_agree_between_backends(spec) -> None:
     tm = bt.RepVGGplus(spec) if spec is not None else bt.create_model("RepVGG-mini", num_classes=10)
     spec = tm.spec
     kernels = tr.custom_l2_kernels(spec)
-    decayed = _torch_decayed(tm, kernels)
+    decayed = _torch_decayed(tm, tr.decayed_keys(spec))
     conv_weights = {
         k for k, info in state_schema(spec, "train").items() if k.endswith(".weight") and len(info.shape) > 1
     }
@@ -53,7 +53,7 @@ def test_weight_decay_sets_agree_between_backends(spec) -> None:
         bt.export_state(tm),
     )
     schema = state_schema(spec, "train")
-    mask = _decay_mask(nnx.state(fm, nnx.Param), {flax_key(k, schema[k]) for k in kernels})
+    mask = _decay_mask(nnx.state(fm, nnx.Param), {flax_key(k, schema[k]) for k in tr.decayed_keys(spec)})
     flax_decayed = {_key(path) for path, on in jax.tree_util.tree_flatten_with_path(mask)[0] if on}
     assert flax_decayed == {flax_key(k, schema[k]) for k in decayed}
 
