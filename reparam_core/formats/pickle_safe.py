@@ -318,16 +318,28 @@ def _dtype_class(cls: Any) -> Callable[..., np.dtype]:
 
 _ALLOWED = _allowed()
 _BUDGETED = {rebuild_tensor, _frombuffer, _bytes}
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
 def prescan(data: bytes, source: str = "<bytes>") -> None:
-    """Walk the opcodes without building anything: truncated data, unknown opcodes and lengths
-    larger than the file (which the C unpickler would allocate up front) raise CheckpointError."""
+    """Walk the opcodes without building anything: truncated data, unknown opcodes, lengths
+    larger than the file (which the C unpickler would allocate up front) and memo indexes larger
+    than the file (the C unpickler grows its memo table to the index: a 4-byte LONG_BINPUT index
+    asks for gigabytes; a real pickle numbers its memo entries from 0, each costing bytes of
+    the file) raise CheckpointError."""
+    bad: tuple[int, int] | None = None  # (memo index, byte offset)
     try:
-        for _ in pickletools.genops(io.BytesIO(data)):
-            pass
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            if op.name in _MEMO_PUTS and isinstance(arg, int) and arg > len(data):
+                bad = (arg, pos or 0)
+                break
     except (ValueError, EOFError, OverflowError, struct_error, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {str(e)[:200]})") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"{source}: corrupt pickle: memo index {bad[0]} at byte {bad[1]} is larger than the file "
+            f"({len(data)} bytes)"
+        )
 
 
 class SafeUnpickler(pickle.Unpickler):
