@@ -101,3 +101,14 @@ def test_rebuild_tensor_bounds():
         rebuild_tensor(storage, 5, (2, 3), (3, 1))
     with pytest.raises(CheckpointError, match="malformed"):
         rebuild_tensor(storage, 0, (2, 3), (3,))
+
+
+def test_memo_index_beyond_the_file_refused():
+    """A LONG_BINPUT whose 4-byte index is larger than the file would make the C unpickler grow
+    its memo table to gigabytes (an empty MemoryError): refused by the prescan, naming it."""
+    data = pickle.dumps({"a": [1, 2]}, protocol=2)
+    at = data.index(b"q")  # BINPUT, 1-byte index
+    bad = data[:at] + b"r" + (3_000_000_000).to_bytes(4, "little") + data[at + 2 :]
+    with pytest.raises(CheckpointError, match="memo index 3000000000 at byte 3 is larger than the file"):
+        safe_loads(bad, "case.pkl")
+    assert safe_loads(data, "case.pkl") == {"a": [1, 2]}
